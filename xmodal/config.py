@@ -1,0 +1,295 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by dotted paths, validated on load.
+
+Every error names the offending field by its full dotted path (and the file it came from), e.g.
+``configs/pretrain.yaml: train.lr: expected float, got 'fast'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class TowerConfig:
+    """One modality's tower: encoder ``kind`` + projection into the shared space.
+
+    image kinds: ``open_clip`` (vision tower of an open_clip model config), ``cnn`` (small conv net),
+    ``timm`` (any timm model by ``name``), ``efficientnet_lite0`` (the packaged ImageNet weights).
+    text kinds: ``open_clip`` (text transformer, BPE), ``lstm`` / ``gru`` (over BPE ids), ``hf`` (a local Hugging Face
+    encoder folder with mean pooling; ``name: minilm`` = the packaged all-MiniLM-L6-v2).
+    """
+
+    kind: str
+    name: str | None = None
+    pretrained: str | None = None  # local weights file/folder, or "package" for weights shipped in a pip package
+    freeze: bool = False  # freeze the encoder (projection stays trainable); frozen encoders run in eval mode
+    projection: Literal["linear", "mlp"] = "linear"
+    image_size: int = 224
+    context_length: int = 32
+    augment: bool = True  # random resized crop + horizontal flip for training images
+    options: dict[str, Any] = field(default_factory=dict)  # kind-specific encoder arguments
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 256
+    towers: dict[str, TowerConfig] = field(default_factory=dict)
+    loss: Literal["clip", "siglip"] = "clip"
+    init_logit_scale: float | None = None  # log-space; default log(1/0.07) for clip, log(10) for siglip
+    init_logit_bias: float | None = None  # siglip only; default -10
+    max_logit_scale: float = 100.0  # clamp exp(logit_scale) to [1, max] as open_clip does
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # manifest path (CSV, JSONL, Parquet or a saved HF dataset folder)
+    eval: str | None = None  # defaults to the train manifest when eval_split is set
+    train_split: str | None = None  # keep rows whose `split` column equals this
+    eval_split: str | None = None
+    root: str | None = None  # base for relative paths; default: the manifest's folder
+    num_workers: int = 0
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_rows: int | None = None  # cap rows per split (quick runs)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # micro-batch per process
+    grad_accum_steps: int = 1  # micro-batches per optimiser step, joined into ONE contrastive loss (GradCache)
+    epochs: int = 1
+    max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    lr: float = 1e-3
+    encoder_lr: float | None = None  # lr for unfrozen encoders; default lr
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    deterministic: bool = False
+    progress: bool = True
+
+
+@dataclass
+class LogConfig:
+    backend: Literal["wandb", "tensorboard", "none"] = "wandb"
+    project: str = "xmodal"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/xmodal"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert YAML scalars (int → float, list → tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = args
+        return {_coerce(k, kt, f"{path}"): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return origin(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1's float needs a dot
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be finite, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {tp!r}")  # a bug in the dataclasses, not in the user's YAML
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys{' of ' + path if path else ''}: "
+                          f"{', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required")
+    return cls(**kwargs)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.embed_dim <= 0:
+        raise ConfigError(f"model.embed_dim: must be positive, got {m.embed_dim}")
+    for name, tower in m.towers.items():
+        if tower.image_size <= 0 or tower.context_length <= 0:
+            raise ConfigError(f"model.towers.{name}: image_size and context_length must be positive")
+    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps: must be positive, got {t.max_steps}")
+    if t.lr <= 0 or (t.encoder_lr is not None and t.encoder_lr < 0):
+        raise ConfigError("train.lr / train.encoder_lr: must be positive")
+    if t.warmup_steps < 0 or t.eval_every < 0 or t.save_every < 0 or t.keep_checkpoints < 1:
+        raise ConfigError("train.warmup_steps / eval_every / save_every must be >= 0, keep_checkpoints >= 1")
+    if m.max_logit_scale <= 1:
+        raise ConfigError(f"model.max_logit_scale: must be > 1, got {m.max_logit_scale}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.max_rows is not None and d.max_rows <= 0:
+        raise ConfigError(f"data.max_rows: must be positive, got {d.max_rows}")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return validate(_from_dict(Config, data, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        source += " + overrides"
+        try:
+            apply_overrides(data, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

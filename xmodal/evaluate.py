@@ -1,0 +1,103 @@
+"""Evaluate a shared space on a manifest: cross-modal Recall@K both ways, and CLIP-style zero-shot classification."""
+from __future__ import annotations
+
+from itertools import permutations
+from typing import Sequence
+
+import torch
+
+from .metrics import rank_summary, retrieval_ranks, topk_accuracy
+
+# A few of CLIP's generic ImageNet prompt templates (Radford et al. 2021, open_clip zero_shot_metadata); generic on
+# purpose: they must work on data we have never seen, not only on the bundled sets.
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a drawing of a {}.",
+    "an image of a {}.",
+    "a photo of the {}.",
+    "a rendering of a {}.",
+    "{}.",
+)
+
+
+def _present(values: Sequence) -> list[int]:
+    return [i for i, v in enumerate(values) if v is not None and v != ""]
+
+
+def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, batch_size: int = 64,
+                       progress: bool = False) -> dict[str, float]:
+    """Recall@1/5/10, median and mean rank for every ordered pair of modalities (``"text->image/R@1"``, ...).
+
+    Each distinct value (image path, caption) is embedded once and is one query or gallery item; its positives are
+    the values it shares a row with — so five captions of one image all count as that image's positives.
+    """
+    modalities = [m for m in (modalities or model.modalities) if m in dataset.column_names and m in model.towers]
+    cols = {m: dataset[m] for m in modalities}
+    uniq, inverse, emb = {}, {}, {}
+    for m in modalities:
+        values = cols[m]
+        index: dict = {}
+        inverse[m] = [index.setdefault(v, len(index)) if v not in (None, "") else -1 for v in values]
+        uniq[m] = list(index)
+        emb[m] = model.encode(m, uniq[m], batch_size=batch_size, progress=progress)
+    results: dict[str, float] = {}
+    for a, b in permutations(modalities, 2):
+        pairs = {(qa, ib) for qa, ib in zip(inverse[a], inverse[b]) if qa >= 0 and ib >= 0}
+        if not pairs:
+            continue
+        pos = torch.tensor(sorted(pairs), dtype=torch.long).T
+        queries = torch.unique(pos[0])  # only values that have a partner in modality b are queries
+        remap = torch.full((len(uniq[a]),), -1, dtype=torch.long)
+        remap[queries] = torch.arange(len(queries))
+        ranks = retrieval_ranks(emb[a][queries], emb[b], torch.stack([remap[pos[0]], pos[1]]))
+        for key, value in rank_summary(ranks).items():
+            results[f"{a}->{b}/{key}"] = value
+        results[f"{a}->{b}/n_queries"] = float(len(queries))
+        results[f"{a}->{b}/n_items"] = float(len(uniq[b]))
+    return results
+
+
+@torch.inference_mode()
+def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES,
+                         batch_size: int = 256) -> torch.Tensor:
+    """Class weights ``[embed_dim, n_classes]`` from prompts: each class's template embeddings averaged and
+    re-normalised (prompt ensembling, Radford et al. 2021 §3.1.4; open_clip ``build_zero_shot_classifier``)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = model.encode("text", prompts, batch_size=batch_size)
+    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(emb, dim=-1).T
+
+
+def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: str = "label",
+                       templates: Sequence[str] = PROMPT_TEMPLATES, batch_size: int = 64,
+                       progress: bool = False) -> dict[str, float]:
+    """Top-1/top-5 accuracy of classifying ``modality`` inputs into the label column's class names by prompts."""
+    rows = _present(dataset[modality])
+    labels = [dataset[label_column][i] for i in rows]
+    rows = [r for r, y in zip(rows, labels) if y not in (None, "")]
+    labels = [str(dataset[label_column][i]) for i in rows]
+    classnames = sorted(set(labels))
+    if len(classnames) < 2:
+        return {}
+    weights = zero_shot_classifier(model, classnames, templates)
+    inputs = [dataset[modality][i] for i in rows]
+    feats = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
+    targets = torch.tensor([classnames.index(y) for y in labels])
+    acc = topk_accuracy(feats @ weights, targets)
+    out = {f"zero_shot/{k}": v for k, v in acc.items()}
+    out["zero_shot/n_classes"] = float(len(classnames))
+    out["zero_shot/chance_top1"] = 1.0 / len(classnames)
+    return out
+
+
+def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
+    """Everything that applies to this dataset: retrieval between its modality columns, zero-shot on its labels."""
+    results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress)
+    if zero_shot and "label" in dataset.column_names and "text" in model.towers:
+        for m in model.modalities:
+            if m != "text" and m in dataset.column_names:
+                results.update({k.replace("zero_shot/", f"zero_shot/{m}/"): v for k, v in
+                                evaluate_zero_shot(model, dataset, m, batch_size=batch_size,
+                                                   progress=progress).items()})
+    return results

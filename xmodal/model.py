@@ -1,0 +1,199 @@
+"""The shared-space model: one ``Tower`` per modality, a learnable temperature (and SigLIP bias), ``encode()``.
+
+Everything downstream of the towers sees ``{modality: Tensor[batch, embed_dim]}``, L2-normalised.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, _from_dict
+from .modalities import build_encoder, build_transform
+
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "model.json"
+
+
+def _projection(kind: str, feat_dim: int, embed_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(feat_dim, embed_dim)
+    # A 2-layer MLP head lets frozen pretrained features bend into the shared space (as in LiT / SimCLR heads).
+    return nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.GELU(), nn.Linear(feat_dim, embed_dim))
+
+
+class Tower(nn.Module):
+    """encoder → projection → L2-normalise. A frozen encoder stays in eval mode and out of the optimiser."""
+
+    def __init__(self, encoder: nn.Module, feat_dim: int, embed_dim: int, projection: str = "linear",
+                 freeze: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.projection = _projection(projection, feat_dim, embed_dim)
+        self.frozen = freeze
+        if freeze:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "Tower":
+        super().train(mode)
+        if self.frozen:  # frozen BatchNorm statistics and no dropout, whatever the caller asks
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                feats = self.encoder(x)
+        else:
+            feats = self.encoder(x)
+        return F.normalize(self.projection(feats).float(), dim=-1)
+
+
+class XModalModel(nn.Module):
+    """Towers into one shared space plus the contrastive temperature (``logit_scale``, log-space) and SigLIP bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.towers:
+            raise ValueError("model.towers: at least one tower is required")
+        self.cfg = cfg
+        towers = {}
+        for modality, tcfg in cfg.towers.items():
+            encoder, feat_dim = build_encoder(modality, tcfg)
+            towers[modality] = Tower(encoder, feat_dim, cfg.embed_dim, tcfg.projection, tcfg.freeze)
+        self.towers = nn.ModuleDict(towers)
+        siglip = cfg.loss == "siglip"
+        init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (
+            math.log(10.0) if siglip else math.log(1 / 0.07))  # the SigLIP and CLIP papers' initialisations
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        init_bias = cfg.init_logit_bias if cfg.init_logit_bias is not None else -10.0
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if siglip else None
+        self._transforms: dict[tuple[str, bool], Any] = {}
+
+    # ------------------------------------------------------------------------------------------------ training API
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers.keys())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embed every modality present in ``batch``. The exponentiated temperature (and bias) ride along in the
+        output so every trainable parameter is used inside ``forward`` — what DDP needs to synchronise them."""
+        out = {m: self.towers[m](x) for m, x in batch.items() if m in self.towers}
+        out["logit_scale"] = self.logit_scale.exp()
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep exp(logit_scale) in [1, max_logit_scale], as open_clip clamps to [0, ln 100]."""
+        self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
+
+    def transform(self, modality: str, train: bool = False):
+        """The per-sample preprocessing of ``modality`` (cached)."""
+        key = (modality, train)
+        if key not in self._transforms:
+            self._transforms[key] = build_transform(modality, self.cfg.towers[modality], train=train)
+        return self._transforms[key]
+
+    # ------------------------------------------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def encode(self, modality: str, inputs: Sequence[Any] | torch.Tensor, batch_size: int = 64,
+               progress: bool = False) -> torch.Tensor:
+        """Embed raw inputs of one modality: image paths or PIL images, strings, or an already-preprocessed tensor.
+
+        Returns L2-normalised float32 ``[n, embed_dim]`` on the CPU.
+        """
+        if modality not in self.towers:
+            raise ValueError(f"no {modality!r} tower in this model (towers: {', '.join(self.towers)})")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        was_training = self.training
+        self.eval()
+        tower = self.towers[modality]
+        device = next(self.parameters()).device
+        out = []
+        try:
+            if isinstance(inputs, torch.Tensor):
+                chunks: Iterable = inputs.split(batch_size)
+            else:
+                inputs = list(inputs)
+                tf = self.transform(modality, train=False)
+                chunks = (torch.stack([tf(x) for x in inputs[i:i + batch_size]])
+                          for i in range(0, len(inputs), batch_size))
+            if progress:
+                from tqdm.auto import tqdm
+                n = len(inputs)
+                chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
+            for x in chunks:
+                out.append(tower(x.to(device)).float().cpu())
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.empty(0, self.cfg.embed_dim)
+        return torch.cat(out)
+
+    def encode_image(self, inputs, **kw) -> torch.Tensor:
+        return self.encode("image", inputs, **kw)
+
+    def encode_text(self, inputs, **kw) -> torch.Tensor:
+        return self.encode("text", inputs, **kw)
+
+    def encode_audio(self, inputs, **kw) -> torch.Tensor:
+        return self.encode("audio", inputs, **kw)
+
+    # ---------------------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``, each atomically."""
+        from safetensors.torch import save_model
+
+        from .config import _to_plain
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{WEIGHTS_NAME}.tmp"
+        save_model(self, str(tmp))
+        os.replace(tmp, path / WEIGHTS_NAME)
+        card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg), **(extra or {})}
+        tmp = path / f".{CARD_NAME}.tmp"
+        tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
+        os.replace(tmp, path / CARD_NAME)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> "XModalModel":
+        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        card_path, weights = path / CARD_NAME, path / WEIGHTS_NAME
+        if not card_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{path}: not an xmodal model folder (needs {CARD_NAME} and {WEIGHTS_NAME})")
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{card_path}: corrupt model card: {e}") from None
+        cfg = _from_dict(ModelConfig, card.get("model"), "model")
+        # The saved weights replace whatever the tower config would load; don't re-read packaged checkpoints.
+        build_cfg = copy.deepcopy(cfg)
+        for tcfg in build_cfg.towers.values():
+            if tcfg.kind != "hf":  # an HF tower needs its folder for the architecture itself
+                tcfg.pretrained = None
+        model = cls(build_cfg)
+        model.cfg = cfg
+        load_model(model, str(weights), strict=True, device=map_location)
+        model.card = card
+        return model.eval()
+
+
+def load(path: str | os.PathLike, map_location: str = "cpu") -> XModalModel:
+    """``xmodal.load(run_dir)``: the trained model in eval mode."""
+    return XModalModel.from_pretrained(path, map_location=map_location)
+
