@@ -13,6 +13,7 @@ PY="${PYTHON:-python3}"
 need_apt=()
 [ -d /usr/share/openclipart/svg ] || need_apt+=(openclipart-svg)
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+command -v rsvg-convert >/dev/null || need_apt+=(librsvg2-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] apt-get install ${need_apt[*]}"

@@ -71,6 +71,42 @@ def _prepare(args) -> int:
     return 0
 
 
+def _index(args) -> int:
+    from .data import read_manifest
+    from .model import load
+    from .retrieval import RetrievalError, build_index
+
+    if args.batch_size < 1:
+        raise RetrievalError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = load(args.run)
+    if args.modality not in model.towers:
+        raise RetrievalError(f"the model in {args.run} has no {args.modality!r} tower "
+                             f"(towers: {', '.join(model.towers)})")
+    manifest = read_manifest(args.manifest, split=args.split, modalities=[args.modality], require_all=False)
+    opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe}
+    index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
+                        run_dir=args.run, append=args.append, overwrite=args.overwrite, **opts)
+    print(f"index: {args.out} ({len(index)} {args.modality} rows, {index.kind}, dim {index.dim})")
+    return 0
+
+
+def _query(args) -> int:
+    from .retrieval import RetrievalError, Retriever, format_hits, parse_filters
+
+    if args.k < 1:
+        raise RetrievalError(f"-k must be at least 1, got {args.k}")
+    modality, value = next((m, v) for m, v in (("text", args.text), ("image", args.image), ("audio", args.audio))
+                           if v is not None)
+    retriever = Retriever(args.index, model=args.run)
+    hits = retriever.search(value, modality, k=args.k, filter=parse_filters(args.filter))
+    if args.json:
+        print(json.dumps({"index": str(retriever.index_dir), "query": {"modality": modality, "value": value},
+                          "hits": [{"rank": r, **h.to_dict()} for r, h in enumerate(hits, 1)]}, indent=2))
+    else:
+        print(format_hits(hits))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -96,6 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output folder (default data/<corpus>)")
     s.add_argument("--limit", type=int, default=None, help="openclipart: max SVGs; fashion-mnist: max rows/split")
     s.set_defaults(fn=_prepare)
+
+    s = sub.add_parser("index", help="embed one modality of a manifest into a searchable index")
+    s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.jsonl, index.json)")
+    s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
+    s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
+    s.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default=None,
+                   help="flat = exact (default); hnsw / ivf = approximate, for large collections")
+    s.add_argument("--append", action="store_true",
+                   help="add the manifest rows whose id is not yet in the existing index at --out")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--hnsw-m", type=int, default=None, help="hnsw: graph degree M (default 32)")
+    s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
+    s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
+    s.set_defaults(fn=_index)
+
+    s = sub.add_parser("query", help="search an index with a text, image or audio query")
+    s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", default=None, help="query text")
+    q.add_argument("--image", default=None, help="query image file")
+    q.add_argument("--audio", default=None, help="query audio file")
+    s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    s.add_argument("--filter", action="extend", nargs="+", default=None, metavar="key=value",
+                   help="keep items whose metadata matches (repeat a key to allow several values)")
+    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(fn=_query)
     return p
 
 
@@ -103,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data import ManifestError
+    from .retrieval import RetrievalError
     try:
         return args.fn(args)
-    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, RetrievalError, FileExistsError, FileNotFoundError) as e:
         # User errors: one clear line, no traceback (they name the file, row and field).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,7 @@ class TrainConfig:
     warmup_steps: int = 50
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cache_frozen: bool = True  # embed frozen, non-augmented towers' inputs once (exact; see feature_cache.py)
     local_loss: bool = False
     gather_with_grad: bool = True
     log_every: int = 10

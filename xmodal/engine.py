@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from itertools import combinations
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -21,8 +21,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import ManifestDataset, collate, read_manifest
 from .gradcache import gradcache_step
-from .losses import build_loss
-from .model import XModalModel
+from .losses import build_loss, pairwise_loss
+from .feature_cache import is_cacheable, precompute_features
+from .model import FEATURES, XModalModel
 
 log = logging.getLogger("xmodal")
 
@@ -57,9 +58,7 @@ def param_groups(model: XModalModel, cfg: Config) -> list[dict]:
 
 def contrastive_loss(loss_fn, out: dict[str, torch.Tensor], modalities: list[str]) -> torch.Tensor:
     """Mean of the pairwise contrastive losses over every pair of ``modalities`` (one pair for image–text)."""
-    extra = (out["logit_bias"],) if "logit_bias" in out else ()
-    pairs = list(combinations(modalities, 2))
-    return sum(loss_fn(out[a], out[b], out["logit_scale"], *extra) for a, b in pairs) / len(pairs)
+    return pairwise_loss(loss_fn, {m: out[m] for m in modalities}, out["logit_scale"], out.get("logit_bias"))
 
 
 def make_accelerator(cfg: Config):
@@ -98,6 +97,11 @@ def _batches(accelerator, loader, epoch: int, skip: int) -> Iterator[tuple[int, 
 def _split(batch: dict, k: int) -> list[dict]:
     tensors = {m: v for m, v in batch.items() if isinstance(v, torch.Tensor)}
     return [dict(zip(tensors, chunk)) for chunk in zip(*(v.chunk(k) for v in tensors.values()))]
+
+
+def collate_renamed(rename: dict[str, str], items: list[dict]) -> dict:
+    """``collate``, then rename keys (``image`` → ``image:features`` for cached modalities)."""
+    return {rename.get(k, k): v for k, v in collate(items).items()}
 
 
 class MetricsLog:
@@ -141,9 +145,20 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     manifest.problems[:1])
     eval_data = _eval_dataset(cfg, modalities)
 
-    dataset = ManifestDataset(manifest.dataset, {m: model.transform(m, train=True) for m in modalities})
+    transforms, cached = {}, {}
+    for m in modalities:
+        if t.cache_frozen and is_cacheable(m, cfg.model.towers[m]):
+            transforms[m] = precompute_features(model.towers[m].encoder, model.transform(m, train=False),
+                                                manifest.dataset[m], batch_size=t.batch_size,
+                                                num_workers=cfg.data.num_workers, device=accelerator.device,
+                                                desc=f"cache frozen {m} features", progress=main and t.progress)
+            cached[m] = m + FEATURES
+        else:
+            transforms[m] = model.transform(m, train=True)
+    dataset = ManifestDataset(manifest.dataset, transforms)
     step_batch = t.batch_size * t.grad_accum_steps  # per process; the contrastive batch is this × processes
-    loader = DataLoader(dataset, batch_size=step_batch, shuffle=True, drop_last=True, collate_fn=collate,
+    loader = DataLoader(dataset, batch_size=step_batch, shuffle=True, drop_last=True,
+                        collate_fn=partial(collate_renamed, cached),
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=t.betas, eps=t.eps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -57,7 +57,7 @@ def gradcache_step(encode: Callable[[dict[str, Tensor]], dict[str, Tensor]],
     so DDP all-reduces once, after the last.
 
     The parameter gradients equal those of one forward/backward over the concatenated batch with the same
-    randomness (atol ~1e-6 in float32), including under any *linear* ``backward`` (loss scaling, division by
+    randomness (up to float rounding), including under any *linear* ``backward`` (loss scaling, division by
     accumulation steps): every gradient goes through ``backward`` exactly once. On return the RNG state is the one
     that follows the ``len(micro_batches)`` forward passes, as in a plain step, so runs stay reproducible.
     """
@@ -80,14 +80,17 @@ def gradcache_step(encode: Callable[[dict[str, Tensor]], dict[str, Tensor]],
     # (2) One loss over the whole batch. The cached feature gradients are taken with autograd.grad, not read from
     # .grad after backward(loss): an engine's backward may scale the loss (fp16 loss scaling, 1/accumulation), and
     # the re-encoding backward in (3) applies that scale again, so the cache must hold the unscaled dL/dfeatures.
-    full = {k: torch.cat([feats[k] for feats in cached]).requires_grad_(True) for k in keys}
+    # 0-dim outputs (``logit_scale`` returned by the model's forward, as DDP wants every parameter used there) are
+    # the same for every micro-batch: one leaf, and their gradient goes back through the LAST re-encoding only.
+    shared = {k for k in keys if cached[0][k].ndim == 0}
+    full = {k: (cached[0][k].clone() if k in shared else torch.cat([feats[k] for feats in cached])).requires_grad_(True)
+            for k in keys}
     loss = loss_fn(full)
     grads = torch.autograd.grad(loss, [full[k] for k in keys], retain_graph=True, allow_unused=True)
     backward(loss)  # gradients of parameters the loss closes over (logit_scale, logit_bias)
-    chunks = {
-        k: (torch.zeros_like(full[k]) if g is None else g).split([feats[k].shape[0] for feats in cached])
-        for k, g in zip(keys, grads)
-    }
+    grads = {k: torch.zeros_like(full[k]) if g is None else g for k, g in zip(keys, grads)}
+    chunks = {k: [grads[k] if i == len(cached) - 1 else torch.zeros_like(grads[k]) for i in range(len(cached))]
+              if k in shared else grads[k].split([feats[k].shape[0] for feats in cached]) for k in keys}
     del full, grads
 
     # (3) Re-encode each micro-batch with its step-(1) randomness and push the cached gradient through it.

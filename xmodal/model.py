@@ -19,6 +19,7 @@ from .config import ModelConfig, _from_dict
 from .modalities import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
+FEATURES = ":features"  # batch key suffix: ``"image:features"`` holds cached encoder outputs, not raw inputs
 CARD_NAME = "model.json"
 
 
@@ -54,6 +55,10 @@ class Tower(nn.Module):
                 feats = self.encoder(x)
         else:
             feats = self.encoder(x)
+        return self.project(feats)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features → the shared space (used directly on cached features of a frozen encoder)."""
         return F.normalize(self.projection(feats).float(), dim=-1)
 
 
@@ -86,7 +91,12 @@ class XModalModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embed every modality present in ``batch``. The exponentiated temperature (and bias) ride along in the
         output so every trainable parameter is used inside ``forward`` — what DDP needs to synchronise them."""
-        out = {m: self.towers[m](x) for m, x in batch.items() if m in self.towers}
+        out = {}
+        for key, x in batch.items():
+            if key in self.towers:
+                out[key] = self.towers[key](x)
+            elif key.endswith(FEATURES) and key[: -len(FEATURES)] in self.towers:
+                out[key[: -len(FEATURES)]] = self.towers[key[: -len(FEATURES)]].project(x)
         out["logit_scale"] = self.logit_scale.exp()
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias

@@ -10,7 +10,8 @@ from .distributed import dist_info, gather_features
 
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE (CLIP loss), Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
-    Supervision", https://arxiv.org/abs/2103.00020 (InfoNCE: van den Oord et al. 2018, https://arxiv.org/abs/1807.03748).
+    Supervision", https://arxiv.org/abs/2103.00020 (InfoNCE: van den Oord et al. 2018,
+    https://arxiv.org/abs/1807.03748).
 
     With ``N`` pairs and logits ``s * x_i . y_j``, the loss is the mean of the cross-entropy of each row ("which text
     goes with image i") and of each column ("which image goes with text j"), the matching pair being the target.

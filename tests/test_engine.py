@@ -1,0 +1,107 @@
+"""The training loop: exact resume, 2 processes = 1 process, GradCache accumulation = one big batch, on real data."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmodal.config import config_from_dict
+from xmodal.engine import MetricsLog, pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def clipart(tmp_path_factory):
+    """A small slice of the real Open Clip Art corpus (rendered SVGs with their human-written titles)."""
+    from xmodal.data.corpora.openclipart import prepare_openclipart
+    return prepare_openclipart(tmp_path_factory.mktemp("clipart"), image_size=48, limit=120)
+
+
+def tiny(manifest, out, **train):
+    """Towers with no BatchNorm and no dropout (a tiny open_clip ViT + an LSTM), so per-process batches of any size
+    compute the same function; no augmentation, so every process sees the same pixels."""
+    return config_from_dict({
+        "output_dir": str(out), "seed": 3,
+        "model": {"embed_dim": 32, "towers": {
+            "image": {"kind": "open_clip", "name": "xmodal-vit-tiny", "image_size": 32, "augment": False,
+                      "options": {"vision_cfg": {"width": 64, "layers": 2, "head_width": 32, "patch_size": 8}}},
+            "text": {"kind": "lstm", "context_length": 16, "options": {"embed_dim": 32, "hidden": 32}}}},
+        "data": {"train": str(manifest)},
+        "train": {"batch_size": 16, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                  "progress": False, "deterministic": True, **train},
+        "log": {"backend": "none"},
+    })
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = (rec["loss"], rec["lr"])
+    return out
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_resume_after_crash_joins_the_uninterrupted_run(clipart, tmp_path, monkeypatch):
+    full = pretrain(tiny(clipart, tmp_path / "full", save_every=3))
+
+    crash_at = 6  # after the step-6 update, before its checkpoint: the newest checkpoint is step 3
+    real_write = MetricsLog.write
+
+    def crashing_write(self, record):
+        real_write(self, record)
+        if record.get("step") == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(MetricsLog, "write", crashing_write)
+    cfg = tiny(clipart, tmp_path / "resumed", save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
+        pretrain(cfg)
+    pretrain(cfg, resume=True)
+
+    a, b = losses(full), losses(tmp_path / "resumed")  # b: steps 1-6 from the crashed run, then 4-8 again
+    assert max(b) == max(a) == 8
+    for step in range(1, 9):
+        assert b[step][0] == pytest.approx(a[step][0], abs=1e-5), step
+        assert b[step][1] == pytest.approx(a[step][1], rel=1e-9), step  # same LR schedule
+    wa, wb = weights(full), weights(tmp_path / "resumed")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+
+
+def test_gradcache_accumulation_equals_one_big_batch(clipart, tmp_path):
+    big = pretrain(tiny(clipart, tmp_path / "big", max_steps=4))
+    acc = pretrain(tiny(clipart, tmp_path / "acc", max_steps=4, batch_size=4, grad_accum_steps=4))
+    a, b = losses(big), losses(acc)
+    for step in range(1, 5):
+        assert b[step][0] == pytest.approx(a[step][0], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(clipart, tmp_path):
+    """2 real gloo processes launched through Accelerate, 8 rows each, follow the 1-process curve at batch 16."""
+    one = pretrain(tiny(clipart, tmp_path / "one", max_steps=4))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "-m", "xmodal.cli", "pretrain", "--config", str(tmp_path / "two.yaml")]
+    from xmodal.config import save_config
+    save_config(tiny(clipart, tmp_path / "two", max_steps=4, batch_size=8), tmp_path / "two.yaml")
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    a, b = losses(one), losses(tmp_path / "two")
+    for step in range(1, 5):
+        assert b[step][0] == pytest.approx(a[step][0], abs=1e-4), step

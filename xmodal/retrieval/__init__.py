@@ -1,0 +1,32 @@
+"""Retrieval over the shared space: a faiss index of embeddings + metadata, and any→any queries.
+
+    from xmodal.retrieval import build_index, Retriever
+    build_index(model, manifest, "image", "indexes/images", run_dir="runs/pretrain")
+    hits = Retriever("indexes/images").search("a red car", "text", k=5)
+
+The error classes live here (not in ``index.py``) so the CLI can catch them without importing faiss or torch.
+"""
+
+
+class RetrievalError(ValueError):
+    """A user-facing retrieval problem (bad ``k``, a modality the model lacks, an unusable index folder, ...)."""
+
+
+class IndexCorruptError(RetrievalError):
+    """An index folder is incomplete or inconsistent (missing files, wrong sizes, row counts that disagree)."""
+
+
+class FingerprintMismatchError(RetrievalError):
+    """The query model is not the model that built the index (different weights, embedding size or run folder)."""
+
+
+__all__ = ["EmbeddingIndex", "Hit", "Retriever", "build_index", "model_fingerprint", "parse_filters", "format_hits",
+           "RetrievalError", "IndexCorruptError", "FingerprintMismatchError"]
+
+
+def __getattr__(name):  # lazy: faiss / numpy load on first use
+    if name in ("EmbeddingIndex", "Hit", "Retriever", "build_index", "model_fingerprint", "parse_filters",
+                "format_hits"):
+        from . import index
+        return getattr(index, name)
+    raise AttributeError(f"module 'xmodal.retrieval' has no attribute {name!r}")
