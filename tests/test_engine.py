@@ -14,13 +14,6 @@ from xmodal.engine import MetricsLog, pretrain
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def clipart(tmp_path_factory):
-    """A small slice of the real Open Clip Art corpus (rendered SVGs with their human-written titles)."""
-    from xmodal.data.corpora.openclipart import prepare_openclipart
-    return prepare_openclipart(tmp_path_factory.mktemp("clipart"), image_size=48, limit=120)
-
-
 def tiny(manifest, out, **train):
     """Towers with no BatchNorm and no dropout (a tiny open_clip ViT + an LSTM), so per-process batches of any size
     compute the same function; no augmentation, so every process sees the same pixels."""

@@ -447,6 +447,19 @@ def test_build_index_and_retriever_with_stub_model(tmp_path):
         Retriever(tmp_path / "tidx")
     with pytest.raises(RetrievalError, match="no 'audio' column"):
         build_index(model, ds, "audio", tmp_path / "aidx")
+    (tmp_path / "empty").mkdir()  # an existing empty folder is fine
+    assert len(build_index(model, ds, "image", tmp_path / "empty")) == 18
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    n_calls = len(model.calls)
+    with pytest.raises(FileExistsError, match="not an xmodal index"):  # refused before any embedding
+        build_index(model, ds, "image", tmp_path / "busy")
+    assert len(model.calls) == n_calls
+    (tmp_path / "empty" / "metadata.jsonl").unlink()  # a damaged index: refused, unless overwritten
+    with pytest.raises(IndexCorruptError, match="--overwrite"):
+        build_index(model, ds, "image", tmp_path / "empty")
+    assert len(build_index(model, ds, "image", tmp_path / "empty", overwrite=True)) == 18
+    assert len(EmbeddingIndex.load(tmp_path / "empty")) == 18
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path):

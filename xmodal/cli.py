@@ -1,4 +1,4 @@
-"""``xmodal VERB`` (and ``python train.py VERB``): pretrain, evaluate, prepare.
+"""``xmodal VERB`` (and ``python train.py VERB``): prepare, pretrain, evaluate, index, query.
 
 Each verb is a small function; heavy imports (torch, open_clip) happen inside them so ``xmodal --help`` is instant.
 """

@@ -48,6 +48,9 @@ def precompute_features(encoder: torch.nn.Module, transform: Callable, values: S
     from tqdm.auto import tqdm
 
     unique = list(dict.fromkeys(values))
+    if unique and all(isinstance(v, str) for v in unique):
+        # Batches of similar length: text encoders that trim padding (HF) then do far less work. Harmless for paths.
+        unique.sort(key=len)
     loader = DataLoader(_Apply(unique, transform), batch_size=batch_size, num_workers=num_workers)
     was_training = encoder.training
     encoder.eval()

@@ -130,12 +130,16 @@ class XModalModel(nn.Module):
         self.eval()
         tower = self.towers[modality]
         device = next(self.parameters()).device
-        out = []
+        out, order = [], None
         try:
             if isinstance(inputs, torch.Tensor):
                 chunks: Iterable = inputs.split(batch_size)
             else:
                 inputs = list(inputs)
+                if all(isinstance(x, str) for x in inputs):
+                    # Similar lengths per batch (text encoders trim shared padding); undone after encoding.
+                    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+                    inputs = [inputs[i] for i in order]
                 tf = self.transform(modality, train=False)
                 chunks = (torch.stack([tf(x) for x in inputs[i:i + batch_size]])
                           for i in range(0, len(inputs), batch_size))
@@ -149,7 +153,10 @@ class XModalModel(nn.Module):
             self.train(was_training)
         if not out:
             return torch.empty(0, self.cfg.embed_dim)
-        return torch.cat(out)
+        result = torch.cat(out)
+        if order is not None:
+            result[torch.tensor(order)] = result.clone()
+        return result
 
     def encode_image(self, inputs, **kw) -> torch.Tensor:
         return self.encode("image", inputs, **kw)

@@ -715,10 +715,18 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
     fp = model_fingerprint(model, modality, run_dir=run_dir)
 
     index: EmbeddingIndex | None = None
-    try:
-        existing = EmbeddingIndex.load(out)
-    except FileNotFoundError:
-        existing = None
+    existing = None
+    if out.is_dir() and any(out.iterdir()) and not _looks_like_index(out):
+        raise FileExistsError(f"{out} is a non-empty folder that is not an xmodal index; choose another output "
+                              f"folder")
+    if not (out.is_dir() and not any(out.iterdir())):  # an empty folder is simply where the new index goes
+        try:
+            existing = EmbeddingIndex.load(out)
+        except FileNotFoundError:
+            pass
+        except IndexCorruptError as e:
+            if not overwrite:
+                raise IndexCorruptError(f"{e}; or replace it with --overwrite (overwrite=True)") from None
     if existing is not None:
         if append:
             index = existing

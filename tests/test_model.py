@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import xmodal
+from xmodal.config import ModelConfig, TowerConfig
+from xmodal.model import XModalModel
+
+
+def small(loss="clip", freeze=False):
+    return ModelConfig(embed_dim=16, loss=loss, towers={
+        "image": TowerConfig(kind="cnn", image_size=32, freeze=freeze, options={"channels": [8, 16]}),
+        "text": TowerConfig(kind="lstm", context_length=16, projection="mlp",
+                            options={"embed_dim": 16, "hidden": 16})})
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), colour).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_encode_is_normalised_and_keeps_input_order(images):
+    torch.manual_seed(0)
+    model = XModalModel(small()).eval()
+    texts = ["a much longer caption about a red square", "red", "a green thing", ""]
+    batch = model.encode("text", texts, batch_size=3)
+    one_by_one = torch.cat([model.encode("text", [t]) for t in texts])
+    assert batch.dtype == torch.float32 and batch.shape == (4, 16)
+    torch.testing.assert_close(batch.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(batch, one_by_one, atol=1e-5, rtol=0)
+    img = model.encode_image(images + [Image.open(images[0])])
+    torch.testing.assert_close(img[0], img[3])  # a path and the same PIL image embed alike
+    assert not model.training
+
+
+def test_save_load_roundtrip(tmp_path, images):
+    torch.manual_seed(0)
+    model = XModalModel(small(loss="siglip"))
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.5)
+    model.save(tmp_path / "run", extra={"step": 7})
+    loaded = xmodal.load(tmp_path / "run")
+    assert loaded.card["step"] == 7 and loaded.logit_bias.item() == -3.5
+    torch.testing.assert_close(loaded.encode("image", images), model.encode("image", images))
+    torch.testing.assert_close(loaded.encode("text", ["x y z"]), model.encode("text", ["x y z"]))
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run").iterdir())
+
+
+def test_load_refuses_a_folder_without_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an xmodal model folder"):
+        xmodal.load(tmp_path)
+
+
+def test_frozen_encoder_stays_in_eval_and_out_of_the_graph():
+    model = XModalModel(small(freeze=True))
+    model.train()
+    tower = model.towers["image"]
+    assert not tower.encoder.training and tower.projection.training
+    assert all(not p.requires_grad for p in tower.encoder.parameters())
+    out = model({"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 100, (2, 16))})
+    out["image"].sum().backward()
+    assert all(p.grad is None for p in tower.encoder.parameters())
+    assert tower.projection.weight.grad is not None
+
+
+def test_forward_on_cached_features_equals_full_forward():
+    model = XModalModel(small()).eval()
+    x = torch.randn(3, 3, 32, 32)
+    feats = model.towers["image"].encoder(x)
+    torch.testing.assert_close(model({"image:features": feats})["image"], model({"image": x})["image"])
+
+
+def test_logit_scale_init_and_clamp():
+    clip, sig = XModalModel(small("clip")), XModalModel(small("siglip"))
+    assert clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert sig.logit_scale.item() == pytest.approx(math.log(10)) and sig.logit_bias.item() == -10
+    with torch.no_grad():
+        clip.logit_scale.fill_(10.0)
+    clip.clamp_logit_scale()
+    assert clip.logit_scale.exp().item() == pytest.approx(100.0)
