@@ -46,7 +46,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SVG_ROOT = "/usr/share/openclipart/svg"
-FORMAT_VERSION = 1  # bump when the captions, rendering or layout change (forces a rebuild)
+FORMAT_VERSION = 2  # bump when the captions, rendering or layout change (forces a rebuild)
 
 _NS = {
     "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
@@ -149,8 +149,11 @@ def make_caption(title: str, description: str, keywords: list[str]) -> str:
 
 
 def split_of(rel: str) -> str:
-    """Deterministic 80/10/10 split from a hash of the relative path."""
-    h = int.from_bytes(hashlib.sha1(rel.encode("utf-8")).digest()[:8], "big") / 2**64
+    """Deterministic 80/10/10 split from a hash of the file NAME: the collection files one drawing under several
+    folders (animals/frog.svg, animals/amphibian/frog.svg) with slightly different keywords, so hashing the path
+    would put copies of one picture on both sides of the train/test line."""
+    name = rel.rsplit("/", 1)[-1]
+    h = int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2**64
     return "train" if h < 0.8 else ("val" if h < 0.9 else "test")
 
 
