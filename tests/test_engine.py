@@ -98,3 +98,13 @@ def test_two_processes_equal_one_process(clipart, tmp_path):
     a, b = losses(one), losses(tmp_path / "two")
     for step in range(1, 5):
         assert b[step][0] == pytest.approx(a[step][0], abs=1e-4), step
+
+
+@pytest.mark.parametrize("backend, pattern", [("wandb", "wandb/offline-run-*"), ("tensorboard", "**/events.out.tfevents.*")])
+def test_logging_backends_write_locally(clipart, tmp_path, monkeypatch, backend, pattern):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # what xmodal's default (log.wandb_mode: offline) sets
+    cfg = tiny(clipart, tmp_path / backend, max_steps=2)
+    cfg.log.backend = backend
+    run = pretrain(cfg)
+    assert list(run.glob(pattern)), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert len(losses(run)) == 2

@@ -180,7 +180,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         position = load_checkpoint(accelerator, ckpt)
         log.info("resumed from %s at step %d", ckpt, position["step"])
     if main and cfg.log.backend != "none":
-        accelerator.init_trackers(cfg.log.project, config=cfg.to_dict(),
+        accelerator.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()),
                                   init_kwargs={"wandb": {"dir": str(out_dir), "name": out_dir.name}})
     metrics = MetricsLog(out_dir / "metrics.jsonl", main)
     samples_per_step = step_batch * accelerator.num_processes
@@ -246,6 +246,17 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         unwrapped.save(out_dir, extra={"step": step, "eval": results, "train_rows": len(dataset)})
     accelerator.end_training()
     return out_dir
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict:
+    """``{"train.lr": 0.001, ...}`` with scalar values only: what tensorboard's hparams accept (wandb too)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
 
 
 def _eval_dataset(cfg: Config, modalities: list[str]):
