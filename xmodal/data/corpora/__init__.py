@@ -1,10 +1,7 @@
 """Built-in real corpora prepared into manifests (``xmodal prepare openclipart|fashion-mnist``)."""
 from __future__ import annotations
 
-__all__ = ["prepare_openclipart", "prepare_fashion_mnist", "CORPORA"]
-
-CORPORA = {"openclipart": "xmodal.data.corpora.openclipart:prepare_openclipart",
-           "fashion-mnist": "xmodal.data.corpora.fashion_mnist:prepare_fashion_mnist"}
+__all__ = ["prepare_openclipart", "prepare_fashion_mnist"]
 
 
 def __getattr__(name):

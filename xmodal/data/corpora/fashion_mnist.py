@@ -14,9 +14,7 @@ manifest with a caption per image.
 """
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import json
 import logging
 import os
@@ -25,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from ._output import write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def caption(label_index: int, template_index: int) -> str:
     return TEMPLATES[template_index].format(CAPTION_NAMES[CLASS_NAMES[label_index]])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prepare_fashion_mnist(
@@ -155,11 +149,7 @@ def prepare_fashion_mnist(
                              "split": split})
                 bar.update()
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["id", "image", "text", "label", "split"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write_text(manifest, buf.getvalue())
+    write_manifest(manifest, rows)
     splits = Counter(r["split"] for r in rows)
     info = {
         "params": params,
@@ -171,6 +161,6 @@ def prepare_fashion_mnist(
         },
         "seconds": round(time.time() - t0, 1),
     }
-    _atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+    write_info(info_path, info)
     log.info("fashion-mnist: %d rows (%s) in %.0f s → %s", len(rows), dict(splits), time.time() - t0, manifest)
     return manifest

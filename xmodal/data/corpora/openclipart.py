@@ -24,7 +24,6 @@ keywords and (some) descriptions → PNGs + an image-text manifest.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -42,6 +41,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from ._output import write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +268,6 @@ def _process(task: tuple) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------- prepare
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _resolve_renderer(renderer: str) -> str:
     if renderer not in ("auto", "rsvg", "cairosvg"):
         raise ValueError(f"renderer must be 'auto', 'rsvg' or 'cairosvg', got {renderer!r}")
@@ -372,11 +367,7 @@ def prepare_openclipart(
         raise RuntimeError(f"prepare_openclipart: no usable drawings in {src} (failures: {failures[:3]})")
 
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["id", "image", "text", "label", "split"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write_text(manifest, buf.getvalue())
+    write_manifest(manifest, rows)
     splits = Counter(r["split"] for r in rows)
     info = {
         "params": params,
@@ -396,7 +387,7 @@ def prepare_openclipart(
         "skipped_files": {k: v[:200] for k, v in skipped_files.items()},
         "seconds": round(time.time() - t0, 1),
     }
-    _atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+    write_info(info_path, info)
     log.info("open clip art: %d rows (%s) in %.0f s → %s", len(rows), dict(splits), time.time() - t0, manifest)
     return manifest
 

@@ -1,0 +1,29 @@
+"""What every corpus preparer writes: ``manifest.csv`` and ``prepare.json``, each atomically (tmp + rename), so an
+interrupted ``xmodal prepare`` never leaves a half-written manifest behind."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+MANIFEST_COLUMNS = ["id", "image", "text", "label", "split"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(path: Path, rows: list[dict], columns: list[str] = MANIFEST_COLUMNS) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_info(path: Path, info: dict) -> None:
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
