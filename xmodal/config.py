@@ -42,6 +42,39 @@ class TowerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A task head on the shared space, trained by ``xmodal finetune``.
+
+    kinds: ``classification`` (one class per row), ``multilabel`` (``target`` holds ``|``-separated class names),
+    ``regression`` (a numeric score, e.g. sentiment in [-1, 1]), ``retrieval`` (contrastive, between the first two
+    ``modalities``, as in pretraining).
+    """
+
+    kind: Literal["classification", "multilabel", "regression", "retrieval"]
+    train: str | None = None  # manifest; default: data.train
+    eval: str | None = None  # manifest; default: this task's train manifest
+    train_split: str | None = "train"
+    eval_split: str | None = "test"
+    modalities: list[str] = field(default_factory=lambda: ["image"])  # inputs of the head (fused when several)
+    target: str = "label"  # column holding the class name(s) or score
+    classes: list[str] | None = None  # default: the sorted distinct values of the train split
+    fusion: Literal["concat", "sum", "product", "gated", "attention", "late"] = "concat"
+    hidden: int | None = None  # hidden width of an MLP head; None = linear head (a linear probe when towers are frozen)
+    dropout: float = 0.0
+    loss: Literal["default", "mse", "l1", "huber"] = "default"  # regression loss; default mse
+    weight: float = 1.0  # static loss weight
+    max_rows: int | None = None
+
+
+@dataclass
+class MultitaskConfig:
+    sampling: Literal["proportional", "round_robin", "temperature"] = "proportional"
+    temperature: float = 2.0  # for sampling: temperature, p_i ∝ n_i^(1/T)
+    weighting: Literal["static", "uncertainty", "pcgrad"] = "static"
+    tasks_per_step: Literal["one", "all"] = "one"  # "all" is required by pcgrad
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 256
     towers: dict[str, TowerConfig] = field(default_factory=dict)
@@ -49,6 +82,7 @@ class ModelConfig:
     init_logit_scale: float | None = None  # log-space; default log(1/0.07) for clip, log(10) for siglip
     init_logit_bias: float | None = None  # siglip only; default -10
     max_logit_scale: float = 100.0  # clamp exp(logit_scale) to [1, max] as open_clip does
+    anchor: str | None = None  # bind every modality to this one (ImageBind); None: every pair of modalities
 
 
 @dataclass
@@ -77,6 +111,8 @@ class TrainConfig:
     warmup_steps: int = 50
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    freeze_towers: bool | None = None  # override every tower's `freeze` (true: linear probe; false: full fine-tune)
+    unfreeze_at_step: int = 0  # > 0: towers start frozen and are unfrozen at this optimiser step
     cache_frozen: bool = True  # embed frozen, non-augmented towers' inputs once (exact; see feature_cache.py)
     local_loss: bool = False
     gather_with_grad: bool = True
@@ -103,6 +139,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    init_from: str | None = None  # a pretrained run folder whose towers (and temperature) fine-tuning starts from
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -249,8 +288,29 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.lr / train.encoder_lr: must be positive")
     if t.warmup_steps < 0 or t.eval_every < 0 or t.save_every < 0 or t.keep_checkpoints < 1:
         raise ConfigError("train.warmup_steps / eval_every / save_every must be >= 0, keep_checkpoints >= 1")
+    if m.anchor is not None and m.towers and m.anchor not in m.towers:
+        raise ConfigError(f"model.anchor: {m.anchor!r} is not a tower ({', '.join(m.towers)})")
+    if t.unfreeze_at_step < 0:
+        raise ConfigError(f"train.unfreeze_at_step: must be >= 0, got {t.unfreeze_at_step}")
     if m.max_logit_scale <= 1:
         raise ConfigError(f"model.max_logit_scale: must be > 1, got {m.max_logit_scale}")
+    for name, task in cfg.tasks.items():
+        where = f"tasks.{name}"
+        unknown = [mod for mod in task.modalities if m.towers and mod not in m.towers]
+        if not task.modalities or unknown:
+            raise ConfigError(f"{where}.modalities: {task.modalities} must be non-empty towers of model.towers "
+                              f"({', '.join(m.towers)})")
+        if task.kind == "retrieval" and len(task.modalities) < 2:
+            raise ConfigError(f"{where}.modalities: retrieval needs two modalities, got {task.modalities}")
+        if task.fusion == "late" and task.kind == "retrieval":
+            raise ConfigError(f"{where}.fusion: late fusion applies to classification/regression heads")
+        if not 0 <= task.dropout < 1 or task.weight < 0:
+            raise ConfigError(f"{where}: dropout must be in [0, 1) and weight >= 0")
+    mt = cfg.multitask
+    if mt.weighting == "pcgrad" and mt.tasks_per_step != "all":
+        raise ConfigError("multitask.weighting: pcgrad needs multitask.tasks_per_step: all")
+    if mt.temperature <= 0:
+        raise ConfigError(f"multitask.temperature: must be positive, got {mt.temperature}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.max_rows is not None and d.max_rows <= 0:

@@ -1,32 +1,44 @@
-"""The one training loop (Accelerate): CPU, DDP, mixed precision, exact large-batch contrastive accumulation,
-clipping, warmup + cosine LR, atomic checkpoints with exact resume, JSON-lines metrics, a progress bar.
+"""The one training loop (Accelerate) for pretraining and fine-tuning: CPU, DDP, mixed precision, exact large-batch
+contrastive accumulation, clipping, warmup + cosine LR, task sampling and loss weighting, atomic checkpoints with
+exact resume, JSON-lines metrics, a progress bar.
 
-Read top to bottom: ``pretrain`` builds everything, then one ``for`` loop over optimiser steps.
+Pretraining is the special case of one task: contrastive alignment of every tower on ``data.train``. Read
+``train`` top to bottom: it builds everything, then runs one ``while`` loop over optimiser steps.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from functools import partial
+from itertools import combinations
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, save_config
-from .data import ManifestDataset, collate, read_manifest
-from .gradcache import gradcache_step
-from .losses import build_loss, pairwise_loss
+from .config import Config, ModelConfig, TaskConfig, _from_dict, save_config
+from .data import ManifestDataset, ManifestError, collate, read_manifest
 from .feature_cache import is_cacheable, precompute_features
+from .gradcache import gradcache_step
+from .losses import build_loss
+from .losses.multitask import StaticWeighting, UncertaintyWeighting, pcgrad
 from .model import FEATURES, XModalModel
+from .sampling import TaskSampler
+from .tasks import MASK, batch_size, resolve_classes, targets
 
 log = logging.getLogger("xmodal")
+PRETRAIN_TASK = "contrastive"
 
+
+# ------------------------------------------------------------------------------------------------ small pieces
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
     """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps`` (open_clip's ``cosine_lr``)."""
@@ -40,63 +52,72 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def param_groups(model: XModalModel, cfg: Config) -> list[dict]:
-    """AdamW groups: no weight decay on gains, biases and the temperature (as open_clip excludes them);
-    unfrozen encoders may take their own learning rate (``train.encoder_lr``)."""
+def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Parameter] = ()) -> list[dict]:
+    """AdamW groups: no weight decay on gains, biases, the temperature and loss weights (as open_clip excludes
+    them); encoders take ``train.encoder_lr``. Frozen encoders are included when they will be unfrozen later."""
     t = cfg.train
     encoder_lr = t.encoder_lr if t.encoder_lr is not None else t.lr
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not (t.unfreeze_at_step and ".encoder." in name):
             continue
         no_decay = p.ndim < 2 or "logit_" in name or ".bn" in name or ".ln" in name or "norm" in name
         lr = encoder_lr if ".encoder." in name else t.lr
         groups.setdefault((no_decay, lr), []).append(p)
+    for p in extra:
+        groups.setdefault((True, t.lr), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else t.weight_decay}
             for (nd, lr), ps in groups.items()]
 
 
-def contrastive_loss(loss_fn, out: dict[str, torch.Tensor], modalities: list[str]) -> torch.Tensor:
-    """Mean of the pairwise contrastive losses over every pair of ``modalities`` (one pair for image–text)."""
-    return pairwise_loss(loss_fn, {m: out[m] for m in modalities}, out["logit_scale"], out.get("logit_bias"))
+def _pair_rows(out: dict[str, torch.Tensor], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of the rows that have both ``a`` and ``b`` (outputs hold only each modality's present rows)."""
+    ma, mb = out.get(a + MASK), out.get(b + MASK)
+    if ma is None and mb is None:
+        return out[a], out[b]
+    n = len(ma if ma is not None else mb)
+    ma = ma if ma is not None else torch.ones(n, dtype=torch.bool, device=out[a].device)
+    mb = mb if mb is not None else torch.ones(n, dtype=torch.bool, device=out[b].device)
+    both = ma & mb
+    return out[a][both[ma]], out[b][both[mb]]
 
 
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    trackers = None if cfg.log.backend == "none" else cfg.log.backend
-    if cfg.log.backend == "wandb":
-        os.environ.setdefault("WANDB_MODE", cfg.log.wandb_mode)  # offline by default: no key, no network
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=trackers,
-        project_dir=cfg.output_dir,
-        # A sampler seeded by (seed, epoch) makes the data order a function of the position, which exact resume
-        # (skip the batches already seen) relies on.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-    )
-
-
-def _set_seed(seed: int, deterministic: bool) -> None:
-    from accelerate.utils import set_seed
-    set_seed(seed, deterministic=deterministic)
-
-
-def _batches(accelerator, loader, epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
-    """Endless (epoch, index-in-epoch, batch) starting at a saved position."""
-    while True:
-        loader.set_epoch(epoch)
-        it = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for i, batch in enumerate(it, start=skip):
-            yield epoch, i, batch
-        epoch, skip = epoch + 1, 0
+def contrastive_loss(loss_fn, out: dict[str, torch.Tensor], modalities: list[str], anchor: str | None = None):
+    """Mean contrastive loss over the modality pairs the batch has: every pair, or each modality with ``anchor``
+    (ImageBind-style binding). Only rows holding both modalities of a pair take part in it."""
+    present = [m for m in modalities if m in out]
+    pairs = ([(anchor, m) for m in present if m != anchor] if anchor in present else []) if anchor \
+        else list(combinations(present, 2))
+    terms = []
+    for a, b in pairs:
+        fa, fb = _pair_rows(out, a, b)
+        if fa.shape[0] >= 2 or torch.distributed.is_initialized():  # one row has no negatives (unless gathered)
+            terms.append(loss_fn(fa, fb, out["logit_scale"], out.get("logit_bias")))
+    if not terms:  # no pair in this batch: a zero that still touches every output (DDP wants a gradient for all)
+        return sum(out[m].sum() for m in present) * 0.0 + out["logit_scale"] * 0.0
+    return sum(terms) / len(terms)
 
 
 def _split(batch: dict, k: int) -> list[dict]:
-    tensors = {m: v for m, v in batch.items() if isinstance(v, torch.Tensor)}
-    return [dict(zip(tensors, chunk)) for chunk in zip(*(v.chunk(k) for v in tensors.values()))]
+    """Cut a collated batch into ``k`` micro-batches by row ranges, keeping modality tensors (present rows only)
+    aligned with their masks; list columns are sliced alike."""
+    n = batch_size(batch)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    chunks = []
+    for s, e in zip(bounds, bounds[1:]):
+        chunk = {}
+        for key, v in batch.items():
+            base = key.removesuffix(FEATURES)
+            if isinstance(v, list) or key.endswith(MASK):
+                chunk[key] = v[s:e]
+            elif base + MASK in batch:
+                counts = batch[base + MASK].long().cumsum(0)
+                lo = int(counts[s - 1]) if s else 0
+                chunk[key] = v[lo:int(counts[e - 1]) if e else 0]
+            else:
+                chunk[key] = v[s:e]
+        chunks.append(chunk)
+    return chunks
 
 
 def collate_renamed(rename: dict[str, str], items: list[dict]) -> dict:
@@ -116,136 +137,369 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def pretrain(cfg: Config, resume: bool = False) -> Path:
-    """Contrastive pretraining of the shared space. Returns the run folder (``cfg.output_dir``)."""
+def make_accelerator(cfg: Config, find_unused: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    trackers = None if cfg.log.backend == "none" else cfg.log.backend
+    if cfg.log.backend == "wandb":
+        os.environ.setdefault("WANDB_MODE", cfg.log.wandb_mode)  # offline by default: no key, no network
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=trackers,
+        project_dir=cfg.output_dir,
+        # A sampler seeded by (seed, epoch) makes the data order a function of the position, which exact resume
+        # (skip the batches already seen) relies on.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # With several task heads only the sampled task's head is used in a step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tasks and data
+
+@dataclass
+class TaskRun:
+    """One task's training state: its config, data loader and position in its data."""
+    name: str
+    cfg: TaskConfig
+    dataset: Any  # datasets.Dataset of the train split
+    eval_data: Any = None
+    loader: Any = None
+    steps_per_epoch: int = 0
+    epoch: int = 0
+    batch: int = 0
+    iterator: Iterator | None = None
+    seen: dict = field(default_factory=dict)
+
+
+def task_configs(cfg: Config, modalities: list[str]) -> dict[str, TaskConfig]:
+    """The tasks to train: ``cfg.tasks``, or for pretraining one contrastive task over every tower on ``data``."""
+    d = cfg.data
+    if not cfg.tasks:
+        return {PRETRAIN_TASK: TaskConfig(kind="retrieval", train=d.train, eval=d.eval, train_split=d.train_split,
+                                          eval_split=d.eval_split, modalities=modalities, max_rows=d.max_rows)}
+    out = {}
+    for name, t in cfg.tasks.items():
+        t = copy.deepcopy(t)
+        t.train = t.train or d.train
+        out[name] = t
+    return out
+
+
+def _read_task_data(cfg: Config, name: str, t: TaskConfig) -> tuple[Any, Any]:
+    d = cfg.data
+    if t.train is None:
+        raise ValueError(f"tasks.{name}.train (or data.train): a training manifest is required")
+    # A row missing a modality is fine when fusion or N-modality binding can use the rest; a 2-modality contrastive
+    # task needs both in every row.
+    require_all = t.kind == "retrieval" and len(t.modalities) == 2
+    kw = dict(modalities=t.modalities, root=d.root, on_bad_row=d.on_bad_row, require_all=require_all)
+    train = read_manifest(t.train, split=t.train_split, max_rows=t.max_rows, **kw)
+    if train.skipped:
+        log.warning("%s: skipped %d bad rows of %s (on_bad_row=skip); first: %s", name, train.skipped,
+                    train.source, train.problems[:1])
+    evaluate = None
+    if t.eval is not None or t.eval_split is not None:
+        evaluate = read_manifest(t.eval or t.train, split=t.eval_split, **kw).dataset
+    for data, source in ((train.dataset, train.source), (evaluate, t.eval or t.train)):
+        if data is not None and t.kind != "retrieval":
+            _check_targets(data, t, source)
+    return train.dataset, evaluate
+
+
+def _check_targets(data, t: TaskConfig, source: str) -> None:
+    if t.target not in data.column_names:
+        raise ManifestError(f"manifest {source} has no column '{t.target}' (the task's target; columns: "
+                            f"{', '.join(data.column_names)})")
+    ids = data["id"] if "id" in data.column_names else None
+    for i, v in enumerate(data[t.target]):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            who = f" (id {ids[i]!r})" if ids else ""
+            raise ManifestError(f"{source}: row {i + 1}{who}: field '{t.target}': empty target")
+
+
+def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
+    """The model config and weights of ``init_from`` (a run folder) — fine-tuning needs not repeat the towers."""
+    if cfg.init_from is None:
+        return cfg.model, None
+    from safetensors.torch import load_file
+    run = Path(cfg.init_from)
+    card_path = run / "model.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"init_from: {run} is not an xmodal run folder (no model.json)")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    model_cfg = cfg.model if cfg.model.towers else _from_dict(ModelConfig, card["model"], "model")
+    return model_cfg, load_file(str(run / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Pretrain (no ``tasks``) or fine-tune (``tasks``, usually with ``init_from``). Returns the run folder."""
     out_dir = Path(cfg.output_dir)
     if not resume and latest_checkpoint(out_dir) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                               f"another output_dir (nothing was overwritten)")
-    accelerator = make_accelerator(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg.model, init_weights = _init_from(cfg)
+    if cfg.train.freeze_towers is not None or cfg.train.unfreeze_at_step:
+        for tower in cfg.model.towers.values():
+            tower.freeze = bool(cfg.train.freeze_towers) or bool(cfg.train.unfreeze_at_step)
+    t = cfg.train
+    accelerator = make_accelerator(cfg, find_unused=len(cfg.tasks) > 1)
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
                             handlers=[logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")])
-    _set_seed(cfg.seed, cfg.train.deterministic)
-    t = cfg.train
+    from accelerate.utils import set_seed
+    set_seed(cfg.seed, deterministic=t.deterministic)
 
-    model = XModalModel(cfg.model)
-    modalities = model.modalities
-    if len(modalities) < 2:
+    modalities = list(cfg.model.towers)
+    tcfgs = task_configs(cfg, modalities)
+    runs: dict[str, TaskRun] = {}
+    for name, tc in tcfgs.items():
+        train_data, eval_data = _read_task_data(cfg, name, tc)
+        if tc.kind in ("classification", "multilabel"):
+            tc.classes = resolve_classes(tc, train_data[tc.target])
+            if len(tc.classes) < 2:
+                raise ManifestError(f"tasks.{name}: column '{tc.target}' of the train split has fewer than 2 "
+                                    f"classes ({tc.classes})")
+        runs[name] = TaskRun(name, tc, train_data, eval_data)
+    if not cfg.tasks and len(modalities) < 2:
         raise ValueError("pretrain: contrastive alignment needs at least two towers in model.towers")
-    if cfg.data.train is None:
-        raise ValueError("data.train: a training manifest is required")
-    manifest = read_manifest(cfg.data.train, split=cfg.data.train_split, modalities=modalities, root=cfg.data.root,
-                             on_bad_row=cfg.data.on_bad_row, max_rows=cfg.data.max_rows)
-    if manifest.skipped:
-        log.warning("skipped %d bad rows of %s (on_bad_row=skip); first: %s", manifest.skipped, manifest.source,
-                    manifest.problems[:1])
-    eval_data = _eval_dataset(cfg, modalities)
 
-    transforms, cached = {}, {}
-    for m in modalities:
-        if t.cache_frozen and is_cacheable(m, cfg.model.towers[m]):
-            transforms[m] = precompute_features(model.towers[m].encoder, model.transform(m, train=False),
-                                                manifest.dataset[m], batch_size=t.batch_size,
-                                                num_workers=cfg.data.num_workers, device=accelerator.device,
-                                                desc=f"cache frozen {m} features", progress=main and t.progress)
-            cached[m] = m + FEATURES
-        else:
-            transforms[m] = model.transform(m, train=True)
-    dataset = ManifestDataset(manifest.dataset, transforms)
+    model = XModalModel(cfg.model, {n: r.cfg for n, r in runs.items()} if cfg.tasks else None)
+    if init_weights is not None:
+        missing, unexpected = model.load_state_dict(init_weights, strict=False)
+        missing = [k for k in missing if not k.startswith("heads.")]
+        if missing or unexpected:
+            raise ValueError(f"init_from {cfg.init_from}: weights do not fit the towers (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+    # Frozen, non-augmented towers are embedded once; training then runs on their cached features.
+    cached = {m: m + FEATURES for m in modalities
+              if t.cache_frozen and not t.unfreeze_at_step and is_cacheable(m, cfg.model.towers[m])}
+    caches = {}
+    for m in cached:
+        values = [v for r in runs.values() if m in r.dataset.column_names for v in r.dataset[m] if v not in (None, "")]
+        caches[m] = precompute_features(model.towers[m].encoder, model.transform(m, train=False), values,
+                                        batch_size=t.batch_size, num_workers=cfg.data.num_workers,
+                                        device=accelerator.device, desc=f"cache frozen {m} features",
+                                        progress=main and t.progress)
     step_batch = t.batch_size * t.grad_accum_steps  # per process; the contrastive batch is this × processes
-    loader = DataLoader(dataset, batch_size=step_batch, shuffle=True, drop_last=True,
-                        collate_fn=partial(collate_renamed, cached),
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=t.betas, eps=t.eps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{manifest.source}: {len(dataset)} rows is less than one step's batch "
-                         f"(batch_size {t.batch_size} × grad_accum_steps {t.grad_accum_steps} × "
-                         f"{accelerator.num_processes} processes)")
-    total = t.max_steps or t.epochs * steps_per_epoch
+    for r in runs.values():
+        transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
+        extra = [r.cfg.target] if r.cfg.kind != "retrieval" else []
+        r.loader = DataLoader(ManifestDataset(r.dataset, transforms, extra_columns=extra), batch_size=step_batch,
+                              shuffle=True, drop_last=True, collate_fn=partial(collate_renamed, cached),
+                              num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+    mt = cfg.multitask
+    weighting = (UncertaintyWeighting(runs) if mt.weighting == "uncertainty"
+                 else StaticWeighting({n: r.cfg.weight for n, r in runs.items()}))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, list(weighting.parameters())), lr=t.lr, betas=t.betas,
+                                  eps=t.eps)
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *(r.loader for r in runs.values()))
+    for r, loader in zip(runs.values(), loaders):
+        r.loader, r.steps_per_epoch = loader, len(loader)
+        if r.steps_per_epoch == 0:
+            raise ValueError(f"task {r.name}: {len(r.dataset)} training rows is less than one step's batch "
+                             f"(batch_size {t.batch_size} × grad_accum_steps {t.grad_accum_steps} × "
+                             f"{accelerator.num_processes} processes)")
+    epoch_steps = (sum(r.steps_per_epoch for r in runs.values()) if mt.tasks_per_step == "one"
+                   else max(r.steps_per_epoch for r in runs.values()))
+    total = t.max_steps or t.epochs * epoch_steps
     # Stepped by hand once per optimiser step: Accelerate's wrapper would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, total))
-    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(scheduler, weighting)
+    sampler = TaskSampler({n: len(r.dataset) for n, r in runs.items()}, mt.sampling,
+                          mt.temperature if mt.sampling == "temperature" else 1.0, seed=cfg.seed)
     loss_fn = build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad)
     unwrapped: XModalModel = accelerator.unwrap_model(model)
 
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    step = 0
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         position = load_checkpoint(accelerator, ckpt)
-        log.info("resumed from %s at step %d", ckpt, position["step"])
+        step = position["step"]
+        for name, p in position["tasks"].items():
+            runs[name].epoch, runs[name].batch = p["epoch"], p["batch"]
+        sampler.load_state_dict(position["sampler"])
+        log.info("resumed from %s at step %d", ckpt, step)
+    if t.unfreeze_at_step and step >= t.unfreeze_at_step:  # resumed after the scheduled unfreezing
+        _unfreeze(unwrapped)
     if main and cfg.log.backend != "none":
         accelerator.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()),
                                   init_kwargs={"wandb": {"dir": str(out_dir), "name": out_dir.name}})
     metrics = MetricsLog(out_dir / "metrics.jsonl", main)
     samples_per_step = step_batch * accelerator.num_processes
-    log.info("pretrain: %d rows, %d steps (%d per epoch), contrastive batch %d, %d process(es), device %s",
-             len(dataset), total, steps_per_epoch, samples_per_step, accelerator.num_processes, accelerator.device)
+    log.info("%s: %s; %d steps, batch %d × %d process(es), device %s", "finetune" if cfg.tasks else "pretrain",
+             ", ".join(f"{n} ({r.cfg.kind}, {len(r.dataset)} rows)" for n, r in runs.items()), total,
+             step_batch, accelerator.num_processes, accelerator.device)
 
-    def encode(micro: dict) -> dict:
+    def next_batch(r: TaskRun) -> dict:
+        if r.iterator is None:
+            r.iterator = _batches(accelerator, r)
+        return next(r.iterator)
+
+    def task_loss(name: str, batch: dict) -> torch.Tensor:
+        r = runs[name]
         with accelerator.autocast():
-            return model(micro)
+            out = model(batch, task=name if r.cfg.kind != "retrieval" else None)
+            if r.cfg.kind == "retrieval":
+                return contrastive_loss(loss_fn, out, r.cfg.modalities, cfg.model.anchor)
+            y = targets(r.cfg, batch[r.cfg.target], f"task {name}: ").to(out["head"].device)
+            return unwrapped.heads[name].loss(out["head"], y)
 
-    progress = _progress(main and t.progress, total, position["step"])
-    step, window_start, window_steps = position["step"], time.perf_counter(), 0
-    batches = _batches(accelerator, loader, position["epoch"], position["batch"])
+    def one_task_step(name: str) -> torch.Tensor:
+        """Forward + backward of one task's step batch (micro-batched when grad_accum_steps > 1)."""
+        r, batch = runs[name], next_batch(runs[name])
+        weight = lambda loss: weighting({name: loss})  # noqa: E731
+        if t.grad_accum_steps == 1:
+            loss = task_loss(name, batch)
+            accelerator.backward(weight(loss))
+            return loss.detach()
+        micro = _split(batch, t.grad_accum_steps)
+        if r.cfg.kind == "retrieval":  # one loss over all micro-batches: the big batch's exact gradient
+            def encode(mb):
+                with accelerator.autocast():
+                    return model(mb)
+            return gradcache_step(encode, micro, lambda out: weight(
+                contrastive_loss(loss_fn, out, r.cfg.modalities, cfg.model.anchor)),
+                backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        total_loss = 0.0  # mean-reduced losses over equal micro-batches: plain accumulation is exact
+        for i, mb in enumerate(micro):
+            with accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext():
+                loss = task_loss(name, mb) / len(micro)
+                accelerator.backward(weight(loss))
+            total_loss += loss.detach()
+        return total_loss
+
+    def all_tasks_step() -> dict[str, torch.Tensor]:
+        losses = {n: task_loss(n, next_batch(r)) for n, r in runs.items()}
+        if mt.weighting == "pcgrad":
+            _pcgrad(accelerator, model, losses, cfg.seed + step)
+        else:
+            accelerator.backward(weighting(losses))
+        return {n: v.detach() for n, v in losses.items()}
+
+    progress = _progress(main and t.progress, total, step, "finetune" if cfg.tasks else "pretrain")
+    window_start, window_steps = time.perf_counter(), 0
     model.train()
     while step < total:
-        epoch, index, batch = next(batches)
-        if t.grad_accum_steps == 1:
-            loss = contrastive_loss(loss_fn, encode(batch), modalities)
-            accelerator.backward(loss)
-            loss = loss.detach()
+        if t.unfreeze_at_step and step == t.unfreeze_at_step:
+            _unfreeze(unwrapped)
+            model.train()
+            log.info("step %d: towers unfrozen", step)
+        if mt.tasks_per_step == "one":
+            name = next(sampler)
+            step_losses = {name: one_task_step(name)}
         else:
-            loss = gradcache_step(encode, _split(batch, t.grad_accum_steps),
-                                  lambda feats: contrastive_loss(loss_fn, feats, modalities),
-                                  backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
-        grad_norm = (accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                     if t.max_grad_norm else None)
+            step_losses = all_tasks_step()
+        if accelerator.num_processes > 1:  # loss weights live outside the DDP module: average their gradients
+            _all_reduce_grads(weighting.parameters())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         unwrapped.clamp_logit_scale()
         step += 1
         window_steps += 1
-        position = {"step": step, "epoch": epoch + (index + 1) // steps_per_epoch,
-                    "batch": (index + 1) % steps_per_epoch}
 
         if step % t.log_every == 0 or step == total:
-            loss_value = accelerator.reduce(loss.float(), "mean").item()  # per-rank losses differ with local_loss
+            record: dict[str, Any] = {"step": step}
+            for n, v in step_losses.items():  # per-rank losses differ with local_loss: report the mean
+                record["loss" if len(runs) == 1 else f"loss/{n}"] = accelerator.reduce(v.float(), "mean").item()
+            if len(runs) > 1 and len(step_losses) > 1:
+                record["loss"] = sum(record[f"loss/{n}"] for n in step_losses) / len(step_losses)
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, "epoch": position["epoch"], "loss": loss_value,
-                      "lr": optimizer.param_groups[0]["lr"], "logit_scale": unwrapped.logit_scale.exp().item(),
-                      "samples_per_s": window_steps * samples_per_step / max(elapsed, 1e-9)}
+            record.update(epoch=step / epoch_steps, lr=optimizer.param_groups[0]["lr"],
+                          logit_scale=unwrapped.logit_scale.exp().item(),
+                          samples_per_s=window_steps * samples_per_step * len(step_losses) / max(elapsed, 1e-9))
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if isinstance(weighting, UncertaintyWeighting):
+                record.update({f"weight/{n}": w for n, w in weighting.weights().items()})
             metrics.write(record)
             if cfg.log.backend != "none":
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
             if progress is not None:
-                progress.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+                shown = record.get("loss", next(v for k, v in record.items() if k.startswith("loss/")))
+                progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
             window_start, window_steps = time.perf_counter(), 0
         if progress is not None:
             progress.update(1)
         if t.save_every and step % t.save_every == 0 and step < total:
-            save_checkpoint(accelerator, out_dir, position, keep=t.keep_checkpoints)
-        if eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < total:
-            _evaluate_and_log(accelerator, unwrapped, eval_data, step, metrics, cfg)
+            save_checkpoint(accelerator, out_dir, _position(step, runs, sampler), keep=t.keep_checkpoints)
+        if t.eval_every and step % t.eval_every == 0 and step < total:
+            _evaluate_and_log(accelerator, unwrapped, runs, step, metrics, cfg)
             model.train()
 
     if progress is not None:
         progress.close()
-    save_checkpoint(accelerator, out_dir, position, keep=t.keep_checkpoints)
-    results = _evaluate_and_log(accelerator, unwrapped, eval_data, step, metrics, cfg) if eval_data else {}
+    save_checkpoint(accelerator, out_dir, _position(step, runs, sampler), keep=t.keep_checkpoints)
+    results = _evaluate_and_log(accelerator, unwrapped, runs, step, metrics, cfg)
     if main:
-        unwrapped.save(out_dir, extra={"step": step, "eval": results, "train_rows": len(dataset)})
+        unwrapped.save(out_dir, extra={"step": step, "eval": results,
+                                       "train_rows": {n: len(r.dataset) for n, r in runs.items()}})
     accelerator.end_training()
     return out_dir
+
+
+pretrain = train  # `xmodal pretrain` and `xmodal finetune` are the same loop; the config decides
+
+
+def _batches(accelerator, r: TaskRun) -> Iterator[dict]:
+    """Endless batches of one task from its saved position; ``r.epoch``/``r.batch`` always name the next batch."""
+    while True:
+        r.loader.set_epoch(r.epoch)
+        for batch in accelerator.skip_first_batches(r.loader, r.batch) if r.batch else r.loader:
+            r.batch += 1
+            if r.batch == r.steps_per_epoch:
+                r.epoch, r.batch = r.epoch + 1, 0
+            yield batch
+
+
+def _position(step: int, runs: dict[str, TaskRun], sampler: TaskSampler) -> dict:
+    return {"step": step, "tasks": {n: {"epoch": r.epoch, "batch": r.batch} for n, r in runs.items()},
+            "sampler": sampler.state_dict()}
+
+
+def _unfreeze(model: XModalModel) -> None:
+    for tower in model.towers.values():
+        tower.frozen = False
+        tower.encoder.requires_grad_(True)
+
+
+def _all_reduce_grads(params) -> None:
+    world = torch.distributed.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _pcgrad(accelerator, model, losses: dict[str, torch.Tensor], seed: int) -> None:
+    """PCGrad (Yu et al. 2020): per-task gradients (averaged over processes first, so every rank does the same
+    surgery), conflicting components projected away, the sum written to ``.grad``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = list(losses)
+    per_task = []
+    for i, n in enumerate(names):
+        grads = list(torch.autograd.grad(losses[n], params, retain_graph=i < len(names) - 1, allow_unused=True))
+        if accelerator.num_processes > 1:
+            for g in grads:
+                if g is not None:
+                    torch.distributed.all_reduce(g)
+                    g /= accelerator.num_processes
+        per_task.append(grads)
+    generator = torch.Generator().manual_seed(seed)
+    for p, g in zip(params, pcgrad(per_task, generator)):
+        if g is not None:
+            p.grad = g.clone() if p.grad is None else p.grad + g
 
 
 def _flat_config(d: dict, prefix: str = "") -> dict:
@@ -259,35 +513,38 @@ def _flat_config(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _eval_dataset(cfg: Config, modalities: list[str]):
-    d = cfg.data
-    if d.eval is None and d.eval_split is None:
-        return None
-    source = d.eval or d.train
-    return read_manifest(source, split=d.eval_split, modalities=modalities, root=d.root,
-                         on_bad_row=d.on_bad_row, max_rows=d.max_rows).dataset
-
-
-def _evaluate_and_log(accelerator, model: XModalModel, dataset, step: int, metrics: MetricsLog,
+def _evaluate_and_log(accelerator, model: XModalModel, runs: dict[str, TaskRun], step: int, metrics: MetricsLog,
                       cfg: Config) -> dict:
-    """Evaluation runs on the main process only (the eval sets are small; results are not sharded)."""
-    from .evaluate import evaluate
+    """Every task's held-out metrics, on the main process only (the eval sets are small; results not sharded)."""
+    from .evaluate import evaluate, evaluate_task
 
     results: dict = {}
     if accelerator.is_main_process:
         model.eval()
-        results = evaluate(model, dataset, batch_size=cfg.train.batch_size)
-        metrics.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
-        if cfg.log.backend != "none":
-            accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
-        shown = {k: round(v, 4) for k, v in results.items() if "R@" in k or "top1" in k}
-        log.info("eval at step %d: %s", step, shown)
+        for name, r in runs.items():
+            if r.eval_data is None:
+                continue
+            if r.cfg.kind == "retrieval":
+                res = evaluate(model, r.eval_data.select_columns(
+                    [c for c in r.eval_data.column_names if c in r.cfg.modalities or c == "label"]),
+                    batch_size=cfg.train.batch_size)
+            else:
+                res = evaluate_task(model, name, r.eval_data, batch_size=cfg.train.batch_size)
+            prefix = "" if name == PRETRAIN_TASK else f"{name}/"
+            results.update({f"{prefix}{k}": v for k, v in res.items()})
+        if results:
+            metrics.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+            if cfg.log.backend != "none":
+                accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+            shown = {k: round(v, 4) for k, v in results.items()
+                     if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae"))}
+            log.info("eval at step %d: %s", step, shown)
     accelerator.wait_for_everyone()
     return results
 
 
-def _progress(enabled: bool, total: int, initial: int):
+def _progress(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)

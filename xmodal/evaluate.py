@@ -101,3 +101,31 @@ def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progr
                                 evaluate_zero_shot(model, dataset, m, batch_size=batch_size,
                                                    progress=progress).items()})
     return results
+
+
+# ---------------------------------------------------------------------------------------------------- task heads
+
+def predict_outputs(model, task: str, dataset, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Head outputs (logits or scores) for every row of ``dataset``, from the task's input modalities."""
+    head = model.heads[task]
+    inputs = {m: dataset[m] for m in head.modalities if m in dataset.column_names}
+    if not inputs:
+        raise ValueError(f"task {task}: the data has none of its input columns {head.modalities}")
+    return model.predict(task, inputs, batch_size=batch_size, progress=progress)
+
+
+def evaluate_task(model, task: str, dataset, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
+    """Held-out metrics of a head: accuracy and macro-F1 (classification), micro/macro-F1 (multi-label), MAE, RMSE
+    and Pearson r (regression)."""
+    from .metrics import classification_metrics, multilabel_metrics, regression_metrics
+    from .tasks import targets
+
+    cfg = model.tasks[task]
+    outputs = predict_outputs(model, task, dataset, batch_size, progress)
+    y = targets(cfg, dataset[cfg.target], f"task {task}: ")
+    pred = model.heads[task].predict(outputs)
+    if cfg.kind == "regression":
+        return regression_metrics(pred, y)
+    if cfg.kind == "multilabel":
+        return multilabel_metrics(pred, y.bool())
+    return classification_metrics(pred, y, len(cfg.classes))

@@ -82,9 +82,12 @@ def gradcache_step(encode: Callable[[dict[str, Tensor]], dict[str, Tensor]],
     # the re-encoding backward in (3) applies that scale again, so the cache must hold the unscaled dL/dfeatures.
     # 0-dim outputs (``logit_scale`` returned by the model's forward, as DDP wants every parameter used there) are
     # the same for every micro-batch: one leaf, and their gradient goes back through the LAST re-encoding only.
+    # Non-float outputs (presence masks) pass through to the loss as they are and take no gradient.
     shared = {k for k in keys if cached[0][k].ndim == 0}
-    full = {k: (cached[0][k].clone() if k in shared else torch.cat([feats[k] for feats in cached])).requires_grad_(True)
-            for k in keys}
+    full = {k: cached[0][k].clone() if k in shared else torch.cat([feats[k] for feats in cached]) for k in keys}
+    keys = [k for k in keys if full[k].is_floating_point()]
+    for k in keys:
+        full[k].requires_grad_(True)
     loss = loss_fn(full)
     grads = torch.autograd.grad(loss, [full[k] for k in keys], retain_graph=True, allow_unused=True)
     backward(loss)  # gradients of parameters the loss closes over (logit_scale, logit_bias)

@@ -51,3 +51,44 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ..
         top = logits.topk(k_eff, dim=1).indices
         out[f"top{k}"] = (top == targets[:, None]).any(dim=1).float().mean().item()
     return out
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[true, predicted]`` counts."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom, dtype=torch.float))
+
+
+def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of per-class F1 over classes present in target or prediction,
+    as scikit-learn's ``f1_score(average="macro")`` with its default ``labels``)."""
+    cm = confusion_matrix(pred.long(), target.long(), num_classes).float()
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    seen = (cm.sum(0) + cm.sum(1)) > 0
+    return {"accuracy": (tp.sum() / cm.sum()).item(), "macro_f1": _f1(tp, fp, fn)[seen].mean().item(),
+            "n": float(len(target))}
+
+
+def multilabel_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Micro- and macro-F1 over classes, and exact-match (subset) accuracy, for bool ``[n, classes]``."""
+    pred, target = pred.bool(), target.bool()
+    tp = (pred & target).sum(0).float()
+    fp = (pred & ~target).sum(0).float()
+    fn = (~pred & target).sum(0).float()
+    micro = _f1(tp.sum(), fp.sum(), fn.sum()).item()
+    return {"micro_f1": micro, "macro_f1": _f1(tp, fp, fn).mean().item(),
+            "subset_accuracy": (pred == target).all(1).float().mean().item(), "n": float(len(target))}
+
+
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    pred, target = pred.float().flatten(), target.float().flatten()
+    err = pred - target
+    pc, tc = pred - pred.mean(), target - target.mean()
+    r = (pc * tc).sum() / (pc.norm() * tc.norm()).clamp(min=1e-12)
+    return {"mae": err.abs().mean().item(), "rmse": err.pow(2).mean().sqrt().item(), "pearson_r": r.item(),
+            "n": float(len(target))}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, _from_dict
+from .config import ModelConfig, TaskConfig, _from_dict
 from .modalities import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
@@ -65,7 +65,7 @@ class Tower(nn.Module):
 class XModalModel(nn.Module):
     """Towers into one shared space plus the contrastive temperature (``logit_scale``, log-space) and SigLIP bias."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tasks: dict[str, TaskConfig] | None = None):
         super().__init__()
         if not cfg.towers:
             raise ValueError("model.towers: at least one tower is required")
@@ -82,24 +82,42 @@ class XModalModel(nn.Module):
         init_bias = cfg.init_logit_bias if cfg.init_logit_bias is not None else -10.0
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if siglip else None
         self._transforms: dict[tuple[str, bool], Any] = {}
+        # Task heads (fine-tuning): retrieval tasks have none — they use the contrastive loss on the shared space.
+        from .tasks import TaskHead
+        self.tasks = dict(tasks or {})
+        self.heads = nn.ModuleDict({name: TaskHead(t, cfg.embed_dim) for name, t in self.tasks.items()
+                                    if t.kind != "retrieval"})
 
     # ------------------------------------------------------------------------------------------------ training API
     @property
     def modalities(self) -> list[str]:
         return list(self.towers.keys())
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Embed every modality present in ``batch``. The exponentiated temperature (and bias) ride along in the
-        output so every trainable parameter is used inside ``forward`` — what DDP needs to synchronise them."""
-        out = {}
+    def forward(self, batch: dict[str, torch.Tensor], task: str | None = None) -> dict[str, torch.Tensor]:
+        """Embed every modality present in ``batch`` (only the rows that have it: ``"<m>:mask"`` passes through),
+        and with ``task`` also run that task's head (``out["head"]``). The exponentiated temperature (and bias) ride
+        along in the output so every trainable parameter is used inside ``forward`` — what DDP needs."""
+        from .tasks import MASK, batch_size, dense
+        out: dict[str, torch.Tensor] = {}
         for key, x in batch.items():
+            if not isinstance(x, torch.Tensor) or key.endswith(MASK):
+                continue
             if key in self.towers:
                 out[key] = self.towers[key](x)
             elif key.endswith(FEATURES) and key[: -len(FEATURES)] in self.towers:
                 out[key[: -len(FEATURES)]] = self.towers[key[: -len(FEATURES)]].project(x)
+            else:
+                continue
+            m = key.removesuffix(FEATURES)
+            if m + MASK in batch:
+                out[m + MASK] = batch[m + MASK]
         out["logit_scale"] = self.logit_scale.exp()
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
+        if task is not None and task in self.heads:
+            head = self.heads[task]
+            feats, present = dense(out, head.modalities, batch_size(batch))
+            out["head"] = head(feats, present)
         return out
 
     @torch.no_grad()
@@ -158,6 +176,37 @@ class XModalModel(nn.Module):
             result[torch.tensor(order)] = result.clone()
         return result
 
+    @torch.inference_mode()
+    def predict(self, task: str, inputs: dict[str, Sequence[Any]], batch_size: int = 64,
+                progress: bool = False) -> torch.Tensor:
+        """A task head's outputs (logits or scores) for rows given as ``{modality: [raw values]}`` (equal lengths;
+        ``None`` or ``""`` where a row lacks a modality — fusion uses what is there)."""
+        from .data.loader import collate
+        if task not in self.heads:
+            raise ValueError(f"no task head {task!r} in this model (heads: {', '.join(self.heads) or 'none'})")
+        lengths = {len(v) for v in inputs.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"predict: every modality needs one value per row, got lengths {sorted(lengths)}")
+        n = lengths.pop()
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        tfs = {m: self.transform(m, train=False) for m in inputs}
+        starts = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc=f"predict {task}", unit="batch")
+        out = []
+        try:
+            for i in starts:
+                rows = [{m: (None if v[j] in (None, "") else tfs[m](v[j])) for m, v in inputs.items()}
+                        for j in range(i, min(i + batch_size, n))]
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
+                out.append(self(batch, task=task)["head"].float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0)
+
     def encode_image(self, inputs, **kw) -> torch.Tensor:
         return self.encode("image", inputs, **kw)
 
@@ -178,7 +227,8 @@ class XModalModel(nn.Module):
         tmp = path / f".{WEIGHTS_NAME}.tmp"
         save_model(self, str(tmp))
         os.replace(tmp, path / WEIGHTS_NAME)
-        card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg), **(extra or {})}
+        card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg),
+                "tasks": {name: _to_plain(t) for name, t in self.tasks.items()}, **(extra or {})}
         tmp = path / f".{CARD_NAME}.tmp"
         tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
         os.replace(tmp, path / CARD_NAME)
@@ -203,7 +253,8 @@ class XModalModel(nn.Module):
         for tcfg in build_cfg.towers.values():
             if tcfg.kind != "hf":  # an HF tower needs its folder for the architecture itself
                 tcfg.pretrained = None
-        model = cls(build_cfg)
+        tasks = {name: _from_dict(TaskConfig, t, f"tasks.{name}") for name, t in (card.get("tasks") or {}).items()}
+        model = cls(build_cfg, tasks)
         model.cfg = cfg
         load_model(model, str(weights), strict=True, device=map_location)
         model.card = card

@@ -52,9 +52,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {}
         for modality, transform in self.transforms.items():
             value = row[modality]
-            if value is None:
-                raise ManifestRowError(f"row {index}{self._id(row)}: field '{modality}': no value (this row lacks "
-                                       f"the modality; rows with missing modalities cannot be batched yet)")
+            if value is None or value == "":
+                item[modality] = None  # this row lacks the modality: collate masks it out
+                continue
             try:
                 item[modality] = transform(value)
             except Exception as e:  # noqa: BLE001 - name the row, keep the cause
@@ -70,18 +70,29 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Tensor | list]:
-    """Stack tensor values along dim 0 (one tensor per key); every other value becomes a list."""
+    """Stack tensor values along dim 0 (one tensor per key); every other value becomes a list.
+
+    A key whose values are tensors for some rows and ``None`` for others (a modality missing from those rows) is
+    stacked over the present rows only — no compute is spent on absent ones — and ``"<key>:mask"`` (bool ``[B]``)
+    says which rows they are. A key that is ``None`` in every row is left out, with an all-False mask.
+    """
     if not items:
         raise ValueError("collate got an empty batch")
     out: dict[str, Tensor | list] = {}
     for key in items[0]:
         values = [it[key] for it in items]
-        if all(isinstance(v, Tensor) for v in values):
-            shapes = {tuple(v.shape) for v in values}
+        present = [v is not None for v in values]
+        tensors = [v for v in values if v is not None]
+        if tensors and all(isinstance(v, Tensor) for v in tensors):
+            shapes = {tuple(v.shape) for v in tensors}
             if len(shapes) > 1:
                 raise ValueError(f"collate: '{key}' values have different shapes {sorted(shapes)}; the "
                                  f"transform must return a fixed shape (resize/crop images, pad text)")
-            out[key] = torch.stack(values, 0)
+            out[key] = torch.stack(tensors, 0)
+            if not all(present):
+                out[f"{key}:mask"] = torch.tensor(present)
+        elif not tensors:
+            out[f"{key}:mask"] = torch.zeros(len(values), dtype=torch.bool)
         else:
             out[key] = values
     return out

@@ -265,6 +265,26 @@ def _check_image(path: str) -> str | None:
 
 
 def _check_audio(path: str) -> str | None:
+    """The file's header must parse (libsndfile via soundfile: WAV incl. float/extensible, FLAC, OGG, MP3, AIFF,
+    ...) and announce at least one frame. Only the header is read (O(1) per file); samples are decoded at training
+    time, where :class:`xmodal.modalities.audio.AudioError` names a file whose data turns out to be bad. Without
+    soundfile installed, only WAV files are checked (stdlib ``wave``, integer PCM only)."""
+    try:
+        import soundfile as sf
+    except ImportError:
+        sf = None
+    if sf is not None:
+        try:
+            info = sf.info(path)
+        except Exception as e:  # noqa: BLE001 - soundfile.LibsndfileError and friends
+            reason = str(e).strip() or type(e).__name__
+            reason = reason.split(": ", 1)[-1] if reason.startswith("Error opening") else reason
+            return f"unreadable audio file ({reason}): {path}"
+        if info.frames <= 0:
+            return f"audio file has no samples (0 frames): {path}"
+        if info.samplerate <= 0 or info.channels <= 0:
+            return f"audio file has an invalid header ({info.samplerate} Hz, {info.channels} channels): {path}"
+        return None
     if path.lower().endswith(".wav"):
         try:
             with wave.open(path, "rb") as w:

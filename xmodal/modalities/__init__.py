@@ -29,7 +29,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..config import TowerConfig
-from . import image, text
+from . import audio, image, text
 from ._openclip import XMODAL_OPEN_CLIP_CONFIGS, register_open_clip_configs
 
 # (modality, kind) -> (encoder builder, transform builder, allowed option keys)
@@ -47,6 +47,9 @@ _TOWERS: dict[tuple[str, str], tuple[Callable, Callable, set[str]]] = {
     ("text", "gru"): (text.build_rnn, text.build_text_transform,
                       {"embed_dim", "hidden", "layers", "dropout", "vocab_size"}),
     ("text", "hf"): (text.build_hf, text.build_text_transform, set()),
+    ("audio", "cnn"): (audio.build_audio_cnn, audio.build_audio_transform, audio.CNN_OPTIONS),
+    ("audio", "transformer"): (audio.build_audio_transformer, audio.build_audio_transform, audio.TRANSFORMER_OPTIONS),
+    ("audio", "resemblyzer"): (audio.build_resemblyzer, audio.build_audio_transform, audio.RESEMBLYZER_OPTIONS),
 }
 
 MODALITIES = tuple(dict.fromkeys(m for m, _ in _TOWERS))

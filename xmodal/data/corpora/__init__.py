@@ -1,7 +1,9 @@
-"""Built-in real corpora prepared into manifests (``xmodal prepare openclipart|fashion-mnist``)."""
+"""Built-in real corpora prepared into manifests (``xmodal prepare openclipart|fashion-mnist``; Rotten Tomatoes
+sentiment snippets via :func:`prepare_rotten_tomatoes`)."""
 from __future__ import annotations
 
-__all__ = ["prepare_openclipart", "prepare_fashion_mnist"]
+__all__ = ["prepare_openclipart", "prepare_fashion_mnist", "prepare_rotten_tomatoes", "prepare_librivox",
+           "prepare_spoken_captions"]
 
 
 def __getattr__(name):
@@ -11,4 +13,13 @@ def __getattr__(name):
     if name == "prepare_fashion_mnist":
         from .fashion_mnist import prepare_fashion_mnist
         return prepare_fashion_mnist
+    if name == "prepare_librivox":
+        from .speech import prepare_librivox
+        return prepare_librivox
+    if name == "prepare_spoken_captions":
+        from .speech import prepare_spoken_captions
+        return prepare_spoken_captions
+    if name == "prepare_rotten_tomatoes":
+        from .rotten_tomatoes import prepare_rotten_tomatoes
+        return prepare_rotten_tomatoes
     raise AttributeError(f"module 'xmodal.data.corpora' has no attribute {name!r}")

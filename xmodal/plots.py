@@ -1,0 +1,137 @@
+"""Pictures people would rather look at than read: training curves, confusion matrices, a 2-D map of the space.
+
+``xmodal evaluate --plots`` calls :func:`write_plots`; each figure is a PNG in the run's ``plots/`` folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MAX_MAP_POINTS = 2000  # per modality: a readable scatter, and PCA stays instant
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def training_curves(metrics_path: Path, out: Path) -> Path | None:
+    """Loss (per task) and every eval metric against the step, from ``metrics.jsonl``."""
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    series: dict[str, dict[int, float]] = {}
+    for rec in records:  # a resumed run repeats steps: the last record of a step wins
+        for key, value in rec.items():
+            if key != "step" and isinstance(value, (int, float)) and (key.startswith("loss") or
+                                                                       key.startswith("eval/")):
+                series.setdefault(key, {})[rec["step"]] = value
+    evals = [k for k in series if k.startswith("eval/") and any(s in k for s in ("R@10", "top1", "accuracy",
+                                                                                   "macro_f1", "mae"))]
+    losses = [k for k in series if k.startswith("loss")]
+    if not losses:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    for k in losses:
+        steps = sorted(series[k])
+        axes[0, 0].plot(steps, [series[k][s] for s in steps], label=k)
+    axes[0, 0].set(xlabel="step", ylabel="training loss", title="training loss")
+    axes[0, 0].legend(fontsize=8)
+    if evals:
+        for k in evals:
+            steps = sorted(series[k])
+            axes[0, 1].plot(steps, [series[k][s] for s in steps], marker="o", label=k.removeprefix("eval/"))
+        axes[0, 1].set(xlabel="step", title="held-out metrics")
+        axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def confusion_plot(matrix: torch.Tensor, classes: list[str], title: str, out: Path) -> Path:
+    """Row-normalised confusion matrix (true class per row), counts written in the cells."""
+    plt = _pyplot()
+    n = len(classes)
+    norm = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def space_map(embeddings: dict[str, torch.Tensor], labels: dict[str, list] | None, out: Path) -> Path:
+    """PCA of the shared space to 2-D (one projection for all modalities, so they are comparable): left coloured
+    by modality, right by label."""
+    plt = _pyplot()
+    names = list(embeddings)
+    all_x = torch.cat([embeddings[m] for m in names])
+    mean = all_x.mean(0, keepdim=True)
+    _, _, v = torch.pca_lowrank(all_x - mean, q=2, center=False)
+    fig, axes = plt.subplots(1, 2 if labels else 1, figsize=(12 if labels else 6, 5), squeeze=False)
+    for m in names:
+        xy = (embeddings[m] - mean) @ v
+        axes[0, 0].scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5, label=m)
+    axes[0, 0].set(title="shared space (PCA) by modality")
+    axes[0, 0].legend(markerscale=3)
+    if labels:
+        classes = sorted({str(y) for ys in labels.values() for y in ys})
+        cmap = plt.get_cmap("tab20", max(len(classes), 1))
+        markers = "os^D"
+        for i, m in enumerate(names):
+            xy = (embeddings[m] - mean) @ v
+            colours = [cmap(classes.index(str(y))) for y in labels[m]]
+            axes[0, 1].scatter(xy[:, 0], xy[:, 1], s=5, alpha=0.6, c=colours, marker=markers[i % len(markers)])
+        axes[0, 1].set(title="by label (marker = modality)")
+        if len(classes) <= 20:
+            for j, c in enumerate(classes):
+                axes[0, 1].scatter([], [], color=cmap(j), label=c, s=10)
+            axes[0, 1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_plots(run_dir: str | Path, model, dataset, out_dir: Path) -> list[Path]:
+    """Every plot that applies: curves (from the run), confusion matrices (classification heads whose target the
+    data has), the 2-D map (modality columns of the data, with ``label`` when present)."""
+    from .evaluate import predict_outputs
+    from .metrics import confusion_matrix
+    from .tasks import targets
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [training_curves(Path(run_dir) / "metrics.jsonl", out_dir / "training_curves.png")]
+    for name, cfg in model.tasks.items():
+        if cfg.kind == "classification" and name in model.heads and cfg.target in dataset.column_names:
+            pred = model.heads[name].predict(predict_outputs(model, name, dataset))
+            cm = confusion_matrix(pred, targets(cfg, dataset[cfg.target]), len(cfg.classes))
+            written.append(confusion_plot(cm, cfg.classes, f"{name}: confusion", out_dir / f"confusion_{name}.png"))
+    embeddings, labels = {}, {}
+    for m in model.modalities:
+        if m not in dataset.column_names:
+            continue
+        rows = [i for i, v in enumerate(dataset[m]) if v not in (None, "")][:MAX_MAP_POINTS]
+        if rows:
+            embeddings[m] = model.encode(m, [dataset[m][i] for i in rows])
+            if "label" in dataset.column_names:
+                labels[m] = [dataset["label"][i] for i in rows]
+    if embeddings:
+        written.append(space_map(embeddings, labels if len(labels) == len(embeddings) else None,
+                                 out_dir / "space_map.png"))
+    return [p for p in written if p is not None]

@@ -1,0 +1,236 @@
+"""Recall@K and mAP of an index, measured through :meth:`Retriever.search` — the path users' queries take.
+
+    from xmodal.retrieval import Retriever
+    from xmodal.retrieval.evaluation import evaluate_index, evaluate_index_manifest
+    r = Retriever("indexes/clipart-test")
+    evaluate_index(r, ["a red car", "a cat"], [{"cars/red_01"}, {"animals/cat_01", "animals/cat_02"}])
+    evaluate_index_manifest(r, "data/openclipart/manifest.csv", "text", split="test")
+
+Definitions (per query, then averaged over the queries that have at least one relevant item in the index):
+
+* **Recall@K** — 1 if a relevant item is among the top ``K`` hits, else 0 (the rank of the *best* relevant item is
+  ``<= K``): the definition of :func:`xmodal.metrics.retrieval_ranks` / ``recall_at_k`` used by ``xmodal evaluate``.
+* **AP** — average precision over the ranking, ``AP = (1/|R|) * sum over the ranks r of relevant hits of
+  precision@r``, where ``R`` is the set of relevant items in the index. With ``depth`` (hits fetched per query) below
+  the index size, relevant items not retrieved count as precision 0 (as trec_eval does); the default depth is the
+  whole index, which gives the exact AP. **mAP** is the mean of AP over the queries.
+
+Relevant items are named by a metadata key of the index rows (``key="id"``: the manifest ids; ``"value"``: the path or
+text; ``"label"``; or ``"index_id"``); names that match no row are dropped (counted in ``n_relevant_missing``), and a
+query left with none is skipped (``n_queries_skipped``).
+
+A command line (to be wired as ``xmodal evaluate-index``)::
+
+    python -m xmodal.retrieval.evaluation --index DIR --manifest FILE --query-modality text [--split test]
+        [--relevance pair|label] [--depth N] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+from . import RetrievalError
+
+KS = (1, 5, 10)
+
+
+def average_precision(ranked_relevant: Sequence[bool], n_relevant: int) -> float:
+    """AP of one ranking: ``ranked_relevant[i]`` says whether the hit at rank ``i + 1`` is relevant; ``n_relevant``
+    is the number of relevant items in the collection (relevant items missing from the ranking add 0)."""
+    if n_relevant < 1:
+        raise ValueError("average_precision: n_relevant must be at least 1")
+    found, total = 0, 0.0
+    for rank, rel in enumerate(ranked_relevant, 1):
+        if rel:
+            found += 1
+            total += found / rank
+    if found > n_relevant:
+        raise ValueError(f"average_precision: {found} relevant hits but n_relevant={n_relevant}")
+    return total / n_relevant
+
+
+def _item_keys(index, key: str) -> dict[Any, set[int]]:
+    """metadata[key] (as a string) → the index ids of the rows that have it."""
+    out: dict[Any, set[int]] = defaultdict(set)
+    for i in index.ids().tolist():
+        v = i if key == "index_id" else index.metadata(i).get(key)
+        if v is not None:
+            out[str(v)].add(int(i))
+    return out
+
+
+def evaluate_index(retriever, queries: Sequence[Any], relevant: Sequence[Iterable[Any]], modality: str = "text",
+                   ks: Sequence[int] = KS, *, key: str = "id", depth: int | None = None, filter: Any = None,
+                   batch_size: int = 64, search_opts: dict | None = None) -> dict[str, float]:
+    """Recall@K for each ``k`` in ``ks`` and mAP of ``retriever`` on labelled queries.
+
+    ``queries``: raw query values of ``modality`` (texts, image paths, ...), searched with
+    ``retriever.search(queries[i:i + batch_size], modality, k=depth, filter=filter, **search_opts)``.
+    ``relevant[i]``: the names (``metadata[key]``) of the items relevant to ``queries[i]``. ``depth``: hits fetched
+    per query (default: every row, so AP is exact; at least ``max(ks)``).
+
+    Returns ``{"R@1", "R@5", "R@10", "mAP", "n_queries", "n_items", "n_queries_skipped", "n_relevant_missing",
+    "depth"}``.
+    """
+    if len(queries) != len(relevant):
+        raise ValueError(f"evaluate_index: {len(queries)} queries but {len(relevant)} relevance sets")
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"evaluate_index: ks must be positive integers, got {ks}")
+    index = retriever.index
+    n_items = len(index)
+    if n_items == 0:
+        raise RetrievalError("evaluate_index: the index is empty")
+    depth = n_items if depth is None else int(depth)
+    if depth < max(ks):
+        raise ValueError(f"evaluate_index: depth {depth} is below the largest k {max(ks)}")
+    depth = min(depth, n_items)
+    names = _item_keys(index, key)
+    targets: list[set[int]] = []
+    kept: list[Any] = []
+    skipped = missing = 0
+    for q, rel in zip(queries, relevant):
+        rel = [rel] if isinstance(rel, (str, int)) else list(rel)
+        ids: set[int] = set()
+        for name in rel:
+            found = names.get(str(name))
+            if found:
+                ids |= found
+            else:
+                missing += 1
+        if ids:
+            kept.append(q)
+            targets.append(ids)
+        else:
+            skipped += 1
+    if not kept:
+        raise RetrievalError("evaluate_index: no query has a relevant item in the index (check `key` and the "
+                             "relevance names)")
+    hit_at = {k: 0 for k in ks}
+    ap_sum = 0.0
+    for start in range(0, len(kept), batch_size):
+        batch = kept[start:start + batch_size]
+        results = retriever.search(list(batch), modality, k=depth, filter=filter, **(search_opts or {}))
+        for hits, want in zip(results, targets[start:start + batch_size]):
+            flags = [h.id in want for h in hits]
+            first = next((r for r, f in enumerate(flags, 1) if f), None)
+            for k in ks:
+                hit_at[k] += first is not None and first <= k
+            ap_sum += average_precision(flags, len(want))
+    n = len(kept)
+    out = {f"R@{k}": hit_at[k] / n for k in ks}
+    out["mAP"] = ap_sum / n
+    out.update({"n_queries": float(n), "n_items": float(n_items), "n_queries_skipped": float(skipped),
+                "n_relevant_missing": float(missing), "depth": float(depth)})
+    return out
+
+
+def manifest_queries(dataset, query_modality: str, item_modality: str, relevance: str = "pair"
+                     ) -> tuple[list[Any], list[set[str]], str]:
+    """Distinct query values of a manifest and their relevant item names: ``(queries, relevant, key)``.
+
+    ``relevance="pair"``: the items relevant to a query value are the ``item_modality`` values it shares a row with
+    (matched on the index's ``value`` metadata, so duplicates of one image all count; five captions of one image are
+    five queries with that image relevant). ``"label"``: every item with the query row's ``label``.
+    """
+    cols = dataset.column_names
+    if query_modality not in cols:
+        raise RetrievalError(f"the manifest has no {query_modality!r} column (columns: {', '.join(cols)})")
+    if relevance == "pair":
+        if item_modality not in cols:
+            raise RetrievalError(f"relevance 'pair' needs the manifest's {item_modality!r} column (the indexed "
+                                 f"modality); columns: {', '.join(cols)}")
+        other, key = item_modality, "value"
+    elif relevance == "label":
+        if "label" not in cols:
+            raise RetrievalError("relevance 'label' needs a `label` column in the manifest")
+        other, key = "label", "label"
+    else:
+        raise ValueError(f"relevance must be 'pair' or 'label', got {relevance!r}")
+    rel: dict[Any, set[str]] = {}
+    for q, target in zip(dataset[query_modality], dataset[other]):
+        if q is None or target is None or (isinstance(q, str) and not q.strip()) or str(target) == "":
+            continue
+        if isinstance(q, dict):  # datasets.Image / Audio cell
+            q = q.get("path")
+        if isinstance(target, dict):
+            target = target.get("path")
+        rel.setdefault(q, set()).add(str(target))
+    return list(rel), list(rel.values()), key
+
+
+def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, split: str | None = None,
+                            relevance: str = "pair", ks: Sequence[int] = KS, depth: int | None = None,
+                            filter: Any = None, batch_size: int = 64, max_rows: int | None = None) -> dict[str, float]:
+    """:func:`evaluate_index` with the queries and relevance of a manifest (see :func:`manifest_queries`).
+
+    ``manifest``: a path (read with :func:`xmodal.data.read_manifest`, paths resolved as when the index was built),
+    a :class:`~xmodal.data.Manifest` or a ``datasets.Dataset``.
+    """
+    item_modality = retriever.modality
+    if item_modality is None:
+        raise RetrievalError("the index records no modality; cannot match manifest rows to its items")
+    if isinstance(manifest, (str, os.PathLike)):
+        from ..data import read_manifest
+        manifest = read_manifest(manifest, split=split, modalities=None, max_rows=max_rows, require_all=False)
+    ds = getattr(manifest, "dataset", manifest)
+    queries, relevant, key = manifest_queries(ds, query_modality, item_modality, relevance)
+    if not queries:
+        raise RetrievalError(f"the manifest has no rows with both a {query_modality!r} value and a relevance target")
+    out = evaluate_index(retriever, queries, relevant, query_modality, ks, key=key, depth=depth, filter=filter,
+                         batch_size=batch_size)
+    return {f"{query_modality}->{item_modality}/{name}": v for name, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    p.add_argument("--manifest", required=True, help="labelled queries (the manifest the index was built from)")
+    p.add_argument("--query-modality", default="text", help="manifest column holding the queries (default text)")
+    p.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
+    p.add_argument("--relevance", choices=["pair", "label"], default="pair",
+                   help="pair: the item on the query's own row is relevant (default); label: items with its label")
+    p.add_argument("--depth", type=int, default=None, help="hits per query (default: all; exact mAP)")
+    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from .index import Retriever
+
+    retriever = Retriever(args.index, model=args.run)
+    results = evaluate_index_manifest(retriever, args.manifest, args.query_modality, split=args.split,
+                                      relevance=args.relevance, depth=args.depth, batch_size=args.batch_size,
+                                      max_rows=args.max_rows)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        from ..cli import format_table
+        print(format_table(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from ..config import ConfigError
+    from ..data import ManifestError
+
+    args = add_arguments(argparse.ArgumentParser(prog="xmodal evaluate-index",
+                                                 description="Recall@K and mAP of an index")).parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, ManifestError, RetrievalError, FileNotFoundError, ValueError) as e:
+        print(f"xmodal evaluate-index: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,775 @@
+"""``xmodal serve``: a small JSON API and a web page over a retrieval index (standard library HTTP server).
+
+    from xmodal.retrieval.service import make_server
+    server = make_server("indexes/images", port=0)      # port 0: an ephemeral port (tests)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(server.url)                                    # http://127.0.0.1:PORT
+    ...
+    server.shutdown(); server.server_close()
+
+Endpoints (every error is JSON ``{"error": "..."}`` with a 4xx/5xx status):
+
+``GET /``
+    One self-contained HTML page (inline CSS/JS): a text box, a drop zone / file input for an image, a k selector and a
+    grid of results (thumbnail, score, id, label, text).
+``GET /api/info``
+    ``{"model": {...}, "modality", "size", "kind", "dim", "options", "query_modalities", "limits": {...}}``.
+``POST /api/search``
+    * ``application/json``: ``{"text": "a red car", "k": 5, "filter": {"label": "animals"}}`` or
+      ``{"image_base64": "<base64 or a data: URL>", "k": 5}``;
+    * ``multipart/form-data``: fields ``text`` or ``image`` (a file), ``k``, ``filter`` (a JSON object);
+    * ``image/*``: the raw image bytes, with ``?k=5&filter=label=animals`` in the query string.
+
+    Answer: ``{"query": {"modality", "value"}, "k", "took_ms", "hits": [{"rank", "index_id", "score", "thumb",
+    ...metadata}]}`` — the hits of :meth:`Retriever.search` (same ids, same scores); ``thumb`` is
+    ``/thumb/<index_id>`` for items that are images, else ``null``.
+``GET /thumb/<index_id>``
+    A JPEG thumbnail of an indexed item's image file. Only files named by the index's metadata can be served (the URL
+    carries a row id, never a path); thumbnails are cached in memory up to ``thumb_cache_bytes``.
+
+Errors: 400 (bad JSON, missing/empty query, two queries, ``k`` not in ``1..max_k``, bad filter, unreadable image),
+404 (unknown path or row, item without an image), 405 (wrong method), 411 (no Content-Length), 413 (body over
+``max_body_bytes``, query over ``max_query_chars``, image over ``max_image_pixels``), 415 (unsupported content type or
+query modality), 422 (a query modality the model has no tower for), 503 (all ``max_concurrency`` search slots or
+``max_connections`` connections busy, or the search ran past ``search_timeout``; with ``Retry-After``).
+
+Robustness: the model is loaded once at start-up; searches run in a pool of ``max_concurrency`` threads (a request
+that finds every slot taken is refused at once with 503 rather than queued); open connections are capped at
+``max_connections``; a client idle for ``socket_timeout`` seconds is dropped; request bodies are read only up to
+``max_body_bytes``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from email import policy
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from . import RetrievalError
+
+log = logging.getLogger(__name__)
+
+FILTER_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass
+class ServiceLimits:
+    """Bounds on what one request may ask for and on the work the server does at once."""
+
+    max_k: int = 100                          # k must be in 1..max_k
+    max_body_bytes: int = 10 * 1024 * 1024    # request body (an upload, base64 included)
+    max_query_chars: int = 1000               # text query length
+    max_image_pixels: int = 40_000_000        # width * height of an uploaded image
+    max_concurrency: int = 4                  # searches running at once; more → 503
+    max_connections: int = 64                 # open connections (one thread each); more → 503
+    search_timeout: float = 30.0              # seconds one search may take before the request gets 503
+    socket_timeout: float = 30.0              # a client silent this long is disconnected
+    thumb_size: int = 256                     # thumbnails fit in thumb_size x thumb_size
+    thumb_cache_bytes: int = 32 * 1024 * 1024  # in-memory thumbnail cache (LRU)
+    max_filter_keys: int = 32
+    max_filter_values: int = 1000             # items of one list value in a filter
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ServiceLimits.{name} must be a positive number, got {value!r}")
+
+
+class ApiError(Exception):
+    """An HTTP error answered as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# --------------------------------------------------------------------------------------------- request parsing
+
+def _parse_k(value: Any, max_k: int) -> int:
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_k:
+        raise ApiError(400, f"k must be an integer from 1 to {max_k}, got {value!r}")
+    return value
+
+
+def _parse_filter(value: Any, limits: ServiceLimits) -> dict | None:
+    """``None`` / ``{}`` or ``{key: scalar | [scalars]}`` (a list means any of its values)."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # multipart / form fields carry it as JSON text
+        try:
+            value = json.loads(value) if value.strip() else None
+        except ValueError as e:
+            raise ApiError(400, f"bad filter: not valid JSON ({e})") from None
+        if value is None:
+            return None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"bad filter: expected an object like {{\"label\": \"animals\"}}, got "
+                            f"{type(value).__name__}")
+    if len(value) > limits.max_filter_keys:
+        raise ApiError(400, f"bad filter: at most {limits.max_filter_keys} keys, got {len(value)}")
+    out = {}
+    for key, v in value.items():
+        if not key.strip():
+            raise ApiError(400, "bad filter: empty key")
+        if isinstance(v, list):
+            if not v:
+                raise ApiError(400, f"bad filter: the list for {key!r} is empty")
+            if len(v) > limits.max_filter_values:
+                raise ApiError(400, f"bad filter: at most {limits.max_filter_values} values for {key!r}")
+            if not all(isinstance(x, FILTER_SCALARS) for x in v):
+                raise ApiError(400, f"bad filter: the values for {key!r} must be strings, numbers, booleans or null")
+        elif not isinstance(v, FILTER_SCALARS):
+            raise ApiError(400, f"bad filter: the value for {key!r} must be a string, number, boolean, null or a "
+                                f"list of them, got {type(v).__name__}")
+        out[key] = v
+    return out or None
+
+
+def _decode_base64(data: Any, field: str) -> bytes:
+    if not isinstance(data, str):
+        raise ApiError(400, f"{field} must be a base64 string, got {type(data).__name__}")
+    if data.startswith("data:"):  # a data: URL straight from FileReader.readAsDataURL
+        head, sep, data = data.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ApiError(400, f"{field}: a data: URL must be base64-encoded")
+    data = "".join(data.split())
+    if not data:
+        raise ApiError(400, f"{field} is empty")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, f"{field} is not valid base64: {e}") from None
+
+
+def _open_image(raw: bytes, limits: ServiceLimits):
+    """Decode uploaded bytes into a loaded PIL image, or 400 / 413."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not raw:
+        raise ApiError(400, "the image is empty")
+    try:
+        img = Image.open(io.BytesIO(raw))
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise ApiError(413, f"the image has {w}x{h} pixels; at most {limits.max_image_pixels} are accepted")
+        img.load()
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ApiError(400, f"unreadable image: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated / corrupt files
+        raise ApiError(400, f"unreadable image: {e}") from None
+    return img
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, Any]:
+    """Parse ``multipart/form-data`` into ``{name: str | bytes}`` (file parts as bytes)."""
+    msg = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise ApiError(400, "malformed multipart/form-data body")
+    fields: dict[str, Any] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None or name == "image":
+            fields[name] = payload
+        else:
+            fields[name] = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------- service
+
+class SearchService:
+    """The request logic, independent of HTTP: validation, bounded concurrent searches, thumbnails."""
+
+    def __init__(self, retriever, limits: ServiceLimits | None = None):
+        self.retriever = retriever
+        self.limits = limits or ServiceLimits()
+        self.model = retriever.model  # load (and fingerprint-check) the model now, not on the first request
+        from .index import _model_modalities
+        self.query_modalities = _model_modalities(self.model)
+        self._slots = threading.BoundedSemaphore(self.limits.max_concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=self.limits.max_concurrency, thread_name_prefix="xmodal-search")
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumb_bytes = 0
+        self._thumb_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------------------------ info
+    def info(self) -> dict:
+        index = self.retriever.index
+        mi = dict(index.model_info or {})
+        return {"model": {"run_dir": mi.get("run_dir"), "sha256": mi.get("sha256"), "embed_dim": mi.get("embed_dim"),
+                          "towers": self.query_modalities},
+                "modality": self.retriever.modality, "size": len(index), "kind": index.kind, "dim": index.dim,
+                "options": index.options, "query_modalities": self.query_modalities,
+                "limits": {"max_k": self.limits.max_k, "max_body_bytes": self.limits.max_body_bytes,
+                           "max_query_chars": self.limits.max_query_chars,
+                           "max_image_pixels": self.limits.max_image_pixels}}
+
+    # ---------------------------------------------------------------------------------------------------- parsing
+    def _check_modality(self, modality: str) -> None:
+        if modality not in self.query_modalities:
+            raise ApiError(422, f"this model has no {modality!r} tower, so it cannot embed {modality} queries "
+                                f"(query modalities: {', '.join(self.query_modalities)})")
+
+    def parse(self, content_type: str, body: bytes, query_string: str = "") -> tuple[str, Any, int, dict | None]:
+        """``(modality, value, k, filter)`` from a request body; :class:`ApiError` for anything wrong with it."""
+        ctype = content_type.split(";", 1)[0].strip().lower()
+        params = parse_qs(query_string, keep_blank_values=True)
+        if ctype == "application/json":
+            try:
+                data = json.loads(body.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ApiError(400, f"request body is not UTF-8: {e}") from None
+            except ValueError as e:
+                raise ApiError(400, f"request body is not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+        elif ctype == "multipart/form-data":
+            data = _multipart(content_type, body)
+        elif ctype.startswith("image/"):
+            data = {"image": body, "k": params.get("k", [10])[-1]}
+            if "filter" in params:
+                from .index import parse_filters
+                try:
+                    data["filter"] = parse_filters(params["filter"])
+                except RetrievalError as e:
+                    raise ApiError(400, f"bad filter: {e}") from None
+        else:
+            raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'!r}: send application/json, "
+                                f"multipart/form-data or image/*")
+
+        query_keys = [key for key in data if key == "text" or key.endswith("_base64") or key in ("image", "audio")]
+        unknown = sorted(set(data) - set(query_keys) - {"k", "filter"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; expected text or image_base64, "
+                                f"k, filter")
+        if not query_keys:
+            raise ApiError(400, "no query: give \"text\" or \"image_base64\"")
+        if len(query_keys) > 1:
+            raise ApiError(400, f"one query at a time, got {', '.join(query_keys)}")
+        key = query_keys[0]
+        k = _parse_k(data.get("k", 10), self.limits.max_k)
+        filt = _parse_filter(data.get("filter"), self.limits)
+
+        if key == "text":
+            text = data["text"]
+            if not isinstance(text, str):
+                raise ApiError(400, f"text must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ApiError(400, "empty query: type some text")
+            if len(text) > self.limits.max_query_chars:
+                raise ApiError(413, f"the query has {len(text)} characters; at most {self.limits.max_query_chars} "
+                                    f"are accepted")
+            self._check_modality("text")
+            return "text", text, k, filt
+        modality = key[: -len("_base64")] if key.endswith("_base64") else key
+        self._check_modality(modality)
+        if modality != "image":
+            raise ApiError(415, f"{modality} queries are not supported by the web service (only text and image)")
+        raw = data[key] if isinstance(data[key], bytes) else _decode_base64(data[key], key)
+        return "image", _open_image(raw, self.limits), k, filt
+
+    # ----------------------------------------------------------------------------------------------------- search
+    def search(self, modality: str, value: Any, k: int, filt: dict | None) -> dict:
+        """Run one search in the bounded pool; 503 when every slot is busy or it takes too long."""
+        if not self._slots.acquire(blocking=False):
+            raise ApiError(503, f"the server is busy ({self.limits.max_concurrency} searches running); try again",
+                           {"Retry-After": "1"})
+        try:
+            future = self._pool.submit(self.retriever.search, value, modality, k=k, filter=filt)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())  # the slot is held until the work really ends
+        t0 = time.perf_counter()
+        try:
+            hits = future.result(timeout=self.limits.search_timeout)
+        except FutureTimeout:
+            raise ApiError(503, f"the search took longer than {self.limits.search_timeout:g} s", {"Retry-After": "1"})
+        except RetrievalError as e:
+            raise ApiError(400, str(e)) from None
+        took = (time.perf_counter() - t0) * 1000
+        shown = value if modality == "text" else "(uploaded image)"
+        return {"query": {"modality": modality, "value": shown}, "k": k, "took_ms": round(took, 3),
+                "hits": [{"rank": r, **h.to_dict(), "thumb": self.thumb_url(h.id, h.metadata)}
+                         for r, h in enumerate(hits, 1)]}
+
+    # ------------------------------------------------------------------------------------------------- thumbnails
+    @staticmethod
+    def _image_path(meta: dict) -> str | None:
+        value = meta.get("value")
+        if meta.get("modality") == "image" and isinstance(value, str) and value:
+            return value
+        return None
+
+    def thumb_url(self, index_id: int, meta: dict) -> str | None:
+        return f"/thumb/{int(index_id)}" if self._image_path(meta) else None
+
+    def thumbnail(self, index_id: int) -> bytes:
+        """JPEG thumbnail of the image file an index row names; 404 for anything else."""
+        with self._thumb_lock:
+            if index_id in self._thumbs:
+                self._thumbs.move_to_end(index_id)
+                return self._thumbs[index_id]
+        index = self.retriever.index
+        if index_id not in index:
+            raise ApiError(404, f"no item with index_id {index_id}")
+        path = self._image_path(index.metadata(index_id))
+        if path is None:
+            raise ApiError(404, f"item {index_id} has no image")
+        from PIL import Image
+
+        from ..modalities.image import load_image
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > self.limits.max_image_pixels:
+                    raise ApiError(404, f"the image of item {index_id} is too large to thumbnail")
+                im.draft("RGB", (self.limits.thumb_size, self.limits.thumb_size))  # JPEG: decode at reduced size
+                img = load_image(im)
+        except ApiError:
+            raise
+        except Exception as e:  # missing or unreadable file
+            log.warning("thumbnail of item %d (%s): %s", index_id, path, e)
+            raise ApiError(404, f"the image file of item {index_id} cannot be read") from None
+        img.thumbnail((self.limits.thumb_size, self.limits.thumb_size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        with self._thumb_lock:
+            if index_id not in self._thumbs and len(data) <= self.limits.thumb_cache_bytes:
+                self._thumbs[index_id] = data
+                self._thumb_bytes += len(data)
+                while self._thumb_bytes > self.limits.thumb_cache_bytes:
+                    _, old = self._thumbs.popitem(last=False)
+                    self._thumb_bytes -= len(old)
+        return data
+
+
+# ------------------------------------------------------------------------------------------------------- HTTP
+
+PAGE_CSS = """
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f5f6f8;color:#1f2328}
+header{padding:12px 20px;background:#1f2937;color:#fff;display:flex;gap:18px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+#info{font-size:13px;opacity:.85}
+main{padding:16px 20px;max-width:1280px;margin:0 auto}
+form{display:flex;gap:8px;flex-wrap:wrap;align-items:center}
+#q{flex:1;min-width:240px;padding:8px 10px;font-size:16px;border:1px solid #c4c9d0;border-radius:6px}
+select,button{font-size:15px;padding:7px 10px;border-radius:6px;border:1px solid #c4c9d0;background:#fff}
+button{background:#2563eb;color:#fff;border-color:#2563eb;cursor:pointer}
+#drop{margin-top:10px;border:2px dashed #9aa3ae;border-radius:8px;padding:14px;text-align:center;color:#4b5563;
+  background:#fff;display:flex;gap:12px;justify-content:center;align-items:center;flex-wrap:wrap}
+#drop.over{border-color:#2563eb;background:#eef4ff}
+#preview{max-height:64px;max-width:96px}
+#status{margin:12px 0;min-height:1.3em;font-size:14px}
+#status.error{color:#b42318;font-weight:600}
+#results{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:12px}
+.hit{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.14);padding:8px;font-size:13px;overflow:hidden}
+.hit img{display:block;width:100%;height:160px;object-fit:contain;background:#fafafa;border-radius:4px}
+.score{font-weight:600;margin-top:6px}
+.meta{color:#57606a;word-break:break-all}
+.text{margin-top:4px;max-height:5.4em;overflow:hidden}
+"""
+
+PAGE_JS = """
+"use strict";
+const $ = (id) => document.getElementById(id);
+let info = null;
+
+function setStatus(message, isError) {
+  const s = $("status");
+  s.textContent = message;
+  s.className = isError ? "error" : "";
+}
+
+async function loadInfo() {
+  try {
+    const r = await fetch("/api/info");
+    info = await r.json();
+    $("info").textContent = info.size + " " + info.modality + " items \\u00b7 " + info.kind + " index \\u00b7 " +
+      "queries: " + info.query_modalities.join(", ");
+    $("q").maxLength = info.limits.max_query_chars;
+    if (!info.query_modalities.includes("text")) { $("q").disabled = true; $("q").placeholder = "no text tower"; }
+    if (!info.query_modalities.includes("image")) { $("drop").hidden = true; }
+  } catch (e) {
+    $("info").textContent = "cannot reach the server";
+  }
+}
+
+function render(data) {
+  const grid = $("results");
+  grid.replaceChildren();
+  for (const h of data.hits) {
+    const card = document.createElement("div");
+    card.className = "hit";
+    card.dataset.indexId = h.index_id;
+    if (h.thumb) {
+      const img = document.createElement("img");
+      img.className = "thumb";
+      img.alt = h.label || h.id || "";
+      img.src = h.thumb;
+      card.append(img);
+    }
+    const score = document.createElement("div");
+    score.className = "score";
+    score.textContent = "#" + h.rank + " \\u00b7 " + h.score.toFixed(4);
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = (h.id != null ? h.id : h.index_id) + (h.label != null ? " \\u00b7 " + h.label : "");
+    card.append(score, meta);
+    const textValue = h.text != null ? h.text : (h.modality === "text" ? h.value : null);
+    if (textValue != null) {
+      const text = document.createElement("div");
+      text.className = "text";
+      text.textContent = textValue;
+      card.append(text);
+    }
+    grid.append(card);
+  }
+}
+
+async function search(body) {
+  setStatus("searching\\u2026", false);
+  let r, data;
+  try {
+    r = await fetch("/api/search", {method: "POST", headers: {"Content-Type": "application/json"},
+                                    body: JSON.stringify(body)});
+    data = await r.json();
+  } catch (e) {
+    setStatus("request failed: " + e, true);
+    return;
+  }
+  if (!r.ok) {
+    setStatus("error " + r.status + ": " + (data && data.error), true);
+    return;
+  }
+  render(data);
+  setStatus(data.hits.length + " results in " + Math.round(data.took_ms) + " ms", false);
+}
+
+function k() { return parseInt($("k").value, 10); }
+
+$("form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("q").value.trim();
+  if (!text) { setStatus("type a query first", true); return; }
+  search({text: text, k: k()});
+});
+
+function searchFile(file) {
+  if (!file) return;
+  if (file.type && !file.type.startsWith("image/")) { setStatus(file.name + " is not an image", true); return; }
+  if (info && file.size * 4 / 3 > info.limits.max_body_bytes) {
+    setStatus(file.name + " is too large (" + file.size + " bytes)", true);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    const url = reader.result;
+    $("preview").src = url;
+    $("preview").hidden = false;
+    search({image_base64: url.slice(url.indexOf(",") + 1), k: k()});
+  };
+  reader.onerror = () => setStatus("cannot read " + file.name, true);
+  reader.readAsDataURL(file);
+}
+
+$("file").addEventListener("change", (e) => searchFile(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  searchFile(e.dataTransfer.files[0]);
+});
+loadInfo();
+"""
+
+PAGE = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>xmodal search</title>
+<style>{PAGE_CSS}</style>
+</head>
+<body>
+<header><h1>xmodal search</h1><span id="info">loading\u2026</span></header>
+<main>
+<form id="form">
+  <input id="q" type="search" placeholder="Describe what you are looking for\u2026" autocomplete="off" autofocus>
+  <label>k <select id="k">
+    <option>1</option><option>5</option><option selected>10</option><option>20</option><option>50</option>
+    <option>100</option></select></label>
+  <button id="search" type="submit">Search</button>
+</form>
+<div id="drop">Drop an image here, or <input id="file" type="file" accept="image/*"><img id="preview" alt="query image"
+  hidden></div>
+<div id="status" role="status"></div>
+<div id="results"></div>
+</main>
+<script>{PAGE_JS}</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+PAGE_BYTES = PAGE.encode("utf-8")
+# Only the page's own inline script and style run: no external resources, no injected scripts.
+PAGE_CSP = (f"default-src 'none'; script-src {_csp_hash(PAGE_JS)}; style-src {_csp_hash(PAGE_CSS)}; "
+            f"img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "xmodal"
+    sys_version = ""
+    server: "XModalServer"
+
+    @property
+    def timeout(self):  # read by StreamRequestHandler.setup(): the socket timeout for this connection
+        return self.server.limits.socket_timeout
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
+        log.info("%s %s", self.address_string(), format % args)
+
+    # ----------------------------------------------------------------------------------------------- responses
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        self._send(status, body, "application/json; charset=utf-8", {"Cache-Control": "no-store", **(headers or {})})
+
+    def _error(self, e: ApiError) -> None:
+        self._json(e.status, {"error": e.message}, e.headers)
+
+    def _dispatch(self, fn) -> None:
+        try:
+            fn()
+        except ApiError as e:
+            self._error(e)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            log.exception("%s %s failed", self.command, self.path)
+            self._error(ApiError(500, "internal server error"))
+
+    # ---------------------------------------------------------------------------------------------------- body
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise ApiError(411, "chunked request bodies are not accepted; send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "Content-Length is required")
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, f"bad Content-Length {length!r}") from None
+        limit = self.server.limits.max_body_bytes
+        if n > limit:
+            self._drain(n)
+            raise ApiError(413, f"the request body has {n} bytes; at most {limit} are accepted")
+        body = self.rfile.read(n)
+        if len(body) < n:
+            raise ApiError(400, f"the request body ended after {len(body)} of {n} bytes")
+        return body
+
+    def _drain(self, n: int) -> None:
+        """Read (and drop) a too-large body, up to a bound, so the client sees the 413 rather than a reset."""
+        self.close_connection = True
+        left = min(n, self.server.limits.max_body_bytes + (4 << 20))
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------------------------------------------- verbs
+    def do_GET(self):  # noqa: N802
+        self._dispatch(self._get)
+
+    def do_HEAD(self):  # noqa: N802
+        self._dispatch(self._get)
+
+    def do_POST(self):  # noqa: N802
+        self._dispatch(self._post)
+
+    def _not_allowed(self):
+        self._dispatch(self._refuse_method)
+
+    def _refuse_method(self) -> None:
+        path = urlsplit(self.path).path
+        allow = "POST" if path == "/api/search" else "GET, HEAD"
+        raise ApiError(405, f"{self.command} is not allowed on {path}", {"Allow": allow})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def _get(self) -> None:
+        path = urlsplit(self.path).path
+        service = self.server.service
+        if path in ("/", "/index.html"):
+            self._send(200, PAGE_BYTES, "text/html; charset=utf-8",
+                       {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache",
+                        "Referrer-Policy": "no-referrer"})
+        elif path == "/api/info":
+            self._json(200, service.info())
+        elif path.startswith("/thumb/"):
+            ident = path[len("/thumb/"):]
+            if not ident.isdigit() or len(ident) > 18:
+                raise ApiError(404, f"no thumbnail {ident!r}: thumbnails are addressed by an item's index_id")
+            data = service.thumbnail(int(ident))
+            self._send(200, data, "image/jpeg", {"Cache-Control": "private, max-age=300"})
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
+        elif path == "/api/search":
+            raise ApiError(405, "search with POST /api/search", {"Allow": "POST"})
+        else:
+            raise ApiError(404, f"no such page: {path}")
+
+    def _post(self) -> None:
+        url = urlsplit(self.path)
+        if url.path != "/api/search":
+            if url.path in ("/", "/index.html", "/api/info") or url.path.startswith("/thumb/"):
+                raise ApiError(405, f"POST is not allowed on {url.path}", {"Allow": "GET, HEAD"})
+            raise ApiError(404, f"no such endpoint: {url.path}")
+        body = self._read_body()
+        service = self.server.service
+        modality, value, k, filt = service.parse(self.headers.get("Content-Type") or "", body, url.query)
+        self._json(200, service.search(modality, value, k, filt))
+
+
+class XModalServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``limits.max_connections`` connections served at once."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], service: SearchService):
+        self.service = service
+        self.limits = service.limits
+        self._conn_slots = threading.BoundedSemaphore(self.limits.max_connections)
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    def process_request(self, request, client_address):
+        if not self._conn_slots.acquire(blocking=False):
+            busy = f"the server is busy ({self.limits.max_connections} connections open)"
+            body = json.dumps({"error": busy}).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
+                                + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._conn_slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._conn_slots.release()
+
+    def server_close(self):
+        super().server_close()
+        self.service.close()
+
+
+def make_server(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, model: Any = None,
+                limits: ServiceLimits | None = None, **limit_overrides: Any) -> XModalServer:
+    """Load the index and its model (once) and bind an HTTP server; ``port=0`` picks a free port (``server.url``).
+
+    ``index_dir``: an index folder or a :class:`~xmodal.retrieval.index.Retriever`. ``model``: as for
+    :class:`Retriever` (default: the run folder recorded in the index). ``limits`` / keyword overrides: see
+    :class:`ServiceLimits`. Call ``serve_forever()`` (in a thread for tests), then ``shutdown()`` and
+    ``server_close()``.
+    """
+    from .index import Retriever
+
+    if limits is None:
+        limits = ServiceLimits(**limit_overrides)
+    elif limit_overrides:
+        limits = ServiceLimits(**{**asdict(limits), **limit_overrides})
+    retriever = index_dir if isinstance(index_dir, Retriever) else Retriever(index_dir, model=model)
+    service = SearchService(retriever, limits)
+    try:
+        return XModalServer((host, int(port)), service)
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        service.close()
+        raise RetrievalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, model: Any = None,
+          limits: ServiceLimits | None = None, **limit_overrides: Any) -> None:
+    """Serve until Ctrl-C (then close cleanly)."""
+    server = make_server(index_dir, host, port, model=model, limits=limits, **limit_overrides)
+    info = server.service.info()
+    print(f"xmodal serve: {server.url}  ({info['size']} {info['modality']} items, {info['kind']} index; "
+          f"queries: {', '.join(info['query_modalities'])}) — Ctrl-C to stop", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        print("xmodal serve: stopping", flush=True)
+    finally:
+        server.server_close()
+
+
+__all__ = ["ApiError", "SearchService", "ServiceLimits", "XModalServer", "make_server", "serve"]

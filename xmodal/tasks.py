@@ -1,0 +1,131 @@
+"""Tasks on the shared space: a head (over one modality's embedding or a fusion of several), its targets, its loss.
+
+A batch's tower outputs arrive as ``{modality: [n_present, D]}`` plus ``"<modality>:mask"`` (bool ``[B]``) for
+modalities some rows lack; :func:`dense` turns them into ``[B, D]`` tensors and presence masks, which is what
+fusion modules and heads take.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import TaskConfig
+from .fusion import LateFusion, build_fusion
+from .heads import ClassificationHead, RegressionHead
+
+MASK = ":mask"
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    """Rows in a collated batch (masks and list columns are full length; modality tensors may be shorter)."""
+    for key, v in batch.items():
+        if key.endswith(MASK) or isinstance(v, list):
+            return len(v)
+    return next(len(v) for v in batch.values() if isinstance(v, Tensor))
+
+
+def dense(out: dict[str, Tensor], modalities: Sequence[str], n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``[n_present, D]`` tower outputs → ``[n, D]`` (zeros where absent) and bool ``[n]`` presence masks."""
+    feats, present = {}, {}
+    for m in modalities:
+        mask = out.get(m + MASK)
+        if m not in out:  # absent from every row of this batch
+            continue
+        if mask is None:
+            feats[m], present[m] = out[m], torch.ones(n, dtype=torch.bool, device=out[m].device)
+        else:
+            full = out[m].new_zeros(n, out[m].shape[-1])
+            full[mask] = out[m]
+            feats[m], present[m] = full, mask
+    return feats, present
+
+
+def num_outputs(cfg: TaskConfig) -> int:
+    return 1 if cfg.kind == "regression" else len(cfg.classes or [])
+
+
+class TaskHead(nn.Module):
+    """Fusion (when the task reads several modalities) followed by a classification or regression head; with
+    ``fusion: late`` one head per modality, outputs averaged over the modalities each row has."""
+
+    def __init__(self, cfg: TaskConfig, embed_dim: int):
+        super().__init__()
+        if cfg.kind == "retrieval":
+            raise ValueError("retrieval tasks use the contrastive loss on the shared space; they have no head")
+        if cfg.kind != "regression" and not cfg.classes:
+            raise ValueError(f"{cfg.kind} task needs its classes (resolved from the train split)")
+        self.cfg = cfg
+
+        def head(in_dim: int) -> nn.Module:
+            if cfg.kind == "regression":
+                return RegressionHead(in_dim, hidden=cfg.hidden, dropout=cfg.dropout,
+                                      loss="mse" if cfg.loss == "default" else cfg.loss)
+            return ClassificationHead(in_dim, len(cfg.classes), multi_label=cfg.kind == "multilabel",
+                                      hidden=cfg.hidden, dropout=cfg.dropout)
+
+        self.modalities = list(cfg.modalities)
+        if cfg.fusion == "late" and len(self.modalities) > 1:
+            self.fusion, self.head = None, LateFusion({m: head(embed_dim) for m in self.modalities})
+        elif len(self.modalities) == 1:
+            self.fusion, self.head = None, head(embed_dim)
+        else:
+            self.fusion = build_fusion(cfg.fusion, self.modalities, embed_dim)
+            self.head = head(self.fusion.out_dim)
+
+    def forward(self, feats: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
+        if isinstance(self.head, LateFusion):
+            return self.head(feats, present)
+        if self.fusion is None:
+            m = self.modalities[0]
+            return self.head(feats[m])
+        return self.head(self.fusion(feats, present))
+
+    def _leaf_head(self) -> nn.Module:
+        return next(iter(self.head.heads.values())) if isinstance(self.head, LateFusion) else self.head
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return self._leaf_head().loss(output, target)
+
+    def predict(self, output: Tensor) -> Tensor:
+        return self._leaf_head().predict(output)
+
+
+def targets(cfg: TaskConfig, values: Sequence[Any], where: str = "") -> Tensor:
+    """Target column values of a batch → a tensor: class indices, multi-hot rows (``a|b``) or float scores."""
+    if cfg.kind == "regression":
+        try:
+            return torch.tensor([float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}column '{cfg.target}': expected numbers for a regression task: {e}") from None
+    index = {c: i for i, c in enumerate(cfg.classes)}
+    if cfg.kind == "multilabel":
+        out = torch.zeros(len(values), len(index))
+        for row, v in enumerate(values):
+            for name in str(v).split("|"):
+                if name.strip():
+                    out[row, _class(index, name.strip(), cfg, where)] = 1.0
+        return out
+    return torch.tensor([_class(index, str(v), cfg, where) for v in values], dtype=torch.long)
+
+
+def _class(index: dict[str, int], name: str, cfg: TaskConfig, where: str) -> int:
+    try:
+        return index[name]
+    except KeyError:
+        shown = ", ".join(list(index)[:10])
+        raise ValueError(f"{where}column '{cfg.target}': label {name!r} is not one of the task's classes "
+                         f"({shown}{', …' if len(index) > 10 else ''})") from None
+
+
+def resolve_classes(cfg: TaskConfig, values: Sequence[Any]) -> list[str]:
+    """The task's class names: as configured, else the sorted distinct labels of its train split."""
+    if cfg.classes:
+        return list(cfg.classes)
+    names: set[str] = set()
+    for v in values:
+        if v is None or v == "":
+            continue
+        names.update(s.strip() for s in str(v).split("|")) if cfg.kind == "multilabel" else names.add(str(v))
+    return sorted(n for n in names if n)
