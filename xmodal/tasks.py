@@ -6,6 +6,7 @@ fusion modules and heads take.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -66,6 +67,7 @@ class TaskHead(nn.Module):
                                       hidden=cfg.hidden, dropout=cfg.dropout)
 
         self.modalities = list(cfg.modalities)
+        self.scale = math.sqrt(embed_dim)
         if cfg.fusion == "late" and len(self.modalities) > 1:
             self.fusion, self.head = None, LateFusion({m: head(embed_dim) for m in self.modalities})
         elif len(self.modalities) == 1:
@@ -75,6 +77,9 @@ class TaskHead(nn.Module):
             self.head = head(self.fusion.out_dim)
 
     def forward(self, feats: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
+        # Shared-space vectors have unit norm, so each coordinate is ~1/sqrt(D): rescaled to unit variance, they
+        # meet the heads' default initialisation as it assumes (otherwise logits start tiny and learn slowly).
+        feats = {m: f * self.scale for m, f in feats.items()}
         if isinstance(self.head, LateFusion):
             return self.head(feats, present)
         if self.fusion is None:

@@ -41,6 +41,7 @@ Needs ``pip install resemblyzer "setuptools<81"`` (its ``webrtcvad`` imports ``p
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -82,6 +83,15 @@ def _sinc_kernel_values(t: torch.Tensor, base_freq: float, orig: int, lowpass_fi
     return sinc * window * (base_freq / orig)
 
 
+@functools.lru_cache(maxsize=16)
+def _polyphase_kernels(orig: int, new: int, width: int, base_freq: float, lowpass_filter_width: int) -> torch.Tensor:
+    """float32 ``[new, 1, 2 width + orig]``: computed in float64, cached per rate pair (building costs more than
+    applying it to a few seconds of audio)."""
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, :]
+    t = idx - torch.arange(0, new, dtype=torch.float64)[:, None] * (orig / new)  # [new, K]
+    return _sinc_kernel_values(t, base_freq, orig, lowpass_filter_width)[:, None, :].float()
+
+
 def resample(wav: torch.Tensor | np.ndarray, orig_sr: int, new_sr: int, *, lowpass_filter_width: int = 16,
              rolloff: float = 0.945) -> torch.Tensor:
     """Band-limited resampling of ``wav`` (``[..., T]``) from ``orig_sr`` to ``new_sr`` (see the module docstring).
@@ -103,11 +113,9 @@ def resample(wav: torch.Tensor | np.ndarray, orig_sr: int, new_sr: int, *, lowpa
     width = math.ceil(lowpass_filter_width * orig / base_freq)  # half the kernel length, in input samples
     target = math.ceil(new * length / orig)
     if new * (2 * width + orig) <= _POLYPHASE_MAX_KERNEL:
-        # polyphase: output phase j (of `new`) at input time (n*orig + j*orig/new) uses taps k - width .. k + width + orig
-        idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, :]
-        t = idx - torch.arange(0, new, dtype=torch.float64)[:, None] * (orig / new)  # [new, K]
-        kernels = _sinc_kernel_values(t, base_freq, orig, lowpass_filter_width)[:, None, :]
-        padded = F.pad(x, (width, width + orig))
+        # polyphase: output n*new + j sits at input time n*orig + j*orig/new; one kernel per phase j, stride orig
+        kernels = _polyphase_kernels(orig, new, width, base_freq, lowpass_filter_width)
+        padded = F.pad(x.float(), (width, width + orig))
         out = F.conv1d(padded[:, None, :], kernels, stride=orig)  # [N, new, L]
         out = out.transpose(1, 2).reshape(x.shape[0], -1)[:, :target]
     else:  # direct evaluation for awkward ratios (e.g. 44101 Hz): same formula, output samples in chunks
@@ -475,11 +483,13 @@ class AudioTransformer(nn.Module):
         self.output_dim = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_mels, frames = x.shape[-2:]
+        if n_mels != self.bn0.num_features or frames // self.patch[1] > self.grid[1] or frames < self.patch[1]:
+            raise ValueError(f"audio transformer: a [{n_mels}, {frames}] spectrogram does not fit the built grid of "
+                             f"{self.grid[0]}x{self.grid[1]} patches of {self.patch} ({self.bn0.num_features} mels); "
+                             f"n_mels / max_seconds differ from the config?")
         x = self.proj(self.bn0(x).unsqueeze(1))  # [B, W, gf, gt]
-        gf, gt = x.shape[-2:]
-        if gf != self.grid[0] or gt > self.grid[1]:
-            raise ValueError(f"audio transformer: input grid {gf}x{gt} patches does not fit the built grid "
-                             f"{self.grid[0]}x{self.grid[1]} (n_mels / max_seconds differ from the config?)")
+        gt = x.shape[-1]
         x = (x + self.pos[..., :gt]).flatten(2).transpose(1, 2)  # [B, gf*gt, W]
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         return self.norm(self.blocks(x)[:, 0])
@@ -542,8 +552,7 @@ def _import_resemblyzer():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import resemblyzer
-            from resemblyzer import audio as _ra  # noqa: F401
+            import resemblyzer.audio
     except ImportError as e:
         raise ImportError(f"audio kind resemblyzer needs `pip install resemblyzer \"setuptools<81\"` (xmodal[assets])"
                           f"; import failed: {e}") from None
@@ -644,9 +653,6 @@ class ResemblyzerEncoder(nn.Module):
 
 
 def build_resemblyzer(cfg, where: str = "model.towers.audio") -> tuple[nn.Module, int]:
-    for key in ("sample_rate", "n_mels"):
-        if key in cfg.options:
-            raise ValueError(f"{where}.options.{key}: kind resemblyzer has a fixed 16 kHz, 40-mel front end")
     model = ResemblyzerEncoder(cfg.pretrained if cfg.pretrained is not None else None)
     return model, model.output_dim
 

@@ -70,7 +70,7 @@ def evaluate_index(retriever, queries: Sequence[Any], relevant: Sequence[Iterabl
     ``queries``: raw query values of ``modality`` (texts, image paths, ...), searched with
     ``retriever.search(queries[i:i + batch_size], modality, k=depth, filter=filter, **search_opts)``.
     ``relevant[i]``: the names (``metadata[key]``) of the items relevant to ``queries[i]``. ``depth``: hits fetched
-    per query (default: every row, so AP is exact; at least ``max(ks)``).
+    per query (default: every row, so AP is exact; at least ``max(ks)`` or the index size).
 
     Returns ``{"R@1", "R@5", "R@10", "mAP", "n_queries", "n_items", "n_queries_skipped", "n_relevant_missing",
     "depth"}``.
@@ -85,7 +85,7 @@ def evaluate_index(retriever, queries: Sequence[Any], relevant: Sequence[Iterabl
     if n_items == 0:
         raise RetrievalError("evaluate_index: the index is empty")
     depth = n_items if depth is None else int(depth)
-    if depth < max(ks):
+    if depth < min(max(ks), n_items):  # (a k above the index size is fine: every row is in the top k)
         raise ValueError(f"evaluate_index: depth {depth} is below the largest k {max(ks)}")
     depth = min(depth, n_items)
     names = _item_keys(index, key)

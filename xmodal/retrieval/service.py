@@ -204,17 +204,33 @@ def _multipart(content_type: str, body: bytes) -> dict[str, Any]:
 class SearchService:
     """The request logic, independent of HTTP: validation, bounded concurrent searches, thumbnails."""
 
-    def __init__(self, retriever, limits: ServiceLimits | None = None):
+    def __init__(self, retriever, limits: ServiceLimits | None = None, warmup: bool = True):
         self.retriever = retriever
         self.limits = limits or ServiceLimits()
         self.model = retriever.model  # load (and fingerprint-check) the model now, not on the first request
         from .index import _model_modalities
         self.query_modalities = _model_modalities(self.model)
+        if warmup:
+            self._warmup()
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.limits.max_concurrency, thread_name_prefix="xmodal-search")
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumb_bytes = 0
         self._thumb_lock = threading.Lock()
+
+    def _warmup(self) -> None:
+        """Embed one dummy text / image now: the first query otherwise pays for tokenizer and kernel set-up."""
+        from PIL import Image
+
+        dummies = {"text": "warm up", "image": Image.new("RGB", (16, 16), "white")}
+        for modality, value in dummies.items():
+            if modality in self.query_modalities:
+                t0 = time.perf_counter()
+                try:
+                    self.model.encode(modality, [value], progress=False)
+                except Exception as e:  # a real query will report the problem
+                    log.warning("warm-up of the %s tower failed: %s", modality, e)
+                log.debug("warm-up %s: %.0f ms", modality, (time.perf_counter() - t0) * 1000)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -734,13 +750,14 @@ class XModalServer(ThreadingHTTPServer):
 
 
 def make_server(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, model: Any = None,
-                limits: ServiceLimits | None = None, **limit_overrides: Any) -> XModalServer:
+                limits: ServiceLimits | None = None, warmup: bool = True, **limit_overrides: Any) -> XModalServer:
     """Load the index and its model (once) and bind an HTTP server; ``port=0`` picks a free port (``server.url``).
 
     ``index_dir``: an index folder or a :class:`~xmodal.retrieval.index.Retriever`. ``model``: as for
     :class:`Retriever` (default: the run folder recorded in the index). ``limits`` / keyword overrides: see
-    :class:`ServiceLimits`. Call ``serve_forever()`` (in a thread for tests), then ``shutdown()`` and
-    ``server_close()``.
+    :class:`ServiceLimits`. ``warmup``: embed a dummy query per tower before binding, so the first real query is not
+    slowed by one-time set-up (tokenizer loading). Call ``serve_forever()`` (in a thread for tests), then
+    ``shutdown()`` and ``server_close()``.
     """
     from .index import Retriever
 
@@ -749,7 +766,7 @@ def make_server(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, mo
     elif limit_overrides:
         limits = ServiceLimits(**{**asdict(limits), **limit_overrides})
     retriever = index_dir if isinstance(index_dir, Retriever) else Retriever(index_dir, model=model)
-    service = SearchService(retriever, limits)
+    service = SearchService(retriever, limits, warmup=warmup)
     try:
         return XModalServer((host, int(port)), service)
     except OSError as e:  # the port is taken, the address is not this machine's, ...

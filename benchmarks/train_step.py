@@ -1,0 +1,88 @@
+"""Training-step throughput, peak memory and achieved FLOP/s: xmodal vs open_clip, side by side in one run.
+
+For each model config both sides are built with the same towers (open_clip ViT + text transformer), batch,
+precision and threads, then timed **interleaved** (xmodal step, open_clip step, one large matmul; the order rotates
+each round), so a neighbour stealing a core slows both alike. Reported: median step time, samples/s, the ratio
+xmodal/open_clip (median of the per-round ratios, and the ratio of medians), peak memory of each side in its own
+fresh subprocess (CPU: peak RSS above the pre-step RSS, via /proc/self/clear_refs + VmHWM; CUDA:
+max_memory_allocated above the pre-step allocation), and the step's FLOPs (torch.utils.flop_counter over forward +
+loss + backward) divided by the step time, as a fraction of the machine's measured matmul peak (same rounds).
+
+xmodal's side is a faithful copy of the engine's optimiser-step body (see benchmarks/_common.py, XModalTrainer);
+open_clip's is open_clip_train's train_one_epoch step.
+
+    python benchmarks/train_step.py                     # xmodal-vit-tiny @64 and bench-vit-small @32, fp32, 2 threads
+    python benchmarks/train_step.py --quick             # smoke run
+    python benchmarks/train_step.py --device cuda --precision bf16 --models ViT-B-32 --batch 256
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+
+def main() -> None:
+    p = C.common_parser(__doc__.split("\n")[0])
+    p.add_argument("--models", default=None,
+                   help="comma-separated open_clip config names (default xmodal-vit-tiny,bench-vit-small; "
+                        "ViT-B-32 also works)")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
+    p.add_argument("--mem-steps", type=int, default=3, help="steps in each memory subprocess")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = p.parse_args()
+    C.setup(args)
+    models = (args.models or ("xmodal-vit-tiny" if args.quick else "xmodal-vit-tiny,bench-vit-small")).split(",")
+    steps = args.steps or (3 if args.quick else 10)
+    print(C.header(args, "training step, xmodal vs open_clip"))
+    rows, ratio_rows = [], []
+    mm_fn, mm_flops = C.matmul_peak_fn(args.device, args.precision)
+    for name in models:
+        batch = args.batch or C.DEFAULT_BATCH.get(name, 32)
+        xm = C.XModalTrainer(name, args)
+        oc = C.OpenClipTrainer(name, args)
+        images, texts = C.make_batch(name, batch, args.device, seed=args.seed)
+        flops = {"xmodal": C.count_flops(lambda: xm.forward_backward(images, texts)),
+                 "open_clip": C.count_flops(lambda: oc.forward_backward(images, texts))}
+        times = C.interleave({"xmodal": lambda: xm.step(images, texts), "open_clip": lambda: oc.step(images, texts),
+                              "matmul": mm_fn}, steps, args.warmup, args.device)
+        peak = mm_flops / C.median(times["matmul"])
+        best_peak = mm_flops / min(times["matmul"])
+        mem = {}
+        if not args.no_memory:
+            for side in ("xmodal", "open_clip"):
+                mem[side] = C.measure_in_subprocess(dict(side=side, model=name, batch=batch, steps=args.mem_steps,
+                                                         device=args.device, precision=args.precision,
+                                                         threads=args.threads, seed=args.seed))
+        for side, trainer in (("xmodal", xm), ("open_clip", oc)):
+            t = C.median(times[side])
+            rows.append([name, side, f"{C.n_params(trainer.model) / 1e6:.2f}M", batch, t * 1e3, batch / t,
+                         mem[side]["delta_mib"] if mem else float("nan"), flops[side] / 1e9,
+                         flops[side] / t / 1e9, flops[side] / t / peak])
+        per_round = [o / x for x, o in zip(times["xmodal"], times["open_clip"])]
+        ratio_rows.append([name, batch, C.median(per_round),
+                           C.median(times["open_clip"]) / C.median(times["xmodal"]),
+                           (mem["xmodal"]["delta_mib"] / mem["open_clip"]["delta_mib"]) if mem else float("nan"),
+                           flops["xmodal"] / flops["open_clip"], peak / 1e9, best_peak / 1e9])
+        del xm, oc
+    print()
+    print(C.table(["model", "side", "params", "batch", "step ms (median)", "samples/s", "peak mem MiB",
+                   "GFLOP/step", "GFLOP/s", "of matmul peak"], rows))
+    print()
+    print(C.table(["model", "batch", "throughput ratio xmodal/open_clip (median per round)", "ratio of medians",
+                   "peak memory ratio", "FLOP ratio", "matmul peak GFLOP/s (median)", "(best)"], ratio_rows))
+    print("\ntargets: throughput ratio >= 1.0, peak memory ratio <= 1.0. FLOPs: forward + loss + backward "
+          "(FlopCounterMode; the optimiser's elementwise work is not counted). Peak memory: "
+          + ("max_memory_allocated above the pre-step allocation" if args.device.startswith("cuda") else
+             "peak RSS above the pre-step RSS, fresh subprocess per side, %d steps (includes gradients and AdamW "
+             "state, allocated by the first step)" % args.mem_steps) + f"; {steps} timed rounds after "
+          f"{args.warmup} warm-up rounds.")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()

@@ -1,0 +1,129 @@
+"""Fine-tuning on real data through the one training loop: heads, fusion, multi-task, missing modalities, resume."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import xmodal
+from xmodal.cli import main
+from xmodal.config import config_from_dict
+from xmodal.engine import MetricsLog, train
+
+TOWERS = {
+    "image": {"kind": "cnn", "image_size": 32, "augment": False, "options": {"channels": [8, 16]}},
+    "text": {"kind": "lstm", "context_length": 24, "options": {"embed_dim": 32, "hidden": 32}},
+}
+
+
+def cfg(out, tasks, **over):
+    d = {"output_dir": str(out), "seed": 1, "model": {"embed_dim": 32, "towers": TOWERS}, "tasks": tasks,
+         "train": {"batch_size": 16, "max_steps": 12, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                   "progress": False, "deterministic": True},
+         "log": {"backend": "none"}}
+    for key, value in over.items():
+        d.setdefault(key, {}).update(value)
+    return config_from_dict(d)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_classification_learns_fashion_mnist_and_predicts(fashion, tmp_path, capsys):
+    run = train(cfg(tmp_path / "run", {"fashion": {"kind": "classification", "train": str(fashion),
+                                                    "modalities": ["image"]}},
+                    train={"max_steps": 60}))
+    final = [r for r in records(run) if "eval/fashion/accuracy" in r][-1]
+    assert final["eval/fashion/accuracy"] > 0.3  # 10 classes: chance is 0.1
+    model = xmodal.load(run)
+    assert model.tasks["fashion"].classes[0] == "Ankle boot" and len(model.tasks["fashion"].classes) == 10
+    assert main(["predict", "--run", str(run), "--manifest", str(fashion), "--split", "test", "--max-rows", "5"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 5 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in lines)
+    assert main(["evaluate", "--run", str(run), "--manifest", str(fashion), "--split", "test", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["fashion/accuracy"] == pytest.approx(final["eval/fashion/accuracy"])
+
+
+def test_rows_missing_a_modality_train_and_predict(fashion, tmp_path):
+    """Image + caption fused by a gated head; a third of the rows lack the image, another third the caption."""
+    lines = fashion.read_text().splitlines()
+    header = lines[0].split(",")
+    gaps = [header]
+    for i, line in enumerate(lines[1:]):
+        row = line.split(",")
+        if i % 3 == 1:
+            row[header.index("image")] = ""
+        elif i % 3 == 2:
+            row[header.index("text")] = ""
+        gaps.append(row)
+    manifest = fashion.parent / "gappy.csv"
+    manifest.write_text("\n".join(",".join(r) for r in gaps) + "\n")
+    run = train(cfg(tmp_path / "run", {"fused": {"kind": "classification", "train": str(manifest),
+                                                  "modalities": ["image", "text"], "fusion": "gated"}}))
+    model = xmodal.load(run)
+    out = model.predict("fused", {"image": [None, str(fashion.parent / "images/test/0.png")],
+                                  "text": ["a photo of a bag.", None]})
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_multitask_three_real_tasks_resume_exactly(fashion, rotten, clipart, tmp_path, monkeypatch):
+    tasks = {
+        "fashion": {"kind": "classification", "train": str(fashion), "modalities": ["image"]},
+        "sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"], "max_rows": 400,
+                      "eval_split": "test"},
+        "clipart": {"kind": "retrieval", "train": str(clipart), "modalities": ["image", "text"]},
+    }
+    common = dict(multitask={"sampling": "round_robin", "weighting": "uncertainty"},
+                  train={"save_every": 4}, data={})
+    full = train(cfg(tmp_path / "full", tasks, **common))
+    real_write = MetricsLog.write
+
+    def crash(self, record):
+        real_write(self, record)
+        if record.get("step") == 6 and "lr" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLog, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "resumed", tasks, **common))
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    train(cfg(tmp_path / "resumed", tasks, **common), resume=True)
+
+    def losses(run):
+        out = {}
+        for r in records(run):
+            out.update({(r["step"], k): v for k, v in r.items() if k.startswith("loss/")})
+        return out
+
+    a, b = losses(full), losses(tmp_path / "resumed")
+    assert {k[1] for k in a} == {"loss/fashion", "loss/sentiment", "loss/clipart"}  # round robin: all three
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    last = records(full)[-1]
+    assert {"eval/fashion/accuracy", "eval/sentiment/macro_f1", "eval/clipart/text->image/R@10"} <= set(last)
+    weights = [r for r in records(full) if "weight/fashion" in r][-1]
+    assert weights["weight/fashion"] != 1.0  # uncertainty weights are learned
+
+
+def test_pcgrad_all_tasks_per_step_and_linear_probe_from_a_pretrained_run(fashion, rotten, clipart, tmp_path):
+    pre = train(config_from_dict({
+        "output_dir": str(tmp_path / "pre"), "model": {"embed_dim": 32, "towers": TOWERS},
+        "data": {"train": str(clipart)}, "train": {"batch_size": 16, "max_steps": 3, "progress": False},
+        "log": {"backend": "none"}}))
+    before = xmodal.load(pre).towers["image"].encoder.state_dict()
+    run = train(config_from_dict({
+        "output_dir": str(tmp_path / "ft"), "init_from": str(pre),  # towers come from the pretrained run
+        "tasks": {"fashion": {"kind": "classification", "train": str(fashion), "modalities": ["image"]},
+                  "sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"],
+                                "max_rows": 200}},
+        "multitask": {"tasks_per_step": "all", "weighting": "pcgrad"},
+        "train": {"batch_size": 16, "max_steps": 4, "progress": False, "freeze_towers": True},
+        "log": {"backend": "none"}}))
+    after = xmodal.load(run)
+    for k, v in before.items():  # a linear probe leaves the pretrained towers exactly as they were
+        torch.testing.assert_close(after.towers["image"].encoder.state_dict()[k], v)
+    rec = records(run)[-1]
+    assert "eval/fashion/accuracy" in rec and "eval/sentiment/accuracy" in rec
