@@ -325,14 +325,19 @@ def test_resemblyzer_matches_embed_utterance():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from resemblyzer import VoiceEncoder, preprocess_wav
-    files = LIBRIVOX[:2]
-    cfg = TowerConfig(kind="resemblyzer", pretrained="package", options={"max_seconds": 8.0})
+    files = [f for f in LIBRIVOX if f.endswith(("-0880.wav", "-0930.wav"))]  # the two short ones (3.0 s, 3.3 s)
+    cfg = TowerConfig(kind="resemblyzer", pretrained="package", options={"max_seconds": 4.0})
     encoder, feat_dim = build_encoder("audio", cfg)
     transform = build_transform("audio", cfg, train=False)
     with torch.no_grad():
         ours = encoder.eval()(torch.stack([transform(f) for f in files])).numpy()
     ref_model = VoiceEncoder("cpu", verbose=False)
     ref = np.stack([ref_model.embed_utterance(preprocess_wav(f)) for f in files])
+    # the features are Resemblyzer's (librosa melspectrogram), computed without librosa
+    from resemblyzer import wav_to_mel_spectrogram
+    wav = preprocess_wav(files[0])
+    np.testing.assert_allclose(transform(files[0])[:, : (len(wav) + 198) // 160 - 2].numpy(),
+                               wav_to_mel_spectrogram(wav).T[:, : (len(wav) + 198) // 160 - 2], rtol=1e-3, atol=1e-6)
     assert feat_dim == 256
     np.testing.assert_allclose((ours * ref).sum(axis=1), 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="sample_rate: unknown option for audio kind resemblyzer"):

@@ -35,8 +35,10 @@ Options (``TowerConfig.options``) of the ``cnn`` / ``transformer`` kinds: ``samp
 ``resemblyzer``: the pretrained speaker encoder shipped inside the ``Resemblyzer`` package (3-layer LSTM, 256-d,
 trained for speaker verification; ``pretrained: package``, a local ``.pt`` in its format, or none = random init).
 It keeps its own preprocessing: 16 kHz, volume normalised to -30 dBFS, long silences trimmed by WebRTC VAD, 40-bin
-mel *power* spectrogram (librosa, not log) — see :class:`ResemblyzerTransform`; the encoder embeds 1.6 s partial
-windows and averages them as ``VoiceEncoder.embed_utterance`` does. Options: ``max_seconds``, ``min_seconds``.
+mel *power* spectrogram (librosa's numbers, not log; computed here by :func:`mel_power`) — see
+:class:`ResemblyzerTransform`; the encoder embeds 1.6 s partial windows and averages them as
+``VoiceEncoder.embed_utterance`` does (a test checks cosine 1.0 against it on real speech). Options:
+``max_seconds``, ``min_seconds``.
 Needs ``pip install resemblyzer "setuptools<81"`` (its ``webrtcvad`` imports ``pkg_resources``).
 """
 from __future__ import annotations
@@ -316,15 +318,21 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     return torch.from_numpy(weights.astype(np.float32))
 
 
-def log_mel(wav: torch.Tensor, fb: torch.Tensor, n_fft: int, hop: int, floor: float = LOG_FLOOR) -> torch.Tensor:
-    """``[..., T]`` waveform → ``[..., n_mels, 1 + T // hop]`` log mel power (see the module docstring)."""
+def mel_power(wav: torch.Tensor, fb: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """``[..., T]`` waveform → ``[..., n_mels, 1 + T // hop]`` mel power: STFT (periodic Hann window of ``n_fft``,
+    centred frames, zero padding), ``|X|^2``, ``fb @``. With :func:`mel_filterbank` this is
+    ``librosa.feature.melspectrogram(y, sr, n_fft=n_fft, hop_length=hop, n_mels=...)``."""
     window = torch.hann_window(n_fft, periodic=True, dtype=wav.dtype, device=wav.device)
     shape = wav.shape
     spec = torch.stft(wav.reshape(-1, shape[-1]), n_fft, hop_length=hop, win_length=n_fft, window=window,
                       center=True, pad_mode="constant", return_complex=True)
     power = spec.real.square() + spec.imag.square()  # [N, n_fft//2 + 1, frames]
-    mel = torch.matmul(fb.to(power.dtype), power)
-    return torch.log(mel.clamp(min=floor)).reshape(*shape[:-1], fb.shape[0], -1)
+    return torch.matmul(fb.to(power.dtype), power).reshape(*shape[:-1], fb.shape[0], -1)
+
+
+def log_mel(wav: torch.Tensor, fb: torch.Tensor, n_fft: int, hop: int, floor: float = LOG_FLOOR) -> torch.Tensor:
+    """``[..., T]`` waveform → ``[..., n_mels, 1 + T // hop]`` ``log(max(mel_power, floor))``."""
+    return torch.log(mel_power(wav, fb, n_fft, hop).clamp(min=floor))
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
@@ -542,6 +550,7 @@ def build_audio_transformer(cfg, where: str = "model.towers.audio") -> tuple[nn.
 RESEMBLYZER_SAMPLE_RATE = 16000
 RESEMBLYZER_N_MELS = 40
 RESEMBLYZER_HOP = 160  # 10 ms
+RESEMBLYZER_N_FFT = 400  # 25 ms
 RESEMBLYZER_PARTIAL_FRAMES = 160  # 1.6 s
 
 
@@ -565,8 +574,10 @@ class ResemblyzerTransform:
     Loaded at 16 kHz (mono, resampled by :func:`resample`), then ``resemblyzer.preprocess_wav`` (volume normalised
     to -30 dBFS, increase only; silences longer than ~0.2 s removed by WebRTC VAD — a clip in which the VAD finds no
     voice is kept untrimmed), cropped to ``max_seconds`` (random window when ``train``), zero-padded at the end,
-    then ``resemblyzer.wav_to_mel_spectrogram`` (40-bin mel power, 25 ms / 10 ms) transposed. The padding frames
-    are exactly zero; :class:`ResemblyzerEncoder` uses that to find each clip's length.
+    then the 40-bin mel power spectrogram of ``resemblyzer.wav_to_mel_spectrogram`` (librosa's melspectrogram, 25 ms
+    / 10 ms, Slaney mel, no log) computed by :func:`mel_power` — the same numbers without librosa.feature's
+    seconds-long import. The padding frames are exactly zero; :class:`ResemblyzerEncoder` uses that to find each
+    clip's length.
     """
 
     def __init__(self, max_seconds: float = DEFAULT_MAX_SECONDS, min_seconds: float = 0.0, train: bool = False):
@@ -574,6 +585,7 @@ class ResemblyzerTransform:
         self.sample_rate = RESEMBLYZER_SAMPLE_RATE
         self.n_samples = int(round(self.max_seconds * self.sample_rate))
         self.n_frames = 1 + self.n_samples // RESEMBLYZER_HOP
+        self._fb: torch.Tensor | None = None
 
     def __call__(self, x: Any) -> torch.Tensor:
         ra = _import_resemblyzer().audio
@@ -591,9 +603,16 @@ class ResemblyzerTransform:
                 w = trimmed
         w = _crop(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), self.max_seconds, self.sample_rate,
                   "random" if self.train else "center", None)
-        w = fix_length(w, self.n_samples).numpy()
-        mel = ra.wav_to_mel_spectrogram(w)  # [frames, 40]
-        return torch.from_numpy(np.ascontiguousarray(mel.T, dtype=np.float32))
+        w = fix_length(w, self.n_samples)
+        if self._fb is None:
+            self._fb = mel_filterbank(self.sample_rate, RESEMBLYZER_N_FFT, RESEMBLYZER_N_MELS)
+        # = resemblyzer.wav_to_mel_spectrogram(w).T (librosa's melspectrogram), without importing librosa.feature
+        return mel_power(w, self._fb, RESEMBLYZER_N_FFT, RESEMBLYZER_HOP).contiguous()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fb"] = None  # rebuilt lazily in the worker
+        return state
 
     def __repr__(self) -> str:
         return f"ResemblyzerTransform(max_seconds={self.max_seconds}, train={self.train}, frames={self.n_frames})"
