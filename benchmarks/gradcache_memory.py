@@ -12,7 +12,7 @@ AdamW state (allocated by the first step), which are the same for every configur
 * ``open_clip accum_freq k`` (peer reference): open_clip_train's own ``--accum-freq k`` (feature cache, but one loss
   per micro-batch re-computation) at micro-batch B.
 
-Then, in this process, one step's loss and parameter gradients of GradCache (k micro-batches) against one plain
+Then, in this process, the step time of the kB configurations, interleaved (rotating order), and one step's loss and parameter gradients of GradCache (k micro-batches) against one plain
 forward/backward over the same k*B rows: max abs difference (tested in tests/test_gradcache.py; printed here).
 
     python benchmarks/gradcache_memory.py --threads 1
@@ -55,7 +55,7 @@ def equality(args, name: str, micro: int, k: int) -> tuple[float, float, float]:
     assert g_plain.keys() == g_cache.keys()
     diff = max(float((g_plain[n] - g_cache[n]).abs().max()) for n in g_plain)
     scale = max(float(g.abs().max()) for g in g_plain.values())
-    return abs(float(plain) - float(cached)), diff, scale
+    return abs(float(plain.detach()) - float(cached)), diff, scale
 
 
 def main() -> None:
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=8, help="micro-batches per step (default 8)")
     p.add_argument("--mem-steps", type=int, default=None, help="steps per subprocess (default 3; --quick 2)")
     p.add_argument("--no-big", action="store_true", help="skip the plain k*B reference")
+    p.add_argument("--no-time", action="store_true", help="skip the interleaved step-time comparison")
     p.add_argument("--no-peer", action="store_true", help="skip open_clip's accum_freq reference")
     args = p.parse_args()
     C.setup(args)
@@ -95,6 +96,25 @@ def main() -> None:
     print()
     print(C.table(["configuration", "contrastive batch", "micro-batch", "peak mem MiB", "of which inputs MiB",
                    "memory vs plain B", "step s (median)", "samples/s"], rows))
+    if not args.no_time:
+        # Step time, interleaved in this process (the subprocess times above are not): same contrastive batch kB.
+        images, texts = C.make_batch(name, micro * k, args.device, seed=args.seed)
+        gcache = C.XModalTrainer(name, args, grad_accum_steps=k)
+        fns = {"xmodal GradCache kB": lambda: gcache.step(images, texts)}
+        if not args.no_peer:
+            peer = C.OpenClipTrainer(name, args)
+            fns["open_clip accum_freq k"] = lambda: peer.step(images, texts, accum_freq=k)
+        if not args.no_big:
+            big = C.XModalTrainer(name, args)
+            fns["xmodal plain kB"] = lambda: big.step(images, texts)
+        rounds = args.steps or (2 if args.quick else 4)
+        times = C.interleave(fns, rounds, 1, args.device)
+        trow = [[n, micro * k, C.median(ts), micro * k / C.median(ts),
+                 C.median([a / b for a, b in zip(times["xmodal GradCache kB"], ts)])] for n, ts in times.items()]
+        print()
+        print(C.table(["configuration (interleaved)", "contrastive batch", "step s (median)", "samples/s",
+                       "GradCache time / this"], trow))
+        del gcache, fns
     dl, dg, scale = equality(args, name, micro, k)
     print(f"\nloss equality, one step over {micro * k} rows: |loss(plain) - loss(GradCache)| = {dl:.2e}; "
           f"max |grad diff| = {dg:.2e} (largest gradient entry {scale:.2e})")

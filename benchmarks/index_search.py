@@ -294,6 +294,39 @@ def run_size(n: int, args, rng: np.random.Generator) -> dict:
     return {"n": n, "dim": d, "kinds": info, "skipped": skipped, "timing": timing, "seconds": total}
 
 
+def overhead_floor(args, rng: np.random.Generator, n: int = 1000, calls: int = 400) -> dict:
+    """The wrapper's fixed cost per call, where faiss itself is fast: a flat index of ``n`` vectors, interleaved
+    single-query (and batch) calls, median per-call times."""
+    x, q = unit_vectors(rng, n, args.dim), unit_vectors(rng, calls, args.dim)
+    index = EmbeddingIndex(args.dim, "flat")
+    index.add(x)
+    faiss.omp_set_num_threads(args.threads)
+    peers = {"faiss": lambda qq: index._index.search(qq, K), "xmodal": lambda qq: index.search(qq, K)}
+    times = {name: [] for name in peers}
+    batch = {name: [] for name in peers}
+    for name in peers:
+        peers[name](q[:1])
+    for i in range(calls):
+        for name in (list(peers) if i % 2 else list(peers)[::-1]):
+            t0 = time.perf_counter()
+            peers[name](q[i:i + 1])
+            times[name].append(time.perf_counter() - t0)
+        if i % 10 == 0:
+            for name in peers:
+                t0 = time.perf_counter()
+                peers[name](q[:args.batch])
+                batch[name].append(time.perf_counter() - t0)
+    out = {f"{name}_single_us": statistics.median(t) * 1e6 for name, t in times.items()}
+    out.update({f"{name}_batch{args.batch}_us": statistics.median(t) * 1e6 for name, t in batch.items()})
+    out["overhead_single_us"] = statistics.median(a - b for a, b in zip(times["xmodal"], times["faiss"])) * 1e6
+    out["overhead_batch_us"] = statistics.median(a - b for a, b in zip(batch["xmodal"], batch["faiss"])) * 1e6
+    print(f"\nwrapper fixed cost (flat, n={n:,}, k={K}): single query faiss {out['faiss_single_us']:.0f} us, xmodal "
+          f"{out['xmodal_single_us']:.0f} us (+{out['overhead_single_us']:.0f} us/call); batch of {args.batch}: "
+          f"faiss {out[f'faiss_batch{args.batch}_us']:.0f} us, xmodal {out[f'xmodal_batch{args.batch}_us']:.0f} us "
+          f"(+{out['overhead_batch_us']:.0f} us/call)", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -320,10 +353,12 @@ def main(argv=None) -> int:
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
+    floor = overhead_floor(args, rng)
     results = [run_size(n, args, rng) for n in args.sizes]
     print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "overhead_floor": floor, "results": results},
+                                              indent=2))
     return 0
 
 

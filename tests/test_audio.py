@@ -344,6 +344,16 @@ def test_resemblyzer_matches_embed_utterance():
         build_encoder("audio", TowerConfig(kind="resemblyzer", options={"sample_rate": 22050}))
 
 
+def test_resemblyzer_silence_and_pretrained_errors():
+    pytest.importorskip("resemblyzer")
+    enc, _ = build_encoder("audio", TowerConfig(kind="resemblyzer", pretrained="package"))
+    with torch.no_grad():
+        out = enc.eval()(torch.zeros(2, 40, 201))  # all padding: one silent partial each
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"model\.towers\.audio\.pretrained: .*not a file"):
+        build_encoder("audio", TowerConfig(kind="resemblyzer", pretrained="hub"))
+
+
 def test_resemblyzer_partials_match_the_package():
     resemblyzer = pytest.importorskip("resemblyzer")
     for n_samples in (100, 16000, 25600, 40000, 77777, 160000):

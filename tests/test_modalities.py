@@ -66,7 +66,8 @@ def test_every_kind_builds_and_runs(modality, cfg, grads, tmp_path):
 
 def test_kinds_table():
     assert KINDS == {"image": ("open_clip", "cnn", "timm", "efficientnet_lite0"),
-                     "text": ("open_clip", "lstm", "gru", "hf")}
+                     "text": ("open_clip", "lstm", "gru", "hf"),
+                     "audio": ("cnn", "transformer", "resemblyzer")}
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])

@@ -246,6 +246,8 @@ def test_bad_queries_are_400(server):
         ({"text": "a", "k": -3}, "k must be"),
         ({"text": "a", "k": 2.5}, "k must be"),
         ({"text": "a", "k": "ten"}, "k must be"),
+        ({"text": "a", "k": "\u00b2"}, "k must be"),  # a unicode digit
+        ({"text": "a", "k": "9" * 5000}, "k must be"),  # longer than Python converts to int
         ({"text": "a", "k": True}, "k must be"),
         ({"text": "a", "k": None}, "k must be"),
         ({"text": "a", "filter": ["label", "x"]}, "bad filter"),

@@ -120,9 +120,14 @@ def format_table(results: dict[str, float]) -> str:
 
 def _prepare(args) -> int:
     from .data import corpora
+    from .data.corpora import speech
     prepare = {"openclipart": lambda out: corpora.prepare_openclipart(out, limit=args.limit),
                "fashion-mnist": lambda out: corpora.prepare_fashion_mnist(out, max_per_split=args.limit),
-               "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out)}[args.corpus]
+               "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out),
+               "librivox": lambda out: corpora.prepare_librivox(out),
+               "spoken-captions": lambda out: corpora.prepare_spoken_captions(
+                   args.manifest or "data/openclipart/manifest.csv", out,
+                   limit=args.limit or speech.BUNDLED_LIMIT)}[args.corpus]
     path = prepare(args.out or f"data/{args.corpus}")
     print(f"manifest: {path}")
     return 0
@@ -216,9 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_predict)
 
     s = sub.add_parser("prepare", help="build a bundled real corpus into a manifest")
-    s.add_argument("corpus", choices=["openclipart", "fashion-mnist", "rotten-tomatoes"])
+    s.add_argument("corpus", choices=["openclipart", "fashion-mnist", "rotten-tomatoes", "librivox",
+                                      "spoken-captions"])
+    s.add_argument("--manifest", default=None,
+                   help="spoken-captions: the image–text manifest to speak (default data/openclipart/manifest.csv)")
     s.add_argument("--out", default=None, help="output folder (default data/<corpus>)")
-    s.add_argument("--limit", type=int, default=None, help="openclipart: max SVGs; fashion-mnist: max rows/split")
+    s.add_argument("--limit", type=int, default=None,
+                   help="openclipart: max SVGs; fashion-mnist: max rows per split; spoken-captions: max rows (2000)")
     s.set_defaults(fn=_prepare)
 
     s = sub.add_parser("index", help="embed one modality of a manifest into a searchable index")

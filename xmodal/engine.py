@@ -272,6 +272,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if not cfg.tasks and len(modalities) < 2:
         raise ValueError("pretrain: contrastive alignment needs at least two towers in model.towers")
 
+    if accelerator.num_processes > 1:
+        for r in runs.values():
+            gaps = [m for m in r.cfg.modalities if r.cfg.kind == "retrieval" and m in r.dataset.column_names
+                    and any(v in (None, "") for v in r.dataset[m])]
+            if gaps:  # the cross-process feature gather needs the same number of pairs on every rank
+                raise ValueError(f"task {r.name}: rows missing {gaps} are not supported for contrastive training "
+                                 f"on several processes yet; train on one process, or keep rows that have "
+                                 f"every modality")
     model = XModalModel(cfg.model, {n: r.cfg for n, r in runs.items()} if cfg.tasks else None)
     if init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)

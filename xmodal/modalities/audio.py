@@ -646,8 +646,6 @@ class ResemblyzerEncoder(nn.Module):
         super().__init__()
         resemblyzer = _import_resemblyzer()
         weights = None if pretrained in (None, "package") else str(pretrained)
-        if weights is not None and not os.path.isfile(weights):
-            raise FileNotFoundError(f"Resemblyzer weights file not found: {weights}")
         self.voice = resemblyzer.VoiceEncoder("cpu", verbose=False, weights_fpath=weights)
         if pretrained is None:  # architecture only, random init
             for m in (self.voice.lstm, self.voice.linear):
@@ -665,22 +663,20 @@ class ResemblyzerEncoder(nn.Module):
             for s in partial_starts(max(int(n), 1)):
                 parts.append(x[b, s:s + RESEMBLYZER_PARTIAL_FRAMES])
                 owner.append(b)
-        emb = self.voice(torch.stack(parts))  # [P, 256], L2-normalised, >= 0
+        # VoiceEncoder.forward, with an eps in the normalisation (an all-silent partial must not give 0/0 = NaN)
+        _, (hidden, _) = self.voice.lstm(torch.stack(parts))
+        emb = F.normalize(self.voice.relu(self.voice.linear(hidden[-1])), dim=-1)  # [P, 256], >= 0
         owner_t = torch.tensor(owner, device=emb.device)
         total = torch.zeros(x.shape[0], emb.shape[1], dtype=emb.dtype, device=emb.device).index_add(0, owner_t, emb)
         return F.normalize(total, dim=-1)
 
 
 def build_resemblyzer(cfg, where: str = "model.towers.audio") -> tuple[nn.Module, int]:
-    model = ResemblyzerEncoder(cfg.pretrained if cfg.pretrained is not None else None)
+    """``pretrained``: ``package`` (the weights inside the Resemblyzer package), a local ``.pt`` in its format
+    (``{"model_state": ...}``), or none (random init)."""
+    p = cfg.pretrained
+    if p is not None and p != "package" and not os.path.isfile(os.path.expanduser(p)):
+        raise ValueError(f"{where}.pretrained: expected 'package', a local Resemblyzer .pt file or none; "
+                         f"{p!r} is not a file")
+    model = ResemblyzerEncoder(None if p is None else p if p == "package" else os.path.expanduser(p))
     return model, model.output_dim
-
-
-def resemblyzer_package_file() -> str:
-    """Path of the ``pretrained.pt`` shipped inside the Resemblyzer package (found without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("resemblyzer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the resemblyzer package is not installed (pip install resemblyzer \"setuptools<81\")")
-    return os.path.join(list(spec.submodule_search_locations)[0], "pretrained.pt")

@@ -100,8 +100,10 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------------------------- request parsing
 
 def _parse_k(value: Any, max_k: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
-        value = int(value)
+    if isinstance(value, str):  # from a form field or the query string
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 9:
+            value = int(text)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_k:

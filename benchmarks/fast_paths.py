@@ -1,0 +1,190 @@
+"""Fast paths for xmodal's towers: inference_mode vs no_grad, channels_last for conv towers, torch.compile.
+
+Every comparison is timed interleaved in one run (rotating order) on the same inputs; speedup = baseline time /
+fast-path time, median of the per-round ratios (> 1: the fast path helps). Library code is not changed: the fast
+paths are applied from outside, to towers built by xmodal.
+
+1. ``torch.inference_mode()`` vs ``torch.no_grad()`` for a tower forward (what ``model.encode`` runs): open_clip
+   image and text towers (``--model``), the small CNN tower.
+2. ``channels_last`` (model and input ``.to(memory_format=torch.channels_last)``) vs contiguous NCHW for the
+   CNN tower (64 px) and EfficientNet-Lite0 (224 px, random init: the speed does not depend on the weights):
+   inference forward, and a training forward + backward.
+3. ``torch.compile`` (default inductor) of the open_clip image tower: compile time of the first call, then eager
+   vs compiled, for inference and for a training forward + backward. Runs in a subprocess with a time limit
+   (``--compile-timeout``); whatever finished before it is reported.
+
+    python benchmarks/fast_paths.py --threads 1
+    python benchmarks/fast_paths.py --quick
+    python benchmarks/fast_paths.py --device cuda --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+
+def tower(kind: str, args, name: str | None = None, image_size: int = 64, modality: str = "image"):
+    from xmodal.config import TowerConfig
+    from xmodal.model import Tower
+    from xmodal.modalities import build_encoder
+    if kind == "open_clip":
+        size, ctx = C.model_dims(name)
+        cfg = TowerConfig(kind="open_clip", name=name, image_size=size, context_length=ctx)
+    else:
+        cfg = TowerConfig(kind=kind, image_size=image_size)
+    enc, feat_dim = build_encoder(modality, cfg)
+    return Tower(enc, feat_dim, 256).to(args.device)
+
+
+def speedup(base: list[float], fast: list[float]) -> float:
+    return C.median([b / f for b, f in zip(base, fast)])
+
+
+def section_inference_mode(args, steps: int, batch: int) -> list[list]:
+    rows = []
+    images, texts = C.make_batch(args.model, batch, args.device, seed=args.seed)
+    cnn_x = torch.randn(batch, 3, 64, 64, device=args.device)
+    cases = [("open_clip image", tower("open_clip", args, args.model), images),
+             ("open_clip text", tower("open_clip", args, args.model, modality="text"), texts),
+             ("cnn image 64px", tower("cnn", args), cnn_x)]
+    for label, tw, x in cases:
+        tw.eval()
+
+        def run(mode, tw=tw, x=x):
+            def f():
+                with mode(), C.autocast(args):
+                    return tw(x)
+            return f
+        t = C.interleave({"no_grad": run(torch.no_grad), "inference_mode": run(torch.inference_mode)},
+                         steps, args.warmup, args.device)
+        rows.append([label, batch, C.median(t["no_grad"]) * 1e3, C.median(t["inference_mode"]) * 1e3,
+                     speedup(t["no_grad"], t["inference_mode"])])
+    return rows
+
+
+def section_channels_last(args, steps: int, quick: bool) -> list[list]:
+    rows = []
+    cases = [("cnn", 64, 64)]
+    if not quick:
+        cases.append(("efficientnet_lite0", 224, 16))
+    for kind, size, batch in cases:
+        base = tower(kind, args, image_size=size)
+        fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, size, size, device=args.device)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        for mode in ("inference", "train fwd+bwd"):
+            def run(tw, inp, mode=mode):
+                def f():
+                    if mode == "inference":
+                        tw.eval()
+                        with torch.inference_mode(), C.autocast(args):
+                            return tw(inp)
+                    tw.train()
+                    with C.autocast(args):
+                        out = tw(inp)
+                    out.float().pow(2).sum().backward()
+                    tw.zero_grad(set_to_none=True)
+                return f
+            t = C.interleave({"contiguous": run(base, x), "channels_last": run(fast, x_cl)}, steps, args.warmup,
+                             args.device)
+            rows.append([f"{kind} {size}px", mode, batch, C.median(t["contiguous"]) * 1e3,
+                         C.median(t["channels_last"]) * 1e3, speedup(t["contiguous"], t["channels_last"])])
+    return rows
+
+
+def compile_child(spec: dict) -> None:
+    """Subprocess: one JSON line per finished measurement (so a timeout keeps what was done)."""
+    args = argparse.Namespace(**spec)
+    C.setup(args)
+    images, _ = C.make_batch(args.model, args.batch, args.device, seed=args.seed)
+    for mode in ("inference", "train fwd+bwd"):
+        eager = tower("open_clip", args, args.model)
+        compiled_module = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_module)
+
+        def run(tw, mode=mode):
+            def f():
+                if mode == "inference":
+                    with torch.inference_mode(), C.autocast(args):
+                        return tw(images)
+                with C.autocast(args):
+                    out = tw(images)
+                out.float().pow(2).sum().backward()
+            return f
+        (eager.eval(), compiled_module.eval()) if mode == "inference" else (eager.train(), compiled_module.train())
+        t0 = time.perf_counter()
+        run(compiled)()
+        C.sync(args.device)
+        compile_s = time.perf_counter() - t0
+        t = C.interleave({"eager": run(eager), "compiled": run(compiled)}, args.steps, 1, args.device)
+        print(json.dumps({"mode": mode, "compile_s": compile_s, "eager_ms": C.median(t["eager"]) * 1e3,
+                          "compiled_ms": C.median(t["compiled"]) * 1e3,
+                          "speedup": speedup(t["eager"], t["compiled"])}), flush=True)
+
+
+def section_compile(args, steps: int, batch: int) -> tuple[list[list], str]:
+    spec = dict(device=args.device, precision=args.precision, threads=args.threads, seed=args.seed,
+                model=args.model, batch=batch, steps=steps)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-child", json.dumps(spec)]
+    note = ""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, cwd=str(C.ROOT))
+        out, err = proc.stdout, proc.stderr
+        if proc.returncode != 0:
+            note = f"compile child failed (rc {proc.returncode}): {err.strip().splitlines()[-1] if err else ''}"
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        note = f"stopped after the {args.compile_timeout:.0f} s limit"
+    rows = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows.append([f"open_clip image ({args.model})", r["mode"], batch, r["compile_s"], r["eager_ms"],
+                         r["compiled_ms"], r["speedup"]])
+    return rows, note + f" (compile section wall time {time.perf_counter() - t0:.0f} s)"
+
+
+def main() -> None:
+    p = C.common_parser(__doc__.split("\n")[0])
+    p.add_argument("--model", default="xmodal-vit-tiny", help="open_clip config of the towers")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--compile-timeout", type=float, default=None, help="seconds (default 300; --quick 150)")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    C.setup(args)
+    steps = args.steps or (3 if args.quick else 8)
+    args.compile_timeout = args.compile_timeout or (150 if args.quick else 300)
+    print(C.header(args, "fast paths"))
+    rows = section_inference_mode(args, steps, args.batch)
+    print()
+    print(C.table(["tower", "batch", "no_grad ms", "inference_mode ms", "speedup"], rows), flush=True)
+    rows = section_channels_last(args, steps, args.quick)
+    print()
+    print(C.table(["tower", "mode", "batch", "NCHW ms", "channels_last ms", "speedup"], rows), flush=True)
+    if not args.no_compile:
+        rows, note = section_compile(args, steps, args.batch)
+        print()
+        if rows:
+            print(C.table(["tower", "mode", "batch", "compile s (first call)", "eager ms", "compiled ms",
+                           "speedup"], rows))
+        print(f"torch.compile: {note.strip() or 'done'}")
+    print(f"\nspeedup = baseline / fast path, median of per-round ratios over {steps} interleaved rounds "
+          f"after {args.warmup} warm-up rounds; > 1 helps.")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--compile-child":
+        compile_child(json.loads(sys.argv[2]))
+    else:
+        main()
