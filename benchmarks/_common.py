@@ -51,8 +51,15 @@ BENCH_CONFIGS: dict[str, dict[str, Any]] = {
         "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 256, "layers": 6, "head_width": 64},  # 4 heads
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 6},
     },
+    # Almost no compute per row: at batch 4 the step time is the fixed per-step cost (Python, op dispatch, the
+    # optimiser over every parameter tensor) -- the regime a GPU runs small models in.
+    "bench-vit-micro": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 4, "head_width": 32},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 4},
+    },
 }
-DEFAULT_BATCH = {"xmodal-vit-tiny": 64, "bench-vit-small": 32, "ViT-B-32": 8}
+DEFAULT_BATCH = {"xmodal-vit-tiny": 64, "bench-vit-small": 32, "bench-vit-micro": 4, "ViT-B-32": 8}
 
 
 # ------------------------------------------------------------------------------------------------------ flags/setup

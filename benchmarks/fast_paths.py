@@ -9,7 +9,9 @@ paths are applied from outside, to towers built by xmodal.
 2. ``channels_last`` (model and input ``.to(memory_format=torch.channels_last)``) vs contiguous NCHW for the
    CNN tower (64 px) and EfficientNet-Lite0 (224 px, random init: the speed does not depend on the weights):
    inference forward, and a training forward + backward.
-3. ``torch.compile`` (default inductor) of the open_clip image tower: compile time of the first call, then eager
+3. AdamW: torch's default implementation (on CPU the per-tensor for-loop) vs ``foreach=True`` vs ``fused=True``
+   (what ``engine.train`` would pass to ``torch.optim.AdamW``), timed against a forward + backward for scale.
+4. ``torch.compile`` (default inductor) of the open_clip image tower: compile time of the first call, then eager
    vs compiled, for inference and for a training forward + backward. Runs in a subprocess with a time limit
    (``--compile-timeout``); whatever finished before it is reported.
 
@@ -102,6 +104,50 @@ def section_channels_last(args, steps: int, quick: bool) -> list[list]:
     return rows
 
 
+def section_optimizer(args, steps: int, batch: int) -> list[list]:
+    """AdamW implementations on the parameters of an xmodal model (open_clip towers of ``--model``): the default
+    (on CPU torch picks the per-tensor for-loop; on CUDA foreach), ``foreach=True`` and ``fused=True``; each timed
+    as clip_grad_norm_ + step + zero_grad on fixed random gradients. A forward + backward of the same model at
+    ``--batch`` is timed in the same rounds, for scale."""
+    torch.manual_seed(args.seed)
+    base = C.build_xmodal(args.model, args.device).train()
+    images, texts = C.make_batch(args.model, batch, args.device, seed=args.seed)
+    variants = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    models = {k: copy.deepcopy(base) for k in variants}
+    grads = [torch.randn_like(p) * 1e-3 for p in base.parameters()]
+    opts = {}
+    for k, kw in variants.items():
+        try:
+            opts[k] = torch.optim.AdamW(models[k].parameters(), lr=C.LR, betas=C.BETAS, eps=C.EPS,
+                                        weight_decay=C.WD, **kw)
+        except (RuntimeError, ValueError) as e:
+            print(f"AdamW {k}: not available here ({e})")
+
+    def opt_step(k):
+        def f():
+            for p, g in zip(models[k].parameters(), grads):
+                p.grad = g.clone()
+            torch.nn.utils.clip_grad_norm_(models[k].parameters(), C.CLIP_NORM)
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        return f
+
+    def fwd_bwd():
+        from xmodal.engine import contrastive_loss
+        from xmodal.losses import build_loss
+        with C.autocast(args):
+            loss = contrastive_loss(build_loss("clip"), base({"image": images, "text": texts}), ["image", "text"])
+        loss.backward()
+        base.zero_grad(set_to_none=True)
+    fns = {k: opt_step(k) for k in opts}
+    fns["forward+backward"] = fwd_bwd
+    t = C.interleave(fns, steps, args.warmup, args.device)
+    ref = t["forward+backward"]
+    return [[f"AdamW {k}", C.median(t[k]) * 1e3, C.median(t["default"]) / C.median(t[k]) if k != "default" else 1.0,
+             C.median(t[k]) / C.median(ref)] for k in opts] + [[f"forward+backward (batch {batch})",
+                                                               C.median(ref) * 1e3, float("nan"), 1.0]]
+
+
 def compile_child(spec: dict) -> None:
     """Subprocess: one JSON line per finished measurement (so a timeout keeps what was done)."""
     args = argparse.Namespace(**spec)
@@ -172,6 +218,10 @@ def main() -> None:
     rows = section_channels_last(args, steps, args.quick)
     print()
     print(C.table(["tower", "mode", "batch", "NCHW ms", "channels_last ms", "speedup"], rows), flush=True)
+    rows = section_optimizer(args, steps, args.batch)
+    print()
+    print(C.table(["optimizer step (clip + step + zero_grad)", "ms (median)", "speedup vs default",
+                   "time / forward+backward"], rows), flush=True)
     if not args.no_compile:
         rows, note = section_compile(args, steps, args.batch)
         print()

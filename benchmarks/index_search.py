@@ -17,11 +17,12 @@ the recall reported is then measured on the benchmark queries through ``Embeddin
 a pessimistic case for approximate search (no cluster structure, full intrinsic dimension): real embeddings need far
 smaller settings for the same recall.
 
-Timing: the peers are interleaved — each round runs every peer once, in a rotated order, and ratios are taken within
-a round, then the median over rounds — because the machine is shared and noisy. Latency = one query per call
-(``--latency-queries`` per peer per round; median and p90 over all of them); throughput = one call with a batch of
-``--batch`` queries per peer per round. Searches use ``--threads`` threads (faiss OpenMP and torch intra-op, default
-1: stable figures on a shared machine); index builds use every core.
+Timing: the peers are interleaved because the machine is shared and noisy. Latency = one query per call: each query
+goes to every peer back to back (rotating the order), ``--latency-queries`` queries per round; the ratios are medians
+of the per-query paired ratios, the p50 / p90 over all queries. Throughput = one call with a batch of ``--batch``
+queries per peer per round (rotated order); ratios are medians of the per-round paired ratios. Searches use
+``--threads`` threads (faiss OpenMP and torch intra-op, default 1: stable figures on a shared machine); index builds
+use every core.
 
 Memory per kind: bytes per vector of the faiss index (its serialized size / n; excludes xmodal's per-row metadata)
 and the process RSS growth while building it (faiss + xmodal's metadata dicts, after ``malloc_trim``).
@@ -185,25 +186,27 @@ def peers_for(indexes: dict[str, EmbeddingIndex], xt: torch.Tensor) -> dict:
 
 
 def measure(peers: dict, q_lat: np.ndarray, q_batch: np.ndarray, rounds: int, per_round: int) -> dict:
+    """Latency: each single query is sent to every peer back to back (the order rotating from query to query), so
+    paired ratios compare calls made within milliseconds of each other. Throughput: per round, one batch call per
+    peer (rotated order), ratios within the round. Ratios are medians of the paired ratios."""
     names = list(peers)
     for name in names:  # warm-up, untimed
         peers[name](q_lat[:1])
         peers[name](q_batch[:8])
-    lat = {n: [] for n in names}          # every single-query time (s)
-    lat_round = {n: [] for n in names}    # per-round median (s)
-    batch_s = {n: [] for n in names}      # per-round batch time (s)
+    lat = {n: [] for n in names}          # one entry per query, aligned across peers (s)
+    batch_s = {n: [] for n in names}      # one entry per round (s)
+    j = 0
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
         gc.collect()
-        for name in order:
-            fn, times = peers[name], []
-            for i in range(per_round):
-                qi = q_lat[(r * per_round + i) % len(q_lat)][None, :]
+        for i in range(per_round):
+            qi = q_lat[(r * per_round + i) % len(q_lat)][None, :]
+            order = names[j % len(names):] + names[:j % len(names)]
+            j += 1
+            for name in order:
                 t0 = time.perf_counter()
-                fn(qi)
-                times.append(time.perf_counter() - t0)
-            lat[name] += times
-            lat_round[name].append(statistics.median(times))
+                peers[name](qi)
+                lat[name].append(time.perf_counter() - t0)
+        order = names[r % len(names):] + names[:r % len(names)]
         for name in order[::-1]:
             t0 = time.perf_counter()
             peers[name](q_batch)
@@ -212,22 +215,19 @@ def measure(peers: dict, q_lat: np.ndarray, q_batch: np.ndarray, rounds: int, pe
     for name in names:
         xs = sorted(lat[name])
         out[name] = {"lat_p50_ms": statistics.median(xs) * 1e3, "lat_p90_ms": xs[int(0.9 * (len(xs) - 1))] * 1e3,
-                     "qps": statistics.median(len(q_batch) / t for t in batch_s[name]),
-                     "_lat_round": lat_round[name], "_batch_s": batch_s[name]}
-    for name in names:  # paired (same round) ratios, then the median over rounds
+                     "qps": statistics.median(len(q_batch) / t for t in batch_s[name])}
+
+    def paired(a: list, b: list) -> float:
+        return statistics.median(x / y for x, y in zip(a, b))
+
+    for name in names:
         base = name.split("/")[0] + "/faiss"
         if "/xmodal" in name:
-            out[name]["lat_vs_faiss"] = statistics.median(
-                a / b for a, b in zip(out[name]["_lat_round"], out[base]["_lat_round"]))
-            out[name]["qps_vs_faiss"] = statistics.median(
-                b / a for a, b in zip(out[name]["_batch_s"], out[base]["_batch_s"]))
+            out[name]["lat_vs_faiss"] = paired(lat[name], lat[base])
+            out[name]["qps_vs_faiss"] = paired(batch_s[base], batch_s[name])
         if name != "torch":
-            out[name]["lat_speedup_vs_torch"] = statistics.median(
-                b / a for a, b in zip(out[name]["_lat_round"], out["torch"]["_lat_round"]))
-            out[name]["qps_speedup_vs_torch"] = statistics.median(
-                b / a for a, b in zip(out[name]["_batch_s"], out["torch"]["_batch_s"]))
-    for v in out.values():
-        v.pop("_lat_round"), v.pop("_batch_s")
+            out[name]["lat_speedup_vs_torch"] = paired(lat["torch"], lat[name])
+            out[name]["qps_speedup_vs_torch"] = paired(batch_s["torch"], batch_s[name])
     return out
 
 
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", choices=["flat", "hnsw", "ivf"], default=["flat", "hnsw", "ivf"])
     p.add_argument("--threads", type=int, default=1, help="search threads (faiss and torch; default 1)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--latency-queries", type=int, default=10, help="single queries per peer per round")
+    p.add_argument("--latency-queries", type=int, default=20, help="single queries per round (each to every peer)")
     p.add_argument("--batch", type=int, default=32, help="queries per call for throughput")
     p.add_argument("--tune-queries", type=int, default=100)
     p.add_argument("--target-recall", type=float, default=0.95)

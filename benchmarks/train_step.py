@@ -26,6 +26,15 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 
+def op_counts(step, n: int = 2) -> dict[str, tuple[float, float]]:
+    """{op: (calls per step, self CPU ms per step)} over ``n`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    return {e.key: (e.count / n, e.self_cpu_time_total / n / 1e3) for e in prof.key_averages()}
+
+
 def main() -> None:
     p = C.common_parser(__doc__.split("\n")[0])
     p.add_argument("--models", default=None,
@@ -33,13 +42,16 @@ def main() -> None:
                         "ViT-B-32 also works)")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps in each memory subprocess")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 2 steps per side (torch.profiler) and print the ops whose count differs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     C.setup(args)
-    models = (args.models or ("xmodal-vit-tiny" if args.quick else "xmodal-vit-tiny,bench-vit-small")).split(",")
+    models = (args.models or ("xmodal-vit-tiny" if args.quick
+                              else "xmodal-vit-tiny,bench-vit-small,bench-vit-micro")).split(",")
     steps = args.steps or (3 if args.quick else 10)
     print(C.header(args, "training step, xmodal vs open_clip"))
-    rows, ratio_rows = [], []
+    rows, ratio_rows, profiles = [], [], []
     mm_fn, mm_flops = C.matmul_peak_fn(args.device, args.precision)
     for name in models:
         batch = args.batch or C.DEFAULT_BATCH.get(name, 32)
@@ -48,8 +60,12 @@ def main() -> None:
         images, texts = C.make_batch(name, batch, args.device, seed=args.seed)
         flops = {"xmodal": C.count_flops(lambda: xm.forward_backward(images, texts)),
                  "open_clip": C.count_flops(lambda: oc.forward_backward(images, texts))}
+        rounds = steps * 3 if name == "bench-vit-micro" else steps  # short steps: more rounds, same wall time
         times = C.interleave({"xmodal": lambda: xm.step(images, texts), "open_clip": lambda: oc.step(images, texts),
-                              "matmul": mm_fn}, steps, args.warmup, args.device)
+                              "matmul": mm_fn}, rounds, args.warmup, args.device)
+        if args.profile:
+            profiles.append((name, op_counts(lambda: xm.step(images, texts)),
+                             op_counts(lambda: oc.step(images, texts))))
         peak = mm_flops / C.median(times["matmul"])
         best_peak = mm_flops / min(times["matmul"])
         mem = {}
@@ -75,6 +91,16 @@ def main() -> None:
     print()
     print(C.table(["model", "batch", "throughput ratio xmodal/open_clip (median per round)", "ratio of medians",
                    "peak memory ratio", "FLOP ratio", "matmul peak GFLOP/s (median)", "(best)"], ratio_rows))
+    for name, xs, os_ in profiles:
+        n_x, n_o = sum(c for c, _ in xs.values()), sum(c for c, _ in os_.values())
+        t_x, t_o = sum(t for _, t in xs.values()), sum(t for _, t in os_.values())
+        print(f"\nprofile {name}: ops per step xmodal {n_x:.0f}, open_clip {n_o:.0f}; self CPU ms per step "
+              f"xmodal {t_x:.0f}, open_clip {t_o:.0f} (profiled, so slower than above). Ops whose count differs:")
+        diff = sorted((k for k in set(xs) | set(os_) if xs.get(k, (0, 0))[0] != os_.get(k, (0, 0))[0]),
+                      key=lambda k: -abs(xs.get(k, (0, 0))[1] - os_.get(k, (0, 0))[1]))
+        print(C.table(["op", "xmodal count", "open_clip count", "xmodal self ms", "open_clip self ms"],
+                      [[k[:60], xs.get(k, (0, 0))[0], os_.get(k, (0, 0))[0], xs.get(k, (0, 0))[1],
+                        os_.get(k, (0, 0))[1]] for k in diff[:15]]))
     print("\ntargets: throughput ratio >= 1.0, peak memory ratio <= 1.0. FLOPs: forward + loss + backward "
           "(FlopCounterMode; the optimiser's elementwise work is not counted). Peak memory: "
           + ("max_memory_allocated above the pre-step allocation" if args.device.startswith("cuda") else

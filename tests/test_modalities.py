@@ -81,8 +81,8 @@ def test_unknown_kind_names_field_and_valid_kinds(modality):
 
 
 def test_other_config_errors():
-    with pytest.raises(ValueError, match=r"model\.towers\.audio: unknown modality"):
-        build_encoder("audio", TowerConfig(kind="cnn"))
+    with pytest.raises(ValueError, match=r"model\.towers\.video: unknown modality"):
+        build_encoder("video", TowerConfig(kind="cnn"))
     with pytest.raises(ValueError, match=r"model\.towers\.image\.options\.chanels: unknown option.*channels"):
         build_encoder("image", TowerConfig(kind="cnn", options={"chanels": [8]}))
     with pytest.raises(ValueError, match=r"model\.towers\.image\.options\.vision_cfg\.image_size \(64\) disagrees"):

@@ -99,6 +99,12 @@ class ApiError(Exception):
 
 # --------------------------------------------------------------------------------------------- request parsing
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (error messages never echo a whole request back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _parse_k(value: Any, max_k: int) -> int:
     if isinstance(value, str):  # from a form field or the query string
         text = value.strip()
@@ -107,7 +113,7 @@ def _parse_k(value: Any, max_k: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_k:
-        raise ApiError(400, f"k must be an integer from 1 to {max_k}, got {value!r}")
+        raise ApiError(400, f"k must be an integer from 1 to {max_k}, got {_short(value)}")
     return value
 
 
@@ -133,13 +139,14 @@ def _parse_filter(value: Any, limits: ServiceLimits) -> dict | None:
             raise ApiError(400, "bad filter: empty key")
         if isinstance(v, list):
             if not v:
-                raise ApiError(400, f"bad filter: the list for {key!r} is empty")
+                raise ApiError(400, f"bad filter: the list for {_short(key)} is empty")
             if len(v) > limits.max_filter_values:
-                raise ApiError(400, f"bad filter: at most {limits.max_filter_values} values for {key!r}")
+                raise ApiError(400, f"bad filter: at most {limits.max_filter_values} values for {_short(key)}")
             if not all(isinstance(x, FILTER_SCALARS) for x in v):
-                raise ApiError(400, f"bad filter: the values for {key!r} must be strings, numbers, booleans or null")
+                raise ApiError(400, f"bad filter: the values for {_short(key)} must be strings, numbers, booleans "
+                                    f"or null")
         elif not isinstance(v, FILTER_SCALARS):
-            raise ApiError(400, f"bad filter: the value for {key!r} must be a string, number, boolean, null or a "
+            raise ApiError(400, f"bad filter: the value for {_short(key)} must be a string, number, boolean, null or a "
                                 f"list of them, got {type(v).__name__}")
         out[key] = v
     return out or None
@@ -252,7 +259,8 @@ class SearchService:
     # ---------------------------------------------------------------------------------------------------- parsing
     def _check_modality(self, modality: str) -> None:
         if modality not in self.query_modalities:
-            raise ApiError(422, f"this model has no {modality!r} tower, so it cannot embed {modality} queries "
+            name = _short(modality)
+            raise ApiError(422, f"this model has no {name} tower, so it cannot embed {name[1:-1]} queries "
                                 f"(query modalities: {', '.join(self.query_modalities)})")
 
     def parse(self, content_type: str, body: bytes, query_string: str = "") -> tuple[str, Any, int, dict | None]:
@@ -279,18 +287,19 @@ class SearchService:
                 except RetrievalError as e:
                     raise ApiError(400, f"bad filter: {e}") from None
         else:
-            raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'!r}: send application/json, "
+            raise ApiError(415, f"unsupported Content-Type {_short(ctype or '(none)')}: send application/json, "
                                 f"multipart/form-data or image/*")
 
         query_keys = [key for key in data if key == "text" or key.endswith("_base64") or key in ("image", "audio")]
         unknown = sorted(set(data) - set(query_keys) - {"k", "filter"})
         if unknown:
-            raise ApiError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; expected text or image_base64, "
+            names = _short(", ".join(map(repr, unknown)), 200)
+            raise ApiError(400, f"unknown field(s) {names}; expected text or image_base64, "
                                 f"k, filter")
         if not query_keys:
             raise ApiError(400, "no query: give \"text\" or \"image_base64\"")
         if len(query_keys) > 1:
-            raise ApiError(400, f"one query at a time, got {', '.join(query_keys)}")
+            raise ApiError(400, f"one query at a time, got {_short(', '.join(query_keys), 200)}")
         key = query_keys[0]
         k = _parse_k(data.get("k", 10), self.limits.max_k)
         filt = _parse_filter(data.get("filter"), self.limits)
@@ -309,7 +318,8 @@ class SearchService:
         modality = key[: -len("_base64")] if key.endswith("_base64") else key
         self._check_modality(modality)
         if modality != "image":
-            raise ApiError(415, f"{modality} queries are not supported by the web service (only text and image)")
+            raise ApiError(415, f"{_short(modality)} queries are not supported by the web service (only text and "
+                                f"image)")
         raw = data[key] if isinstance(data[key], bytes) else _decode_base64(data[key], key)
         return "image", _open_image(raw, self.limits), k, filt
 
@@ -625,7 +635,7 @@ class _Handler(BaseHTTPRequestHandler):
             if n < 0:
                 raise ValueError
         except ValueError:
-            raise ApiError(400, f"bad Content-Length {length!r}") from None
+            raise ApiError(400, f"bad Content-Length {_short(length)}") from None
         limit = self.server.limits.max_body_bytes
         if n > limit:
             self._drain(n)
@@ -680,7 +690,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path.startswith("/thumb/"):
             ident = path[len("/thumb/"):]
             if not ident.isdigit() or len(ident) > 18:
-                raise ApiError(404, f"no thumbnail {ident!r}: thumbnails are addressed by an item's index_id")
+                raise ApiError(404, f"no thumbnail {_short(ident)}: thumbnails are addressed by an item's index_id")
             data = service.thumbnail(int(ident))
             self._send(200, data, "image/jpeg", {"Cache-Control": "private, max-age=300"})
         elif path == "/favicon.ico":
