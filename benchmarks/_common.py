@@ -249,7 +249,12 @@ class XModalTrainer:
     contrastive task), on the engine's own helpers and an Accelerate ``Accelerator`` configured as
     ``engine.make_accelerator`` does (except ``cpu=`` follows ``--device`` instead of CUDA availability)."""
 
-    def __init__(self, name: str, args, grad_accum_steps: int = 1, total_steps: int = 1000):
+    def __init__(self, name: str, args, grad_accum_steps: int = 1, total_steps: int = 1000,
+                 variant: frozenset[str] = frozenset()):
+        """``variant`` (ablations, not what the engine does): ``"no-proj"`` replaces each tower's projection by
+        ``nn.Identity`` (the open_clip towers already project to embed_dim); ``"no-accelerate"`` runs the same step
+        without Accelerate's wrappers (plain torch.autocast / backward / clip_grad_norm_ / optimizer);
+        ``"fused"`` builds AdamW with ``fused=True``."""
         from accelerate import Accelerator
 
         from xmodal.config import Config, TrainConfig
@@ -267,12 +272,19 @@ class XModalTrainer:
         self.accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=cfg.train.mixed_precision)
         torch.set_num_threads(args.threads)  # whatever Accelerate did, the same threads as the peer
         from xmodal.model import XModalModel
-        model = XModalModel(cfg.model)
+        model = XModalModel(cfg.model).to(args.device)
+        if "no-proj" in variant:
+            for tower in model.towers.values():
+                tower.projection = torch.nn.Identity()
         self.task = PRETRAIN_TASK
         self.weighting = StaticWeighting({PRETRAIN_TASK: 1.0})
         optimizer = torch.optim.AdamW(param_groups(model, cfg, list(self.weighting.parameters())), lr=LR,
-                                      betas=BETAS, eps=EPS)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+                                      betas=BETAS, eps=EPS, **({"fused": True} if "fused" in variant else {}))
+        if "no-accelerate" in variant:
+            self.accelerator = _PlainTorch(args)
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10, total_steps))
         self.loss_fn = build_loss("clip", local_loss=False, gather_with_grad=True)
@@ -320,6 +332,28 @@ class XModalTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+class _PlainTorch:
+    """The Accelerator methods the step uses, as plain torch calls (the ``no-accelerate`` ablation)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def autocast(self):
+        return autocast(self.args)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def unwrap_model(self, model):
+        return model
+
+
 # ------------------------------------------------------------------------------------------------------ timing
 
 def timed(fn: Callable[[], Any], device: str) -> float:
@@ -331,11 +365,14 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 
 def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str) -> dict[str, list[float]]:
-    """Run every fn once per round, in rotating order, ``warmup`` untimed rounds first; returns the times."""
+    """Run every fn once per round, in a random (seeded) order per round so no fn always follows the same
+    neighbour, ``warmup`` untimed rounds first; returns the times."""
+    import random
     names = list(fns)
+    rng = random.Random(1234)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = rng.sample(names, len(names))
         for n in order:
             dt = timed(fns[n], device)
             if r >= warmup:

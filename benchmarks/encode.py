@@ -2,7 +2,7 @@
 
 Same towers (same open_clip config), same preprocessed tensors (images ``[N, 3, H, W]``, BPE ids ``[N, L]``), same
 chunking (``--batch`` rows per forward), same precision (bf16: autocast around both), same threads; all variants
-timed interleaved in one run (rotating order). Variants per modality:
+timed interleaved in one run (random order each round). Variants per modality:
 
 * ``open_clip``: ``model.encode_image(x, normalize=True)`` per chunk under ``torch.no_grad()`` (open_clip's README
   usage), results concatenated;

@@ -1,6 +1,6 @@
 """Fast paths for xmodal's towers: inference_mode vs no_grad, channels_last for conv towers, torch.compile.
 
-Every comparison is timed interleaved in one run (rotating order) on the same inputs; speedup = baseline time /
+Every comparison is timed interleaved in one run (random order each round) on the same inputs; speedup = baseline time /
 fast-path time, median of the per-round ratios (> 1: the fast path helps). Library code is not changed: the fast
 paths are applied from outside, to towers built by xmodal.
 

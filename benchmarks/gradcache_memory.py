@@ -12,7 +12,7 @@ AdamW state (allocated by the first step), which are the same for every configur
 * ``open_clip accum_freq k`` (peer reference): open_clip_train's own ``--accum-freq k`` (feature cache, but one loss
   per micro-batch re-computation) at micro-batch B.
 
-Then, in this process, the step time of the kB configurations, interleaved (rotating order), and one step's loss and parameter gradients of GradCache (k micro-batches) against one plain
+Then, in this process, the step time of the kB configurations, interleaved (random order each round), and one step's loss and parameter gradients of GradCache (k micro-batches) against one plain
 forward/backward over the same k*B rows: max abs difference (tested in tests/test_gradcache.py; printed here).
 
     python benchmarks/gradcache_memory.py --threads 1

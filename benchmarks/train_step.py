@@ -1,7 +1,7 @@
 """Training-step throughput, peak memory and achieved FLOP/s: xmodal vs open_clip, side by side in one run.
 
 For each model config both sides are built with the same towers (open_clip ViT + text transformer), batch,
-precision and threads, then timed **interleaved** (xmodal step, open_clip step, one large matmul; the order rotates
+precision and threads, then timed **interleaved** (xmodal step, open_clip step, one large matmul; random order
 each round), so a neighbour stealing a core slows both alike. Reported: median step time, samples/s, the ratio
 xmodal/open_clip (median of the per-round ratios, and the ratio of medians), peak memory of each side in its own
 fresh subprocess (CPU: peak RSS above the pre-step RSS, via /proc/self/clear_refs + VmHWM; CUDA:
@@ -35,6 +35,32 @@ def op_counts(step, n: int = 2) -> dict[str, tuple[float, float]]:
     return {e.key: (e.count / n, e.self_cpu_time_total / n / 1e3) for e in prof.key_averages()}
 
 
+ABLATIONS = {"xmodal (engine step)": frozenset(), "xmodal, no extra projection": frozenset({"no-proj"}),
+             "xmodal, no Accelerate wrappers": frozenset({"no-accelerate"}),
+             "xmodal, fused AdamW": frozenset({"fused"}),
+             "xmodal, all three": frozenset({"no-proj", "no-accelerate", "fused"})}
+
+
+def ablate(args, steps: int) -> None:
+    """What each part of xmodal's step costs: variants of the step, interleaved with open_clip's."""
+    rows = []
+    for name in args.ablate_models.split(","):
+        batch = args.batch or C.DEFAULT_BATCH.get(name, 32)
+        images, texts = C.make_batch(name, batch, args.device, seed=args.seed)
+        oc = C.OpenClipTrainer(name, args)
+        trainers = {label: C.XModalTrainer(name, args, variant=v) for label, v in ABLATIONS.items()}
+        fns = {label: (lambda t=t: t.step(images, texts)) for label, t in trainers.items()}
+        fns["open_clip"] = lambda: oc.step(images, texts)
+        rounds = steps * 5 if name == "bench-vit-micro" else steps
+        times = C.interleave(fns, rounds, args.warmup, args.device)
+        for label, ts in times.items():
+            rows.append([name, batch, label, C.median(ts) * 1e3,
+                         C.median([o / x for o, x in zip(times["open_clip"], ts)])])
+    print()
+    print(C.table(["model", "batch", "step variant", "step ms (median)",
+                   "throughput ratio vs open_clip (median per round)"], rows))
+
+
 def main() -> None:
     p = C.common_parser(__doc__.split("\n")[0])
     p.add_argument("--models", default=None,
@@ -44,6 +70,10 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, default=3, help="steps in each memory subprocess")
     p.add_argument("--profile", action="store_true",
                    help="also profile 2 steps per side (torch.profiler) and print the ops whose count differs")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time xmodal variants (no extra projection / no Accelerate wrappers / fused AdamW / "
+                        "all three) against open_clip, interleaved, on --ablate-models")
+    p.add_argument("--ablate-models", default="bench-vit-micro,xmodal-vit-tiny")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     C.setup(args)
@@ -60,7 +90,7 @@ def main() -> None:
         images, texts = C.make_batch(name, batch, args.device, seed=args.seed)
         flops = {"xmodal": C.count_flops(lambda: xm.forward_backward(images, texts)),
                  "open_clip": C.count_flops(lambda: oc.forward_backward(images, texts))}
-        rounds = steps * 3 if name == "bench-vit-micro" else steps  # short steps: more rounds, same wall time
+        rounds = steps * 5 if name == "bench-vit-micro" else steps  # short steps: more rounds
         times = C.interleave({"xmodal": lambda: xm.step(images, texts), "open_clip": lambda: oc.step(images, texts),
                               "matmul": mm_fn}, rounds, args.warmup, args.device)
         if args.profile:
@@ -101,6 +131,8 @@ def main() -> None:
         print(C.table(["op", "xmodal count", "open_clip count", "xmodal self ms", "open_clip self ms"],
                       [[k[:60], xs.get(k, (0, 0))[0], os_.get(k, (0, 0))[0], xs.get(k, (0, 0))[1],
                         os_.get(k, (0, 0))[1]] for k in diff[:15]]))
+    if args.ablate:
+        ablate(args, steps)
     print("\ntargets: throughput ratio >= 1.0, peak memory ratio <= 1.0. FLOPs: forward + loss + backward "
           "(FlopCounterMode; the optimiser's elementwise work is not counted). Peak memory: "
           + ("max_memory_allocated above the pre-step allocation" if args.device.startswith("cuda") else

@@ -184,6 +184,11 @@ def _serve(args) -> int:
     return 0
 
 
+def _evaluate_index(args) -> int:
+    from .retrieval.evaluation import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -270,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
     s.set_defaults(fn=_serve)
+
+    from .retrieval.evaluation import add_arguments
+    s = add_arguments(sub.add_parser("evaluate-index",
+                                     help="Recall@K and mAP of labelled queries through the index's search path"))
+    s.set_defaults(fn=_evaluate_index)
     return p
 
 
