@@ -435,7 +435,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if cfg.log.backend != "none":
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
             if progress is not None:
-                shown = record.get("loss", next(v for k, v in record.items() if k.startswith("loss/")))
+                shown = record["loss"] if "loss" in record else next(
+                    v for k, v in record.items() if k.startswith("loss/"))
                 progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
             window_start, window_steps = time.perf_counter(), 0
         if progress is not None:
