@@ -13,7 +13,8 @@ paths are applied from outside, to towers built by xmodal.
    (what ``engine.train`` would pass to ``torch.optim.AdamW``), timed against a forward + backward for scale.
 4. ``torch.compile`` (default inductor) of the open_clip image tower: compile time of the first call, then eager
    vs compiled, for inference and for a training forward + backward. Runs in a subprocess with a time limit
-   (``--compile-timeout``); whatever finished before it is reported.
+   (``--compile-timeout``) and a fresh inductor cache (a cold compile, as a first run sees it; ``--warm-cache``
+   reuses the on-disk cache); whatever finished before the limit is reported.
 
     python benchmarks/fast_paths.py --threads 1
     python benchmarks/fast_paths.py --quick
@@ -184,14 +185,23 @@ def section_compile(args, steps: int, batch: int) -> tuple[list[list], str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-child", json.dumps(spec)]
     note = ""
     t0 = time.perf_counter()
+    import os
+    import tempfile
+    env = dict(os.environ)
+    cache = tempfile.TemporaryDirectory(prefix="xmodal-bench-inductor-")
+    if not args.warm_cache:  # a cold compile, as a user's first run sees it (inductor caches on disk otherwise)
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache.name
+        env["TRITON_CACHE_DIR"] = os.path.join(cache.name, "triton")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, cwd=str(C.ROOT))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, cwd=str(C.ROOT),
+                              env=env)
         out, err = proc.stdout, proc.stderr
         if proc.returncode != 0:
             note = f"compile child failed (rc {proc.returncode}): {err.strip().splitlines()[-1] if err else ''}"
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         note = f"stopped after the {args.compile_timeout:.0f} s limit"
+    cache.cleanup()
     rows = []
     for line in out.splitlines():
         if line.startswith("{"):
@@ -206,23 +216,30 @@ def main() -> None:
     p.add_argument("--model", default="xmodal-vit-tiny", help="open_clip config of the towers")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--compile-timeout", type=float, default=None, help="seconds (default 300; --quick 150)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="let torch.compile reuse its on-disk cache (default: a fresh cache, i.e. a cold compile)")
+    p.add_argument("--sections", default="inference_mode,channels_last,optimizer,compile",
+                   help="comma-separated subset of inference_mode,channels_last,optimizer,compile")
     args = p.parse_args()
     C.setup(args)
     steps = args.steps or (3 if args.quick else 8)
     args.compile_timeout = args.compile_timeout or (150 if args.quick else 300)
     print(C.header(args, "fast paths"))
-    rows = section_inference_mode(args, steps, args.batch)
-    print()
-    print(C.table(["tower", "batch", "no_grad ms", "inference_mode ms", "speedup"], rows), flush=True)
-    rows = section_channels_last(args, steps, args.quick)
-    print()
-    print(C.table(["tower", "mode", "batch", "NCHW ms", "channels_last ms", "speedup"], rows), flush=True)
-    rows = section_optimizer(args, steps, args.batch)
-    print()
-    print(C.table(["optimizer step (clip + step + zero_grad)", "ms (median)", "speedup vs default",
-                   "time / forward+backward"], rows), flush=True)
-    if not args.no_compile:
+    sections = set(args.sections.split(","))
+    if "inference_mode" in sections:
+        rows = section_inference_mode(args, steps, args.batch)
+        print()
+        print(C.table(["tower", "batch", "no_grad ms", "inference_mode ms", "speedup"], rows), flush=True)
+    if "channels_last" in sections:
+        rows = section_channels_last(args, steps, args.quick)
+        print()
+        print(C.table(["tower", "mode", "batch", "NCHW ms", "channels_last ms", "speedup"], rows), flush=True)
+    if "optimizer" in sections:
+        rows = section_optimizer(args, steps, args.batch)
+        print()
+        print(C.table(["optimizer step (clip + step + zero_grad)", "ms (median)", "speedup vs default",
+                       "time / forward+backward"], rows), flush=True)
+    if "compile" in sections:
         rows, note = section_compile(args, steps, args.batch)
         print()
         if rows:

@@ -127,3 +127,18 @@ def test_pcgrad_all_tasks_per_step_and_linear_probe_from_a_pretrained_run(fashio
         torch.testing.assert_close(after.towers["image"].encoder.state_dict()[k], v)
     rec = records(run)[-1]
     assert "eval/fashion/accuracy" in rec and "eval/sentiment/accuracy" in rec
+
+
+def test_one_modality_task_on_frozen_pretrained_towers_caches_only_what_it_reads(rotten, clipart, tmp_path):
+    """The quickstart's path: a text-only head over a pretrained image+text space with frozen (cached) towers."""
+    frozen = {m: {**t, "freeze": True} for m, t in TOWERS.items()}
+    pre = train(config_from_dict({
+        "output_dir": str(tmp_path / "pre"), "model": {"embed_dim": 32, "towers": frozen},
+        "data": {"train": str(clipart)}, "train": {"batch_size": 16, "max_steps": 2, "progress": False},
+        "log": {"backend": "none"}}))
+    run = train(config_from_dict({
+        "output_dir": str(tmp_path / "ft"), "init_from": str(pre),
+        "tasks": {"sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"],
+                                "max_rows": 100}},
+        "train": {"batch_size": 16, "max_steps": 3, "progress": True}, "log": {"backend": "none"}}))
+    assert "eval/sentiment/accuracy" in records(run)[-1]

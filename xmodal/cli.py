@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Idle OpenMP threads sleep instead of spinning. On a machine where another process holds a core, spinning made a
-# 2-thread training step 14x slower (770 ms vs 56 ms, benchmarks/fast_paths.py); must be set before torch loads.
+# 2-thread training step ~14x slower (benchmarks/omp_wait.py, docs/benchmarks.md); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

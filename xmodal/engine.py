@@ -288,11 +288,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
             raise ValueError(f"init_from {cfg.init_from}: weights do not fit the towers (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
     # Frozen, non-augmented towers are embedded once; training then runs on their cached features.
+    used = {m for r in runs.values() for m in r.cfg.modalities}  # a tower no task reads is never run
     cached = {m: m + FEATURES for m in modalities
-              if t.cache_frozen and not t.unfreeze_at_step and is_cacheable(m, cfg.model.towers[m])}
+              if m in used and t.cache_frozen and not t.unfreeze_at_step and is_cacheable(m, cfg.model.towers[m])}
     caches = {}
     for m in cached:
-        values = [v for r in runs.values() if m in r.dataset.column_names for v in r.dataset[m] if v not in (None, "")]
+        values = [v for r in runs.values() if m in r.cfg.modalities for v in r.dataset[m] if v not in (None, "")]
         caches[m] = precompute_features(model.towers[m].encoder, model.transform(m, train=False), values,
                                         batch_size=t.batch_size, num_workers=cfg.data.num_workers,
                                         device=accelerator.device, desc=f"cache frozen {m} features",
