@@ -34,7 +34,7 @@ echo "== 5/6 index the test images"
 $X index --run "$RUN" --manifest "$DATA/manifest.csv" --split test --modality image --out "$RUN/index"
 
 echo "== 6/6 text→image queries"
-for q in "a red car" "a cat" "christmas tree" "a map of europe"; do
+for q in "a flag" "a map" "a bird" "a car"; do
   echo "--- query: $q"
   $X query --index "$RUN/index" --text "$q" -k 5
 done
