@@ -152,7 +152,6 @@ def make_accelerator(cfg: Config, find_unused: bool = False):
         # A sampler seeded by (seed, epoch) makes the data order a function of the position, which exact resume
         # (skip the batches already seen) relies on.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        # With several task heads only the sampled task's head is used in a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
     )
 
@@ -248,7 +247,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         for tower in cfg.model.towers.values():
             tower.freeze = bool(cfg.train.freeze_towers) or bool(cfg.train.unfreeze_at_step)
     t = cfg.train
-    accelerator = make_accelerator(cfg, find_unused=len(cfg.tasks) > 1)
+    # Fine-tuning may leave parameters out of a step (other tasks' heads, towers a task does not read).
+    accelerator = make_accelerator(cfg, find_unused=bool(cfg.tasks))
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
