@@ -27,3 +27,13 @@ def write_manifest(path: Path, rows: list[dict], columns: list[str] = MANIFEST_C
 
 def write_info(path: Path, info: dict) -> None:
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+def up_to_date(manifest: Path, info_path: Path, params: dict) -> bool:
+    """A manifest prepared earlier with the same parameters can be returned as is."""
+    if not (manifest.is_file() and info_path.is_file()):
+        return False
+    try:
+        return json.loads(info_path.read_text(encoding="utf-8"))["params"] == params
+    except (ValueError, KeyError):
+        return False

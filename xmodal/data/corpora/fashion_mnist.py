@@ -15,7 +15,6 @@ manifest with a caption per image.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._output import write_info, write_manifest
+from ._output import up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +92,9 @@ def prepare_fashion_mnist(
     manifest, info_path = out / "manifest.csv", out / "prepare.json"
     params = {"max_per_split": max_per_split, "root": str(src.resolve()), "seed": seed,
               "format_version": FORMAT_VERSION}
-    if manifest.is_file() and info_path.is_file():
-        try:
-            if json.loads(info_path.read_text())["params"] == params:
-                log.info("%s is up to date", manifest)
-                return manifest
-        except (ValueError, KeyError):
-            pass
+    if up_to_date(manifest, info_path, params):
+        log.info("%s is up to date", manifest)
+        return manifest
     missing = [f for pair in _FILES.values() for f in pair if not (src / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{src}: missing {', '.join(missing)} (apt-get install dataset-fashion-mnist)")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -42,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ._output import write_info, write_manifest
+from ._output import up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -309,13 +308,9 @@ def prepare_openclipart(
     info_path = out / "prepare.json"
     params = {"image_size": image_size, "limit": limit, "seed": seed, "svg_root": str(src.resolve()),
               "renderer": renderer, "max_bytes": max_bytes, "format_version": FORMAT_VERSION}
-    if manifest.is_file() and info_path.is_file():
-        try:
-            if json.loads(info_path.read_text())["params"] == params:
-                log.info("%s is up to date", manifest)
-                return manifest
-        except (ValueError, KeyError):
-            pass
+    if up_to_date(manifest, info_path, params):
+        log.info("%s is up to date", manifest)
+        return manifest
     engine = _resolve_renderer(renderer)
 
     # ---- the file list: size filter, exact-duplicate removal (first path wins), optional subset

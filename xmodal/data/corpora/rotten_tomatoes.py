@@ -22,13 +22,12 @@ import csv
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 from collections import Counter
 from pathlib import Path
 
-from ._output import write_info, write_manifest
+from ._output import up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +63,9 @@ def prepare_rotten_tomatoes(out_dir: str | os.PathLike, *, seed: int = 0,
     src = Path(source).expanduser().resolve() if source is not None else source_file()
     manifest, info_path = out / "manifest.csv", out / "prepare.json"
     params = {"source": str(src), "seed": seed, "format_version": FORMAT_VERSION}
-    if manifest.is_file() and info_path.is_file():
-        try:
-            if json.loads(info_path.read_text())["params"] == params:
-                log.info("%s is up to date", manifest)
-                return manifest
-        except (ValueError, KeyError):
-            pass
+    if up_to_date(manifest, info_path, params):
+        log.info("%s is up to date", manifest)
+        return manifest
 
     with bz2.open(src, "rt", encoding="utf-8", newline="") as f:
         raw = list(csv.DictReader(io.StringIO(f.read())))

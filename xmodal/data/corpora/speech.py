@@ -56,7 +56,6 @@ training.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -70,7 +69,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._output import write_info, write_manifest
+from ._output import up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -274,13 +273,9 @@ def prepare_spoken_captions(
     params = {"manifest": str(src), "manifest_sha1": _file_hash(src) if src.is_file() else None, "limit": limit,
               "voices": voices, "jitter": jitter, "engine": engine, "speak": speak, "max_words": max_words,
               "seed": seed, "sample_rate": SAMPLE_RATE, "format_version": FORMAT_VERSION}
-    if out_manifest.is_file() and info_path.is_file():
-        try:
-            if json.loads(info_path.read_text())["params"] == params:
-                log.info("%s is up to date", out_manifest)
-                return out_manifest
-        except (ValueError, KeyError):
-            pass
+    if up_to_date(out_manifest, info_path, params):
+        log.info("%s is up to date", out_manifest)
+        return out_manifest
 
     column = "text" if speak == "caption" else "label"
     m = read_manifest(src, check_files=False, require_all=False)
