@@ -38,6 +38,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# As the xmodal CLI does (docs/benchmarks.md, "OpenMP wait policy"): on a shared machine, spinning OpenMP threads that
+# wait for a descheduled sibling make multi-thread steps 3-10x slower and erratic. Both sides run in this process,
+# so the comparison stays fair; export OMP_WAIT_POLICY to override. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -459,10 +463,25 @@ def child_measure(spec: dict) -> dict:
             "step_s": times, "params": n_params(trainer.model)}
 
 
-def measure_in_subprocess(spec: dict, timeout: float = 900) -> dict:
-    """:func:`child_measure` in a fresh Python process (peak memory is per process, so one configuration each)."""
+MALLOC_MODES = ("live", "default")
+
+
+def measure_in_subprocess(spec: dict, malloc: str = "live", timeout: float = 900) -> dict:
+    """:func:`child_measure` in a fresh Python process (peak memory is per process, so one configuration each).
+
+    ``malloc`` (CPU only): ``"live"`` starts the child with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc serves every
+    tensor above 64 KiB from its own mmap and returns it to the OS when freed: RSS then follows the live tensors and
+    the peak is what the step needs (the CPU analogue of CUDA's max_memory_allocated). ``"default"`` keeps glibc's
+    dynamic threshold (up to 32 MiB), under which freed tensors stay in the heap and fragmentation can raise the
+    peak RSS well above the live peak -- what a default process shows, but a property of the allocator, not of
+    the step. Step times in ``"live"`` mode are slower (a page fault per fresh tensor): indicative only."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    env = dict(os.environ)
+    if malloc == "live":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif malloc != "default":
+        raise ValueError(f"malloc: {malloc!r} (expected one of {MALLOC_MODES})")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({spec}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -473,7 +492,8 @@ def measure_in_subprocess(spec: dict, timeout: float = 900) -> dict:
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[h for h in headers]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
     sep = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 

@@ -13,6 +13,9 @@ timed interleaved in one run (random order each round). Variants per modality:
 
 Ratio = open_clip time / xmodal time (>= 1.0: xmodal is at least as fast), median of per-round ratios.
 
+Then the per-call latency of one row (a retrieval query), where fixed per-call costs show: open_clip's
+``encode_*`` under no_grad vs ``xmodal.encode`` vs the xmodal tower, ``--latency-rounds`` interleaved rounds.
+
     python benchmarks/encode.py --threads 1
     python benchmarks/encode.py --quick
     python benchmarks/encode.py --device cuda --precision bf16 --batch 256
@@ -35,6 +38,8 @@ def main() -> None:
                                                   "(default xmodal-vit-tiny,bench-vit-small)")
     p.add_argument("--batch", type=int, default=64, help="rows per forward (default 64)")
     p.add_argument("--chunks", type=int, default=None, help="forwards per timed call (default 4; --quick 2)")
+    p.add_argument("--latency-rounds", type=int, default=None,
+                   help="interleaved rounds of the one-row latency test (default 200; --quick 50)")
     args = p.parse_args()
     C.setup(args)
     models = (args.models or ("xmodal-vit-tiny" if args.quick else "xmodal-vit-tiny,bench-vit-small")).split(",")
@@ -42,7 +47,8 @@ def main() -> None:
     chunks = args.chunks or (2 if args.quick else 4)
     n = args.batch * chunks
     print(C.header(args, f"encode {n} rows in chunks of {args.batch}, xmodal vs open_clip"))
-    rows, ratio_rows = [], []
+    rows, ratio_rows, latency_rows = [], [], []
+    latency_rounds = args.latency_rounds or (50 if args.quick else 200)
     for name in models:
         oc = C.build_open_clip(name, args.device).eval()
         xm = C.build_xmodal(name, args.device).eval()
@@ -81,13 +87,36 @@ def main() -> None:
                               + [C.median([o / v for o, v in zip(times["open_clip inference_mode"],
                                                                   times["xmodal.encode"])]),
                                  min(ref) / min(times["xmodal.encode"])])
-        del oc, xm
+        # Per-call latency: one row per call (a retrieval query), where fixed per-call costs show.
+        one_image, one_text = images[:1], texts[:1]
+        for modality, x, fn in (("image", one_image, oc.encode_image), ("text", one_text, oc.encode_text)):
+            def peer_one(fn=fn, x=x):
+                with torch.no_grad(), amp():
+                    return fn(x, normalize=True)
+
+            def xm_one(modality=modality, x=x):
+                with amp():
+                    return xm.encode(modality, x)
+
+            def tower_one(modality=modality, x=x):
+                with torch.no_grad(), amp():
+                    return xm.towers[modality](x)
+            times = C.interleave({"open_clip": peer_one, "xmodal.encode": xm_one, "xmodal tower": tower_one},
+                                 latency_rounds, 5, args.device)
+            med = {k: C.median(v) * 1e3 for k, v in times.items()}
+            latency_rows.append([name, modality, med["open_clip"], med["xmodal.encode"], med["xmodal tower"],
+                                 med["xmodal.encode"] - med["xmodal tower"],
+                                 C.median([o / v for o, v in zip(times["open_clip"], times["xmodal.encode"])])])
+        oc = xm = None  # free both before the next model is built
     print()
     print(C.table(["model", "modality", "variant", "ms (median)", "rows/s"], rows))
     print()
     print(C.table(["model", "modality", "ratio xmodal.encode / open_clip", "ratio xmodal tower / open_clip",
                    "ratio xmodal.encode / open_clip inference_mode", "xmodal.encode / open_clip, best times"],
                   ratio_rows))
+    print()
+    print(C.table(["model", "modality", "1 row: open_clip ms", "xmodal.encode ms", "xmodal tower ms",
+                   "encode overhead ms", "ratio xmodal.encode / open_clip"], latency_rows))
     print(f"\ntarget: encode ratio >= 1.0 (ratio = open_clip time / xmodal time, median over {steps} interleaved "
           f"rounds after {args.warmup} warm-up rounds).")
 

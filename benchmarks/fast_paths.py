@@ -168,7 +168,8 @@ def compile_child(spec: dict) -> None:
                     out = tw(images)
                 out.float().pow(2).sum().backward()
             return f
-        (eager.eval(), compiled_module.eval()) if mode == "inference" else (eager.train(), compiled_module.train())
+        for module in (eager, compiled_module):
+            module.train(mode != "inference")
         t0 = time.perf_counter()
         run(compiled)()
         C.sync(args.device)

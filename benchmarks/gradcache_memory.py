@@ -3,8 +3,12 @@
 Each configuration runs in its own fresh subprocess (peak memory is per process): ``--mem-steps`` training steps of
 xmodal's engine step body (see benchmarks/_common.py) inside a peak-memory window opened after the model and
 optimiser are built (CPU: peak RSS above the pre-step RSS via /proc/self/clear_refs + VmHWM; CUDA:
-max_memory_allocated above the pre-step allocation). The window includes the step's input tensors, gradients and the
-AdamW state (allocated by the first step), which are the same for every configuration except the inputs.
+max_memory_allocated above the pre-step allocation). On CPU each configuration runs twice: ``live`` with
+``MALLOC_MMAP_THRESHOLD_=65536`` (every tensor above 64 KiB in its own mmap, returned when freed, so the peak RSS is
+the peak of live tensors -- the CPU analogue of CUDA's max_memory_allocated) and ``default`` (glibc's dynamic mmap
+threshold: freed tensors stay in the heap and fragmentation adds to the peak RSS). The window includes the step's
+input tensors, gradients and the AdamW state (allocated by the first step), which are the same for every
+configuration except the inputs.
 
 * ``xmodal plain B``: ``grad_accum_steps 1``, batch B;
 * ``xmodal GradCache kB``: ``grad_accum_steps k``, micro-batch B, one contrastive loss over k*B pairs;
@@ -12,8 +16,9 @@ AdamW state (allocated by the first step), which are the same for every configur
 * ``open_clip accum_freq k`` (peer reference): open_clip_train's own ``--accum-freq k`` (feature cache, but one loss
   per micro-batch re-computation) at micro-batch B.
 
-Then, in this process, the step time of the kB configurations, interleaved (random order each round), and one step's loss and parameter gradients of GradCache (k micro-batches) against one plain
-forward/backward over the same k*B rows: max abs difference (tested in tests/test_gradcache.py; printed here).
+Then, in this process, the step time of the kB configurations, interleaved (random order each round), and one
+step's loss and parameter gradients of GradCache (k micro-batches) against one plain forward/backward over the same
+k*B rows: max abs difference (tested in tests/test_gradcache.py; printed here).
 
     python benchmarks/gradcache_memory.py --threads 1
     python benchmarks/gradcache_memory.py --quick
@@ -63,7 +68,11 @@ def main() -> None:
     p.add_argument("--model", default="xmodal-vit-tiny", help="open_clip config (default xmodal-vit-tiny)")
     p.add_argument("--micro-batch", type=int, default=None, help="B (default 32; --quick 16)")
     p.add_argument("--k", type=int, default=8, help="micro-batches per step (default 8)")
-    p.add_argument("--mem-steps", type=int, default=None, help="steps per subprocess (default 3; --quick 2)")
+    p.add_argument("--mem-steps", type=int, default=None,
+                   help="steps per subprocess (default 2: the 2nd is the first with AdamW state, the peak)")
+    p.add_argument("--malloc", default="live,default",
+                   help="CPU peak-memory modes, comma-separated: live (MALLOC_MMAP_THRESHOLD_=65536: RSS follows "
+                        "live tensors) and/or default (glibc's default, fragmentation included)")
     p.add_argument("--no-big", action="store_true", help="skip the plain k*B reference")
     p.add_argument("--no-time", action="store_true", help="skip the interleaved step-time comparison")
     p.add_argument("--no-peer", action="store_true", help="skip open_clip's accum_freq reference")
@@ -71,7 +80,7 @@ def main() -> None:
     C.setup(args)
     micro = args.micro_batch or (16 if args.quick else 32)
     k = args.k
-    steps = args.mem_steps or args.steps or (2 if args.quick else 3)
+    steps = args.mem_steps or 2
     name = args.model
     print(C.header(args, f"GradCache memory, {name}, micro-batch {micro}, k {k}"))
     base = dict(model=name, steps=steps, device=args.device, precision=args.precision, threads=args.threads,
@@ -82,20 +91,27 @@ def main() -> None:
         configs.append(("xmodal plain kB", dict(side="xmodal", batch=micro * k, accum=1)))
     if not args.no_peer:
         configs.append(("open_clip accum_freq k", dict(side="open_clip", batch=micro * k, accum=k)))
+    modes = ["live"] if args.device.startswith("cuda") else args.malloc.split(",")
     results = {}
     for label, spec in configs:
-        results[label] = C.measure_in_subprocess({**base, **spec})
+        for mode in modes:
+            results[label, mode] = C.measure_in_subprocess({**base, **spec}, malloc=mode)
         print(f"  measured {label}", flush=True)
-    ref = results["xmodal plain B"]["delta_mib"]
     rows = []
     for label, spec in configs:
-        r = results[label]
+        row = [label, spec["batch"], spec["batch"] // spec["accum"]]
+        for mode in modes:
+            r = results[label, mode]
+            row += [r["delta_mib"], r["delta_mib"] / results["xmodal plain B", mode]["delta_mib"]]
+        r = results[label, modes[-1]]
         t = C.median(r["step_s"][1:] or r["step_s"])  # the first step also allocates gradients and AdamW state
-        rows.append([label, spec["batch"], spec["batch"] // spec["accum"], r["delta_mib"], r["input_mib"],
-                     r["delta_mib"] / ref, t, spec["batch"] / t])
+        rows.append(row + [results[label, modes[0]]["input_mib"], t, spec["batch"] / t])
+    cols = []
+    for mode in modes:
+        cols += [f"peak MiB ({mode})", f"vs plain B ({mode})"]
     print()
-    print(C.table(["configuration", "contrastive batch", "micro-batch", "peak mem MiB", "of which inputs MiB",
-                   "memory vs plain B", "step s (median)", "samples/s"], rows))
+    print(C.table(["configuration", "contrastive batch", "micro-batch"] + cols
+                  + ["inputs MiB", f"step s ({modes[-1]}, median)", "samples/s"], rows))
     if not args.no_time:
         # Step time, interleaved in this process (the subprocess times above are not): same contrastive batch kB.
         images, texts = C.make_batch(name, micro * k, args.device, seed=args.seed)
@@ -118,12 +134,14 @@ def main() -> None:
     dl, dg, scale = equality(args, name, micro, k)
     print(f"\nloss equality, one step over {micro * k} rows: |loss(plain) - loss(GradCache)| = {dl:.2e}; "
           f"max |grad diff| = {dg:.2e} (largest gradient entry {scale:.2e})")
-    gc_ratio = results["xmodal GradCache kB"]["delta_mib"] / ref
+    m = modes[0]
+    ref = results["xmodal plain B", m]["delta_mib"]
+    gc_ratio = results["xmodal GradCache kB", m]["delta_mib"] / ref
     print(f"\nbar: an effective batch >= {k}x larger at the plain batch's memory -> GradCache {micro * k} pairs "
-          f"at {gc_ratio:.2f}x the memory of plain {micro}"
-          + (f" (plain {micro * k}: {results['xmodal plain kB']['delta_mib'] / ref:.2f}x)" if not args.no_big
+          f"at {gc_ratio:.2f}x the peak memory ({m}) of plain {micro}"
+          + (f" (plain {micro * k}: {results['xmodal plain kB', m]['delta_mib'] / ref:.2f}x)" if not args.no_big
              else "")
-          + f". Step times come from separate processes (not interleaved): indicative only.")
+          + ". Step times of the memory subprocesses are not interleaved: indicative only.")
 
 
 if __name__ == "__main__":

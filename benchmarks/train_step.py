@@ -71,13 +71,17 @@ def main() -> None:
                    help="comma-separated open_clip config names (default xmodal-vit-tiny,bench-vit-small; "
                         "ViT-B-32 also works)")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
-    p.add_argument("--mem-steps", type=int, default=3, help="steps in each memory subprocess")
+    p.add_argument("--mem-steps", type=int, default=2,
+                   help="steps in each memory subprocess (the 2nd step is the first with AdamW state: the peak)")
     p.add_argument("--profile", action="store_true",
                    help="also profile 2 steps per side (torch.profiler) and print the ops whose count differs")
     p.add_argument("--ablate", action="store_true",
                    help="also time xmodal variants (no extra projection / no Accelerate wrappers / fused AdamW / "
                         "all three) against open_clip, interleaved, on --ablate-models")
     p.add_argument("--ablate-models", default="bench-vit-micro,xmodal-vit-tiny")
+    p.add_argument("--malloc", default="live,default",
+                   help="CPU peak-memory modes, comma-separated: live (MALLOC_MMAP_THRESHOLD_=65536: RSS follows "
+                        "live tensors) and/or default (glibc's default, fragmentation included)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     C.setup(args)
@@ -102,30 +106,34 @@ def main() -> None:
                              op_counts(lambda: oc.step(images, texts))))
         peak = mm_flops / C.median(times["matmul"])
         best_peak = mm_flops / min(times["matmul"])
-        mem = {}
-        if not args.no_memory:
+        mem: dict[tuple[str, str], dict] = {}
+        modes = [] if args.no_memory else (["live"] if args.device.startswith("cuda") else args.malloc.split(","))
+        for mode in modes:
             for side in ("xmodal", "open_clip"):
-                mem[side] = C.measure_in_subprocess(dict(side=side, model=name, batch=batch, steps=args.mem_steps,
-                                                         device=args.device, precision=args.precision,
-                                                         threads=args.threads, seed=args.seed))
+                mem[side, mode] = C.measure_in_subprocess(
+                    dict(side=side, model=name, batch=batch, steps=args.mem_steps, device=args.device,
+                         precision=args.precision, threads=args.threads, seed=args.seed), malloc=mode)
+        get = lambda side, mode: mem[side, mode]["delta_mib"] if (side, mode) in mem else float("nan")  # noqa
         for side, trainer in (("xmodal", xm), ("open_clip", oc)):
             t = C.median(times[side])
             rows.append([name, side, f"{C.n_params(trainer.model) / 1e6:.2f}M", batch, t * 1e3, batch / t,
-                         mem[side]["delta_mib"] if mem else float("nan"), flops[side] / 1e9,
+                         get(side, "live"), get(side, "default"), flops[side] / 1e9,
                          flops[side] / t / 1e9, flops[side] / t / peak])
         per_round = [o / x for x, o in zip(times["xmodal"], times["open_clip"])]
         ratio_rows.append([name, batch, C.median(per_round),
                            C.median(times["open_clip"]) / C.median(times["xmodal"]),
                            min(times["open_clip"]) / min(times["xmodal"]),
-                           (mem["xmodal"]["delta_mib"] / mem["open_clip"]["delta_mib"]) if mem else float("nan"),
+                           get("xmodal", "live") / get("open_clip", "live"),
+                           get("xmodal", "default") / get("open_clip", "default"),
                            flops["xmodal"] / flops["open_clip"], peak / 1e9, best_peak / 1e9])
-        del xm, oc
+        xm = oc = None  # free both before the next model is built
     print()
-    print(C.table(["model", "side", "params", "batch", "step ms (median)", "samples/s", "peak mem MiB",
-                   "GFLOP/step", "GFLOP/s", "of matmul peak"], rows))
+    print(C.table(["model", "side", "params", "batch", "step ms (median)", "samples/s", "peak mem MiB (live)",
+                   "(glibc default)", "GFLOP/step", "GFLOP/s", "of matmul peak"], rows))
     print()
     print(C.table(["model", "batch", "throughput ratio xmodal/open_clip (median per round)", "ratio of medians",
-                   "ratio of best times", "peak memory ratio", "FLOP ratio", "matmul peak GFLOP/s (median)", "(best)"], ratio_rows))
+                   "ratio of best times", "peak memory ratio (live)", "(glibc default)", "FLOP ratio",
+                   "matmul peak GFLOP/s (median)", "(best)"], ratio_rows))
     for name, xs, os_ in profiles:
         n_x, n_o = sum(c for c, _ in xs.values()), sum(c for c, _ in os_.values())
         t_x, t_o = sum(t for _, t in xs.values()), sum(t for _, t in os_.values())
@@ -142,7 +150,8 @@ def main() -> None:
           "(FlopCounterMode; the optimiser's elementwise work is not counted). Peak memory: "
           + ("max_memory_allocated above the pre-step allocation" if args.device.startswith("cuda") else
              "peak RSS above the pre-step RSS, fresh subprocess per side, %d steps (includes gradients and AdamW "
-             "state, allocated by the first step)" % args.mem_steps) + f"; {steps} timed rounds after "
+             "state, allocated by the first step); live: MALLOC_MMAP_THRESHOLD_=65536 so RSS follows the live "
+             "tensors; glibc default: heap fragmentation included" % args.mem_steps) + f"; {steps} timed rounds after "
           f"{args.warmup} warm-up rounds.")
 
 
