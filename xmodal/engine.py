@@ -309,8 +309,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     mt = cfg.multitask
     weighting = (UncertaintyWeighting(runs) if mt.weighting == "uncertainty"
                  else StaticWeighting({n: r.cfg.weight for n, r in runs.items()}))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, list(weighting.parameters())), lr=t.lr, betas=t.betas,
-                                  eps=t.eps)
+    groups = param_groups(model, cfg, list(weighting.parameters()))
+    # The fused kernel: one op per step instead of ~55 per tensor (benchmarks/train_step.py --ablate).
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused)
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *(r.loader for r in runs.values()))
     for r, loader in zip(runs.values(), loaders):
         r.loader, r.steps_per_epoch = loader, len(loader)

@@ -145,7 +145,8 @@ class XModalModel(nn.Module):
         if isinstance(inputs, str):
             inputs = [inputs]
         was_training = self.training
-        self.eval()
+        if was_training:  # switching modes walks every module: ~1 ms per call, most of a one-row query
+            self.eval()
         tower = self.towers[modality]
         device = next(self.parameters()).device
         out, order = [], None
@@ -166,12 +167,13 @@ class XModalModel(nn.Module):
                 n = len(inputs)
                 chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
             for x in chunks:
-                out.append(tower(x.to(device)).float().cpu())
+                out.append(tower(x.to(device)).float())
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         if not out:
             return torch.empty(0, self.cfg.embed_dim)
-        result = torch.cat(out)
+        result = (out[0] if len(out) == 1 else torch.cat(out)).cpu()  # one device→host copy, not one per chunk
         if order is not None:
             result[torch.tensor(order)] = result.clone()
         return result
