@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -110,16 +109,10 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
-    import open_clip
-
     from xmodal.modalities import register_open_clip_configs
     register_open_clip_configs()
-    missing = {k: v for k, v in BENCH_CONFIGS.items() if k not in open_clip.list_models()}
-    if missing:
-        with tempfile.TemporaryDirectory(prefix="xmodal-bench-") as tmp:
-            for name, cfg in missing.items():
-                (Path(tmp) / f"{name}.json").write_text(json.dumps(cfg), encoding="utf-8")
-            open_clip.add_model_config(tmp)
+    from xmodal.modalities._openclip import add_open_clip_configs
+    add_open_clip_configs(BENCH_CONFIGS)
     _registered = True
 
 

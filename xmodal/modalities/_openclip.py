@@ -34,18 +34,23 @@ def register_open_clip_configs() -> None:
     global _registered
     if _registered:
         return
+    add_open_clip_configs(XMODAL_OPEN_CLIP_CONFIGS)
+    _registered = True
+
+
+def add_open_clip_configs(configs: dict[str, dict]) -> None:
+    """Register model configs with open_clip (it reads them from JSON files), skipping names it already knows."""
     import json
     import tempfile
 
     import open_clip
 
-    missing = {k: v for k, v in XMODAL_OPEN_CLIP_CONFIGS.items() if k not in open_clip.list_models()}
+    missing = {k: v for k, v in configs.items() if k not in open_clip.list_models()}
     if missing:
         with tempfile.TemporaryDirectory(prefix="xmodal-openclip-") as tmp:
             for name, cfg in missing.items():
                 (Path(tmp) / f"{name}.json").write_text(json.dumps(cfg), encoding="utf-8")
             open_clip.add_model_config(tmp)
-    _registered = True
 
 
 def model_config(name: str | None, where: str) -> dict[str, Any]:

@@ -446,17 +446,9 @@ class AudioCNN(nn.Module):
     def __init__(self, n_mels: int, channels: Sequence[int] = (32, 64, 128, 256), convs_per_stage: int = 1):
         super().__init__()
         self.bn0 = nn.BatchNorm1d(n_mels)
-        layers: list[nn.Module] = []
-        c_in = 1
-        for i, c_out in enumerate(channels):
-            for _ in range(convs_per_stage):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                           nn.ReLU(inplace=True)]
-                c_in = c_out
-            if i < len(channels) - 1:
-                layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        self.features = nn.Sequential(*layers)
-        self.output_dim = c_in
+        from .image import conv_stages
+        self.features = conv_stages(1, channels, convs_per_stage, ceil_mode=True)
+        self.output_dim = channels[-1]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -196,24 +196,28 @@ def build_open_clip_vision(cfg, where: str = "model.towers.image") -> tuple[nn.M
     return visual, feat_dim
 
 
+
+def conv_stages(c_in: int, channels: Sequence[int], convs_per_stage: int, ceil_mode: bool = False) -> nn.Sequential:
+    """Per stage ``convs_per_stage`` × (3x3 conv, BatchNorm, ReLU), then a 2x2 max-pool between stages (the image and
+    audio CNN towers share it)."""
+    layers: list[nn.Module] = []
+    for i, c_out in enumerate(channels):
+        for _ in range(convs_per_stage):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        if i < len(channels) - 1:
+            layers.append(nn.MaxPool2d(2, ceil_mode=ceil_mode))
+    return nn.Sequential(*layers)
+
 class SimpleCNN(nn.Module):
     """Classic conv feature extractor: per stage ``convs_per_stage`` × (3x3 conv, BatchNorm, ReLU) then 2x2 max-pool;
     global average pool at the end. ``[B, 3, H, W] → [B, channels[-1]]``."""
 
     def __init__(self, channels: Sequence[int] = (32, 64, 128, 256), convs_per_stage: int = 2, in_chans: int = 3):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_chans
-        for i, c_out in enumerate(channels):
-            for _ in range(convs_per_stage):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                           nn.ReLU(inplace=True)]
-                c_in = c_out
-            if i < len(channels) - 1:
-                layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
+        self.features = conv_stages(in_chans, channels, convs_per_stage)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.output_dim = c_in
+        self.output_dim = channels[-1]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
