@@ -18,6 +18,7 @@ from xmodal.losses import ClipLoss, SigLipLoss
 from xmodal.losses.distributed import dist_info
 
 GLOBAL_BATCH, DIM, RAW_DIM = 8, 16, 12
+UNEVEN = {"uneven": 3, "empty": 0}  # where the global batch is cut between rank 0 and rank 1
 
 
 def global_inputs() -> dict[str, torch.Tensor]:
@@ -87,6 +88,14 @@ def main(out_dir: Path) -> None:
         args = (local["image"], local["text"], local["logit_scale"], local["logit_bias"], with_bias)
         results[name] = run_loss(ours, *args)
         results[name + "/open_clip"] = run_loss(peer, *args)
+
+    # Unequal shares (rows missing a modality leave processes with different numbers of pairs): rank 0 holds 3
+    # pairs and rank 1 five; then rank 0 none at all.
+    for tag, cut in UNEVEN.items():
+        bounds = [(0, cut), (cut, GLOBAL_BATCH)][rank]
+        for name, (ours, _, with_bias) in losses(rank, world_size).items():
+            results[f"{name}/{tag}"] = run_loss(ours, data["image"][slice(*bounds)], data["text"][slice(*bounds)],
+                                                data["logit_scale"], data["logit_bias"], with_bias)
 
     # End to end: DDP-wrapped model, ClipLoss (gather_with_grad) and SigLipLoss; parameter grads after DDP averaging.
     for name, loss in (("ddp_clip_global", ClipLoss()), ("ddp_clip_local", ClipLoss(local_loss=True)),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import dist_info, gather_features
+from .distributed import dist_info, gather_counts, gather_features
 
 
 class ClipLoss(nn.Module):
@@ -33,6 +33,11 @@ class ClipLoss(nn.Module):
 
     ``rank`` / ``world_size`` default to the process group's, looked up at each call (so a loss built before
     ``init_process_group`` still works).
+
+    Processes may hold different numbers of pairs (rows missing a modality): the gather pads and trims, the targets
+    are offset by the pairs of lower ranks, and a local loss is normalised by ``N / world_size`` instead of its own
+    row count, so the mean over processes is still the one-process loss over all ``N`` pairs. With equal counts
+    this is exactly the usual computation.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True,
@@ -50,9 +55,13 @@ class ClipLoss(nn.Module):
         rank, world_size = dist_info()
         return (rank if self.rank is None else self.rank), (world_size if self.world_size is None else self.world_size)
 
-    def get_ground_truth(self, device: torch.device, num_logits: int, rank: int = 0, world_size: int = 1) -> Tensor:
-        """Target column of each row: its own pair, offset by the rows of lower ranks when the loss is local."""
-        offset = num_logits * rank if (world_size > 1 and self.local_loss) else 0
+    def get_ground_truth(self, device: torch.device, num_logits: int, rank: int = 0, world_size: int = 1,
+                         offset: int | None = None) -> Tensor:
+        """Target column of each row: its own pair, offset by the rows of lower ranks when the loss is local
+        (``offset``: their count, when processes hold different numbers of rows)."""
+        if offset is None:
+            offset = num_logits * rank
+        offset = offset if (world_size > 1 and self.local_loss) else 0
         key = (device, num_logits, offset)
         labels = self._labels.get(key)
         if labels is None:
@@ -62,12 +71,14 @@ class ClipLoss(nn.Module):
         return labels
 
     def get_logits(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                   logit_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   logit_bias: Tensor | None = None, counts: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """``(logits_per_image, logits_per_text)``: ``[n, N]`` each when local, ``[N, N]`` otherwise."""
         rank, world_size = self._dist()
         if world_size > 1:
-            all_image = gather_features(image_features, self.local_loss, self.gather_with_grad, rank, world_size)
-            all_text = gather_features(text_features, self.local_loss, self.gather_with_grad, rank, world_size)
+            gather = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, rank=rank,
+                          world_size=world_size, counts=counts)
+            all_image = gather_features(image_features, **gather)
+            all_text = gather_features(text_features, **gather)
             if self.local_loss:
                 # Local rows against global columns: each process owns a horizontal slice of both logit matrices.
                 logits_per_image = logit_scale * image_features @ all_text.T
@@ -88,7 +99,17 @@ class ClipLoss(nn.Module):
         """Loss (scalar) or ``{"contrastive_loss": loss}``. ``logit_bias`` is accepted for open_clip compatibility
         (open_clip's ``ClipLoss`` takes it too); a constant bias does not change a softmax cross-entropy."""
         rank, world_size = self._dist()
-        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
-        labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], rank, world_size)
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        counts = gather_counts(image_features.shape[0], image_features.device, world_size)
+        total = sum(counts)
+        if total == 0:  # no pair on any process: a zero that keeps the graph (and DDP) whole
+            loss = (image_features.sum() + text_features.sum()) * 0.0 + logit_scale * 0.0
+            return {"contrastive_loss": loss} if output_dict else loss
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias,
+                                                            counts)
+        labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], rank, world_size,
+                                       offset=sum(counts[:rank]))
+        # Mean over this process's rows; a local loss over unequal shares is scaled to N/world_size rows instead.
+        rows = total / world_size if (world_size > 1 and self.local_loss) else logits_per_image.shape[0]
+        loss = (F.cross_entropy(logits_per_image, labels, reduction="sum")
+                + F.cross_entropy(logits_per_text, labels, reduction="sum")) / (2 * rows)
         return {"contrastive_loss": loss} if output_dict else loss

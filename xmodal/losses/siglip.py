@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import dist_info, gather_features
+from .distributed import dist_info, gather_counts, gather_features
 
 
 class SigLipLoss(nn.Module):
@@ -66,11 +66,19 @@ class SigLipLoss(nn.Module):
                 logit_bias: Tensor | None, *, output_dict: bool = False) -> Tensor | dict[str, Tensor]:
         rank, world_size = self._dist()
         n = image_features.shape[0]
+        counts = gather_counts(n, image_features.device, world_size)
+        if sum(counts) == 0:  # no pair on any process: a zero that keeps the graph (and DDP) whole
+            loss = (image_features.sum() + text_features.sum()) * 0.0 + logit_scale * 0.0
+            loss = loss + logit_bias * 0.0 if logit_bias is not None else loss
+            return {"contrastive_loss": loss} if output_dict else loss
         # local_loss=True: the rows stay local, so the gather only has to bring the other processes' texts.
         all_text = gather_features(text_features, local_loss=True, gather_with_grad=True, rank=rank,
-                                   world_size=world_size)
+                                   world_size=world_size, counts=counts)
         logits = self.get_logits(image_features, all_text, logit_scale, logit_bias)
-        offset = n * rank if world_size > 1 else 0
+        offset = sum(counts[:rank])
         labels = self.get_ground_truth(image_features.device, logits.dtype, n, all_text.shape[0], offset)
-        loss = -F.logsigmoid(labels * logits).sum() / n
+        # Divided by N / world_size (= n when every process holds n pairs, as open_clip divides by n), so the mean
+        # over processes is the one-process loss over all N pairs even when rows missing a modality make the
+        # counts differ.
+        loss = -F.logsigmoid(labels * logits).sum() / (sum(counts) / world_size)
         return {"contrastive_loss": loss} if output_dict else loss
