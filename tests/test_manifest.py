@@ -82,7 +82,8 @@ def test_relative_paths_resolve_against_the_manifest_folder(images: Path, tmp_pa
     rows = [{**r, "image": "../" + r["image"]} for r in ROWS]
     p = _write_all_formats(sub, rows)["csv"]
     monkeypatch.chdir(tmp_path.parent)  # the working directory must not matter
-    assert read_manifest(p).dataset["image"] == [str(images / r["image"]) for r in ROWS]
+    # ("../" leads out of the manifest's folder: allowed here, refused by default — see test_paths_outside_root_*)
+    assert read_manifest(p, allow_outside_root=True).dataset["image"] == [str(images / r["image"]) for r in ROWS]
     # root= overrides the manifest folder; ~ is expanded; absolute paths stay
     p2 = _write_all_formats(images, ROWS)["csv"]
     other = tmp_path / "elsewhere"
@@ -93,7 +94,7 @@ def test_relative_paths_resolve_against_the_manifest_folder(images: Path, tmp_pa
     rows = [{**r, "image": "~/" + r["image"]} if i % 2 else {**r, "image": str(images / r["image"])}
             for i, r in enumerate(ROWS)]
     p3 = _write_all_formats(other, rows)["jsonl"]
-    assert read_manifest(p3).dataset["image"] == [str(images / r["image"]) for r in ROWS]
+    assert read_manifest(p3, allow_outside_root=True).dataset["image"] == [str(images / r["image"]) for r in ROWS]
 
 
 def test_split_filter_max_rows_and_ids(images: Path):
@@ -258,3 +259,70 @@ def test_file_level_errors(tmp_path: Path):
         read_manifest(tmp_path / "n.csv")
     with pytest.raises(ManifestError, match=r"unknown modality 'video'"):
         read_manifest(tmp_path / "n.csv", modalities=["video"])
+
+
+# ------------------------------------------------------------------------------------- paths outside the data root
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """data/m.csv with rows 2-5 reaching outside data/ (.., absolute, a symlinked file, a symlinked folder) and
+    rows 1, 6, 7 inside it (row 6 through a symlink that stays inside)."""
+    data = tmp_path / "data"
+    _png(data / "imgs" / "a.png")
+    _png(tmp_path / "secret.png", 1)  # a readable image: only the root check can refuse it
+    (data / "link.png").symlink_to(tmp_path / "secret.png")
+    (data / "linkdir").symlink_to(tmp_path)
+    (data / "ok_link.png").symlink_to(data / "imgs" / "a.png")
+    (data / "m.csv").write_text("id,image,text\n"
+                                "a,imgs/a.png,x\n"
+                                "b,../secret.png,x\n"
+                                f"c,{tmp_path / 'secret.png'},x\n"
+                                "d,link.png,x\n"
+                                "e,linkdir/secret.png,x\n"
+                                "f,ok_link.png,x\n"
+                                "g,imgs/../imgs/a.png,x\n")
+    return data
+
+
+def test_paths_outside_root_are_refused_naming_file_row_id_field(outside: Path):
+    m, secret, root = outside / "m.csv", outside.parent / "secret.png", outside
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(m)
+    msg = str(exc.value)
+    assert msg.startswith(f"{m}: row 2 (id 'b'): field 'image': path '../secret.png' resolves to {secret}, outside "
+                          f"the data root {root}; allow_outside_root=True (data.allow_outside_root: true) permits it")
+    assert "3 more bad row(s)" in msg
+    skipped = read_manifest(m, on_bad_row="skip")
+    assert skipped.dataset["id"] == ["a", "f", "g"] and skipped.skipped == 4
+    assert [p.split(": field 'image': ")[0] for p in skipped.problems] == [
+        f"{m}: row {n} (id '{i}')" for n, i in ((2, "b"), (3, "c"), (4, "d"), (5, "e"))]
+    assert f"path {str(secret)!r} resolves to {secret}, outside" in skipped.problems[1]
+    assert f"path 'link.png' goes through a symlink to {secret}, outside the data root" in skipped.problems[2]
+    assert f"path 'linkdir/secret.png' goes through a symlink to {secret}, outside" in skipped.problems[3]
+    assert len(read_manifest(m, allow_outside_root=True)) == 7
+    # an explicit root is the data root too; a Dataset with an Image feature holding paths is confined the same way
+    rel = datasets.Dataset.from_dict({"image": ["../secret.png"], "text": ["x"]})
+    with pytest.raises(ManifestError, match=r"row 1 \(id '1'\): field 'image': path '\.\./secret\.png' resolves to"):
+        read_manifest(rel.cast_column("image", datasets.Image(decode=False)), root=root)
+    with pytest.raises(ManifestError, match=r"row 1 \(id '1'\): field 'image': path '\.\./secret\.png' resolves to"):
+        read_manifest(rel, root=root)
+    # an in-memory dataset without root has no data root (the caller's own code built it)
+    assert read_manifest(datasets.Dataset.from_dict({"image": [str(secret)], "text": ["x"]})).dataset["image"] == [
+        str(secret)]
+
+
+def test_data_allow_outside_root_reaches_the_training_reader(outside: Path):
+    from xmodal.config import config_from_dict
+    from xmodal.engine import _read_task_data, task_configs
+
+    def cfg(allow: bool):
+        return config_from_dict({"data": {"train": str(outside / "m.csv"), "allow_outside_root": allow}})
+
+    for allow in (False, True):
+        c = cfg(allow)
+        (name, t), = task_configs(c, ["image", "text"]).items()
+        if allow:
+            assert len(_read_task_data(c, name, t)[0]) == 7
+        else:
+            with pytest.raises(ManifestError, match=r"row 2 \(id 'b'\): field 'image': path '\.\./secret\.png'"):
+                _read_task_data(c, name, t)

@@ -7,7 +7,9 @@ in-memory ``datasets.Dataset``. Columns:
 * modality columns (:data:`MODALITY_COLUMNS`): ``image`` and ``audio`` hold file paths (relative paths resolve
   against ``root``, default the folder the manifest file — or the saved dataset folder — lies in; ``~`` is
   expanded), ``text`` holds a string. A saved HF dataset
-  may also carry ``datasets.Image`` / ``datasets.Audio`` features (embedded bytes or paths).
+  may also carry ``datasets.Image`` / ``datasets.Audio`` features (embedded bytes or paths). A path whose file lies
+  outside that data root (``..``, an absolute path elsewhere, a symlink pointing out) is a bad row unless
+  ``allow_outside_root=True``: a manifest from elsewhere cannot make training read arbitrary files.
 * optional ``id`` (made from the 1-based data row number when absent; always strings, so ``"007"`` stays ``"007"``),
   ``label`` (kept, as a string), ``split`` (filtered with ``split=``) and any other columns (kept untouched).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,7 +76,9 @@ def _load_csv(path: Path, sep: str) -> pa.Table:
     import pandas as pd
 
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+        # header=None: pandas would rename a repeated column name ("image", "image.1") instead of reporting it
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig",
+                         header=None)
     except pd.errors.EmptyDataError:
         raise ManifestError(f"manifest {path} is empty (expected a header line with column names)") from None
     except pd.errors.ParserError as e:
@@ -81,8 +86,45 @@ def _load_csv(path: Path, sep: str) -> pa.Table:
         raise ManifestError(f"manifest {path}: cannot parse as {fmt}: {e}") from None
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    names = [str(c).strip() for c in df.iloc[0]]
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:  # also "text" and " text ": the same name once stripped
+        raise ManifestError(f"manifest {path}: duplicate column name(s) {dup} in the header line")
+    df = df.iloc[1:].reset_index(drop=True)
+    df.columns = names
     return pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(obj: Any, where: str) -> str | None:
+    """The field holding a string with an unpaired surrogate (JSON can escape one: "\\ud800"), or None."""
+    if isinstance(obj, str):
+        return where if _SURROGATE.search(obj) else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _lone_surrogate(k, f"{where}key {k!r}") or _lone_surrogate(v, f"{where}{k}" if not where else
+                                                                                   f"{where}.{k}")
+            if found:
+                return found
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _check_surrogates(path: Path, records: list[Any], where: list[str]) -> None:
+    """Arrow strings are UTF-8, which cannot hold a lone surrogate: report it by row and field, not as an encoder
+    crash. Only called when the raw text has a surrogate escape (emoji escapes come in valid pairs)."""
+    for i, rec in enumerate(records):
+        found = _lone_surrogate(rec, "")
+        if found:
+            raise ManifestError(f"manifest {path}: {where[i]}row {i + 1}: field {found!r}: a string holds an "
+                                f"unpaired surrogate escape (\\ud800-\\udfff), which is not valid Unicode")
 
 
 def _json_records(path: Path) -> list[Any]:
@@ -93,12 +135,16 @@ def _json_records(path: Path) -> list[Any]:
     stripped = text.lstrip()
     if not stripped:
         raise ManifestError(f"manifest {path} is empty")
+    surrogates = _ESCAPED_SURROGATE.search(text) is not None
     if stripped[0] == "[":  # one JSON array of objects
         try:
-            return json.loads(text)
+            records = json.loads(text)
         except json.JSONDecodeError as e:
             raise ManifestError(f"manifest {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    records = []
+        if surrogates and isinstance(records, list):
+            _check_surrogates(path, records, [""] * len(records))
+        return records
+    records, linenos = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -107,6 +153,9 @@ def _json_records(path: Path) -> list[Any]:
         except json.JSONDecodeError as e:
             raise ManifestError(f"manifest {path}: line {lineno} (row {len(records) + 1}): invalid JSON: "
                                 f"{e.msg}") from None
+        linenos.append(f"line {lineno} ")
+    if surrogates:
+        _check_surrogates(path, records, linenos)
     return records
 
 
@@ -374,8 +423,38 @@ def _resolve(p: str, base: str) -> str:
     return os.path.normpath(p)
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _Confinement:
+    """Refuses paths whose file lies outside the data root: ``..`` or an absolute path leading out of it, or a
+    symlink (the file itself or a folder on the way) pointing out of it. ``root`` is already a real path."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._real_dirs: dict[str, str] = {}  # rows share folders: one realpath() per folder, one lstat per file
+
+    def _realpath(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        real_folder = self._real_dirs.get(folder)
+        if real_folder is None:
+            real_folder = self._real_dirs[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folder, name)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
+    def problem(self, raw: str, resolved: str) -> str | None:
+        real = self._realpath(resolved)
+        if _within(real, self.root):
+            return None
+        allow = "allow_outside_root=True (data.allow_outside_root: true) permits it"
+        if _within(resolved, self.root):
+            return f"path {raw!r} goes through a symlink to {real}, outside the data root {self.root}; {allow}"
+        return f"path {raw!r} resolves to {resolved}, outside the data root {self.root}; {allow}"
+
+
 def _check_path_column(modality: str, values: list[Any], base: str, rows: _Rows, check_files: bool,
-                       workers: int) -> list[Any]:
+                       workers: int, confine: _Confinement | None) -> list[Any]:
     by_path: dict[str, list[int]] = {}
     out: list[Any] = []
     for i, v in enumerate(values):
@@ -384,6 +463,10 @@ def _check_path_column(modality: str, values: list[Any], base: str, rows: _Rows,
             continue
         r = _resolve(v, base)
         out.append(r)
+        outside = confine.problem(v, r) if confine is not None else None
+        if outside:
+            rows.flag(i, modality, outside)
+            continue  # never opened, not even to check it
         by_path.setdefault(r, []).append(i)
     if check_files:
         _file_checks(modality, by_path, rows, workers)
@@ -391,7 +474,7 @@ def _check_path_column(modality: str, values: list[Any], base: str, rows: _Rows,
 
 
 def _check_feature_column(modality: str, column: pa.ChunkedArray, base: str, rows: _Rows, require: bool,
-                          check_files: bool, workers: int) -> pa.Array:
+                          check_files: bool, workers: int, confine: _Confinement | None) -> pa.Array:
     """An ``Image``/``Audio`` feature column: structs {bytes, path}. Embedded bytes are checked in memory, paths
     are resolved and checked like path columns."""
     import io
@@ -419,8 +502,12 @@ def _check_feature_column(modality: str, column: pa.ChunkedArray, base: str, row
             out.append({"bytes": b, "path": p})
             continue
         r = _resolve(p, base)
-        by_path.setdefault(r, []).append(i)
         out.append({"bytes": None, "path": r})
+        outside = confine.problem(p, r) if confine is not None else None
+        if outside:
+            rows.flag(i, modality, outside)
+            continue
+        by_path.setdefault(r, []).append(i)
     if check_files:
         _file_checks(modality, by_path, rows, workers)
     return pa.array(out, type=column.type)
@@ -439,6 +526,7 @@ def read_manifest(
     check_files: bool = True,
     require_all: bool = True,
     workers: int = 8,
+    allow_outside_root: bool = False,
 ) -> Manifest:
     """Read and validate a manifest; see the module docstring for formats and checks.
 
@@ -453,6 +541,10 @@ def read_manifest(
             in a thread pool of ``workers``.
         require_all: every requested modality must be present in every row; with ``False`` empty cells are
             accepted (stored as ``None``) but non-empty values are still validated.
+        allow_outside_root: accept path values whose file lies outside the data root (``root``, default the
+            manifest's folder) — through ``..``, an absolute path or a symlink. By default such a row is bad (an
+            error, or skipped under ``on_bad_row="skip"``). An in-memory dataset without ``root`` has no data root:
+            its paths are not confined.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -462,6 +554,8 @@ def read_manifest(
     if root is not None:
         base = Path(root).expanduser()
     base_s = str(base.resolve())
+    in_memory = isinstance(path, (datasets.Dataset, datasets.DatasetDict))
+    confine = None if allow_outside_root or (in_memory and root is None) else _Confinement(base_s)
     columns = table.column_names
     cols_txt = ", ".join(columns) or "none"
     if len(set(columns)) != len(columns):
@@ -548,14 +642,15 @@ def read_manifest(
         col = table.column(m)
         feat = feats.get(m)
         if isinstance(feat, (datasets.Image, datasets.Audio)) and pa.types.is_struct(col.type):
-            new_columns[m] = _check_feature_column(m, col, base_s, rows, require_all, check_files, workers)
+            new_columns[m] = _check_feature_column(m, col, base_s, rows, require_all, check_files, workers,
+                                                   confine)
             if isinstance(feat, datasets.Image):  # rows yield PIL images, which image transforms accept
                 feats[m] = datasets.Image(mode=feat.mode, decode=True)
             continue
         what = "text" if MODALITY_COLUMNS[m] == "string" else "path"
         values = _check_string_column(m, col, rows, require_all, what)
         if MODALITY_COLUMNS[m] == "path":
-            values = _check_path_column(m, values, base_s, rows, check_files, workers)
+            values = _check_path_column(m, values, base_s, rows, check_files, workers, confine)
         new_columns[m] = pa.array(values, type=pa.string())
         feats[m] = datasets.Value("string")
 

@@ -164,7 +164,8 @@ def manifest_queries(dataset, query_modality: str, item_modality: str, relevance
 
 def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, split: str | None = None,
                             relevance: str = "pair", ks: Sequence[int] = KS, depth: int | None = None,
-                            filter: Any = None, batch_size: int = 64, max_rows: int | None = None) -> dict[str, float]:
+                            filter: Any = None, batch_size: int = 64, max_rows: int | None = None,
+                            allow_outside_root: bool = False) -> dict[str, float]:
     """:func:`evaluate_index` with the queries and relevance of a manifest (see :func:`manifest_queries`).
 
     ``manifest``: a path (read with :func:`xmodal.data.read_manifest`, paths resolved as when the index was built),
@@ -175,7 +176,8 @@ def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, sp
         raise RetrievalError("the index records no modality; cannot match manifest rows to its items")
     if isinstance(manifest, (str, os.PathLike)):
         from ..data import read_manifest
-        manifest = read_manifest(manifest, split=split, modalities=None, max_rows=max_rows, require_all=False)
+        manifest = read_manifest(manifest, split=split, modalities=None, max_rows=max_rows, require_all=False,
+                                 allow_outside_root=allow_outside_root)
     ds = getattr(manifest, "dataset", manifest)
     queries, relevant, key = manifest_queries(ds, query_modality, item_modality, relevance)
     if not queries:
@@ -198,6 +200,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept image/audio paths outside the manifest's folder (.., absolute paths, symlinks)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     retriever = Retriever(args.index, model=args.run)
     results = evaluate_index_manifest(retriever, args.manifest, args.query_modality, split=args.split,
                                       relevance=args.relevance, depth=args.depth, batch_size=args.batch_size,
-                                      max_rows=args.max_rows)
+                                      max_rows=args.max_rows, allow_outside_root=args.allow_outside_root)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
