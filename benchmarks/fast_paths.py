@@ -1,13 +1,14 @@
 """Fast paths for xmodal's towers: inference_mode vs no_grad, channels_last for conv towers, torch.compile.
 
 Every comparison is timed interleaved in one run (random order each round) on the same inputs; speedup = baseline time /
-fast-path time, median of the per-round ratios (> 1: the fast path helps). Library code is not changed: the fast
-paths are applied from outside, to towers built by xmodal.
+fast-path time, median of the per-round ratios (> 1: the fast path helps). Except channels_last (adopted by the conv
+towers, switched off for the baseline), the fast paths are applied from outside, to towers built by xmodal.
 
 1. ``torch.inference_mode()`` vs ``torch.no_grad()`` for a tower forward (what ``model.encode`` runs): open_clip
    image and text towers (``--model``), the small CNN tower.
-2. ``channels_last`` (model and input ``.to(memory_format=torch.channels_last)``) vs contiguous NCHW for the
-   CNN tower (64 px) and EfficientNet-Lite0 (224 px, random init: the speed does not depend on the weights):
+2. ``channels_last`` for the conv towers (image CNN 64 px, EfficientNet-Lite0 224 px -- random init: the speed does
+   not depend on the weights -- and the audio CNN on a 64 x 501 log-mel): the towers as xmodal builds them
+   (activations channels-last) vs ``encoder.channels_last = False`` (NCHW) vs model and input converted from outside;
    inference forward, and a training forward + backward.
 3. AdamW: torch's default implementation (on CPU the per-tensor for-loop) vs ``foreach=True`` vs ``fused=True``
    (what ``engine.train`` would pass to ``torch.optim.AdamW``), timed against a forward + backward for scale.
@@ -75,16 +76,31 @@ def section_inference_mode(args, steps: int, batch: int) -> list[list]:
     return rows
 
 
+AUDIO = {"sample_rate": 16000, "n_mels": 64, "max_seconds": 5.0}  # [64, 501] log-mel
+
+
 def section_channels_last(args, steps: int, quick: bool) -> list[list]:
+    """The conv towers as xmodal builds them (activations channels-last: the input is converted, the weights stay
+    NCHW) vs the same tower with ``encoder.channels_last = False`` (NCHW throughout), and vs converting model and
+    input from outside (``.to(memory_format=torch.channels_last)``, weights too). Same weights, same input."""
     rows = []
-    cases = [("cnn", 64, 64)]
+    cases = [("image", "cnn", dict(image_size=64), (3, 64, 64), 64)]
     if not quick:
-        cases.append(("efficientnet_lite0", 224, 16))
-    for kind, size, batch in cases:
-        base = tower(kind, args, image_size=size)
-        fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
-        x = torch.randn(batch, 3, size, size, device=args.device)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+        cases += [("image", "efficientnet_lite0", dict(image_size=224), (3, 224, 224), 16),
+                  ("audio", "cnn", dict(options=AUDIO), (64, 501), 16)]
+    from xmodal.config import TowerConfig
+    from xmodal.model import Tower
+    from xmodal.modalities import build_encoder
+    for modality, kind, kw, shape, batch in cases:
+        enc, feat_dim = build_encoder(modality, TowerConfig(kind=kind, **kw))
+        xmodal_cl = Tower(enc, feat_dim, 256).to(args.device)
+        nchw = copy.deepcopy(xmodal_cl)
+        nchw.encoder.channels_last = False
+        outside = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, *shape, device=args.device)
+        x_cl = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+        with torch.no_grad():
+            diff = float((xmodal_cl.eval()(x) - nchw.eval()(x)).abs().max())
         for mode in ("inference", "train fwd+bwd"):
             def run(tw, inp, mode=mode):
                 def f():
@@ -98,10 +114,12 @@ def section_channels_last(args, steps: int, quick: bool) -> list[list]:
                     out.float().pow(2).sum().backward()
                     tw.zero_grad(set_to_none=True)
                 return f
-            t = C.interleave({"contiguous": run(base, x), "channels_last": run(fast, x_cl)}, steps, args.warmup,
-                             args.device)
-            rows.append([f"{kind} {size}px", mode, batch, C.median(t["contiguous"]) * 1e3,
-                         C.median(t["channels_last"]) * 1e3, speedup(t["contiguous"], t["channels_last"])])
+            t = C.interleave({"nchw": run(nchw, x), "xmodal": run(xmodal_cl, x), "outside": run(outside, x_cl)},
+                             steps, args.warmup, args.device)
+            label = f"{modality} {kind} " + ("x".join(map(str, shape[-2:])))
+            rows.append([label, mode, batch, C.median(t["nchw"]) * 1e3, C.median(t["xmodal"]) * 1e3,
+                         speedup(t["nchw"], t["xmodal"]), C.median(t["outside"]) * 1e3,
+                         speedup(t["nchw"], t["outside"]), diff])
     return rows
 
 
@@ -234,7 +252,8 @@ def main() -> None:
     if "channels_last" in sections:
         rows = section_channels_last(args, steps, args.quick)
         print()
-        print(C.table(["tower", "mode", "batch", "NCHW ms", "channels_last ms", "speedup"], rows), flush=True)
+        print(C.table(["tower", "mode", "batch", "NCHW ms", "xmodal (channels_last input) ms", "speedup",
+                       "model+input channels_last ms", "speedup", "max |out diff|"], rows), flush=True)
     if "optimizer" in sections:
         rows = section_optimizer(args, steps, args.batch)
         print()

@@ -77,6 +77,23 @@ def build_encoder(modality: str, cfg: TowerConfig) -> tuple[nn.Module, int]:
     return build(cfg, where)
 
 
+def grad_checkpointing_unsupported(encoder: nn.Module) -> str | None:
+    """Why ``encoder`` cannot do gradient checkpointing, or None when ``encoder.set_grad_checkpointing(bool)``
+    works (xmodal's encoders, open_clip transformers, timm models that support it, ``hf``)."""
+    if type(encoder).__name__ == "ModifiedResNet":  # open_clip's RN50 etc.: the method exists but does nothing
+        return "open_clip's ResNet towers (ModifiedResNet) do not implement it"
+    probe = getattr(encoder, "trunk", encoder) if type(encoder).__name__ == "TimmModel" else encoder
+    setter = getattr(probe, "set_grad_checkpointing", None)  # open_clip's TimmModel would only log a warning
+    if setter is None:
+        return f"{type(encoder).__name__} has no set_grad_checkpointing"
+    try:  # timm models without support assert; transformers raises ValueError
+        setter(True)
+        setter(False)
+    except (AssertionError, NotImplementedError, ValueError, RuntimeError) as e:
+        return f"{type(probe).__name__}.set_grad_checkpointing failed: {e or type(e).__name__}"
+    return None
+
+
 def build_transform(modality: str, cfg: TowerConfig, train: bool) -> Callable:
     """Picklable per-sample transform. image: path str | PIL.Image → float32 ``[3, H, W]``;
     text: str → int64 ``[cfg.context_length]`` padded with the tokenizer's pad id."""
@@ -84,5 +101,5 @@ def build_transform(modality: str, cfg: TowerConfig, train: bool) -> Callable:
     return build(cfg, train, where)
 
 
-__all__ = ["build_encoder", "build_transform", "KINDS", "MODALITIES", "XMODAL_OPEN_CLIP_CONFIGS",
+__all__ = ["build_encoder", "build_transform", "grad_checkpointing_unsupported", "KINDS", "MODALITIES", "XMODAL_OPEN_CLIP_CONFIGS",
            "register_open_clip_configs"]

@@ -449,12 +449,20 @@ class AudioCNN(nn.Module):
         from .image import conv_stages
         self.features = conv_stages(1, channels, convs_per_stage, ceil_mode=True)
         self.output_dim = channels[-1]
+        self.grad_checkpointing = False
+        # Inference in NHWC: 1.5x faster on CPU; training stays NCHW (docs/benchmarks.md, fast paths)
+        self.channels_last = True
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.bn0(x).unsqueeze(1))  # [B, C, F', T']
+        from ._checkpoint import run_stages
+        x = run_stages(self.features, self.bn0(x).unsqueeze(1), self.grad_checkpointing,
+                       self.channels_last and not self.training)  # [B, C, F', T']
         x = x.mean(dim=2)
         return x.amax(dim=-1) + x.mean(dim=-1)
 
@@ -481,6 +489,20 @@ class AudioTransformer(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.output_dim = width
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.grad_checkpointing:
+            return self.blocks(x)
+        from ._checkpoint import checkpoint
+        # What TransformerEncoder.forward does in training without masks (its fast path is inference-only): the
+        # layers in turn; checkpointed one by one, so only each layer's input is kept.
+        for layer in self.blocks.layers:
+            x = checkpoint(layer, x)
+        return x if self.blocks.norm is None else self.blocks.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_mels, frames = x.shape[-2:]
@@ -492,7 +514,7 @@ class AudioTransformer(nn.Module):
         gt = x.shape[-1]
         x = (x + self.pos[..., :gt]).flatten(2).transpose(1, 2)  # [B, gf*gt, W]
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.blocks(x)[:, 0])
+        return self.norm(self._blocks(x)[:, 0])
 
 
 def _int_list(cfg, key: str, default: Sequence[int], where: str) -> list[int]:

@@ -198,11 +198,23 @@ class RNNTextEncoder(nn.Module):
         self.rnn = rnn(embed_dim, hidden, num_layers=layers, dropout=dropout if layers > 1 else 0.0,
                        batch_first=True, bidirectional=True)
         self.output_dim = 2 * hidden
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the embedding + recurrence as one segment: only the ids are kept, the RNN's per-step states
+        are recomputed in backward. (Per layer would keep less, but ``nn.LSTM`` runs its layers in one call.)"""
+        self.grad_checkpointing = enable
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lengths = (ids != self.pad_id).sum(dim=1).clamp(min=1).cpu()
+        if self.grad_checkpointing:
+            from ._checkpoint import checkpoint
+            return checkpoint(self._encode, ids, lengths)
+        return self._encode(ids, lengths)
+
+    def _encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         from torch.nn.utils.rnn import pack_padded_sequence
 
-        lengths = (ids != self.pad_id).sum(dim=1).clamp(min=1).cpu()
         x = self.dropout(self.embedding(ids))
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         _, h = self.rnn(packed)
@@ -244,9 +256,26 @@ class HFTextEncoder(nn.Module):
         from transformers import AutoModel
 
         self.source = source
-        self.model = AutoModel.from_pretrained(source)
+        self.model = AutoModel.from_pretrained(source, weights_only=True)  # explicit: a .bin never runs code
         self.pad_id = hf_pad_id(_hf_tokenizer(source), where)
         self.output_dim = int(self.model.config.hidden_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Transformers' own per-layer checkpointing, non-reentrant (so no input needs requires_grad). Transformers
+        >= 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)."""
+        m = self.model
+        if enable:
+            kwargs = {"use_reentrant": False}
+            if getattr(m.config, "use_cache", False):  # an encoder caches nothing; avoids transformers' warning
+                m.config.use_cache = False
+            if hasattr(m, "activation_checkpointing_enable"):
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(m, "activation_checkpointing_disable"):
+            m.activation_checkpointing_disable()
+        else:
+            m.gradient_checkpointing_disable()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != self.pad_id
