@@ -457,7 +457,7 @@ def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(built):
                                   {"Content-Type": "application/json"})
         assert status == 200 and len(json.loads(body)["hits"]) == 2
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=60)  # interpreter teardown is slow on a loaded 2-core machine
         assert proc.returncode == 0, err
         assert "stopping" in out and "Traceback" not in err
     finally:

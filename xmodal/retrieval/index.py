@@ -489,7 +489,8 @@ class EmbeddingIndex:
         4. rename ``.NAME.new`` to ``NAME`` — **the commit point**; fsync the parent folder;
         5. delete ``.NAME.old``.
 
-        Refuses (``FileExistsError``) to replace a non-empty folder that is not an xmodal index.
+        Refuses (``FileExistsError``) to replace a non-empty folder that is not an xmodal index. A failure while
+        writing (a full disk, a read-only folder) removes ``.NAME.new`` and raises ``OSError``.
         """
         path = Path(path).absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -506,8 +507,13 @@ class EmbeddingIndex:
                                       f"replace it")
         if new.exists():
             shutil.rmtree(new)
-        new.mkdir()
-        self._write_into(new)
+        try:
+            new.mkdir()
+            self._write_into(new)
+        except (OSError, RuntimeError) as e:  # a full disk: faiss raises RuntimeError, file writes OSError
+            shutil.rmtree(new, ignore_errors=True)
+            message = f"saving the index to {path} failed ({e}); the index already there (if any) is unchanged"
+            raise (OSError(e.errno, message) if isinstance(e, OSError) else OSError(message)) from e
         if path.exists():
             os.rename(path, old)
             _fsync_dir(path.parent)

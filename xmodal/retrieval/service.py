@@ -35,7 +35,9 @@ query modality), 422 (a query modality the model has no tower for), 503 (all ``m
 
 Robustness: the model is loaded once at start-up; searches run in a pool of ``max_concurrency`` threads (a request
 that finds every slot taken is refused at once with 503 rather than queued); open connections are capped at
-``max_connections``; a client idle for ``socket_timeout`` seconds is dropped; request bodies are read only up to
+``max_connections``; a client idle for ``socket_timeout`` seconds is dropped, and one that has not sent its whole
+request within ``request_timeout`` seconds (a trickle of bytes resets the idle timer) is too; request bodies are read
+only up to
 ``max_body_bytes``.
 """
 from __future__ import annotations
@@ -78,6 +80,7 @@ class ServiceLimits:
     max_connections: int = 64                 # open connections (one thread each); more → 503
     search_timeout: float = 30.0              # seconds one search may take before the request gets 503
     socket_timeout: float = 30.0              # a client silent this long is disconnected
+    request_timeout: float = 60.0             # a client must send its whole request (headers + body) in this time
     thumb_size: int = 256                     # thumbnails fit in thumb_size x thumb_size
     thumb_cache_bytes: int = 32 * 1024 * 1024  # in-memory thumbnail cache (LRU)
     max_filter_keys: int = 32
@@ -590,6 +593,24 @@ class _Handler(BaseHTTPRequestHandler):
     def timeout(self):  # read by StreamRequestHandler.setup(): the socket timeout for this connection
         return self.server.limits.socket_timeout
 
+    def setup(self):
+        super().setup()
+        # socket_timeout bounds each read, so a client sending a byte every few seconds would hold its connection
+        # (one of max_connections) forever: the whole request must also arrive within request_timeout.
+        self._deadline = threading.Timer(self.server.limits.request_timeout, self._drop)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _drop(self) -> None:
+        try:  # the blocked read returns what came so far; the client gets a 400 for its cut request, then EOF
+            self.connection.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def finish(self):
+        self._deadline.cancel()
+        super().finish()
+
     def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
         log.info("%s %s", self.address_string(), format % args)
 
@@ -610,9 +631,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, "application/json; charset=utf-8", {"Cache-Control": "no-store", **(headers or {})})
 
     def _error(self, e: ApiError) -> None:
-        self._json(e.status, {"error": e.message}, e.headers)
+        try:
+            self._json(e.status, {"error": e.message}, e.headers)
+        except OSError:  # the client is gone, or was dropped by request_timeout: nobody to answer
+            self.close_connection = True
 
     def _dispatch(self, fn) -> None:
+        if self.command != "POST":  # the request line and headers are in: the whole request, for a bodiless verb
+            self._deadline.cancel()
         try:
             fn()
         except ApiError as e:
@@ -643,6 +669,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(n)
         if len(body) < n:
             raise ApiError(400, f"the request body ended after {len(body)} of {n} bytes")
+        self._deadline.cancel()  # the request is in; the search and the answer are bounded by other limits
         return body
 
     def _drain(self, n: int) -> None:
