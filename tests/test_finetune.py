@@ -61,7 +61,8 @@ def test_rows_missing_a_modality_train_and_predict(fashion, tmp_path):
     manifest = fashion.parent / "gappy.csv"
     manifest.write_text("\n".join(",".join(r) for r in gaps) + "\n")
     run = train(cfg(tmp_path / "run", {"fused": {"kind": "classification", "train": str(manifest),
-                                                  "modalities": ["image", "text"], "fusion": "gated"}}))
+                                                  "modalities": ["image", "text"], "fusion": "gated",
+                                                  "modality_dropout": 0.3}}))
     model = xmodal.load(run)
     out = model.predict("fused", {"image": [None, str(fashion.parent / "images/test/0.png")],
                                   "text": ["a photo of a bag.", None]})
@@ -113,18 +114,19 @@ def test_pcgrad_all_tasks_per_step_and_linear_probe_from_a_pretrained_run(fashio
         "output_dir": str(tmp_path / "pre"), "model": {"embed_dim": 32, "towers": TOWERS},
         "data": {"train": str(clipart)}, "train": {"batch_size": 16, "max_steps": 3, "progress": False},
         "log": {"backend": "none"}}))
-    before = xmodal.load(pre).towers["image"].encoder.state_dict()
+    before = xmodal.load(pre).towers["image"].state_dict()  # encoder and projection
     run = train(config_from_dict({
         "output_dir": str(tmp_path / "ft"), "init_from": str(pre),  # towers come from the pretrained run
         "tasks": {"fashion": {"kind": "classification", "train": str(fashion), "modalities": ["image"]},
                   "sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"],
                                 "max_rows": 200}},
         "multitask": {"tasks_per_step": "all", "weighting": "pcgrad"},
-        "train": {"batch_size": 16, "max_steps": 4, "progress": False, "freeze_towers": True},
+        "train": {"batch_size": 16, "max_steps": 4, "progress": False, "freeze_towers": True,
+                  "freeze_projections": True},
         "log": {"backend": "none"}}))
     after = xmodal.load(run)
-    for k, v in before.items():  # a linear probe leaves the pretrained towers exactly as they were
-        torch.testing.assert_close(after.towers["image"].encoder.state_dict()[k], v)
+    for k, v in before.items():  # a linear probe leaves the pretrained shared space exactly as it was
+        torch.testing.assert_close(after.towers["image"].state_dict()[k], v)
     rec = records(run)[-1]
     assert "eval/fashion/accuracy" in rec and "eval/sentiment/accuracy" in rec
 

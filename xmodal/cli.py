@@ -40,7 +40,7 @@ def _evaluate(args) -> int:
 
     model = load(args.run)
     manifest = read_manifest(args.manifest, split=args.split, modalities=None, max_rows=args.max_rows,
-                             require_all=False)
+                             require_all=False, allow_outside_root=args.allow_outside_root)
     data = manifest.dataset
     results = {}
     if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
@@ -77,7 +77,7 @@ def _predict(args) -> int:
         raise ValueError(f"--task {task}: no such head (heads: {', '.join(model.heads) or 'none'})")
     head = model.heads[task]
     data = read_manifest(args.manifest, split=args.split, modalities=[m for m in head.modalities], require_all=False,
-                         max_rows=args.max_rows).dataset
+                         max_rows=args.max_rows, allow_outside_root=args.allow_outside_root).dataset
     outputs = predict_outputs(model, task, data, batch_size=args.batch_size, progress=True)
     cfg = model.tasks[task]
     pred = head.predict(outputs)
@@ -147,7 +147,8 @@ def _index(args) -> int:
     if args.modality not in model.towers:
         raise RetrievalError(f"the model in {args.run} has no {args.modality!r} tower "
                              f"(towers: {', '.join(model.towers)})")
-    manifest = read_manifest(args.manifest, split=args.split, modalities=[args.modality], require_all=False)
+    manifest = read_manifest(args.manifest, split=args.split, modalities=[args.modality], require_all=False,
+                             allow_outside_root=args.allow_outside_root)
     opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe}
     index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
                         run_dir=args.run, append=args.append, overwrite=args.overwrite, **opts)
@@ -192,6 +193,13 @@ def _evaluate_index(args) -> int:
     return run(args)
 
 
+def add_allow_outside_root(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept image/audio paths outside the manifest's folder (.., absolute paths, symlinks); "
+                        "only for a manifest you trust")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -216,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", action="store_true",
                    help="also draw training curves, confusion matrices and a 2-D map of the shared space")
     s.add_argument("--plots-dir", default=None, help="where the plots go (default RUN/plots)")
+    add_allow_outside_root(s)
     s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("predict", help="a task head's predictions for the rows of a manifest (JSON lines)")
@@ -226,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rows", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
+    add_allow_outside_root(s)
     s.set_defaults(fn=_predict)
 
     s = sub.add_parser("prepare", help="build a bundled real corpus into a manifest")
@@ -254,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
     s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
     s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
+    add_allow_outside_root(s)
     s.set_defaults(fn=_index)
 
     s = sub.add_parser("query", help="search an index with a text, image or audio query")
@@ -290,13 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data import ManifestError
+    from .checkpoint import CheckpointError
     from .retrieval import RetrievalError
     try:
         return args.fn(args)
-    except (ConfigError, ManifestError, RetrievalError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ManifestError, RetrievalError, CheckpointError, FloatingPointError, OSError,
+            ValueError) as e:
         if os.environ.get("XMODAL_DEBUG"):
             raise
-        # User errors: one clear line, no traceback (they name the file, row and field).
+        # User errors and environment faults (disk full, permissions, a non-finite run): one clear line, no
+        # traceback (the messages name the file, row and field, or the step and checkpoint).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

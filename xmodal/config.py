@@ -34,7 +34,11 @@ class TowerConfig:
     name: str | None = None
     pretrained: str | None = None  # local weights file/folder, or "package" for weights shipped in a pip package
     freeze: bool = False  # freeze the encoder (projection stays trainable); frozen encoders run in eval mode
-    projection: Literal["linear", "mlp"] = "linear"
+    # none: the encoder's features ARE the embedding (its width must equal model.embed_dim), e.g. an open_clip tower
+    # that already projects, whose pretrained alignment a random Linear would break
+    projection: Literal["linear", "mlp", "none"] = "linear"
+    # recompute activations in backward instead of storing them (less memory, ~1 more forward); trainable towers only
+    grad_checkpointing: bool = False
     image_size: int = 224
     context_length: int = 32
     augment: bool = True  # random resized crop + horizontal flip for training images
@@ -64,6 +68,7 @@ class TaskConfig:
     loss: Literal["default", "mse", "l1", "huber"] = "default"  # regression loss; default mse
     weight: float = 1.0  # static loss weight
     max_rows: int | None = None
+    modality_dropout: float = 0.0  # training: hide each of a row's modalities with this probability (>= 1 kept)
 
 
 @dataclass
@@ -95,6 +100,9 @@ class DataConfig:
     num_workers: int = 0
     on_bad_row: Literal["error", "skip"] = "error"
     max_rows: int | None = None  # cap rows per split (quick runs)
+    # Image/audio paths must lie inside the data root (root, else the manifest's folder); true also accepts `..`,
+    # absolute paths and symlinks leading out of it (a manifest you trust that points at files elsewhere).
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -112,6 +120,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     freeze_towers: bool | None = None  # override every tower's `freeze` (true: linear probe; false: full fine-tune)
+    freeze_projections: bool = False  # also freeze the projections: heads learn on the fixed shared space
     unfreeze_at_step: int = 0  # > 0: towers start frozen and are unfrozen at this optimiser step
     cache_frozen: bool = True  # embed frozen, non-augmented towers' inputs once (exact; see feature_cache.py)
     local_loss: bool = False
@@ -121,6 +130,8 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     deterministic: bool = False
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss or gradient: skip that step, or stop the run
+    max_nonfinite_skips: int = 10  # consecutive skipped steps after which the run stops anyway
     progress: bool = True
 
 
@@ -225,7 +236,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)  # YAML keys may be ints, None, ...
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys{' of ' + path if path else ''}: "
@@ -267,7 +278,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"override {item!r}: {key.strip()}: invalid YAML value {raw!r} ({problem})") from None
     return data
 
 
@@ -277,19 +292,27 @@ def validate(cfg: Config) -> Config:
     if m.embed_dim <= 0:
         raise ConfigError(f"model.embed_dim: must be positive, got {m.embed_dim}")
     for name, tower in m.towers.items():
-        if tower.image_size <= 0 or tower.context_length <= 0:
-            raise ConfigError(f"model.towers.{name}: image_size and context_length must be positive")
+        for key in ("image_size", "context_length"):  # one message per field: each names its full path
+            if getattr(tower, key) <= 0:
+                raise ConfigError(f"model.towers.{name}.{key}: must be positive, got {getattr(tower, key)}")
     for key in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"train.max_steps: must be positive, got {t.max_steps}")
-    if t.lr <= 0 or (t.encoder_lr is not None and t.encoder_lr < 0):
-        raise ConfigError("train.lr / train.encoder_lr: must be positive")
-    if t.warmup_steps < 0 or t.eval_every < 0 or t.save_every < 0 or t.keep_checkpoints < 1:
-        raise ConfigError("train.warmup_steps / eval_every / save_every must be >= 0, keep_checkpoints >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if t.encoder_lr is not None and t.encoder_lr < 0:
+        raise ConfigError(f"train.encoder_lr: must be >= 0, got {t.encoder_lr}")
+    for key in ("warmup_steps", "eval_every", "save_every"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if m.anchor is not None and m.towers and m.anchor not in m.towers:
         raise ConfigError(f"model.anchor: {m.anchor!r} is not a tower ({', '.join(m.towers)})")
+    if t.max_nonfinite_skips < 1:
+        raise ConfigError(f"train.max_nonfinite_skips: must be >= 1, got {t.max_nonfinite_skips}")
     if t.unfreeze_at_step < 0:
         raise ConfigError(f"train.unfreeze_at_step: must be >= 0, got {t.unfreeze_at_step}")
     if m.max_logit_scale <= 1:
@@ -301,11 +324,20 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{where}.modalities: {task.modalities} must be non-empty towers of model.towers "
                               f"({', '.join(m.towers)})")
         if task.kind == "retrieval" and len(task.modalities) < 2:
-            raise ConfigError(f"{where}.modalities: retrieval needs two modalities, got {task.modalities}")
+            raise ConfigError(f"{where}.modalities: {where}.kind retrieval needs two modalities, got "
+                              f"{task.modalities}")
         if task.fusion == "late" and task.kind == "retrieval":
-            raise ConfigError(f"{where}.fusion: late fusion applies to classification/regression heads")
-        if not 0 <= task.dropout < 1 or task.weight < 0:
-            raise ConfigError(f"{where}: dropout must be in [0, 1) and weight >= 0")
+            raise ConfigError(f"{where}.fusion: late fusion applies to classification/regression heads, not "
+                              f"{where}.kind retrieval")
+        if not 0 <= task.dropout < 1:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {task.dropout}")
+        if task.weight < 0:
+            raise ConfigError(f"{where}.weight: must be >= 0, got {task.weight}")
+        if not 0 <= task.modality_dropout < 1:
+            raise ConfigError(f"{where}.modality_dropout: must be in [0, 1), got {task.modality_dropout}")
+        if task.modality_dropout and (task.kind == "retrieval" or len(task.modalities) < 2):
+            raise ConfigError(f"{where}.modality_dropout: applies to heads over several modalities (a "
+                              f"classification/regression task with 2+ modalities)")
     mt = cfg.multitask
     if mt.weighting == "pcgrad" and mt.tasks_per_step != "all":
         raise ConfigError("multitask.weighting: pcgrad needs multitask.tasks_per_step: all")

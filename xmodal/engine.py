@@ -32,7 +32,7 @@ from .losses import build_loss
 from .losses.multitask import StaticWeighting, UncertaintyWeighting, pcgrad
 from .model import FEATURES, XModalModel
 from .sampling import TaskSampler
-from .tasks import MASK, batch_size, resolve_classes, targets
+from .tasks import MASK, batch_size, drop_modalities, resolve_classes, targets
 
 log = logging.getLogger("xmodal")
 PRETRAIN_TASK = "contrastive"
@@ -72,6 +72,9 @@ def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Param
 
 def _pair_rows(out: dict[str, torch.Tensor], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of the rows that have both ``a`` and ``b`` (outputs hold only each modality's present rows)."""
+    if a not in out or b not in out:  # no row of this batch has both: zero pairs that still belong to the graph
+        empty = out.get(a, out.get(b))[:0] * out["logit_scale"]
+        return empty, empty
     ma, mb = out.get(a + MASK), out.get(b + MASK)
     if ma is None and mb is None:
         return out[a], out[b]
@@ -85,13 +88,19 @@ def _pair_rows(out: dict[str, torch.Tensor], a: str, b: str) -> tuple[torch.Tens
 def contrastive_loss(loss_fn, out: dict[str, torch.Tensor], modalities: list[str], anchor: str | None = None):
     """Mean contrastive loss over the modality pairs the batch has: every pair, or each modality with ``anchor``
     (ImageBind-style binding). Only rows holding both modalities of a pair take part in it."""
-    present = [m for m in modalities if m in out]
+    # Several processes: every rank takes part in every pair's gather, whatever its own batch holds (the
+    # losses handle unequal and zero counts exactly); one process: only the pairs this batch has.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    present = [m for m in modalities if m in out or distributed]
     pairs = ([(anchor, m) for m in present if m != anchor] if anchor in present else []) if anchor \
         else list(combinations(present, 2))
     terms = []
     for a, b in pairs:
+        if distributed and not any(m in out for m in (a, b)):
+            raise ValueError(f"contrastive pair ({a}, {b}): a batch on this process has neither modality; several "
+                             f"processes need at least one of each pair in every batch")
         fa, fb = _pair_rows(out, a, b)
-        if fa.shape[0] >= 2 or torch.distributed.is_initialized():  # one row has no negatives (unless gathered)
+        if fa.shape[0] >= 2 or distributed:  # one row has no negatives (unless gathered)
             terms.append(loss_fn(fa, fb, out["logit_scale"], out.get("logit_bias")))
     if not terms:  # no pair in this batch: a zero that still touches every output (DDP wants a gradient for all)
         return sum(out[m].sum() for m in present) * 0.0 + out["logit_scale"] * 0.0
@@ -194,7 +203,8 @@ def _read_task_data(cfg: Config, name: str, t: TaskConfig) -> tuple[Any, Any]:
     # A row missing a modality is fine when fusion or N-modality binding can use the rest; a 2-modality contrastive
     # task needs both in every row.
     require_all = t.kind == "retrieval" and len(t.modalities) == 2
-    kw = dict(modalities=t.modalities, root=d.root, on_bad_row=d.on_bad_row, require_all=require_all)
+    kw = dict(modalities=t.modalities, root=d.root, on_bad_row=d.on_bad_row, require_all=require_all,
+              allow_outside_root=d.allow_outside_root)
     train = read_manifest(t.train, split=t.train_split, max_rows=t.max_rows, **kw)
     if train.skipped:
         log.warning("%s: skipped %d bad rows of %s (on_bad_row=skip); first: %s", name, train.skipped,
@@ -247,8 +257,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         for tower in cfg.model.towers.values():
             tower.freeze = bool(cfg.train.freeze_towers) or bool(cfg.train.unfreeze_at_step)
     t = cfg.train
-    # Fine-tuning may leave parameters out of a step (other tasks' heads, towers a task does not read).
-    accelerator = make_accelerator(cfg, find_unused=bool(cfg.tasks))
+    # Fine-tuning may leave parameters out of a step (other tasks' heads, towers a task does not read); so may
+    # binding 3+ modalities, when no row of a process's batch has one of them.
+    accelerator = make_accelerator(cfg, find_unused=bool(cfg.tasks) or len(cfg.model.towers) > 2)
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,14 +283,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if not cfg.tasks and len(modalities) < 2:
         raise ValueError("pretrain: contrastive alignment needs at least two towers in model.towers")
 
-    if accelerator.num_processes > 1:
-        for r in runs.values():
-            gaps = [m for m in r.cfg.modalities if r.cfg.kind == "retrieval" and m in r.dataset.column_names
-                    and any(v in (None, "") for v in r.dataset[m])]
-            if gaps:  # the cross-process feature gather needs the same number of pairs on every rank
-                raise ValueError(f"task {r.name}: rows missing {gaps} are not supported for contrastive training "
-                                 f"on several processes yet; train on one process, or keep rows that have "
-                                 f"every modality")
     model = XModalModel(cfg.model, {n: r.cfg for n, r in runs.items()} if cfg.tasks else None)
     if init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
@@ -287,6 +290,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if missing or unexpected:
             raise ValueError(f"init_from {cfg.init_from}: weights do not fit the towers (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
+    if t.freeze_projections:  # a linear probe of the shared space itself: only the heads learn
+        for tower in model.towers.values():
+            tower.projection.requires_grad_(False)
     # Frozen, non-augmented towers are embedded once; training then runs on their cached features.
     used = {m for r in runs.values() for m in r.cfg.modalities}  # a tower no task reads is never run
     cached = {m: m + FEATURES for m in modalities
@@ -297,7 +303,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         caches[m] = precompute_features(model.towers[m].encoder, model.transform(m, train=False), values,
                                         batch_size=t.batch_size, num_workers=cfg.data.num_workers,
                                         device=accelerator.device, desc=f"cache frozen {m} features",
-                                        progress=main and t.progress)
+                                        progress=main and t.progress, memo_key=(m, repr(cfg.model.towers[m])))
     step_batch = t.batch_size * t.grad_accum_steps  # per process; the contrastive batch is this × processes
     for r in runs.values():
         transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
@@ -358,6 +364,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     def task_loss(name: str, batch: dict) -> torch.Tensor:
         r = runs[name]
+        if r.cfg.modality_dropout:  # before the towers: a hidden modality costs no compute
+            batch = drop_modalities(batch, r.cfg.modalities, r.cfg.modality_dropout)
         with accelerator.autocast():
             out = model(batch, task=name if r.cfg.kind != "retrieval" else None)
             if r.cfg.kind == "retrieval":
@@ -399,12 +407,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     progress = _progress(main and t.progress, total, step, "finetune" if cfg.tasks else "pretrain")
     window_start, window_steps = time.perf_counter(), 0
+    skipped, skipped_in_row = 0, 0
     model.train()
     while step < total:
         if t.unfreeze_at_step and step == t.unfreeze_at_step:
             _unfreeze(unwrapped)
             model.train()
             log.info("step %d: towers unfrozen", step)
+        position = {n: (r.epoch, r.batch) for n, r in runs.items()}  # the batches this step is about to read
         if mt.tasks_per_step == "one":
             name = next(sampler)
             step_losses = {name: one_task_step(name)}
@@ -413,7 +423,21 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if accelerator.num_processes > 1:  # loss weights live outside the DDP module: average their gradients
             _all_reduce_grads(weighting.parameters())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-        optimizer.step()
+        if _finite(accelerator, step_losses, model, grad_norm, check_grads=t.mixed_precision != "fp16"):
+            optimizer.step()
+            skipped_in_row = 0
+        else:  # skip the update (the schedule still advances, as with fp16's skipped steps)
+            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+            where = "; ".join(f"task {n}, epoch {position[n][0]}, batch {position[n][1]}" for n in step_losses)
+            metrics.write({"step": step + 1, "nonfinite": where,
+                           "losses": {n: float(v) for n, v in step_losses.items()}})
+            if t.on_nonfinite == "stop" or skipped_in_row > t.max_nonfinite_skips:
+                last = latest_checkpoint(out_dir)
+                raise FloatingPointError(
+                    f"step {step + 1}: non-finite loss or gradients ({where}); stopped "
+                    f"(train.on_nonfinite={t.on_nonfinite}, {skipped_in_row} bad step(s) in a row). Last good "
+                    f"checkpoint: {last or 'none saved yet'}" + (" — continue with --resume" if last else ""))
+            log.warning("step %d: non-finite loss or gradients (%s): step skipped", step + 1, where)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         unwrapped.clamp_logit_scale()
@@ -432,6 +456,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
                           samples_per_s=window_steps * samples_per_step * len(step_losses) / max(elapsed, 1e-9))
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if skipped:
+                record["skipped_steps"] = skipped
             if isinstance(weighting, UncertaintyWeighting):
                 record.update({f"weight/{n}": w for n, w in weighting.weights().items()})
             metrics.write(record)
@@ -473,6 +499,21 @@ def _batches(accelerator, r: TaskRun) -> Iterator[dict]:
             if r.batch == r.steps_per_epoch:
                 r.epoch, r.batch = r.epoch + 1, 0
             yield batch
+
+
+def _finite(accelerator, losses: dict[str, torch.Tensor], model, grad_norm, check_grads: bool = True) -> bool:
+    """Every process's losses, and the (already synchronised) gradients, are finite. Under fp16 the gradient
+    scaler owns inf gradients (it skips those steps itself), so only the losses are checked there."""
+    bad = sum(float(not torch.isfinite(v).all()) for v in losses.values())
+    if check_grads:
+        if grad_norm is not None:
+            bad += float(not math.isfinite(float(grad_norm)))
+        else:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            bad += float(bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum").item()
+    return bad == 0
 
 
 def _position(step: int, runs: dict[str, TaskRun], sampler: TaskSampler) -> dict:

@@ -6,7 +6,9 @@ projections. The cache is exact — the features are what the encoder computes i
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import hashlib
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +31,39 @@ class CachedFeatures:
         return self.features[self.index[value]]
 
 
+# Features already computed in this process, per (encoder weights, preprocessing): active only inside
+# `reuse_frozen_features()`, for studies that train and evaluate many heads over the same frozen towers.
+_memo: dict | None = None
+
+
+@contextlib.contextmanager
+def reuse_frozen_features() -> Iterator[None]:
+    """Within this block a frozen encoder's features for an input are computed once per process and reused by
+    every training run (the cache above) and every ``model.encode`` of a frozen tower. Keys include a hash of the
+    encoder's weights, so a changed encoder never gets stale features. Memory grows with the distinct inputs seen."""
+    global _memo
+    outer = _memo
+    _memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
+def reusing_features() -> bool:
+    return _memo is not None
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-1 of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha1()
+    for name, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{name}{v.dtype}{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 class _Apply(torch.utils.data.Dataset):
     def __init__(self, values: Sequence, transform: Callable):
         self.values, self.transform = values, transform
@@ -43,18 +78,31 @@ class _Apply(torch.utils.data.Dataset):
 @torch.inference_mode()
 def precompute_features(encoder: torch.nn.Module, transform: Callable, values: Sequence, batch_size: int = 128,
                         num_workers: int = 0, device: torch.device | str = "cpu", desc: str = "cache",
-                        progress: bool = True) -> CachedFeatures:
-    """Run ``encoder`` (in eval mode) once over the distinct ``values``; return the lookup transform."""
+                        progress: bool = True, memo_key: Hashable | None = None) -> CachedFeatures:
+    """Run ``encoder`` (in eval mode) once over the distinct ``values``; return the lookup transform.
+
+    ``memo_key`` names the preprocessing (e.g. the tower's config): inside :func:`reuse_frozen_features`, values
+    already embedded under the same key by the same weights are not embedded again."""
     from tqdm.auto import tqdm
 
     unique = list(dict.fromkeys(values))
-    if unique and all(isinstance(v, str) for v in unique):
+    store = None
+    if _memo is not None and memo_key is not None:
+        store = _memo.setdefault((memo_key, weights_fingerprint(encoder)), {})
+    todo = [v for v in unique if v not in store] if store is not None else unique
+    if todo and all(isinstance(v, str) for v in todo):
         # Batches of similar length: text encoders that trim padding (HF) then do far less work. Harmless for paths.
-        unique.sort(key=len)
-    loader = DataLoader(_Apply(unique, transform), batch_size=batch_size, num_workers=num_workers)
-    was_training = encoder.training
-    encoder.eval()
-    chunks = [encoder(x.to(device)).float().cpu()
-              for x in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)]
-    encoder.train(was_training)
-    return CachedFeatures({v: i for i, v in enumerate(unique)}, torch.cat(chunks))
+        todo = sorted(todo, key=len)
+    chunks = []
+    if todo:
+        loader = DataLoader(_Apply(todo, transform), batch_size=batch_size, num_workers=num_workers)
+        was_training = encoder.training
+        encoder.eval()
+        chunks = [encoder(x.to(device)).float().cpu()
+                  for x in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)]
+        encoder.train(was_training)
+    if store is None:
+        return CachedFeatures({v: i for i, v in enumerate(todo)}, torch.cat(chunks))
+    if chunks:
+        store.update(zip(todo, torch.cat(chunks)))
+    return CachedFeatures({v: i for i, v in enumerate(unique)}, torch.stack([store[v] for v in unique]))

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, TaskConfig, _from_dict
+from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
+from .feature_cache import CachedFeatures, precompute_features, reusing_features
 from .modalities import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
@@ -23,7 +24,13 @@ FEATURES = ":features"  # batch key suffix: ``"image:features"`` holds cached en
 CARD_NAME = "model.json"
 
 
-def _projection(kind: str, feat_dim: int, embed_dim: int) -> nn.Module:
+def _projection(kind: str, feat_dim: int, embed_dim: int, where: str = "tower") -> nn.Module:
+    if kind == "none":
+        if feat_dim != embed_dim:
+            raise ConfigError(f"{where}.projection: none needs the encoder's feature width ({feat_dim}) to equal "
+                              f"model.embed_dim ({embed_dim}); set model.embed_dim: {feat_dim} or use projection "
+                              f"linear / mlp")
+        return nn.Identity()
     if kind == "linear":
         return nn.Linear(feat_dim, embed_dim)
     # A 2-layer MLP head lets frozen pretrained features bend into the shared space (as in LiT / SimCLR heads).
@@ -31,22 +38,38 @@ def _projection(kind: str, feat_dim: int, embed_dim: int) -> nn.Module:
 
 
 class Tower(nn.Module):
-    """encoder → projection → L2-normalise. A frozen encoder stays in eval mode and out of the optimiser."""
+    """encoder → projection → L2-normalise. A frozen encoder stays in eval mode and out of the optimiser.
+
+    ``grad_checkpointing``: the encoder recomputes its activations in backward (``encoder.set_grad_checkpointing``),
+    switched on only while the tower trains an unfrozen encoder -- eval and frozen forwards build no graph, so
+    checkpointing would only cost time there."""
 
     def __init__(self, encoder: nn.Module, feat_dim: int, embed_dim: int, projection: str = "linear",
-                 freeze: bool = False):
+                 freeze: bool = False, grad_checkpointing: bool = False, where: str = "tower"):
         super().__init__()
         self.encoder = encoder
-        self.projection = _projection(projection, feat_dim, embed_dim)
+        self.projection = _projection(projection, feat_dim, embed_dim, where)
         self.frozen = freeze
+        self.grad_checkpointing = grad_checkpointing
+        if grad_checkpointing:
+            from .modalities import grad_checkpointing_unsupported
+            reason = grad_checkpointing_unsupported(encoder)
+            if reason:
+                raise ConfigError(f"{where}.grad_checkpointing: this tower's encoder cannot checkpoint ({reason}); "
+                                  f"set {where}.grad_checkpointing: false")
+        self._checkpointing = False  # what the encoder was last told
         if freeze:
             self.encoder.requires_grad_(False)
-            self.encoder.eval()
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "Tower":
         super().train(mode)
         if self.frozen:  # frozen BatchNorm statistics and no dropout, whatever the caller asks
             self.encoder.eval()
+        on = self.grad_checkpointing and mode and not self.frozen
+        if on != self._checkpointing:
+            self.encoder.set_grad_checkpointing(on)
+            self._checkpointing = on
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +96,8 @@ class XModalModel(nn.Module):
         towers = {}
         for modality, tcfg in cfg.towers.items():
             encoder, feat_dim = build_encoder(modality, tcfg)
-            towers[modality] = Tower(encoder, feat_dim, cfg.embed_dim, tcfg.projection, tcfg.freeze)
+            towers[modality] = Tower(encoder, feat_dim, cfg.embed_dim, tcfg.projection, tcfg.freeze,
+                                     tcfg.grad_checkpointing, where=f"model.towers.{modality}")
         self.towers = nn.ModuleDict(towers)
         siglip = cfg.loss == "siglip"
         init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (
@@ -149,7 +173,7 @@ class XModalModel(nn.Module):
             self.eval()
         tower = self.towers[modality]
         device = next(self.parameters()).device
-        out, order = [], None
+        out, order, tf = [], None, None
         try:
             if isinstance(inputs, torch.Tensor):
                 chunks: Iterable = inputs.split(batch_size)
@@ -159,15 +183,16 @@ class XModalModel(nn.Module):
                     # Similar lengths per batch (text encoders trim shared padding); undone after encoding.
                     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
                     inputs = [inputs[i] for i in order]
-                tf = self.transform(modality, train=False)
+                tf = self._frozen_features(modality, inputs, batch_size, device) or self.transform(modality)
                 chunks = (torch.stack([tf(x) for x in inputs[i:i + batch_size]])
                           for i in range(0, len(inputs), batch_size))
             if progress:
                 from tqdm.auto import tqdm
                 n = len(inputs)
                 chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
+            run = tower.project if isinstance(tf, CachedFeatures) else tower
             for x in chunks:
-                out.append(tower(x.to(device)).float())
+                out.append(run(x.to(device)).float())
         finally:
             if was_training:
                 self.train()
@@ -193,7 +218,9 @@ class XModalModel(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        tfs = {m: self.transform(m, train=False) for m in inputs}
+        tfs = {m: self._frozen_features(m, [x for x in v if x not in (None, "")], batch_size, device)
+               or self.transform(m, train=False) for m, v in inputs.items()}
+        rename = {m: m + FEATURES for m, tf in tfs.items() if isinstance(tf, CachedFeatures)}
         starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -203,11 +230,22 @@ class XModalModel(nn.Module):
             for i in starts:
                 rows = [{m: (None if v[j] in (None, "") else tfs[m](v[j])) for m, v in inputs.items()}
                         for j in range(i, min(i + batch_size, n))]
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
+                batch = {rename.get(k, k): v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in collate(rows).items()}
                 out.append(self(batch, task=task)["head"].float().cpu())
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.empty(0)
+
+    def _frozen_features(self, modality: str, values: list, batch_size: int, device) -> CachedFeatures | None:
+        """Inside ``reuse_frozen_features()``: a frozen tower's encoder features of ``values`` (computed once per
+        process), as a lookup transform; otherwise None (encode from raw inputs)."""
+        if not (reusing_features() and self.towers[modality].frozen and values
+                and all(isinstance(v, str) for v in values)):
+            return None
+        return precompute_features(self.towers[modality].encoder, self.transform(modality), values,
+                                   batch_size=batch_size, device=device, progress=False,
+                                   memo_key=(modality, repr(self.cfg.towers[modality])))
 
     def encode_image(self, inputs, **kw) -> torch.Tensor:
         return self.encode("image", inputs, **kw)
@@ -220,20 +258,40 @@ class XModalModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``, each atomically."""
+        """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``.
+
+        Both are written to temporary files in ``path`` and fsynced before either replaces its old copy, so a write
+        that fails (a full disk, a read-only folder) raises ``OSError`` and leaves a previous model there unchanged.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import save_model
 
         from .config import _to_plain
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{WEIGHTS_NAME}.tmp"
-        save_model(self, str(tmp))
-        os.replace(tmp, path / WEIGHTS_NAME)
         card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg),
                 "tasks": {name: _to_plain(t) for name, t in self.tasks.items()}, **(extra or {})}
-        tmp = path / f".{CARD_NAME}.tmp"
-        tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
-        os.replace(tmp, path / CARD_NAME)
+        tmp_weights, tmp_card = path / f".{WEIGHTS_NAME}.tmp", path / f".{CARD_NAME}.tmp"
+        try:
+            save_model(self, str(tmp_weights))
+            with open(tmp_card, "w", encoding="utf-8") as f:
+                f.write(json.dumps(card, indent=2))
+            for tmp in (tmp_weights, tmp_card):  # on disk before the renames: a power cut cannot leave them empty
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+            for tmp in (tmp_weights, tmp_card):
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+            message = f"saving the model to {path} failed ({e}); the files already there are unchanged"
+            raise (OSError(e.errno, message) if isinstance(e, OSError) else OSError(message)) from e
+        os.replace(tmp_weights, path / WEIGHTS_NAME)
+        os.replace(tmp_card, path / CARD_NAME)
         return path
 
     @classmethod

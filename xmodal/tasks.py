@@ -43,6 +43,30 @@ def dense(out: dict[str, Tensor], modalities: Sequence[str], n: int) -> tuple[di
     return feats, present
 
 
+def drop_modalities(batch: dict[str, Any], modalities: Sequence[str], p: float) -> dict[str, Any]:
+    """Modality dropout: hide each present (row, modality) with probability ``p``, never a row's last one, so a
+    fused head learns to predict from any subset it may meet at inference. Works on collated batches (raw or
+    cached ``"<m>:features"`` tensors hold only present rows; ``"<m>:mask"`` says which)."""
+    n = batch_size(batch)
+    keys = {m: k for m in modalities for k in (m, m + ":features") if isinstance(batch.get(k), Tensor)}
+    if len(keys) < 2:
+        return batch
+    present = {m: batch.get(m + MASK, torch.ones(n, dtype=torch.bool)) for m in keys}
+    keep = {m: present[m] & (torch.rand(n) >= p) for m in keys}
+    lost = ~torch.stack(list(keep.values())).any(0) & torch.stack(list(present.values())).any(0)
+    for row in lost.nonzero().flatten().tolist():  # every modality of this row drawn: restore one of them
+        have = [m for m in keys if present[m][row]]
+        keep[have[int(torch.randint(len(have), ()))]][row] = True
+    out = dict(batch)
+    for m, key in keys.items():
+        out[m + MASK] = keep[m]
+        if keep[m].any():
+            out[key] = batch[key][keep[m][present[m]]]
+        else:  # as collate leaves out a modality no row has
+            del out[key]
+    return out
+
+
 def num_outputs(cfg: TaskConfig) -> int:
     return 1 if cfg.kind == "regression" else len(cfg.classes or [])
 

@@ -1,0 +1,204 @@
+"""Zero-shot vs linear probe vs fine-tuned vs multi-task on the bundled real tasks, over several seeds: the tables
+in docs/results.md. Every trained number comes from xmodal's own loop (`xmodal.engine.train`) started from one
+pretrained run, with the shipped configs, and is measured on held-out splits (test movies, test drawings, the
+Fashion-MNIST test set).
+
+    python scripts/compare_tasks.py --run runs/quickstart --seeds 0 1 2 --out runs/compare
+
+Needs `xmodal prepare openclipart fashion-mnist rotten-tomatoes` (data/) and scikit-learn (the logistic-regression
+baselines: `pip install -e .[dev]`). Frozen towers' features are computed once for the whole study
+(`reuse_frozen_features`), so the runs over cached features take seconds; `--tower-finetune` adds the one
+configuration that trains a tower (MiniLM for sentiment, ~10-20 min per seed on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xmodal.cli import main as _cli  # noqa: E402,F401 - sets the offline/threading environment first
+import torch  # noqa: E402
+
+from xmodal.config import load_config  # noqa: E402
+from xmodal.data import read_manifest  # noqa: E402
+from xmodal.engine import train  # noqa: E402
+from xmodal.evaluate import evaluate_retrieval, evaluate_task, evaluate_zero_shot  # noqa: E402
+from xmodal.feature_cache import precompute_features, reuse_frozen_features  # noqa: E402
+from xmodal.model import load  # noqa: E402
+
+REVIEW_TEMPLATES = ("a {} review.", "a {} movie review.", "a {} opinion of a film.", "{}.")
+PROBE = ["train.freeze_towers=true", "train.freeze_projections=true", "train.weight_decay=0", "train.lr=1e-2"]
+
+
+def finetune(config: str, out: Path, seed: int, run: str, extra: list[str] = ()) -> dict:
+    """Train one configuration; its held-out metrics (the run's final evaluation)."""
+    if (out / "model.json").is_file():  # finished earlier: the study resumes where it stopped
+        return json.loads((out / "model.json").read_text())["eval"]
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(ROOT / "configs" / config, [f"init_from={run}", f"output_dir={out}", f"seed={seed}",
+                                                   "log.backend=none", "train.progress=false", *extra])
+    t0 = time.perf_counter()
+    train(cfg)
+    print(f"  {out.relative_to(out.parents[1])}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads((out / "model.json").read_text())["eval"]
+
+
+def split(manifest: Path, name: str, modalities: list[str], max_rows: int | None = None):
+    return read_manifest(manifest, split=name, modalities=modalities, max_rows=max_rows).dataset
+
+
+def logistic_regression(model, modality: str, train_data, val_data, test_data, target: str) -> dict:
+    """The first baseline a user would try: scikit-learn logistic regression on the frozen tower's own features
+    (the packaged MiniLM's mean-pooled sentence embedding; EfficientNet's pooled features), C chosen on val."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    tower = model.towers[modality]
+    key = (modality, repr(model.cfg.towers[modality]))
+    feats = {}
+    for name, data in (("train", train_data), ("val", val_data), ("test", test_data)):
+        cached = precompute_features(tower.encoder, model.transform(modality), list(data[modality]),
+                                     progress=False, memo_key=key)
+        x = torch.stack([cached(v) for v in data[modality]])
+        feats[name] = torch.nn.functional.normalize(x, dim=-1).numpy()
+    y = {n: list(d[target]) for n, d in (("train", train_data), ("val", val_data), ("test", test_data))}
+    best = max((LogisticRegression(C=c, max_iter=3000).fit(feats["train"], y["train"])
+                for c in (0.01, 0.1, 1.0, 10.0, 100.0)), key=lambda m: m.score(feats["val"], y["val"]))
+    pred = best.predict(feats["test"])
+    return {"accuracy": float((pred == y["test"]).mean()),
+            "macro_f1": float(f1_score(y["test"], pred, average="macro")), "C": float(best.C)}
+
+
+def fused_by_subset(run_dir: Path, test) -> dict:
+    """Accuracy of a fused image+text head given both, only the image, only the text."""
+    model = load(run_dir)
+    out = {}
+    for name, drop in (("both", None), ("image only", "text"), ("text only", "image")):
+        data = test if drop is None else test.remove_columns(drop)  # the head sees rows lacking one modality
+        out[name] = evaluate_task(model, "category", data)["accuracy"]
+    return out
+
+
+def study(args) -> dict:
+    data, out = Path(args.data), Path(args.out)
+    fashion, rotten, clipart = (data / "fashion-mnist/manifest.csv", data / "rotten-tomatoes/manifest.csv",
+                                data / "openclipart/manifest.csv")
+    pre = load(args.run)
+    res: dict = {"run": args.run, "seeds": args.seeds, "once": {}, "per_seed": {}}
+    once = res["once"]  # no randomness: zero-shot and sklearn baselines
+    print("zero-shot and logistic-regression baselines", flush=True)
+    r_test = split(rotten, "test", ["text"])
+    once["sentiment/zero-shot"] = evaluate_zero_shot(pre, r_test, "text", "sentiment", REVIEW_TEMPLATES)
+    once["sentiment/LR on frozen MiniLM"] = logistic_regression(
+        pre, "text", split(rotten, "train", ["text"]), split(rotten, "val", ["text"]), r_test, "label")
+    f_test = split(fashion, "test", ["image"])
+    once["fashion/zero-shot"] = evaluate_zero_shot(pre, f_test, "image", "label")
+    once["fashion/LR on frozen EfficientNet"] = logistic_regression(
+        pre, "image", split(fashion, "train", ["image"], 10000), split(fashion, "val", ["image"], 2000), f_test,
+        "label")
+    once["clipart/zero-shot"] = evaluate_retrieval(pre, split(clipart, "test", ["image", "text"]))
+    c_test = split(clipart, "test", ["image", "text"])
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        d, s = out / f"seed{seed}", {}
+        s["sentiment/linear probe"] = finetune("finetune_sentiment.yaml", d / "sentiment_probe", seed, args.run,
+                                               PROBE + ["tasks.sentiment.hidden=null", "tasks.sentiment.dropout=0"])
+        s["sentiment/fine-tuned"] = finetune("finetune_sentiment.yaml", d / "sentiment", seed, args.run)
+        if args.tower_finetune:
+            s["sentiment/fine-tuned + MiniLM"] = finetune(
+                "finetune_sentiment.yaml", d / "sentiment_tower", seed, args.run,
+                ["train.freeze_towers=false", "train.encoder_lr=2e-5", "train.epochs=2", "train.batch_size=32"])
+        s["fashion/linear probe"] = finetune("finetune_fashion_mnist.yaml", d / "fashion_probe", seed, args.run,
+                                             PROBE)
+        s["fashion/fine-tuned"] = finetune("finetune_fashion_mnist.yaml", d / "fashion", seed, args.run)
+        s["clipart/fine-tuned"] = finetune("finetune_multitask.yaml", d / "clipart", seed, args.run,
+                                           ["tasks={clipart: {kind: retrieval, train: "
+                                            f"{clipart}, modalities: [image, text]}}}}"])
+        s["multi-task"] = finetune("finetune_multitask.yaml", d / "multitask", seed, args.run)
+        for mods in (["image"], ["text"]):
+            s[f"category/{mods[0]} head"] = finetune(
+                "finetune_clipart_category.yaml", d / f"category_{mods[0]}", seed, args.run,
+                [f"tasks.category.modalities=[{mods[0]}]", "tasks.category.modality_dropout=0"])
+        s["category/fused, no modality dropout"] = finetune(
+            "finetune_clipart_category.yaml", d / "category_fused_nodrop", seed, args.run,
+            ["tasks.category.modality_dropout=0"])
+        s["category/fused"] = finetune("finetune_clipart_category.yaml", d / "category_fused", seed, args.run)
+        for name in ("category_fused_nodrop", "category_fused"):
+            s[f"category/{name} by subset"] = fused_by_subset(d / name, c_test)
+        res["per_seed"][seed] = s
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def tables(res: dict) -> str:
+    """Markdown tables: mean ± standard deviation over seeds (sample std), n seeds."""
+    seeds = list(res["per_seed"].values())
+    once = res["once"]
+
+    def col(key: str, metric: str) -> str:
+        if key in once:
+            return f"{once[key][metric]:.3f}"
+        vals = [s[key][metric] for s in seeds if key in s and metric in s[key]]
+        return mean_std(vals) if vals else "—"
+
+    r10 = "text->image/R@10"
+    lines = [f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, res['seeds']))}); init: `{res['run']}`.", "",
+             "| task (held-out metric) | zero-shot | LR on frozen tower | linear probe | fine-tuned | multi-task |",
+             "|---|---|---|---|---|---|",
+             f"| sentiment, test movies (accuracy) | {once['sentiment/zero-shot']['zero_shot/top1']:.3f} | "
+             f"{col('sentiment/LR on frozen MiniLM', 'accuracy')} | {col('sentiment/linear probe', 'sentiment/accuracy')}"
+             f" | {col('sentiment/fine-tuned', 'sentiment/accuracy')} | {col('multi-task', 'sentiment/accuracy')} |",
+             f"| Fashion-MNIST, test set (accuracy) | {once['fashion/zero-shot']['zero_shot/top1']:.3f} | "
+             f"{col('fashion/LR on frozen EfficientNet', 'accuracy')} | {col('fashion/linear probe', 'fashion/accuracy')}"
+             f" | {col('fashion/fine-tuned', 'fashion/accuracy')} | {col('multi-task', 'fashion/accuracy')} |",
+             f"| Open Clip Art, test drawings (text→image R@10) | {once['clipart/zero-shot'][r10]:.3f} | — | — | "
+             f"{col('clipart/fine-tuned', 'clipart/' + r10)} | {col('multi-task', 'clipart/' + r10)} |"]
+    if any("sentiment/fine-tuned + MiniLM" in s for s in seeds):
+        lines += ["", f"Sentiment with the MiniLM tower itself fine-tuned (2 epochs, encoder lr 2e-5): accuracy "
+                      f"{col('sentiment/fine-tuned + MiniLM', 'sentiment/accuracy')}."]
+    lines += ["", "| clipart category, test drawings (accuracy) | both | image only | text only |", "|---|---|---|---|",
+              f"| image head | — | {col('category/image head', 'category/accuracy')} | — |",
+              f"| text head | — | — | {col('category/text head', 'category/accuracy')} |"]
+    for label, key in (("fused (concat)", "category/category_fused_nodrop by subset"),
+                       ("fused (concat) + modality dropout 0.3", "category/category_fused by subset")):
+        lines.append(f"| {label} | {col(key, 'both')} | {col(key, 'image only')} | {col(key, 'text only')} |")
+    return "\n".join(lines)
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="runs/quickstart", help="a pretrained run folder (the shared space)")
+    p.add_argument("--data", default="data", help="folder holding the prepared corpora")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--tower-finetune", action="store_true", help="also fine-tune MiniLM for sentiment (slow)")
+    p.add_argument("--table-only", action="store_true", help="print the tables of an earlier study's results.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.table_only:
+        res = json.loads((out / "results.json").read_text())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        with reuse_frozen_features():
+            res = study(args)
+    table = tables(res)
+    (out / "tables.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

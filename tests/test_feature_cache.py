@@ -1,0 +1,69 @@
+"""Frozen-feature reuse: exact (same outputs as running the tower), computed once, invalidated by new weights."""
+import torch
+from PIL import Image
+
+from xmodal.config import ModelConfig, TaskConfig, TowerConfig
+from xmodal.feature_cache import precompute_features, reuse_frozen_features, weights_fingerprint
+from xmodal.model import XModalModel
+
+
+def frozen_model(tasks=None):
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=16, towers={
+        "image": TowerConfig(kind="cnn", image_size=32, freeze=True, augment=False, options={"channels": [8, 16]}),
+        "text": TowerConfig(kind="lstm", context_length=16, freeze=True, options={"embed_dim": 16, "hidden": 16})})
+    return XModalModel(cfg, tasks).eval()
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    return calls
+
+
+def test_reuse_is_exact_and_embeds_each_input_once(tmp_path):
+    model = frozen_model()
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40, 30), colour).save(paths[-1])
+    texts = ["a red square", "green", "a blue thing", "green"]
+    plain_img, plain_txt = model.encode("image", paths), model.encode("text", texts)
+    calls = count_calls(model.towers["text"].encoder)
+    with reuse_frozen_features():
+        first = model.encode("text", texts)
+        again = model.encode("text", texts[::-1], batch_size=2)
+        img = model.encode("image", paths)
+    torch.testing.assert_close(first, plain_txt, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, plain_txt.flip(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(img, plain_img, atol=1e-6, rtol=0)
+    assert sum(calls) == 3  # three distinct texts, embedded once; the second encode ran no encoder at all
+    model.encode("text", texts)  # outside the block nothing is reused
+    assert sum(calls) == 3 + 4
+
+
+def test_new_weights_are_not_served_stale_features():
+    model = frozen_model()
+    enc, tf = model.towers["text"].encoder, model.transform("text")
+    with reuse_frozen_features():
+        before = precompute_features(enc, tf, ["a cat"], memo_key="k", progress=False).features
+        old = weights_fingerprint(enc)
+        with torch.no_grad():
+            next(enc.parameters()).add_(1.0)
+        assert weights_fingerprint(enc) != old
+        after = precompute_features(enc, tf, ["a cat"], memo_key="k", progress=False).features
+    enc.eval()
+    with torch.no_grad():
+        truth = enc(tf("a cat")[None])
+    torch.testing.assert_close(after, truth, atol=1e-6, rtol=0)
+    assert not torch.allclose(before, after)
+
+
+def test_predict_with_reused_features_matches_and_handles_missing_rows():
+    task = TaskConfig(kind="classification", modalities=["text"], classes=["a", "b"])
+    model = frozen_model({"t": task})
+    rows = {"text": ["one", "", "two words", "one"]}
+    plain = model.predict("t", rows)
+    with reuse_frozen_features():
+        reused = model.predict("t", rows, batch_size=3)
+    torch.testing.assert_close(reused, plain, atol=1e-6, rtol=0)
