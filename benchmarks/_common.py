@@ -149,14 +149,14 @@ def build_open_clip(name: str, device: str):
     return open_clip.create_model(name, pretrained=None, output_dict=True).to(device)
 
 
-def xmodal_model_config(name: str):
+def xmodal_model_config(name: str, projection: str = "linear"):
     from xmodal.config import ModelConfig, TowerConfig
     size, ctx = model_dims(name)
     import open_clip
     embed_dim = int(open_clip.get_model_config(name)["embed_dim"])
     return ModelConfig(embed_dim=embed_dim, loss="clip", towers={
-        "image": TowerConfig(kind="open_clip", name=name, image_size=size),
-        "text": TowerConfig(kind="open_clip", name=name, context_length=ctx)})
+        "image": TowerConfig(kind="open_clip", name=name, image_size=size, projection=projection),
+        "text": TowerConfig(kind="open_clip", name=name, context_length=ctx, projection=projection)})
 
 
 def build_xmodal(name: str, device: str):
@@ -248,10 +248,10 @@ class XModalTrainer:
 
     def __init__(self, name: str, args, grad_accum_steps: int = 1, total_steps: int = 1000,
                  variant: frozenset[str] = frozenset()):
-        """``variant`` (ablations, not what the engine does): ``"no-proj"`` replaces each tower's projection by
-        ``nn.Identity`` (the open_clip towers already project to embed_dim); ``"no-accelerate"`` runs the same step
-        without Accelerate's wrappers (plain torch.autocast / backward / clip_grad_norm_ / optimizer);
-        ``"fused"`` builds AdamW with ``fused=True``."""
+        """``variant`` (ablations): ``"no-proj"`` builds the towers with ``projection: none`` (the open_clip towers
+        already project to embed_dim: a config users can choose); ``"no-accelerate"`` runs the same step without
+        Accelerate's wrappers (plain torch.autocast / backward / clip_grad_norm_ / optimizer); ``"unfused"`` builds
+        AdamW without ``fused=True`` (the engine before it adopted the fused kernel)."""
         from accelerate import Accelerator
 
         from xmodal.config import Config, TrainConfig
@@ -260,7 +260,7 @@ class XModalTrainer:
         from xmodal.losses.multitask import StaticWeighting
         self.args = args
         self.grad_accum_steps = grad_accum_steps
-        cfg = Config(model=xmodal_model_config(name),
+        cfg = Config(model=xmodal_model_config(name, "none" if "no-proj" in variant else "linear"),
                      train=TrainConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, max_grad_norm=CLIP_NORM,
                                        grad_accum_steps=grad_accum_steps, warmup_steps=10,
                                        mixed_precision="bf16" if args.precision == "bf16" else "no"))
@@ -270,13 +270,10 @@ class XModalTrainer:
         torch.set_num_threads(args.threads)  # whatever Accelerate did, the same threads as the peer
         from xmodal.model import XModalModel
         model = XModalModel(cfg.model).to(args.device)
-        if "no-proj" in variant:
-            for tower in model.towers.values():
-                tower.projection = torch.nn.Identity()
         self.task = PRETRAIN_TASK
         self.weighting = StaticWeighting({PRETRAIN_TASK: 1.0})
         optimizer = torch.optim.AdamW(param_groups(model, cfg, list(self.weighting.parameters())), lr=LR,
-                                      betas=BETAS, eps=EPS, **({"fused": True} if "fused" in variant else {}))
+                                      betas=BETAS, eps=EPS, fused="unfused" not in variant)  # as the engine
         if "no-accelerate" in variant:
             self.accelerator = _PlainTorch(args)
             self.model, self.optimizer = model, optimizer

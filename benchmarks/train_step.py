@@ -39,10 +39,9 @@ def op_counts(step, n: int = 2) -> dict[str, tuple[float, float]]:
     return {e.key: (e.count / n, e.self_cpu_time_total / n / 1e3) for e in prof.key_averages()}
 
 
-ABLATIONS = {"xmodal (engine step)": frozenset(), "xmodal, no extra projection": frozenset({"no-proj"}),
+ABLATIONS = {"xmodal (engine step)": frozenset(), "xmodal, projection: none": frozenset({"no-proj"}),
              "xmodal, no Accelerate wrappers": frozenset({"no-accelerate"}),
-             "xmodal, fused AdamW": frozenset({"fused"}),
-             "xmodal, all three": frozenset({"no-proj", "no-accelerate", "fused"})}
+             "xmodal, unfused AdamW (the engine before)": frozenset({"unfused"})}
 
 
 def ablate(args, steps: int) -> None:
@@ -76,8 +75,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="also profile 2 steps per side (torch.profiler) and print the ops whose count differs")
     p.add_argument("--ablate", action="store_true",
-                   help="also time xmodal variants (no extra projection / no Accelerate wrappers / fused AdamW / "
-                        "all three) against open_clip, interleaved, on --ablate-models")
+                   help="also time xmodal variants (projection: none / no Accelerate wrappers / unfused AdamW) "
+                        "against open_clip, interleaved, on --ablate-models")
     p.add_argument("--ablate-models", default="bench-vit-micro,xmodal-vit-tiny")
     p.add_argument("--malloc", default="live,default",
                    help="CPU peak-memory modes, comma-separated: live (MALLOC_MMAP_THRESHOLD_=65536: RSS follows "

@@ -33,6 +33,7 @@ from xmodal.feature_cache import precompute_features, reuse_frozen_features  # n
 from xmodal.model import load  # noqa: E402
 
 REVIEW_TEMPLATES = ("a {} review.", "a {} movie review.", "a {} opinion of a film.", "{}.")
+FUSIONS = ("concat", "gated", "attention", "late")  # the shipped category config uses the first
 PROBE = ["train.freeze_towers=true", "train.freeze_projections=true", "train.weight_decay=0", "train.lr=1e-2"]
 
 
@@ -76,13 +77,12 @@ def logistic_regression(model, modality: str, train_data, val_data, test_data, t
             "macro_f1": float(f1_score(y["test"], pred, average="macro")), "C": float(best.C)}
 
 
-def fused_by_subset(run_dir: Path, test) -> dict:
-    """Accuracy of a fused image+text head given both, only the image, only the text."""
+def fused_by_subset(run_dir: Path, test, modalities=("image", "text")) -> dict:
+    """Accuracy of a fused two-modality head given both, and given only one of them."""
     model = load(run_dir)
-    out = {}
-    for name, drop in (("both", None), ("image only", "text"), ("text only", "image")):
-        data = test if drop is None else test.remove_columns(drop)  # the head sees rows lacking one modality
-        out[name] = evaluate_task(model, "category", data)["accuracy"]
+    out = {"both": evaluate_task(model, "category", test)["accuracy"]}
+    for keep, drop in (modalities, modalities[::-1]):
+        out[f"{keep} only"] = evaluate_task(model, "category", test.remove_columns(drop))["accuracy"]
     return out
 
 
@@ -92,18 +92,25 @@ def study(args) -> dict:
                                 data / "openclipart/manifest.csv")
     pre = load(args.run)
     res: dict = {"run": args.run, "seeds": args.seeds, "once": {}, "per_seed": {}}
+    previous = out / "results.json"
+    if previous.is_file() and json.loads(previous.read_text())["run"] == args.run:  # a study resumed
+        res["once"] = json.loads(previous.read_text())["once"]
     once = res["once"]  # no randomness: zero-shot and sklearn baselines
     print("zero-shot and logistic-regression baselines", flush=True)
-    r_test = split(rotten, "test", ["text"])
-    once["sentiment/zero-shot"] = evaluate_zero_shot(pre, r_test, "text", "sentiment", REVIEW_TEMPLATES)
-    once["sentiment/LR on frozen MiniLM"] = logistic_regression(
-        pre, "text", split(rotten, "train", ["text"]), split(rotten, "val", ["text"]), r_test, "label")
-    f_test = split(fashion, "test", ["image"])
-    once["fashion/zero-shot"] = evaluate_zero_shot(pre, f_test, "image", "label")
-    once["fashion/LR on frozen EfficientNet"] = logistic_regression(
-        pre, "image", split(fashion, "train", ["image"], 10000), split(fashion, "val", ["image"], 2000), f_test,
-        "label")
-    once["clipart/zero-shot"] = evaluate_retrieval(pre, split(clipart, "test", ["image", "text"]))
+    r_test, f_test = split(rotten, "test", ["text"]), split(fashion, "test", ["image"])
+    baselines = {
+        "sentiment/zero-shot": lambda: evaluate_zero_shot(pre, r_test, "text", "sentiment", REVIEW_TEMPLATES),
+        "sentiment/LR on frozen MiniLM": lambda: logistic_regression(
+            pre, "text", split(rotten, "train", ["text"]), split(rotten, "val", ["text"]), r_test, "label"),
+        "fashion/zero-shot": lambda: evaluate_zero_shot(pre, f_test, "image", "label"),
+        "fashion/LR on frozen EfficientNet": lambda: logistic_regression(
+            pre, "image", split(fashion, "train", ["image"], 10000), split(fashion, "val", ["image"], 2000),
+            f_test, "label"),
+        "clipart/zero-shot": lambda: evaluate_retrieval(pre, split(clipart, "test", ["image", "text"])),
+    }
+    for key, compute in baselines.items():
+        if key not in once:
+            once[key] = compute()
     c_test = split(clipart, "test", ["image", "text"])
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
@@ -130,8 +137,23 @@ def study(args) -> dict:
             "finetune_clipart_category.yaml", d / "category_fused_nodrop", seed, args.run,
             ["tasks.category.modality_dropout=0"])
         s["category/fused"] = finetune("finetune_clipart_category.yaml", d / "category_fused", seed, args.run)
-        for name in ("category_fused_nodrop", "category_fused"):
+        for fusion in FUSIONS[1:]:
+            s[f"category/fused {fusion}"] = finetune("finetune_clipart_category.yaml", d / f"category_{fusion}",
+                                                     seed, args.run, [f"tasks.category.fusion={fusion}"])
+        for name in ("category_fused_nodrop", "category_fused", *(f"category_{f}" for f in FUSIONS[1:])):
             s[f"category/{name} by subset"] = fused_by_subset(d / name, c_test)
+        if args.audio_run:  # category from the drawing and its spoken title, on the image+text+audio space
+            spoken = data / "spoken-clipart/manifest.csv"
+            common = [f"tasks.category.train={spoken}", "data.allow_outside_root=true", "train.freeze_towers=true"]
+            for mods in (["image"], ["audio"], ["image", "audio"]):
+                key = "+".join(mods)
+                s[f"spoken/{key}"] = finetune(
+                    "finetune_clipart_category.yaml", d / f"spoken_{key}", seed, args.audio_run,
+                    common + [f"tasks.category.modalities=[{', '.join(mods)}]"]
+                    + ([] if len(mods) > 1 else ["tasks.category.modality_dropout=0"]))
+            s_test = read_manifest(spoken, split="test", modalities=["image", "audio"],
+                                   allow_outside_root=True).dataset
+            s["spoken/image+audio by subset"] = fused_by_subset(d / "spoken_image+audio", s_test, ("image", "audio"))
         res["per_seed"][seed] = s
         (out / "results.json").write_text(json.dumps(res, indent=2))
     return res
@@ -155,7 +177,8 @@ def tables(res: dict) -> str:
         return mean_std(vals) if vals else "—"
 
     r10 = "text->image/R@10"
-    lines = [f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, res['seeds']))}); init: `{res['run']}`.", "",
+    done = [str(k) for k in res["per_seed"]]
+    lines = [f"Mean ± std over {len(done)} seed(s) ({', '.join(done)}); init: `{res['run']}`.", "",
              "| task (held-out metric) | zero-shot | LR on frozen tower | linear probe | fine-tuned | multi-task |",
              "|---|---|---|---|---|---|",
              f"| sentiment, test movies (accuracy) | {once['sentiment/zero-shot']['zero_shot/top1']:.3f} | "
@@ -169,12 +192,25 @@ def tables(res: dict) -> str:
     if any("sentiment/fine-tuned + MiniLM" in s for s in seeds):
         lines += ["", f"Sentiment with the MiniLM tower itself fine-tuned (2 epochs, encoder lr 2e-5): accuracy "
                       f"{col('sentiment/fine-tuned + MiniLM', 'sentiment/accuracy')}."]
-    lines += ["", "| clipart category, test drawings (accuracy) | both | image only | text only |", "|---|---|---|---|",
+    lines += ["", "Clipart category (22 classes) from image and text; fused heads trained with modality dropout 0.3 "
+                  "unless said otherwise, evaluated with both modalities and with one removed.", "",
+              "| clipart category, test drawings (accuracy) | both | image only | text only |", "|---|---|---|---|",
               f"| image head | — | {col('category/image head', 'category/accuracy')} | — |",
               f"| text head | — | — | {col('category/text head', 'category/accuracy')} |"]
-    for label, key in (("fused (concat)", "category/category_fused_nodrop by subset"),
-                       ("fused (concat) + modality dropout 0.3", "category/category_fused by subset")):
+    fused = [("fused: concat, no modality dropout", "category/category_fused_nodrop by subset"),
+             ("fused: concat (the shipped config)", "category/category_fused by subset")]
+    fused += [(f"fused: {f}", f"category/category_{f} by subset") for f in FUSIONS[1:]]
+    for label, key in fused:
         lines.append(f"| {label} | {col(key, 'both')} | {col(key, 'image only')} | {col(key, 'text only')} |")
+    if any("spoken/image" in s for s in seeds):
+        sub = "spoken/image+audio by subset"
+        lines += ["", "Category from the drawing and its *spoken* title (data/spoken-clipart, 215 test rows), on the "
+                      "image+text+audio space of configs/pretrain_audio.yaml (towers frozen).", "",
+                  "| spoken clipart category (accuracy) | both | image only | audio only |", "|---|---|---|---|",
+                  f"| image head | — | {col('spoken/image', 'category/accuracy')} | — |",
+                  f"| audio head | — | — | {col('spoken/audio', 'category/accuracy')} |",
+                  f"| fused: concat + modality dropout 0.3 | {col(sub, 'both')} | {col(sub, 'image only')} | "
+                  f"{col(sub, 'audio only')} |"]
     return "\n".join(lines)
 
 
@@ -185,6 +221,8 @@ def cli(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--tower-finetune", action="store_true", help="also fine-tune MiniLM for sentiment (slow)")
+    p.add_argument("--audio-run", help="an image+text+audio run (configs/pretrain_audio.yaml): adds the category "
+                                       "from image and spoken title (data/spoken-clipart)")
     p.add_argument("--table-only", action="store_true", help="print the tables of an earlier study's results.json")
     args = p.parse_args(argv)
     out = Path(args.out)

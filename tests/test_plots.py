@@ -38,9 +38,12 @@ def test_write_plots_makes_every_picture(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "loss/colour": 0.9}, {"step": 2, "loss/colour": 0.7},
         {"step": 2, "eval/colour/accuracy": 0.5}]) + "\n")
-    written = write_plots(run, model, data, run / "plots")
+    from xmodal.evaluate import evaluate_retrieval
+    results = evaluate_retrieval(model, data)
+    written = write_plots(run, model, data, run / "plots", results)
     names = sorted(p.name for p in written)
-    assert names == ["confusion_colour.png", "space_map.png", "training_curves.png"]
+    assert names == ["confusion_colour.png", "recall_matrix.png", "space_map.png", "training_curves.png"]
+    assert {"image->text/R@10", "text->image/R@10"} <= set(results)
     for p in written:
         with Image.open(p) as im:
             assert im.size[0] > 300 and im.size[1] > 200

@@ -53,7 +53,7 @@ def _evaluate(args) -> int:
             results.update({f"{name}/{k}": v for k, v in res.items()})
     if args.plots:
         from .plots import write_plots
-        written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"))
+        written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results)
         print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))

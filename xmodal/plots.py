@@ -108,9 +108,37 @@ def space_map(embeddings: dict[str, torch.Tensor], labels: dict[str, list] | Non
     return out
 
 
-def write_plots(run_dir: str | Path, model, dataset, out_dir: Path) -> list[Path]:
+def recall_matrix(results: dict[str, float], out: Path, k: int = 10) -> Path | None:
+    """Query modality × gallery modality heat map of Recall@k (chance, k / gallery size, in each cell): every
+    direction at a glance, including pairs never trained together (emergent alignment)."""
+    pairs = {tuple(key.split("/")[0].split("->")): v for key, v in results.items() if key.endswith(f"/R@{k}")}
+    if not pairs:
+        return None
+    mods = sorted({m for pair in pairs for m in pair})
+    plt = _pyplot()
+    grid = torch.full((len(mods), len(mods)), float("nan"))
+    for (a, b), v in pairs.items():
+        grid[mods.index(a), mods.index(b)] = v
+    fig, ax = plt.subplots(figsize=(1.6 * len(mods) + 2, 1.4 * len(mods) + 1.2))
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis")
+    for (a, b), v in pairs.items():
+        items = results.get(f"{a}->{b}/n_items")
+        chance = f"\nchance {min(1.0, k / items):.3f}" if items else ""
+        ax.text(mods.index(b), mods.index(a), f"{v:.3f}{chance}", ha="center", va="center", fontsize=8,
+                color="white" if v < 0.6 else "black")
+    ax.set(xticks=range(len(mods)), xticklabels=mods, yticks=range(len(mods)), yticklabels=mods,
+           xlabel="gallery", ylabel="query", title=f"Recall@{k}, every direction")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dict | None = None) -> list[Path]:
     """Every plot that applies: curves (from the run), confusion matrices (classification heads whose target the
-    data has), the 2-D map (modality columns of the data, with ``label`` when present)."""
+    data has), the 2-D map (modality columns of the data, with ``label`` when present), and with evaluation
+    ``results`` holding retrieval figures, the Recall@10 matrix of every direction."""
     from .evaluate import predict_outputs
     from .metrics import confusion_matrix
     from .tasks import targets
@@ -134,4 +162,6 @@ def write_plots(run_dir: str | Path, model, dataset, out_dir: Path) -> list[Path
     if embeddings:
         written.append(space_map(embeddings, labels if len(labels) == len(embeddings) else None,
                                  out_dir / "space_map.png"))
+    if results:
+        written.append(recall_matrix(results, out_dir / "recall_matrix.png"))
     return [p for p in written if p is not None]
