@@ -443,10 +443,13 @@ def test_make_server_errors(built, tmp_path, capsys):
     assert "--timeout must be positive" in capsys.readouterr().err
 
 
-def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(built):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(built, sig):
+    """Also when started with SIGINT ignored, as a shell's background job (`xmodal serve ... &`) is."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "xmodal.cli", "serve", "--index", str(built[0]), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         assert line.startswith("xmodal serve: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
@@ -456,7 +459,7 @@ def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(built):
         status, _, body = request(url + "/api/search", "POST", json.dumps({"text": "a cat", "k": 2}).encode(),
                                   {"Content-Type": "application/json"})
         assert status == 200 and len(json.loads(body)["hits"]) == 2
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)  # interpreter teardown is slow on a loaded 2-core machine
         assert proc.returncode == 0, err
         assert "stopping" in out and "Traceback" not in err

@@ -815,9 +815,20 @@ def make_server(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, mo
 
 def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, model: Any = None,
           limits: ServiceLimits | None = None, **limit_overrides: Any) -> None:
-    """Serve until Ctrl-C (then close cleanly)."""
+    """Serve until Ctrl-C or SIGTERM (then close cleanly)."""
+    import signal
+
     server = make_server(index_dir, host, port, model=model, limits=limits, **limit_overrides)
     info = server.service.info()
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a process started in the background inherits SIGINT *ignored* (POSIX shells do that for
+    # `cmd &`), and service managers stop with SIGTERM; either way the server must still close cleanly.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"xmodal serve: {server.url}  ({info['size']} {info['modality']} items, {info['kind']} index; "
           f"queries: {', '.join(info['query_modalities'])}) — Ctrl-C to stop", flush=True)
     try:
@@ -826,6 +837,8 @@ def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, model: A
         print("xmodal serve: stopping", flush=True)
     finally:
         server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 __all__ = ["ApiError", "SearchService", "ServiceLimits", "XModalServer", "make_server", "serve"]
