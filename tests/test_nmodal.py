@@ -101,3 +101,25 @@ def test_two_processes_with_gaps_equal_one_process(spoken, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
+
+
+def test_every_pair_joins_the_gather_on_several_processes_even_when_absent(monkeypatch):
+    """On several processes each rank must call the loss (and its collective gather) for every pair in the same
+    order, even for a pair none of its rows holds: it passes zero rows that still belong to the graph."""
+    import torch
+
+    from xmodal.engine import contrastive_loss
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    out = {"text": text, "logit_scale": torch.tensor(10.0, requires_grad=True)}
+    calls = []
+
+    def loss_fn(fa, fb, scale, bias):
+        calls.append((fa.shape[0], fb.shape[0], fa.requires_grad))
+        return fa.sum() + fb.sum() + scale * 0
+
+    contrastive_loss(loss_fn, out, ["image", "text", "audio"])
+    assert calls == [(0, 0, True)] * 3  # (image, text), (image, audio), (text, audio): no rows hold both of any
+    calls.clear()
+    contrastive_loss(loss_fn, out, ["image", "text", "audio"], anchor="text")
+    assert calls == [(0, 0, True)] * 2

@@ -70,10 +70,11 @@ def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Param
             for (nd, lr), ps in groups.items()]
 
 
-def _pair_rows(out: dict[str, torch.Tensor], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_rows(out: dict[str, torch.Tensor], a: str, b: str,
+               like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of the rows that have both ``a`` and ``b`` (outputs hold only each modality's present rows)."""
     if a not in out or b not in out:  # no row of this batch has both: zero pairs that still belong to the graph
-        empty = out.get(a, out.get(b))[:0] * out["logit_scale"]
+        empty = like[:0] * out["logit_scale"]
         return empty, empty
     ma, mb = out.get(a + MASK), out.get(b + MASK)
     if ma is None and mb is None:
@@ -95,11 +96,9 @@ def contrastive_loss(loss_fn, out: dict[str, torch.Tensor], modalities: list[str
     pairs = ([(anchor, m) for m in present if m != anchor] if anchor in present else []) if anchor \
         else list(combinations(present, 2))
     terms = []
+    like = next((out[m] for m in modalities if m in out), None)  # shapes an empty pair on this process
     for a, b in pairs:
-        if distributed and not any(m in out for m in (a, b)):
-            raise ValueError(f"contrastive pair ({a}, {b}): a batch on this process has neither modality; several "
-                             f"processes need at least one of each pair in every batch")
-        fa, fb = _pair_rows(out, a, b)
+        fa, fb = _pair_rows(out, a, b, like)
         if fa.shape[0] >= 2 or distributed:  # one row has no negatives (unless gathered)
             terms.append(loss_fn(fa, fb, out["logit_scale"], out.get("logit_bias")))
     if not terms:  # no pair in this batch: a zero that still touches every output (DDP wants a gradient for all)
