@@ -1,6 +1,7 @@
 """The training loop: exact resume, 2 processes = 1 process, GradCache accumulation = one big batch, on real data."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,35 @@ def test_resume_after_crash_joins_the_uninterrupted_run(clipart, tmp_path, monke
     wa, wb = weights(full), weights(tmp_path / "resumed")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+
+
+def _to_0d_scalars(ckpt: Path) -> None:
+    """Rewrite a checkpoint as xmodal wrote it before learnable scalars became 1-element 1-D (for FSDP2):
+    0-d ``logit_scale`` in the weights and 0-d AdamW moments for it."""
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(ckpt / "model.safetensors"))
+    names = [k for k, v in w.items() if v.shape == (1,) and k.endswith("logit_scale")]
+    save_file({k: v.reshape(()) if k in names else v for k, v in w.items()}, str(ckpt / "model.safetensors"))
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    moments = 0
+    for state in opt["state"].values():
+        for key, value in state.items():
+            if key != "step" and value.shape == (1,):
+                state[key], moments = value.reshape(()), moments + 1
+    torch.save(opt, ckpt / "optimizer.bin")
+    assert names and moments  # the rewrite found what it rewrites
+
+
+def test_resume_from_a_checkpoint_with_0d_scalars(clipart, tmp_path):
+    full = pretrain(tiny(clipart, tmp_path / "full", max_steps=6))
+    cfg = tiny(clipart, tmp_path / "old", max_steps=6, save_every=3)
+    pretrain(cfg)
+    run = tmp_path / "old"
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    _to_0d_scalars(run / "checkpoints" / "step_3")
+    pretrain(cfg, resume=True)
+    for k, v in weights(full).items():
+        torch.testing.assert_close(weights(run)[k], v, atol=1e-5, rtol=0)
 
 
 def test_gradcache_accumulation_equals_one_big_batch(clipart, tmp_path):

@@ -53,6 +53,21 @@ def test_save_load_roundtrip(tmp_path, images):
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run").iterdir())
 
 
+def test_load_reads_0d_scalars_of_older_files(tmp_path):
+    """Learnable scalars are 1-element 1-D now (FSDP2 cannot shard 0-d parameters); files saved before hold 0-d."""
+    from safetensors.torch import load_file, save_file
+    model = XModalModel(small(loss="siglip"))
+    model.save(tmp_path / "run")
+    w = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert w["logit_scale"].shape == (1,) and w["logit_bias"].shape == (1,)
+    save_file({k: v.reshape(()) if k.startswith("logit_") else v for k, v in w.items()},
+              str(tmp_path / "run" / "model.safetensors"))
+    loaded = xmodal.load(tmp_path / "run")
+    assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == pytest.approx(model.logit_scale.item())
+    assert loaded.logit_bias.item() == -10.0
+    assert loaded(dict(text=torch.zeros(1, 8, dtype=torch.long)))["logit_scale"].shape == ()
+
+
 def test_load_refuses_a_folder_without_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an xmodal model folder"):
         xmodal.load(tmp_path)

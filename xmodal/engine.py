@@ -451,7 +451,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 record["loss"] = sum(record[f"loss/{n}"] for n in step_losses) / len(step_losses)
             elapsed = time.perf_counter() - window_start
             record.update(epoch=step / epoch_steps, lr=optimizer.param_groups[0]["lr"],
-                          logit_scale=unwrapped.logit_scale.exp().item(),
+                          logit_scale=_whole(unwrapped.logit_scale).exp().item(),
                           samples_per_s=window_steps * samples_per_step * len(step_losses) / max(elapsed, 1e-9))
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -479,9 +479,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
         progress.close()
     save_checkpoint(accelerator, out_dir, _position(step, runs, sampler), keep=t.keep_checkpoints)
     results = _evaluate_and_log(accelerator, unwrapped, runs, step, metrics, cfg)
+    # Under FSDP every rank holds shards: gathering the whole weights is a collective, so every rank calls it.
+    state = accelerator.get_state_dict(model) if _sharded(accelerator) else None
     if main:
         unwrapped.save(out_dir, extra={"step": step, "eval": results,
-                                       "train_rows": {n: len(r.dataset) for n, r in runs.items()}})
+                                       "train_rows": {n: len(r.dataset) for n, r in runs.items()}}, state_dict=state)
     accelerator.end_training()
     return out_dir
 
@@ -498,6 +500,33 @@ def _batches(accelerator, r: TaskRun) -> Iterator[dict]:
             if r.batch == r.steps_per_epoch:
                 r.epoch, r.batch = r.epoch + 1, 0
             yield batch
+
+
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@torch.no_grad()
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on every rank: FSDP2 holds each parameter as a sharded DTensor (gathering it is a
+    collective, so every rank must call this)."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+@contextlib.contextmanager
+def _gathered_root(accelerator, model):
+    """Under FSDP, evaluation runs on every rank in step: each FSDP block gathers its weights in its own forward,
+    and the weights the root unit owns (projections, embeddings, temperature) are gathered for the whole evaluation,
+    which calls towers directly rather than the root's forward."""
+    if not _sharded(accelerator):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _finite(accelerator, losses: dict[str, torch.Tensor], model, grad_norm, check_grads: bool = True) -> bool:
@@ -567,30 +596,32 @@ def _flat_config(d: dict, prefix: str = "") -> dict:
 
 def _evaluate_and_log(accelerator, model: XModalModel, runs: dict[str, TaskRun], step: int, metrics: MetricsLog,
                       cfg: Config) -> dict:
-    """Every task's held-out metrics, on the main process only (the eval sets are small; results not sharded)."""
+    """Every task's held-out metrics, on the main process only (the eval sets are small; results not sharded) —
+    under FSDP on every process in step, as each forward gathers sharded weights; the main process reports."""
     from .evaluate import evaluate, evaluate_task
 
     results: dict = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or _sharded(accelerator):
         model.eval()
-        for name, r in runs.items():
-            if r.eval_data is None:
-                continue
-            if r.cfg.kind == "retrieval":
-                res = evaluate(model, r.eval_data.select_columns(
-                    [c for c in r.eval_data.column_names if c in r.cfg.modalities or c == "label"]),
-                    batch_size=cfg.train.batch_size)
-            else:
-                res = evaluate_task(model, name, r.eval_data, batch_size=cfg.train.batch_size)
-            prefix = "" if name == PRETRAIN_TASK else f"{name}/"
-            results.update({f"{prefix}{k}": v for k, v in res.items()})
-        if results:
-            metrics.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
-            if cfg.log.backend != "none":
-                accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
-            shown = {k: round(v, 4) for k, v in results.items()
-                     if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae"))}
-            log.info("eval at step %d: %s", step, shown)
+        with _gathered_root(accelerator, model):
+            for name, r in runs.items():
+                if r.eval_data is None:
+                    continue
+                if r.cfg.kind == "retrieval":
+                    res = evaluate(model, r.eval_data.select_columns(
+                        [c for c in r.eval_data.column_names if c in r.cfg.modalities or c == "label"]),
+                        batch_size=cfg.train.batch_size)
+                else:
+                    res = evaluate_task(model, name, r.eval_data, batch_size=cfg.train.batch_size)
+                prefix = "" if name == PRETRAIN_TASK else f"{name}/"
+                results.update({f"{prefix}{k}": v for k, v in res.items()})
+    if results and accelerator.is_main_process:
+        metrics.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+        if cfg.log.backend != "none":
+            accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        shown = {k: round(v, 4) for k, v in results.items()
+                 if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae"))}
+        log.info("eval at step %d: %s", step, shown)
     accelerator.wait_for_everyone()
     return results
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._scalar import accept_0d_scalars, scalar_parameter
 from .losses import ClipLoss
 
 
@@ -94,13 +95,14 @@ class RetrievalHead(nn.Module):
     def __init__(self, temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
                  local_loss: bool = False, gather_with_grad: bool = True):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable)
+        self.logit_scale = scalar_parameter(math.log(1.0 / temperature), requires_grad=learnable)
+        self.register_load_state_dict_pre_hook(accept_0d_scalars)
         self.max_log_scale = math.log(max_logit_scale)
         self.clip = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
 
     def scale(self) -> Tensor:
         # Clamped in the forward pass (not in place after the step) so the loop needs no hook for this head.
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
 
     def logits(self, a: Tensor, b: Tensor) -> Tensor:
         return self.scale() * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T

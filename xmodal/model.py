@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
+from ._scalar import accept_0d_scalars, scalar_parameter
 from .feature_cache import CachedFeatures, precompute_features, reusing_features
 from .modalities import build_encoder, build_transform
 
@@ -102,9 +103,10 @@ class XModalModel(nn.Module):
         siglip = cfg.loss == "siglip"
         init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (
             math.log(10.0) if siglip else math.log(1 / 0.07))  # the SigLIP and CLIP papers' initialisations
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.logit_scale = scalar_parameter(init_scale)
         init_bias = cfg.init_logit_bias if cfg.init_logit_bias is not None else -10.0
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if siglip else None
+        self.logit_bias = scalar_parameter(init_bias) if siglip else None
+        self.register_load_state_dict_pre_hook(accept_0d_scalars)
         self._transforms: dict[tuple[str, bool], Any] = {}
         # Task heads (fine-tuning): retrieval tasks have none — they use the contrastive loss on the shared space.
         from .tasks import TaskHead
@@ -135,9 +137,10 @@ class XModalModel(nn.Module):
             m = key.removesuffix(FEATURES)
             if m + MASK in batch:
                 out[m + MASK] = batch[m + MASK]
-        out["logit_scale"] = self.logit_scale.exp()
+        # 0-d for the losses, and not views of the parameters (FSDP2 warns of views returned by forward)
+        out["logit_scale"] = self.logit_scale[0].exp()
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
+            out["logit_bias"] = self.logit_bias.sum()
         if task is not None and task in self.heads:
             head = self.heads[task]
             feats, present = dense(out, head.modalities, batch_size(batch))
@@ -257,14 +260,16 @@ class XModalModel(nn.Module):
         return self.encode("audio", inputs, **kw)
 
     # ---------------------------------------------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``.
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``. ``state_dict``: the weights to
+        write instead of this module's own (under FSDP, the whole weights gathered from the shards).
 
         Both are written to temporary files in ``path`` and fsynced before either replaces its old copy, so a write
         that fails (a full disk, a read-only folder) raises ``OSError`` and leaves a previous model there unchanged.
         """
         from safetensors import SafetensorError
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
 
         from .config import _to_plain
         path = Path(path)
@@ -273,7 +278,10 @@ class XModalModel(nn.Module):
                 "tasks": {name: _to_plain(t) for name, t in self.tasks.items()}, **(extra or {})}
         tmp_weights, tmp_card = path / f".{WEIGHTS_NAME}.tmp", path / f".{CARD_NAME}.tmp"
         try:
-            save_model(self, str(tmp_weights))
+            if state_dict is None:
+                save_model(self, str(tmp_weights))
+            else:
+                save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp_weights))
             with open(tmp_card, "w", encoding="utf-8") as f:
                 f.write(json.dumps(card, indent=2))
             for tmp in (tmp_weights, tmp_card):  # on disk before the renames: a power cut cannot leave them empty
