@@ -167,7 +167,7 @@ def build_tiny_index(manifest: str, rows: int, folder: Path) -> Path:
     from xmodal.config import ModelConfig, TowerConfig
     from xmodal.data import read_manifest
     from xmodal.model import XModalModel
-    from xmodal.retrieval.index import build_index
+    from xmodal.retrieval.retriever import build_index
 
     torch.manual_seed(0)
     model = XModalModel(ModelConfig(embed_dim=32, towers={

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from xmodal.retrieval import FingerprintMismatchError, IndexCorruptError, RetrievalError
-from xmodal.retrieval.index import (EmbeddingIndex, Hit, Retriever, build_index, format_hits, model_fingerprint,
-                                    parse_filters)
+from xmodal.retrieval.index import EmbeddingIndex, Hit, parse_filters
+from xmodal.retrieval.retriever import Retriever, build_index, format_hits, model_fingerprint
 
 faiss.omp_set_num_threads(1)  # keep CPU use modest; results do not depend on it
 

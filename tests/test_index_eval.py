@@ -18,7 +18,8 @@ from xmodal.metrics import recall_at_k, retrieval_ranks
 from xmodal.retrieval import RetrievalError
 from xmodal.retrieval.evaluation import (average_precision, evaluate_index, evaluate_index_manifest, main,
                                          manifest_queries)
-from xmodal.retrieval.index import EmbeddingIndex, Retriever, build_index
+from xmodal.retrieval.index import EmbeddingIndex
+from xmodal.retrieval.retriever import Retriever, build_index
 
 
 # ------------------------------------------------------------------------------------------------ hand computation

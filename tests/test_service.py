@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from xmodal.retrieval import RetrievalError
-from xmodal.retrieval.index import Retriever, build_index
+from xmodal.retrieval.retriever import Retriever, build_index
 from xmodal.retrieval.service import ServiceLimits, make_server
 
 ROOT = Path(__file__).resolve().parent.parent

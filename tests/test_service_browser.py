@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from xmodal.retrieval.index import Retriever  # noqa: E402
+from xmodal.retrieval.retriever import Retriever  # noqa: E402
 from xmodal.retrieval.service import make_server  # noqa: E402
 
 from test_service import built, start, stop  # noqa: E402,F401  (the module fixture `built`: tiny model + index)

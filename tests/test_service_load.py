@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from test_service import built, start, stop  # noqa: F401  (the module fixture `built`: tiny model + index)
-from xmodal.retrieval.index import Retriever
+from xmodal.retrieval.retriever import Retriever
 from xmodal.retrieval.service import make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -4,7 +4,8 @@
     build_index(model, manifest, "image", "indexes/images", run_dir="runs/pretrain")
     hits = Retriever("indexes/images").search("a red car", "text", k=5)
 
-The error classes live here (not in ``index.py``) so the CLI can catch them without importing faiss or torch.
+The index itself is in ``index.py``, building and querying it with a model in ``retriever.py``. The error
+classes live here (not in ``index.py``) so the CLI can catch them without importing faiss or torch.
 """
 
 
@@ -25,8 +26,10 @@ __all__ = ["EmbeddingIndex", "Hit", "Retriever", "build_index", "model_fingerpri
 
 
 def __getattr__(name):  # lazy: faiss / numpy load on first use
-    if name in ("EmbeddingIndex", "Hit", "Retriever", "build_index", "model_fingerprint", "parse_filters",
-                "format_hits"):
+    if name in ("EmbeddingIndex", "Hit", "parse_filters"):
         from . import index
         return getattr(index, name)
+    if name in ("Retriever", "build_index", "model_fingerprint", "format_hits"):
+        from . import retriever
+        return getattr(retriever, name)
     raise AttributeError(f"module 'xmodal.retrieval' has no attribute {name!r}")

@@ -207,7 +207,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .index import Retriever
+    from .retriever import Retriever
 
     retriever = Retriever(args.index, model=args.run)
     results = evaluate_index_manifest(retriever, args.manifest, args.query_modality, split=args.split,

@@ -62,6 +62,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from . import RetrievalError
+from .page import PAGE, PAGE_CSS, PAGE_JS
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ class SearchService:
         self.retriever = retriever
         self.limits = limits or ServiceLimits()
         self.model = retriever.model  # load (and fingerprint-check) the model now, not on the first request
-        from .index import _model_modalities
+        from .retriever import _model_modalities
         self.query_modalities = _model_modalities(self.model)
         if warmup:
             self._warmup()
@@ -404,175 +405,6 @@ class SearchService:
 
 
 # ------------------------------------------------------------------------------------------------------- HTTP
-
-PAGE_CSS = """
-*{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f5f6f8;color:#1f2328}
-header{padding:12px 20px;background:#1f2937;color:#fff;display:flex;gap:18px;align-items:baseline;flex-wrap:wrap}
-header h1{font-size:18px;margin:0}
-#info{font-size:13px;opacity:.85}
-main{padding:16px 20px;max-width:1280px;margin:0 auto}
-form{display:flex;gap:8px;flex-wrap:wrap;align-items:center}
-#q{flex:1;min-width:240px;padding:8px 10px;font-size:16px;border:1px solid #c4c9d0;border-radius:6px}
-select,button{font-size:15px;padding:7px 10px;border-radius:6px;border:1px solid #c4c9d0;background:#fff}
-button{background:#2563eb;color:#fff;border-color:#2563eb;cursor:pointer}
-#drop{margin-top:10px;border:2px dashed #9aa3ae;border-radius:8px;padding:14px;text-align:center;color:#4b5563;
-  background:#fff;display:flex;gap:12px;justify-content:center;align-items:center;flex-wrap:wrap}
-#drop.over{border-color:#2563eb;background:#eef4ff}
-#preview{max-height:64px;max-width:96px}
-#status{margin:12px 0;min-height:1.3em;font-size:14px}
-#status.error{color:#b42318;font-weight:600}
-#results{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:12px}
-.hit{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.14);padding:8px;font-size:13px;overflow:hidden}
-.hit img{display:block;width:100%;height:160px;object-fit:contain;background:#fafafa;border-radius:4px}
-.score{font-weight:600;margin-top:6px}
-.meta{color:#57606a;word-break:break-all}
-.text{margin-top:4px;max-height:5.4em;overflow:hidden}
-"""
-
-PAGE_JS = """
-"use strict";
-const $ = (id) => document.getElementById(id);
-let info = null;
-
-function setStatus(message, isError) {
-  const s = $("status");
-  s.textContent = message;
-  s.className = isError ? "error" : "";
-}
-
-async function loadInfo() {
-  try {
-    const r = await fetch("/api/info");
-    info = await r.json();
-    $("info").textContent = info.size + " " + info.modality + " items \\u00b7 " + info.kind + " index \\u00b7 " +
-      "queries: " + info.query_modalities.join(", ");
-    $("q").maxLength = info.limits.max_query_chars;
-    if (!info.query_modalities.includes("text")) { $("q").disabled = true; $("q").placeholder = "no text tower"; }
-    if (!info.query_modalities.includes("image")) { $("drop").hidden = true; }
-  } catch (e) {
-    $("info").textContent = "cannot reach the server";
-  }
-}
-
-function render(data) {
-  const grid = $("results");
-  grid.replaceChildren();
-  for (const h of data.hits) {
-    const card = document.createElement("div");
-    card.className = "hit";
-    card.dataset.indexId = h.index_id;
-    if (h.thumb) {
-      const img = document.createElement("img");
-      img.className = "thumb";
-      img.alt = h.label || h.id || "";
-      img.src = h.thumb;
-      card.append(img);
-    }
-    const score = document.createElement("div");
-    score.className = "score";
-    score.textContent = "#" + h.rank + " \\u00b7 " + h.score.toFixed(4);
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    meta.textContent = (h.id != null ? h.id : h.index_id) + (h.label != null ? " \\u00b7 " + h.label : "");
-    card.append(score, meta);
-    const textValue = h.text != null ? h.text : (h.modality === "text" ? h.value : null);
-    if (textValue != null) {
-      const text = document.createElement("div");
-      text.className = "text";
-      text.textContent = textValue;
-      card.append(text);
-    }
-    grid.append(card);
-  }
-}
-
-async function search(body) {
-  setStatus("searching\\u2026", false);
-  let r, data;
-  try {
-    r = await fetch("/api/search", {method: "POST", headers: {"Content-Type": "application/json"},
-                                    body: JSON.stringify(body)});
-    data = await r.json();
-  } catch (e) {
-    setStatus("request failed: " + e, true);
-    return;
-  }
-  if (!r.ok) {
-    setStatus("error " + r.status + ": " + (data && data.error), true);
-    return;
-  }
-  render(data);
-  setStatus(data.hits.length + " results in " + Math.round(data.took_ms) + " ms", false);
-}
-
-function k() { return parseInt($("k").value, 10); }
-
-$("form").addEventListener("submit", (e) => {
-  e.preventDefault();
-  const text = $("q").value.trim();
-  if (!text) { setStatus("type a query first", true); return; }
-  search({text: text, k: k()});
-});
-
-function searchFile(file) {
-  if (!file) return;
-  if (file.type && !file.type.startsWith("image/")) { setStatus(file.name + " is not an image", true); return; }
-  if (info && file.size * 4 / 3 > info.limits.max_body_bytes) {
-    setStatus(file.name + " is too large (" + file.size + " bytes)", true);
-    return;
-  }
-  const reader = new FileReader();
-  reader.onload = () => {
-    const url = reader.result;
-    $("preview").src = url;
-    $("preview").hidden = false;
-    search({image_base64: url.slice(url.indexOf(",") + 1), k: k()});
-  };
-  reader.onerror = () => setStatus("cannot read " + file.name, true);
-  reader.readAsDataURL(file);
-}
-
-$("file").addEventListener("change", (e) => searchFile(e.target.files[0]));
-const drop = $("drop");
-drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => {
-  e.preventDefault();
-  drop.classList.remove("over");
-  searchFile(e.dataTransfer.files[0]);
-});
-loadInfo();
-"""
-
-PAGE = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>xmodal search</title>
-<style>{PAGE_CSS}</style>
-</head>
-<body>
-<header><h1>xmodal search</h1><span id="info">loading\u2026</span></header>
-<main>
-<form id="form">
-  <input id="q" type="search" placeholder="Describe what you are looking for\u2026" autocomplete="off" autofocus>
-  <label>k <select id="k">
-    <option>1</option><option>5</option><option selected>10</option><option>20</option><option>50</option>
-    <option>100</option></select></label>
-  <button id="search" type="submit">Search</button>
-</form>
-<div id="drop">Drop an image here, or <input id="file" type="file" accept="image/*"><img id="preview" alt="query image"
-  hidden></div>
-<div id="status" role="status"></div>
-<div id="results"></div>
-</main>
-<script>{PAGE_JS}</script>
-</body>
-</html>
-"""
-
 
 def _csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
@@ -792,13 +624,13 @@ def make_server(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, *, mo
                 limits: ServiceLimits | None = None, warmup: bool = True, **limit_overrides: Any) -> XModalServer:
     """Load the index and its model (once) and bind an HTTP server; ``port=0`` picks a free port (``server.url``).
 
-    ``index_dir``: an index folder or a :class:`~xmodal.retrieval.index.Retriever`. ``model``: as for
+    ``index_dir``: an index folder or a :class:`~xmodal.retrieval.retriever.Retriever`. ``model``: as for
     :class:`Retriever` (default: the run folder recorded in the index). ``limits`` / keyword overrides: see
     :class:`ServiceLimits`. ``warmup``: embed a dummy query per tower before binding, so the first real query is not
     slowed by one-time set-up (tokenizer loading). Call ``serve_forever()`` (in a thread for tests), then
     ``shutdown()`` and ``server_close()``.
     """
-    from .index import Retriever
+    from .retriever import Retriever
 
     if limits is None:
         limits = ServiceLimits(**limit_overrides)
