@@ -121,6 +121,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
                 os.replace(aside, final)
             raise
         shutil.rmtree(aside, ignore_errors=True)
+        log.info("checkpoint step %d saved: %s", step, final)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             # Renamed first: a kill during the delete must not leave a step_K that looks complete but is not.
             doomed = root / f".tmp_{old.name.lstrip('.').removeprefix('old_')}"

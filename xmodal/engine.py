@@ -265,6 +265,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         save_config(cfg, out_dir / "config.yaml")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
                             handlers=[logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")])
+        # Accelerate logs ~7 INFO lines per checkpoint (each file it writes); xmodal logs one line per save.
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     from accelerate.utils import set_seed
     set_seed(cfg.seed, deterministic=t.deterministic)
 
