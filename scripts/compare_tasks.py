@@ -86,6 +86,24 @@ def fused_by_subset(run_dir: Path, test, modalities=("image", "text")) -> dict:
     return out
 
 
+def titles_manifest(manifest: Path) -> Path:
+    """The clipart manifest with each caption cut to the drawing's title (``title`` column; empty where keywords
+    carried the text: that row has no text), next to it so the image paths still resolve."""
+    import csv
+    out = manifest.with_name("manifest_titles.csv")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "title" not in rows[0]:
+        raise SystemExit(f"{manifest} has no title column: re-run `xmodal prepare openclipart` (it adds one)")
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "image", "text", "label", "split"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"id": r["id"], "image": r["image"], "text": r["title"], "label": r["label"],
+                        "split": r["split"]})
+    return out
+
+
 def study(args) -> dict:
     data, out = Path(args.data), Path(args.out)
     fashion, rotten, clipart = (data / "fashion-mnist/manifest.csv", data / "rotten-tomatoes/manifest.csv",
@@ -142,6 +160,18 @@ def study(args) -> dict:
                                                      seed, args.run, [f"tasks.category.fusion={fusion}"])
         for name in ("category_fused_nodrop", "category_fused", *(f"category_{f}" for f in FUSIONS[1:])):
             s[f"category/{name} by subset"] = fused_by_subset(d / name, c_test)
+        if args.titles:  # the same category task with the text cut to the title: both modalities carry signal
+            titles = titles_manifest(clipart)
+            t_test = split(titles, "test", ["image", "text"])
+            common = [f"tasks.category.train={titles}"]
+            s["titles/text head"] = finetune(
+                "finetune_clipart_category.yaml", d / "titles_text", seed, args.run,
+                common + ["tasks.category.modalities=[text]", "tasks.category.modality_dropout=0"])
+            for name, extra in (("titles_fused_nodrop", ["tasks.category.modality_dropout=0"]),
+                                ("titles_fused", [])):
+                s[f"titles/{name}"] = finetune("finetune_clipart_category.yaml", d / name, seed, args.run,
+                                               common + extra)
+                s[f"titles/{name} by subset"] = fused_by_subset(d / name, t_test)
         if args.audio_run:  # category from the drawing and its spoken title, on the image+text+audio space
             spoken = data / "spoken-clipart/manifest.csv"
             common = [f"tasks.category.train={spoken}", "data.allow_outside_root=true", "train.freeze_towers=true"]
@@ -202,6 +232,16 @@ def tables(res: dict) -> str:
     fused += [(f"fused: {f}", f"category/category_{f} by subset") for f in FUSIONS[1:]]
     for label, key in fused:
         lines.append(f"| {label} | {col(key, 'both')} | {col(key, 'image only')} | {col(key, 'text only')} |")
+    if any("titles/text head" in s for s in seeds):
+        lines += ["", "The same category task with the text cut to the drawing's **title** (no description, no "
+                      "keywords; rows whose title is empty have no text): `--titles`.", "",
+                  "| clipart category from image + title (accuracy) | both | image only | title only |",
+                  "|---|---|---|---|",
+                  f"| image head (as above) | — | {col('category/image head', 'category/accuracy')} | — |",
+                  f"| title head | — | — | {col('titles/text head', 'category/accuracy')} |"]
+        for label, key in (("fused: concat, no modality dropout", "titles/titles_fused_nodrop by subset"),
+                           ("fused: concat (the shipped config)", "titles/titles_fused by subset")):
+            lines.append(f"| {label} | {col(key, 'both')} | {col(key, 'image only')} | {col(key, 'text only')} |")
     if any("spoken/image" in s for s in seeds):
         sub = "spoken/image+audio by subset"
         lines += ["", "Category from the drawing and its *spoken* title (data/spoken-clipart, 215 test rows), on the "
@@ -221,6 +261,7 @@ def cli(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--tower-finetune", action="store_true", help="also fine-tune MiniLM for sentiment (slow)")
+    p.add_argument("--titles", action="store_true", help="also the category task with the text cut to the title")
     p.add_argument("--audio-run", help="an image+text+audio run (configs/pretrain_audio.yaml): adds the category "
                                        "from image and spoken title (data/spoken-clipart)")
     p.add_argument("--table-only", action="store_true", help="print the tables of an earlier study's results.json")

@@ -47,7 +47,7 @@ def test_openclipart_small(tmp_path: Path):
     counts = info["counts"]
     assert counts["selected"] == 40 and counts["rows"] == len(rows) >= 30
     assert counts["rendered"] + counts["failed"] + sum(counts["skipped"][k] for k in ("no_text", "blank")) == 40
-    assert list(rows[0]) == ["id", "image", "text", "label", "split"]
+    assert list(rows[0]) == ["id", "image", "text", "label", "split", "title"]
     # every image is a readable white-background RGB PNG, 64 px on its longer side; label = top folder
     for r in rows:
         assert not Path(r["image"]).is_absolute()
@@ -56,6 +56,7 @@ def test_openclipart_small(tmp_path: Path):
         with Image.open(out / r["image"]) as im:
             assert im.mode == "RGB" and max(im.size) == 64
         assert r["label"] == r["id"].split("/")[0] and r["text"].strip()
+        assert r["text"].startswith(r["title"])  # the caption begins with the title column
         assert (SVG_ROOT / (r["id"] + ".svg")).is_file()
     # captions carry the drawing's real dc:title (parsed here independently) unless it names a whole collection
     collection = re.compile(r"collection|theme|icons|iconset|cliparts|signs|sibmission|gramastar|clipart by", re.I)

@@ -116,3 +116,15 @@ def test_heads_train_and_predict_on_rows_missing_modalities():
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+def test_task_head_dropout_reaches_the_attention_fusion():
+    from xmodal.config import TaskConfig
+    from xmodal.tasks import TaskHead
+    cfg = TaskConfig(kind="classification", modalities=["image", "text"], classes=["a", "b"], fusion="attention",
+                     dropout=0.3)
+    layer = TaskHead(cfg, 16).fusion.layer
+    assert layer.dropout.p == layer.dropout1.p == layer.dropout2.p == 0.3
+    head = TaskHead(TaskConfig(kind="classification", modalities=["image", "text"], classes=["a", "b"],
+                               fusion="attention"), 16)
+    assert head.fusion.layer.dropout.p == TaskConfig(kind="classification").dropout

@@ -97,7 +97,9 @@ class TaskHead(nn.Module):
         elif len(self.modalities) == 1:
             self.fusion, self.head = None, head(embed_dim)
         else:
-            self.fusion = build_fusion(cfg.fusion, self.modalities, embed_dim)
+            # the head's dropout also regularises the attention layer (the other fusions have no dropout of their own)
+            options = {"dropout": cfg.dropout} if cfg.fusion == "attention" else {}
+            self.fusion = build_fusion(cfg.fusion, self.modalities, embed_dim, **options)
             self.head = head(self.fusion.out_dim)
 
     def forward(self, feats: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:

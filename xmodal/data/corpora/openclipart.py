@@ -3,7 +3,8 @@ keywords and (some) descriptions → PNGs + an image-text manifest.
 
     from xmodal.data.corpora.openclipart import prepare_openclipart
     manifest = prepare_openclipart("data/openclipart")      # data/openclipart/manifest.csv
-    # columns: id (the SVG's path without .svg), image (images/<path>.png, relative), text, label (category), split
+    # columns: id (the SVG's path without .svg), image (images/<path>.png, relative), text, label (category), split,
+    # title (the cleaned title alone; may be empty when keywords carry the text)
 
 * **Text**: a caption built from the RDF metadata — the cleaned ``dc:title``, the ``dc:description`` when it is
   real prose (not an e-mail/URL/collection note), then ``keywords: a, b, c`` from ``dc:subject`` (junk keywords such
@@ -244,7 +245,7 @@ def _process(task: tuple) -> dict[str, Any]:
     if not title and not keywords:
         res["status"] = "no_text"
         return res
-    res.update(text=make_caption(title, clean_description(meta["description"], title), keywords),
+    res.update(text=make_caption(title, clean_description(meta["description"], title), keywords), title=title,
                title_from_filename=from_name)
     if _existing_ok(out, size):
         res.update(status="ok", reused=True)
@@ -357,7 +358,8 @@ def prepare_openclipart(
             renderers[r["renderer"]] += 1
         rel = r["rel"]
         rows.append({"id": rel[:-4], "image": f"images/{rel[:-4]}.png", "text": r["text"],
-                     "label": rel.split("/", 1)[0] if "/" in rel else "unsorted", "split": split_of(rel)})
+                     "label": rel.split("/", 1)[0] if "/" in rel else "unsorted", "split": split_of(rel),
+                     "title": r["title"]})
     if not rows:
         raise RuntimeError(f"prepare_openclipart: no usable drawings in {src} (failures: {failures[:3]})")
 
