@@ -42,12 +42,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ._output import up_to_date, write_info, write_manifest
+from ._output import MANIFEST_COLUMNS, up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
 SVG_ROOT = "/usr/share/openclipart/svg"
-FORMAT_VERSION = 2  # bump when the captions, rendering or layout change (forces a rebuild)
+FORMAT_VERSION = 3  # bump when the captions, rendering or layout change (forces a rebuild)
 
 _NS = {
     "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
@@ -364,7 +364,7 @@ def prepare_openclipart(
         raise RuntimeError(f"prepare_openclipart: no usable drawings in {src} (failures: {failures[:3]})")
 
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(manifest, rows)
+    write_manifest(manifest, rows, [*MANIFEST_COLUMNS, "title"])
     splits = Counter(r["split"] for r in rows)
     info = {
         "params": params,
