@@ -46,6 +46,8 @@ def test_dotted_overrides(tmp_path):
     ("train: {batch_size: 0}\n", [], "train.batch_size: must be positive"),
     ("", ["train.epochs=-1"], "train.epochs: must be positive"),
     ("", ["train.lr"], "expected key.sub=value"),
+    ("tasks: {s: {kind: regression, modalities: [image, text], fusion: late_prob}}\n"
+     "model: {towers: {image: {kind: cnn}, text: {kind: lstm}}}\n", [], "tasks.s.fusion: late_prob averages"),
     ("- a\n- b\n", [], "top level must be a mapping"),
     ("train: [1, 2\n", [], "invalid YAML"),
 ])

@@ -128,3 +128,20 @@ def test_task_head_dropout_reaches_the_attention_fusion():
     head = TaskHead(TaskConfig(kind="classification", modalities=["image", "text"], classes=["a", "b"],
                                fusion="attention"), 16)
     assert head.fusion.layer.dropout.p == TaskConfig(kind="classification").dropout
+
+
+def test_task_head_late_prob_is_the_log_of_the_mean_probability():
+    from xmodal.config import TaskConfig
+    from xmodal.tasks import TaskHead
+    torch.manual_seed(0)
+    cfg = TaskConfig(kind="classification", modalities=["image", "text"], classes=["a", "b", "c"], fusion="late_prob")
+    head = TaskHead(cfg, 8).eval()
+    feats = {"image": torch.randn(4, 8), "text": torch.randn(4, 8)}
+    present = {"image": torch.tensor([True, True, False, True]), "text": torch.tensor([True, False, True, True])}
+    out = head(feats, present)
+    # by hand: each modality's own head on its scaled embedding, softmax, mean over the modalities a row has
+    p = {m: head.head.heads[m](feats[m] * head.scale).softmax(-1) for m in feats}
+    want = torch.stack([(p["image"][0] + p["text"][0]) / 2, p["image"][1], p["text"][2],
+                        (p["image"][3] + p["text"][3]) / 2]).log()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(4))

@@ -62,7 +62,8 @@ class TaskConfig:
     modalities: list[str] = field(default_factory=lambda: ["image"])  # inputs of the head (fused when several)
     target: str = "label"  # column holding the class name(s) or score
     classes: list[str] | None = None  # default: the sorted distinct values of the train split
-    fusion: Literal["concat", "sum", "product", "gated", "attention", "late"] = "concat"
+    # late: one head per modality, outputs averaged; late_prob: their class probabilities averaged (single-label)
+    fusion: Literal["concat", "sum", "product", "gated", "attention", "late", "late_prob"] = "concat"
     hidden: int | None = None  # hidden width of an MLP head; None = linear head (a linear probe when towers are frozen)
     dropout: float = 0.0
     loss: Literal["default", "mse", "l1", "huber"] = "default"  # regression loss; default mse
@@ -329,6 +330,9 @@ def validate(cfg: Config) -> Config:
         if task.fusion == "late" and task.kind == "retrieval":
             raise ConfigError(f"{where}.fusion: late fusion applies to classification/regression heads, not "
                               f"{where}.kind retrieval")
+        if task.fusion == "late_prob" and task.kind != "classification":
+            raise ConfigError(f"{where}.fusion: late_prob averages class probabilities, so it needs kind "
+                              f"classification (single-label), not {task.kind}")
         if not 0 <= task.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {task.dropout}")
         if task.weight < 0:

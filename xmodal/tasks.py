@@ -92,8 +92,9 @@ class TaskHead(nn.Module):
 
         self.modalities = list(cfg.modalities)
         self.scale = math.sqrt(embed_dim)
-        if cfg.fusion == "late" and len(self.modalities) > 1:
-            self.fusion, self.head = None, LateFusion({m: head(embed_dim) for m in self.modalities})
+        if cfg.fusion in ("late", "late_prob") and len(self.modalities) > 1:
+            self.fusion, self.head = None, LateFusion({m: head(embed_dim) for m in self.modalities},
+                                                      combine="prob_mean" if cfg.fusion == "late_prob" else "mean")
         elif len(self.modalities) == 1:
             self.fusion, self.head = None, head(embed_dim)
         else:
