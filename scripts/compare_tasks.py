@@ -169,7 +169,9 @@ def study(args) -> dict:
                 "finetune_clipart_category.yaml", d / "titles_text", seed, args.run,
                 common + ["tasks.category.modalities=[text]", "tasks.category.modality_dropout=0"])
             for name, extra in (("titles_fused_nodrop", ["tasks.category.modality_dropout=0"]),
-                                ("titles_fused", [])):
+                                ("titles_fused", []),
+                                ("titles_late_prob", ["tasks.category.fusion=late_prob",
+                                                      "tasks.category.modality_dropout=0"])):
                 s[f"titles/{name}"] = finetune("finetune_clipart_category.yaml", d / name, seed, args.run,
                                                common + extra)
                 s[f"titles/{name} by subset"] = fused_by_subset(d / name, t_test)
@@ -242,7 +244,8 @@ def tables(res: dict) -> str:
                   f"| image head (as above) | — | {col('category/image head', 'category/accuracy')} | — |",
                   f"| title head | — | — | {col('titles/text head', 'category/accuracy')} |"]
         for label, key in (("fused: concat, no modality dropout", "titles/titles_fused_nodrop by subset"),
-                           ("fused: concat (the shipped config)", "titles/titles_fused by subset")):
+                           ("fused: concat (the shipped config)", "titles/titles_fused by subset"),
+                           ("fused: late_prob, no modality dropout", "titles/titles_late_prob by subset")):
             lines.append(f"| {label} | {col(key, 'both')} | {col(key, 'image only')} | {col(key, 'text only')} |")
     if any("spoken/image" in s for s in seeds):
         sub = "spoken/image+audio by subset"
