@@ -271,13 +271,18 @@ def cli(argv=None) -> int:
                                        "from image and spoken title (data/spoken-clipart)")
     p.add_argument("--table-only", action="store_true", help="print the tables of an earlier study's results.json")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.table_only:
+    return run_or_reload(Path(args.out), args.table_only, lambda: study(args), tables)
+
+
+def run_or_reload(out: Path, table_only: bool, run, tables) -> int:
+    """Run a study (frozen features computed once for all its runs) or reload its ``results.json``; then write
+    ``tables.md`` and print it. Shared with scripts/fusion_sweep.py."""
+    if table_only:
         res = json.loads((out / "results.json").read_text())
     else:
         out.mkdir(parents=True, exist_ok=True)
         with reuse_frozen_features():
-            res = study(args)
+            res = run()
     table = tables(res)
     (out / "tables.md").write_text(table + "\n")
     print(table)

@@ -39,10 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compare_tasks import FUSIONS, finetune, mean_std, split  # noqa: E402 - imports xmodal.cli first (environment)
+from compare_tasks import FUSIONS, finetune, mean_std, run_or_reload, split  # noqa: E402 - imports xmodal.cli first (environment)
 import torch  # noqa: E402
 
-from xmodal.feature_cache import reuse_frozen_features  # noqa: E402
 from xmodal.model import load  # noqa: E402
 
 CONFIG = "finetune_clipart_category.yaml"
@@ -221,18 +220,8 @@ def cli(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--table-only", action="store_true", help="print the tables of an earlier results.json")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.table_only:
-        res = json.loads((out / "results.json").read_text())
-    else:
-        torch.set_num_threads(args.threads)
-        out.mkdir(parents=True, exist_ok=True)
-        with reuse_frozen_features():
-            res = sweep(args)
-    table = tables(res)
-    (out / "tables.md").write_text(table + "\n")
-    print(table)
-    return 0
+    torch.set_num_threads(args.threads)
+    return run_or_reload(Path(args.out), args.table_only, lambda: sweep(args), tables)
 
 
 if __name__ == "__main__":
