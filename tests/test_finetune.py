@@ -144,3 +144,46 @@ def test_one_modality_task_on_frozen_pretrained_towers_caches_only_what_it_reads
                                 "max_rows": 100}},
         "train": {"batch_size": 16, "max_steps": 3, "progress": True}, "log": {"backend": "none"}}))
     assert "eval/sentiment/accuracy" in records(run)[-1]
+
+
+def test_gradnorm_two_tasks_logs_weights_and_resumes_them(fashion, rotten, tmp_path, monkeypatch):
+    tasks = {"fashion": {"kind": "classification", "train": str(fashion), "modalities": ["image"]},
+             "sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"], "max_rows": 200}}
+    common = dict(multitask={"tasks_per_step": "all", "weighting": "gradnorm"},
+                  train={"max_steps": 6, "save_every": 3})
+    full = train(cfg(tmp_path / "full", tasks, **common))
+    real_write = MetricsLog.write
+
+    def crash(self, record):
+        real_write(self, record)
+        if record.get("step") == 5 and "lr" in record:  # after the step-3 checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLog, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "resumed", tasks, **common))
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    train(cfg(tmp_path / "resumed", tasks, **common), resume=True)
+
+    def weights(run):
+        return {r["step"]: (r["weight/fashion"], r["weight/sentiment"]) for r in records(run) if "weight/fashion" in r}
+
+    a, b = weights(full), weights(tmp_path / "resumed")
+    assert sorted(a) == list(range(1, 7)) and a.keys() == b.keys()
+    for step, (wf, ws) in a.items():
+        assert wf + ws == pytest.approx(2.0, abs=1e-5)  # Σ w = T after every update
+        assert b[step] == pytest.approx((wf, ws), abs=1e-5), step
+    assert a[6][0] != 1.0  # learned
+
+    def state(run):  # the weighting's checkpointed state (registered after the scheduler)
+        return torch.load(run / "checkpoints" / "step_6" / "custom_checkpoint_1.pkl", weights_only=True)
+
+    s_full, s_res = state(full), state(tmp_path / "resumed")
+    assert set(s_full) == {"task_weights", "initial_losses"}
+    # L(0) is the first step's loss of each task (not re-recorded at the resumed run's first step)
+    first = records(full)[0]
+    torch.testing.assert_close(s_full["initial_losses"],
+                               torch.tensor([first["loss/fashion"], first["loss/sentiment"]]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(s_res["initial_losses"], s_full["initial_losses"], rtol=0, atol=0)
+    torch.testing.assert_close(s_res["task_weights"], s_full["task_weights"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(s_full["task_weights"], torch.tensor(a[6]), rtol=0, atol=1e-6)

@@ -76,8 +76,9 @@ class TaskConfig:
 class MultitaskConfig:
     sampling: Literal["proportional", "round_robin", "temperature"] = "proportional"
     temperature: float = 2.0  # for sampling: temperature, p_i ∝ n_i^(1/T)
-    weighting: Literal["static", "uncertainty", "pcgrad"] = "static"
-    tasks_per_step: Literal["one", "all"] = "one"  # "all" is required by pcgrad
+    weighting: Literal["static", "uncertainty", "pcgrad", "gradnorm"] = "static"
+    tasks_per_step: Literal["one", "all"] = "one"  # "all" is required by pcgrad and gradnorm
+    gradnorm_alpha: float = 1.5  # GradNorm's restoring-force strength α (the paper's default); 0 = equal norms
 
 
 @dataclass
@@ -345,6 +346,10 @@ def validate(cfg: Config) -> Config:
     mt = cfg.multitask
     if mt.weighting == "pcgrad" and mt.tasks_per_step != "all":
         raise ConfigError("multitask.weighting: pcgrad needs multitask.tasks_per_step: all")
+    if mt.weighting == "gradnorm" and mt.tasks_per_step != "all":  # its targets compare every task in one step
+        raise ConfigError("multitask.weighting: gradnorm needs multitask.tasks_per_step: all")
+    if mt.gradnorm_alpha < 0:
+        raise ConfigError(f"multitask.gradnorm_alpha: must be >= 0, got {mt.gradnorm_alpha}")
     if mt.temperature <= 0:
         raise ConfigError(f"multitask.temperature: must be positive, got {mt.temperature}")
     if d.num_workers < 0:

@@ -29,7 +29,7 @@ from .data import ManifestDataset, ManifestError, collate, read_manifest
 from .feature_cache import is_cacheable, precompute_features
 from .gradcache import gradcache_step
 from .losses import build_loss
-from .losses.multitask import StaticWeighting, UncertaintyWeighting, pcgrad
+from .losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting, gradnorm_backward, pcgrad
 from .model import FEATURES, XModalModel
 from .sampling import TaskSampler
 from .tasks import MASK, batch_size, drop_modalities, resolve_classes, targets
@@ -314,8 +314,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
     mt = cfg.multitask
-    weighting = (UncertaintyWeighting(runs) if mt.weighting == "uncertainty"
-                 else StaticWeighting({n: r.cfg.weight for n, r in runs.items()}))
+    if mt.weighting == "uncertainty":
+        weighting = UncertaintyWeighting(runs)
+    elif mt.weighting == "gradnorm":  # on the device: its weights meet the gradient norms there (and NCCL wants it)
+        weighting = GradNormWeighting(runs, mt.gradnorm_alpha).to(accelerator.device)
+    else:
+        weighting = StaticWeighting({n: r.cfg.weight for n, r in runs.items()})
     groups = param_groups(model, cfg, list(weighting.parameters()))
     # The fused kernel: one op per step instead of ~55 per tensor (benchmarks/train_step.py --ablate).
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
@@ -402,6 +406,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         losses = {n: task_loss(n, next_batch(r)) for n, r in runs.items()}
         if mt.weighting == "pcgrad":
             _pcgrad(accelerator, model, losses, cfg.seed + step)
+        elif mt.weighting == "gradnorm":
+            _gradnorm(accelerator, model, unwrapped, weighting, losses)
         else:
             accelerator.backward(weighting(losses))
         return {n: v.detach() for n, v in losses.items()}
@@ -426,6 +432,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         if _finite(accelerator, step_losses, model, grad_norm, check_grads=t.mixed_precision != "fp16"):
             optimizer.step()
+            if isinstance(weighting, GradNormWeighting):  # Σ w = T, w > 0 after every update (Algorithm 1)
+                weighting.renormalise()
             skipped_in_row = 0
         else:  # skip the update (the schedule still advances, as with fp16's skipped steps)
             skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
@@ -459,7 +467,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 record["grad_norm"] = float(grad_norm)
             if skipped:
                 record["skipped_steps"] = skipped
-            if isinstance(weighting, UncertaintyWeighting):
+            if isinstance(weighting, (UncertaintyWeighting, GradNormWeighting)):
                 record.update({f"weight/{n}": w for n, w in weighting.weights().items()})
             metrics.write(record)
             if cfg.log.backend != "none":
@@ -570,9 +578,13 @@ def _pcgrad(accelerator, model, losses: dict[str, torch.Tensor], seed: int) -> N
     surgery), conflicting components projected away, the sum written to ``.grad``."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = list(losses)
+    # fp16: scale the losses as accelerator.backward does, since the scaler unscales every .grad before the step
+    # (the projections are linear in the gradients, so scaling first changes nothing else)
+    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
     per_task = []
     for i, n in enumerate(names):
-        grads = list(torch.autograd.grad(losses[n], params, retain_graph=i < len(names) - 1, allow_unused=True))
+        grads = list(torch.autograd.grad(losses[n] * scale, params, retain_graph=i < len(names) - 1,
+                                         allow_unused=True))
         if accelerator.num_processes > 1:
             for g in grads:
                 if g is not None:
@@ -583,6 +595,19 @@ def _pcgrad(accelerator, model, losses: dict[str, torch.Tensor], seed: int) -> N
     for p, g in zip(params, pcgrad(per_task, generator)):
         if g is not None:
             p.grad = g.clone() if p.grad is None else p.grad + g
+
+
+def _gradnorm(accelerator, model, unwrapped: XModalModel, weighting: GradNormWeighting,
+              losses: dict[str, torch.Tensor]) -> None:
+    """GradNorm (Chen et al. 2018): per-task gradients (averaged over processes first, as for PCGrad, so every rank
+    computes the same norms and weights); the network's gradient ``Σ w_i ∇L_i`` and the weights' ``∂L_grad/∂w``
+    written to ``.grad``. W, the shared parameters whose gradient norms are balanced, is every trainable parameter of
+    the towers (encoders and projections), i.e. all but the heads and the temperature: the paper takes the last
+    shared layer only, for speed, but here the per-task gradients of the whole network exist anyway."""
+    scaler = accelerator.scaler  # fp16: scale the losses as accelerator.backward does; the scaler unscales all
+    gradnorm_backward(weighting, losses, model.parameters(), unwrapped.towers.parameters(),
+                      mean=partial(accelerator.reduce, reduction="mean") if accelerator.num_processes > 1 else None,
+                      scale=scaler.get_scale() if scaler is not None else 1.0)
 
 
 def _flat_config(d: dict, prefix: str = "") -> dict:

@@ -1,11 +1,13 @@
-"""Combining the losses of several tasks: static weights, homoscedastic-uncertainty weights, PCGrad.
+"""Combining the losses of several tasks: static weights, homoscedastic-uncertainty weights, PCGrad, GradNorm.
 
 Weightings take ``{task: scalar loss}`` for the tasks in this step (a task-sampled step may hold just one) and return
-the scalar to back-propagate. PCGrad works on gradients instead: :func:`pcgrad_backward` replaces ``loss.backward()``.
+the scalar to back-propagate. PCGrad works on gradients instead: :func:`pcgrad_backward` replaces ``loss.backward()``;
+so does GradNorm (:func:`gradnorm_backward`), which needs each task's gradient norm to update its weights.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -126,3 +128,120 @@ def pcgrad_backward(losses: dict[str, Tensor], params: Iterable[nn.Parameter],
             continue
         p.grad = g.clone() if p.grad is None else p.grad + g
     return sum(loss.detach() for loss in losses.values())
+
+
+class GradNormWeighting(nn.Module):
+    """GradNorm, Chen, Badrinarayanan, Lee & Rabinovich 2018, "GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks", https://arxiv.org/abs/1711.02257, Algorithm 1.
+
+    Learnable weights ``w_i`` (init 1); the network is trained on ``Σ_i w_i L_i`` as usual, and the weights on
+
+        G_i = ||∇_W (w_i L_i)||₂ = w_i ||∇_W L_i||₂          (W: the shared parameters)
+        L̃_i = L_i(t) / L_i(0),   r_i = L̃_i / mean_j L̃_j     (L_i(0): the task's first recorded loss)
+        L_grad = Σ_i |G_i - mean_j G_j · r_i^α|               (the target is a constant: no gradient through it)
+
+    differentiated w.r.t. the ``w_i`` only (``∂L_grad/∂w_i = sign(G_i - target_i) ||∇_W L_i||``). A task that has
+    learnt less (higher ``r_i``) is given a larger gradient share; α sets how hard; α = 0 equalises the ``G_i``.
+    After each update the weights are renormalised to ``Σ_i w_i = T`` (the number of tasks).
+
+    Every step must hold every task's loss (``mean_j`` is over all tasks). The weights must be in the optimiser, without
+    weight decay; their gradient comes from :meth:`weight_grad` only (:meth:`forward` detaches them), and
+    :meth:`renormalise` must follow each optimiser step. ``L_i(0)`` is a buffer, so a checkpoint keeps it.
+    """
+
+    min_weight = 1e-3  # a weight a step pushed to (or below) 0 restarts here before the rescale: never switched off
+
+    def __init__(self, tasks: Iterable[str], alpha: float = 1.5):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.index = {t: i for i, t in enumerate(self.tasks)}
+        self.alpha = float(alpha)
+        self.task_weights = nn.Parameter(torch.ones(len(self.tasks)))
+        # NaN = not recorded yet (a first loss that is not finite is recorded at the task's next finite one)
+        self.register_buffer("initial_losses", torch.full((len(self.tasks),), math.nan))
+
+    def weights(self) -> dict[str, float]:
+        """Current ``w_i`` per task (for logging)."""
+        return {t: float(w) for t, w in zip(self.tasks, self.task_weights.detach())}
+
+    def _check(self, losses: dict[str, Tensor]) -> None:
+        if set(losses) != set(self.tasks):
+            raise KeyError(f"GradNormWeighting: needs the losses of exactly its tasks {self.tasks} in every step, "
+                           f"got {sorted(losses)}")
+
+    def forward(self, losses: dict[str, Tensor]) -> Tensor:
+        """``Σ_i w_i L_i`` with the weights detached: the network's loss (the weights learn from ``L_grad``)."""
+        self._check(losses)
+        w = self.task_weights.detach()
+        return sum(w[self.index[t]] * loss for t, loss in losses.items())
+
+    def weight_grad(self, losses: dict[str, Tensor], grad_norms: dict[str, Tensor]) -> Tensor:
+        """Record ``L_i(0)`` where not yet recorded, ADD ``∂L_grad/∂w`` to the weights' ``.grad`` (accumulating, as
+        ``backward`` does). ``grad_norms[t]`` = ``||∇_W L_t||₂`` of the UNWEIGHTED loss. → ``L_grad`` (detached)."""
+        self._check(losses)
+        self._check(grad_norms)
+        w = self.task_weights
+        loss = torch.stack([losses[t].detach().float() for t in self.tasks]).to(w.device)
+        norm = torch.stack([torch.as_tensor(grad_norms[t]).detach().float() for t in self.tasks]).to(w.device)
+        with torch.no_grad():
+            first = torch.isnan(self.initial_losses) & torch.isfinite(loss)
+            self.initial_losses.copy_(torch.where(first, loss, self.initial_losses))
+        ratio = loss / self.initial_losses.clamp_min(torch.finfo(loss.dtype).tiny)  # L̃_i
+        r = ratio / ratio.mean()
+        g = w * norm  # G_i: ||∇_W (w_i L_i)|| = w_i ||∇_W L_i|| for w_i > 0
+        target = (g.mean() * r ** self.alpha).detach()
+        l_grad = (g - target).abs().sum()
+        (grad,) = torch.autograd.grad(l_grad, w)
+        w.grad = grad if w.grad is None else w.grad + grad
+        return l_grad.detach()
+
+    @torch.no_grad()
+    def renormalise(self) -> None:
+        """``w ← T · w / Σ w`` after clamping to ``min_weight``: positive, and the total loss scale stays that of
+        ``T`` unit weights (the weights only shift the balance between tasks, not the learning rate)."""
+        w = self.task_weights.clamp_(min=self.min_weight)
+        w.mul_(len(self.tasks) / w.sum())
+
+
+def gradnorm_backward(weighting: GradNormWeighting, losses: dict[str, Tensor], params: Iterable[nn.Parameter],
+                      shared: Iterable[nn.Parameter], mean: Callable[[Tensor], Tensor] | None = None,
+                      scale: float = 1.0) -> Tensor:
+    """Replace ``weighting(losses).backward()`` by GradNorm's step: one ``torch.autograd.grad`` per task (graph
+    retained) over ``params``; the network's gradient ``Σ_i w_i ∇L_i`` ADDED to ``p.grad``, and ``∂L_grad/∂w`` (from
+    the norms of each task's gradient over the ``shared`` ones, the W of the paper) to the weights' ``.grad``. → the
+    detached sum of the losses (for logging).
+
+    ``mean``: with several processes, averages a tensor across them. ``torch.autograd.grad`` bypasses DDP's gradient
+    all-reduce, so each task's gradients are averaged before the norms, and the losses before the ratios, or the ranks'
+    weights diverge; a parameter unused on one process but used on another joins the average as zeros there (every
+    rank must make the same collective calls). ``scale``: the fp16 loss scale (1 without a scaler), applied as
+    ``accelerator.backward`` would; it multiplies every ``G_i``, target and so the weights' gradient alike, and the
+    gradient scaler unscales those with the rest of the optimiser's parameters.
+    """
+    weighting._check(losses)
+    params = [p for p in params if p.requires_grad]
+    shared_ids = {id(p) for p in shared}
+    is_shared = [id(p) in shared_ids for p in params]
+    names = list(losses)
+    w = weighting.task_weights.detach()
+    total: list[Tensor | None] = [None] * len(params)
+    norms = {}
+    for i, t in enumerate(names):
+        grads = list(torch.autograd.grad(losses[t] * scale, params, retain_graph=i < len(names) - 1,
+                                         allow_unused=True))
+        if mean is not None:
+            used = mean(torch.tensor([float(g is not None) for g in grads], device=losses[t].device)) > 0
+            grads = [mean(g if g is not None else torch.zeros_like(p)) if u else None
+                     for p, g, u in zip(params, grads, used.tolist())]
+        sq = [g.float().pow(2).sum() for g, s in zip(grads, is_shared) if g is not None and s]
+        norms[t] = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=losses[t].device)
+        for k, g in enumerate(grads):
+            if g is not None:
+                g = g * w[weighting.index[t]].to(g.device, g.dtype)
+                total[k] = g if total[k] is None else total[k] + g
+    for p, g in zip(params, total):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    values = {t: loss.detach() for t, loss in losses.items()}
+    weighting.weight_grad({t: mean(v) for t, v in values.items()} if mean is not None else values, norms)
+    return sum(values.values())
