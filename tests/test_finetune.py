@@ -187,3 +187,50 @@ def test_gradnorm_two_tasks_logs_weights_and_resumes_them(fashion, rotten, tmp_p
     torch.testing.assert_close(s_res["initial_losses"], s_full["initial_losses"], rtol=0, atol=0)
     torch.testing.assert_close(s_res["task_weights"], s_full["task_weights"], rtol=0, atol=1e-6)
     torch.testing.assert_close(s_full["task_weights"], torch.tensor(a[6]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", ["gradnorm", "pcgrad"])
+def test_gradient_weightings_two_processes_equal_one_process(fashion, rotten, tmp_path, weighting):
+    """GradNorm and PCGrad take per-task gradients with ``torch.autograd.grad``, which bypasses DDP's all-reduce: the
+    engine averages them across processes itself. 2 gloo processes at 8 rows each must follow 1 process at 16 (losses
+    and GradNorm's weights), or the ranks would drift apart."""
+    import os
+    import subprocess
+    import sys
+
+    from xmodal.config import save_config
+
+    # no BatchNorm, no dropout (as tests/test_engine.py's tiny()): per-process batches of any size compute the same
+    tasks = {"fashion": {"kind": "classification", "train": str(fashion), "modalities": ["image"], "max_rows": 256,
+                         "dropout": 0},
+             "sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"], "max_rows": 256,
+                           "dropout": 0}}
+    vit = {"kind": "open_clip", "name": "xmodal-vit-tiny", "image_size": 32, "augment": False,
+           "options": {"vision_cfg": {"width": 64, "layers": 2, "head_width": 32, "patch_size": 8}}}
+    common = dict(multitask={"tasks_per_step": "all", "weighting": weighting}, train={"max_steps": 4},
+                  model={"towers": {**TOWERS, "image": vit}})
+    one = train(cfg(tmp_path / "one", tasks, **common))
+    save_config(cfg(tmp_path / "two", tasks, **{**common, "train": {"max_steps": 4, "batch_size": 8}}),
+                tmp_path / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.is_file():
+        pytest.skip(f"no accelerate launcher next to {sys.executable}")
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+                           "-m", "xmodal.cli", "finetune", "--config", str(tmp_path / "two.yaml")],
+                          env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+
+    def curve(run):
+        return {r["step"]: [r[k] for k in sorted(r) if k.startswith(("loss/", "weight/"))]
+                for r in records(run) if "loss/fashion" in r}
+
+    a, b = curve(one), curve(tmp_path / "two")
+    assert sorted(a) == [1, 2, 3, 4] and a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    if weighting == "gradnorm":
+        assert "weight/fashion" in records(one)[0]
