@@ -1,4 +1,7 @@
 """Frozen-feature reuse: exact (same outputs as running the tower), computed once, invalidated by new weights."""
+import contextlib
+
+import pytest
 import torch
 from PIL import Image
 
@@ -59,11 +62,16 @@ def test_new_weights_are_not_served_stale_features():
     assert not torch.allclose(before, after)
 
 
-def test_predict_with_reused_features_matches_and_handles_missing_rows():
+def test_predict_with_reused_features_matches_and_refuses_a_row_without_input():
     task = TaskConfig(kind="classification", modalities=["text"], classes=["a", "b"])
     model = frozen_model({"t": task})
-    rows = {"text": ["one", "", "two words", "one"]}
+    rows = {"text": ["one", "three", "two words", "one"]}
     plain = model.predict("t", rows)
     with reuse_frozen_features():
         reused = model.predict("t", rows, batch_size=3)
     torch.testing.assert_close(reused, plain, atol=1e-6, rtol=0)
+    # a row without the head's only input is not predicted from zeros: it is refused, reused features or not
+    for context in (contextlib.nullcontext(), reuse_frozen_features()):
+        with context, pytest.raises(ValueError, match=r"task 't' reads text, and row 1 of the inputs \(0-based\) "
+                                                      r"has no text"):
+            model.predict("t", {"text": ["one", "", "two words"]}, batch_size=3)

@@ -313,7 +313,7 @@ def test_paths_outside_root_are_refused_naming_file_row_id_field(outside: Path):
 
 def test_data_allow_outside_root_reaches_the_training_reader(outside: Path):
     from xmodal.config import config_from_dict
-    from xmodal.engine import _read_task_data, task_configs
+    from xmodal.task_data import read_task_data, task_configs
 
     def cfg(allow: bool):
         return config_from_dict({"data": {"train": str(outside / "m.csv"), "allow_outside_root": allow}})
@@ -322,7 +322,7 @@ def test_data_allow_outside_root_reaches_the_training_reader(outside: Path):
         c = cfg(allow)
         (name, t), = task_configs(c, ["image", "text"]).items()
         if allow:
-            assert len(_read_task_data(c, name, t)[0]) == 7
+            assert len(read_task_data(c, name, t)[0]) == 7
         else:
             with pytest.raises(ManifestError, match=r"row 2 \(id 'b'\): field 'image': path '\.\./secret\.png'"):
-                _read_task_data(c, name, t)
+                read_task_data(c, name, t)

@@ -15,15 +15,20 @@ from xmodal.engine import train
 TOWERS = {"text": {"kind": "lstm", "context_length": 16, "options": {"embed_dim": 16, "hidden": 16}}}
 
 
+# A finite score the reader accepts (NaN/inf targets are refused before training), whose squared error overflows
+# float32: the loss of every batch holding it is inf.
+HUGE = "1e30"
+
+
 def poisoned_manifest(rotten, tmp_path, bad_row: int = 5):
-    """Review snippets with a numeric score; one row's score is NaN (a corrupt label the reader lets through)."""
+    """Review snippets with a numeric score; one row's score is so large that its batch's loss is not finite."""
     rows = list(csv.DictReader(open(rotten, encoding="utf-8")))[:64]
     path = tmp_path / "scores.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["id", "text", "score"])
         w.writeheader()
         for i, r in enumerate(rows):
-            w.writerow({"id": r["id"], "text": r["text"], "score": "nan" if i == bad_row else
+            w.writerow({"id": r["id"], "text": r["text"], "score": HUGE if i == bad_row else
                         float(r["label"] == "fresh")})
     return path
 
@@ -42,12 +47,12 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_nan_batch_is_skipped_reported_and_the_weights_stay_finite(rotten, tmp_path, capfd):
+def test_a_nonfinite_batch_is_skipped_reported_and_the_weights_stay_finite(rotten, tmp_path, capfd):
     run = train(cfg(tmp_path, poisoned_manifest(rotten, tmp_path)))
     bad = [r for r in records(run) if "nonfinite" in r]
-    # 64 rows, batches of 16: the NaN row is in one batch per epoch; 8 steps = 2 epochs -> 2 skipped steps.
+    # 64 rows, batches of 16: the huge row is in one batch per epoch; 8 steps = 2 epochs -> 2 skipped steps.
     assert len(bad) == 2 and {r["nonfinite"].split(",")[1].strip() for r in bad} == {"epoch 0", "epoch 1"}
-    assert all(r["nonfinite"].startswith("task score") and math.isnan(r["losses"]["score"]) for r in bad)
+    assert all(r["nonfinite"].startswith("task score") and not math.isfinite(r["losses"]["score"]) for r in bad)
     assert [r for r in records(run) if "skipped_steps" in r][-1]["skipped_steps"] == 2
     weights = load_file(str(run / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -69,6 +74,6 @@ def test_stop_policy_names_the_step_and_batch_and_keeps_the_last_checkpoint(rott
 def test_repeated_bad_steps_stop_the_run_under_skip_too(rotten, tmp_path):
     manifest = poisoned_manifest(rotten, tmp_path)
     rows = manifest.read_text().splitlines()
-    manifest.write_text("\n".join(rows[:1] + [",".join(r.rsplit(",", 1)[:1] + ["nan"]) for r in rows[1:]]) + "\n")
+    manifest.write_text("\n".join(rows[:1] + [",".join(r.rsplit(",", 1)[:1] + [HUGE]) for r in rows[1:]]) + "\n")
     with pytest.raises(FloatingPointError, match="3 bad step"):
         train(cfg(tmp_path, manifest, max_nonfinite_skips=2))

@@ -175,5 +175,13 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
     ``weights_only=True`` first (see :func:`check_checkpoint_files`)."""
     path = Path(path)
     check_checkpoint_files(path)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as e:  # "Error(s) in loading state_dict ... size mismatch": a model of another shape
+        if "state_dict" not in str(e) and "size mismatch" not in str(e):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:4]) or lines[0] if lines else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model (was the run's model config changed?): "
+                              f"{detail}") from None
     return json.loads((path / POSITION).read_text(encoding="utf-8"))

@@ -194,6 +194,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         kt, vt = args
+        if vt is TowerConfig:
+            _check_tower_names(value, path)
         return {_coerce(k, kt, f"{path}"): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -227,6 +229,21 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported annotation {tp!r}")  # a bug in the dataclasses, not in the user's YAML
+
+
+def _check_tower_names(towers: dict, path: str) -> None:
+    """A tower entry without ``kind`` next to towers that have one is almost always a misspelled tower name in an
+    override (``model.towers.imag.freeze=false``): say so, rather than ask for the ``kind`` of a new tower."""
+    import difflib
+
+    known = [str(k) for k, v in towers.items() if isinstance(v, TowerConfig) or (isinstance(v, dict) and "kind" in v)]
+    for name, v in towers.items():
+        if not isinstance(v, dict) or "kind" in v or not known:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"probably a typo for {close[0]!r}" if close else "probably a typo"
+        raise ConfigError(f"{path}.{name}: the config has towers [{', '.join(known)}] and {str(name)!r} is not one "
+                          f"of them ({hint}); to add a new tower, give it {path}.{name}.kind")
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:
@@ -321,10 +338,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.max_logit_scale: must be > 1, got {m.max_logit_scale}")
     for name, task in cfg.tasks.items():
         where = f"tasks.{name}"
-        unknown = [mod for mod in task.modalities if m.towers and mod not in m.towers]
-        if not task.modalities or unknown:
-            raise ConfigError(f"{where}.modalities: {task.modalities} must be non-empty towers of model.towers "
-                              f"({', '.join(m.towers)})")
+        if not task.modalities:
+            raise ConfigError(f"{where}.modalities: must name at least one tower"
+                              + (f" of model.towers ({', '.join(m.towers)})" if m.towers else ""))
+        check_task_modalities(name, task, list(m.towers))
         if task.kind == "retrieval" and len(task.modalities) < 2:
             raise ConfigError(f"{where}.modalities: {where}.kind retrieval needs two modalities, got "
                               f"{task.modalities}")
@@ -357,6 +374,18 @@ def validate(cfg: Config) -> Config:
     if d.max_rows is not None and d.max_rows <= 0:
         raise ConfigError(f"data.max_rows: must be positive, got {d.max_rows}")
     return cfg
+
+
+def check_task_modalities(name: str, task: TaskConfig, towers: list[str], source: str = "model.towers") -> None:
+    """Every modality a task reads must be one of the model's towers (``source`` says where the towers come from:
+    the config, or an ``init_from`` run). No towers (yet): nothing to check."""
+    unknown = [mod for mod in task.modalities if towers and mod not in towers]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), towers, n=1)
+        raise ConfigError(f"tasks.{name}.modalities: {unknown[0]!r} is not a tower of the model (towers: "
+                          f"{', '.join(towers)}, from {source})" + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:

@@ -24,18 +24,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, ModelConfig, TaskConfig, _from_dict, save_config
-from .data import ManifestDataset, ManifestError, collate, read_manifest
+from .config import Config, ModelConfig, TaskConfig, _from_dict, check_task_modalities, save_config
+from .data import ManifestDataset, collate
 from .feature_cache import is_cacheable, precompute_features
 from .gradcache import gradcache_step
 from .losses import build_loss
 from .losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting, gradnorm_backward, pcgrad
-from .model import FEATURES, XModalModel
+from .model import FEATURES, WEIGHTS_NAME, XModalModel
+from .run_folder import METRICS_NAME, config_changes, finished, refuse_existing_run
 from .sampling import TaskSampler
-from .tasks import MASK, batch_size, drop_modalities, resolve_classes, targets
+from .task_data import PRETRAIN_TASK, read_task_manifests, task_configs
+from .tasks import MASK, batch_size, drop_modalities, targets
 
 log = logging.getLogger("xmodal")
-PRETRAIN_TASK = "contrastive"
 
 
 # ------------------------------------------------------------------------------------------------ small pieces
@@ -136,6 +137,8 @@ def collate_renamed(rename: dict[str, str], items: list[dict]) -> dict:
 class MetricsLog:
     """Append-only JSON lines (``metrics.jsonl``) on the main process; one object per record."""
 
+    NAME = METRICS_NAME
+
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
@@ -179,53 +182,8 @@ class TaskRun:
     batch: int = 0
     iterator: Iterator | None = None
     seen: dict = field(default_factory=dict)
-
-
-def task_configs(cfg: Config, modalities: list[str]) -> dict[str, TaskConfig]:
-    """The tasks to train: ``cfg.tasks``, or for pretraining one contrastive task over every tower on ``data``."""
-    d = cfg.data
-    if not cfg.tasks:
-        return {PRETRAIN_TASK: TaskConfig(kind="retrieval", train=d.train, eval=d.eval, train_split=d.train_split,
-                                          eval_split=d.eval_split, modalities=modalities, max_rows=d.max_rows)}
-    out = {}
-    for name, t in cfg.tasks.items():
-        t = copy.deepcopy(t)
-        t.train = t.train or d.train
-        out[name] = t
-    return out
-
-
-def _read_task_data(cfg: Config, name: str, t: TaskConfig) -> tuple[Any, Any]:
-    d = cfg.data
-    if t.train is None:
-        raise ValueError(f"tasks.{name}.train (or data.train): a training manifest is required")
-    # A row missing a modality is fine when fusion or N-modality binding can use the rest; a 2-modality contrastive
-    # task needs both in every row.
-    require_all = t.kind == "retrieval" and len(t.modalities) == 2
-    kw = dict(modalities=t.modalities, root=d.root, on_bad_row=d.on_bad_row, require_all=require_all,
-              allow_outside_root=d.allow_outside_root)
-    train = read_manifest(t.train, split=t.train_split, max_rows=t.max_rows, **kw)
-    if train.skipped:
-        log.warning("%s: skipped %d bad rows of %s (on_bad_row=skip); first: %s", name, train.skipped,
-                    train.source, train.problems[:1])
-    evaluate = None
-    if t.eval is not None or t.eval_split is not None:
-        evaluate = read_manifest(t.eval or t.train, split=t.eval_split, **kw).dataset
-    for data, source in ((train.dataset, train.source), (evaluate, t.eval or t.train)):
-        if data is not None and t.kind != "retrieval":
-            _check_targets(data, t, source)
-    return train.dataset, evaluate
-
-
-def _check_targets(data, t: TaskConfig, source: str) -> None:
-    if t.target not in data.column_names:
-        raise ManifestError(f"manifest {source} has no column '{t.target}' (the task's target; columns: "
-                            f"{', '.join(data.column_names)})")
-    ids = data["id"] if "id" in data.column_names else None
-    for i, v in enumerate(data[t.target]):
-        if v is None or (isinstance(v, str) and not v.strip()):
-            who = f" (id {ids[i]!r})" if ids else ""
-            raise ManifestError(f"{source}: row {i + 1}{who}: field '{t.target}': empty target")
+    source: str | None = None  # the train manifest, and each train row's 1-based row in it: for row errors
+    row_numbers: list[int] = field(default_factory=list)
 
 
 def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
@@ -247,14 +205,24 @@ def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
 def train(cfg: Config, resume: bool = False) -> Path:
     """Pretrain (no ``tasks``) or fine-tune (``tasks``, usually with ``init_from``). Returns the run folder."""
     out_dir = Path(cfg.output_dir)
-    if not resume and latest_checkpoint(out_dir) is not None:
-        raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, or choose "
-                              f"another output_dir (nothing was overwritten)")
+    if not resume:
+        refuse_existing_run(out_dir)
     cfg = copy.deepcopy(cfg)
+    towers_from = f"the init_from run {cfg.init_from}" if cfg.init_from and not cfg.model.towers else "model.towers"
     cfg.model, init_weights = _init_from(cfg)
     if cfg.train.freeze_towers is not None or cfg.train.unfreeze_at_step:
         for tower in cfg.model.towers.values():
             tower.freeze = bool(cfg.train.freeze_towers) or bool(cfg.train.unfreeze_at_step)
+    for name, tc in cfg.tasks.items():
+        check_task_modalities(name, tc, list(cfg.model.towers), towers_from)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    changed: list[str] = []
+    if resume and ckpt is None and (out_dir / WEIGHTS_NAME).is_file():
+        raise FileExistsError(f"{out_dir} holds a finished model ({WEIGHTS_NAME}) but no checkpoint to resume from: "
+                              f"choose another output_dir, or delete the folder to train it again (nothing was "
+                              f"overwritten)")
+    if ckpt is not None:  # before anything is written: the checkpoint must fit the model this config builds
+        changed = config_changes(cfg, out_dir)
     t = cfg.train
     # Fine-tuning may leave parameters out of a step (other tasks' heads, towers a task does not read); so may
     # binding 3+ modalities, when no row of a process's batch has one of them.
@@ -267,6 +235,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
                             handlers=[logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")])
         # Accelerate logs ~7 INFO lines per checkpoint (each file it writes); xmodal logs one line per save.
         logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if changed:
+        log.warning("resuming with changed %s", "; ".join(changed))
+    if resume and ckpt is None:
+        log.info("--resume: %s holds no checkpoint; starting a fresh run", out_dir)
     from accelerate.utils import set_seed
     set_seed(cfg.seed, deterministic=t.deterministic)
 
@@ -274,13 +246,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tcfgs = task_configs(cfg, modalities)
     runs: dict[str, TaskRun] = {}
     for name, tc in tcfgs.items():
-        train_data, eval_data = _read_task_data(cfg, name, tc)
-        if tc.kind in ("classification", "multilabel"):
-            tc.classes = resolve_classes(tc, train_data[tc.target])
-            if len(tc.classes) < 2:
-                raise ManifestError(f"tasks.{name}: column '{tc.target}' of the train split has fewer than 2 "
-                                    f"classes ({tc.classes})")
-        runs[name] = TaskRun(name, tc, train_data, eval_data)
+        train_m, eval_m = read_task_manifests(cfg, name, tc)
+        runs[name] = TaskRun(name, tc, train_m.dataset, eval_m.dataset if eval_m is not None else None,
+                             source=train_m.source, row_numbers=train_m.row_numbers)
     if not cfg.tasks and len(modalities) < 2:
         raise ValueError("pretrain: contrastive alignment needs at least two towers in model.towers")
 
@@ -294,6 +262,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if t.freeze_projections:  # a linear probe of the shared space itself: only the heads learn
         for tower in model.towers.values():
             tower.projection.requires_grad_(False)
+    for r in runs.values():  # before any feature is cached: the loaders drop an incomplete last batch
+        if len(r.dataset) < t.batch_size * t.grad_accum_steps * accelerator.num_processes:
+            raise ValueError(_too_few_rows(r, t, accelerator.num_processes))
     # Frozen, non-augmented towers are embedded once; training then runs on their cached features.
     used = {m for r in runs.values() for m in r.cfg.modalities}  # a tower no task reads is never run
     cached = {m: m + FEATURES for m in modalities
@@ -309,7 +280,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     for r in runs.values():
         transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
         extra = [r.cfg.target] if r.cfg.kind != "retrieval" else []
-        r.loader = DataLoader(ManifestDataset(r.dataset, transforms, extra_columns=extra), batch_size=step_batch,
+        rows = ManifestDataset(r.dataset, transforms, extra_columns=extra, source=r.source,
+                               row_numbers=r.row_numbers)
+        r.loader = DataLoader(rows, batch_size=step_batch,
                               shuffle=True, drop_last=True, collate_fn=partial(collate_renamed, cached),
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
@@ -328,9 +301,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     for r, loader in zip(runs.values(), loaders):
         r.loader, r.steps_per_epoch = loader, len(loader)
         if r.steps_per_epoch == 0:
-            raise ValueError(f"task {r.name}: {len(r.dataset)} training rows is less than one step's batch "
-                             f"(batch_size {t.batch_size} × grad_accum_steps {t.grad_accum_steps} × "
-                             f"{accelerator.num_processes} processes)")
+            raise ValueError(_too_few_rows(r, t, accelerator.num_processes))
     epoch_steps = (sum(r.steps_per_epoch for r in runs.values()) if mt.tasks_per_step == "one"
                    else max(r.steps_per_epoch for r in runs.values()))
     total = t.max_steps or t.epochs * epoch_steps
@@ -343,7 +314,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     unwrapped: XModalModel = accelerator.unwrap_model(model)
 
     step = 0
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None and finished(out_dir, ckpt, total):
+        log.info("%s: the run already finished at step %s (%s written); nothing to do", out_dir,
+                 ckpt.name.removeprefix("step_"), WEIGHTS_NAME)
+        accelerator.end_training()
+        return out_dir
     if ckpt is not None:
         position = load_checkpoint(accelerator, ckpt)
         step = position["step"]
@@ -356,7 +331,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if main and cfg.log.backend != "none":
         accelerator.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()),
                                   init_kwargs={"wandb": {"dir": str(out_dir), "name": out_dir.name}})
-    metrics = MetricsLog(out_dir / "metrics.jsonl", main)
+    metrics = MetricsLog(out_dir / MetricsLog.NAME, main)
     samples_per_step = step_batch * accelerator.num_processes
     log.info("%s: %s; %d steps, batch %d × %d process(es), device %s", "finetune" if cfg.tasks else "pretrain",
              ", ".join(f"{n} ({r.cfg.kind}, {len(r.dataset)} rows)" for n, r in runs.items()), total,
@@ -499,6 +474,17 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
 
 pretrain = train  # `xmodal pretrain` and `xmodal finetune` are the same loop; the config decides
+
+
+def _too_few_rows(r: TaskRun, t, processes: int) -> str:
+    """The error when a task's training rows do not fill one step's batch, with the fix."""
+    per_step = t.batch_size * t.grad_accum_steps * processes
+    fits = max(1, len(r.dataset) // (2 * t.grad_accum_steps * processes))  # about two steps per epoch at least
+    suggestion = 1 << (fits.bit_length() - 1)  # a power of two
+    who = "pretraining" if r.name == PRETRAIN_TASK else f"task {r.name}"
+    return (f"{who}: {len(r.dataset)} training rows is less than one step's batch of {per_step} (train.batch_size "
+            f"{t.batch_size} × train.grad_accum_steps {t.grad_accum_steps} × {processes} process(es)): lower "
+            f"train.batch_size (e.g. train.batch_size={suggestion}), or give the task more rows")
 
 
 def _batches(accelerator, r: TaskRun) -> Iterator[dict]:

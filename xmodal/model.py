@@ -111,7 +111,7 @@ class XModalModel(nn.Module):
         # Task heads (fine-tuning): retrieval tasks have none — they use the contrastive loss on the shared space.
         from .tasks import TaskHead
         self.tasks = dict(tasks or {})
-        self.heads = nn.ModuleDict({name: TaskHead(t, cfg.embed_dim) for name, t in self.tasks.items()
+        self.heads = nn.ModuleDict({name: TaskHead(t, cfg.embed_dim, name=name) for name, t in self.tasks.items()
                                     if t.kind != "retrieval"})
 
     # ------------------------------------------------------------------------------------------------ training API
@@ -214,10 +214,27 @@ class XModalModel(nn.Module):
         from .data.loader import collate
         if task not in self.heads:
             raise ValueError(f"no task head {task!r} in this model (heads: {', '.join(self.heads) or 'none'})")
+        head = self.heads[task]
+        reads = ", ".join(head.modalities)
+        unknown = [m for m in inputs if m not in self.towers]
+        if unknown:
+            raise ValueError(f"predict: no {unknown[0]!r} tower in this model (towers: {', '.join(self.towers)}; "
+                             f"task {task!r} reads {reads})")
+        inputs = {m: v for m, v in inputs.items() if m in head.modalities}  # what the head does not read is unused
+        if not inputs:
+            raise ValueError(f"predict: task {task!r} reads {reads}, and the inputs have none of "
+                             f"{'them' if len(head.modalities) > 1 else 'it'}")
+        if any(isinstance(v, (str, bytes)) for v in inputs.values()):
+            raise ValueError("predict: give each modality a list of values, one per row (got a single string)")
         lengths = {len(v) for v in inputs.values()}
         if len(lengths) != 1:
             raise ValueError(f"predict: every modality needs one value per row, got lengths {sorted(lengths)}")
         n = lengths.pop()
+        for j in range(n):  # before any tower runs: a row with none of the head's inputs has nothing to predict from
+            if all(v[j] is None or (isinstance(v[j], str) and v[j] == "") for v in inputs.values()):
+                raise ValueError(f"predict: task {task!r} reads {reads}, and row {j} of the inputs (0-based) has "
+                                 f"{'none of them' if len(head.modalities) > 1 else 'no ' + reads} (None or \"\")"
+                                 f"; a row lacking every input of a head cannot be predicted")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

@@ -75,8 +75,9 @@ class TaskHead(nn.Module):
     """Fusion (when the task reads several modalities) followed by a classification or regression head; with
     ``fusion: late`` one head per modality, outputs averaged over the modalities each row has."""
 
-    def __init__(self, cfg: TaskConfig, embed_dim: int):
+    def __init__(self, cfg: TaskConfig, embed_dim: int, name: str | None = None):
         super().__init__()
+        self.name = name  # only for messages
         if cfg.kind == "retrieval":
             raise ValueError("retrieval tasks use the contrastive loss on the shared space; they have no head")
         if cfg.kind != "regression" and not cfg.classes:
@@ -106,6 +107,7 @@ class TaskHead(nn.Module):
     def forward(self, feats: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
         # Shared-space vectors have unit norm, so each coordinate is ~1/sqrt(D): rescaled to unit variance, they
         # meet the heads' default initialisation as it assumes (otherwise logits start tiny and learn slowly).
+        self._check_rows(feats, present)
         feats = {m: f * self.scale for m, f in feats.items()}
         if isinstance(self.head, LateFusion):
             return self.head(feats, present)
@@ -113,6 +115,30 @@ class TaskHead(nn.Module):
             m = self.modalities[0]
             return self.head(feats[m])
         return self.head(self.fusion(feats, present))
+
+    def _check_rows(self, feats: dict[str, Tensor], present: dict[str, Tensor]) -> None:
+        """Every row must hold at least one of the head's modalities: a row without any would be predicted from the
+        zeros :func:`dense` puts in absent slots, a made-up answer."""
+        task = f"task {self.name!r}" if self.name else "this task head"
+        reads = ", ".join(self.modalities)
+        cols = []
+        for m in self.modalities:
+            if m not in feats:
+                continue
+            p = present.get(m) if present is not None else None
+            cols.append(p.bool() if p is not None else torch.ones(len(feats[m]), dtype=torch.bool,
+                                                                    device=feats[m].device))
+        if not cols:
+            raise ValueError(f"{task} reads {reads}, and no row of the batch has "
+                             f"{'any of them' if len(self.modalities) > 1 else 'it'} (inputs: "
+                             f"{', '.join(sorted(feats)) or 'none'})")
+        empty = ~torch.stack(cols).any(0)
+        if empty.any():
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(f"{task} reads {reads}: row {rows[0]} of the batch has "
+                             f"{'none of them' if len(self.modalities) > 1 else 'no ' + reads}"
+                             + (f" (nor do {len(rows) - 1} more row(s))" if len(rows) > 1 else "")
+                             + "; a row lacking every input of a head cannot be predicted")
 
     def _leaf_head(self) -> nn.Module:
         return next(iter(self.head.heads.values())) if isinstance(self.head, LateFusion) else self.head

@@ -47,10 +47,15 @@ class ManifestDataset(torch.utils.data.Dataset):
     (datasets of at most ``PRETOKENIZE_MAX_ROWS`` rows); items are the same int64 tensors the per-row path gives,
     and a value the tokeniser rejects raises the same ``ManifestRowError``, here instead of when the row is loaded.
     ``pretokenize=False`` tokenises per row, in ``__getitem__``.
+
+    ``source`` and ``row_numbers`` (a :class:`~xmodal.data.manifest.Manifest`'s ``source`` and ``row_numbers``):
+    errors then name the row as the file does (``data/m.csv: row 12 (id '0042')``) instead of by its index here.
     """
 
     def __init__(self, dataset, transforms: Mapping[str, Callable[[Any], Any]], extra_columns: Sequence[str] = (),
-                 pretokenize: bool = True):
+                 pretokenize: bool = True, source: str | None = None, row_numbers: Sequence[int] | None = None):
+        self.source = source
+        self.row_numbers = list(row_numbers) if row_numbers else None
         if not transforms:
             raise ValueError("ManifestDataset needs at least one modality transform")
         self.transforms = dict(transforms)
@@ -110,7 +115,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             if self._rows is None and not -len(self) <= index < len(self):
                 raise IndexError(f"index {index} is out of range for {len(self)} rows")
         except Exception as e:  # noqa: BLE001 - e.g. an embedded image that no longer decodes
-            raise ManifestRowError(f"row {index}: cannot read the row from the dataset: "
+            raise ManifestRowError(f"{self._row(index)}: cannot read the row from the dataset: "
                                    f"{type(e).__name__}: {e}") from e
         item: dict[str, Any] = {}
         for modality, transform in self.transforms.items():
@@ -134,8 +139,16 @@ class ManifestDataset(torch.utils.data.Dataset):
     def _transform_error(self, index: int, row: Mapping[str, Any], modality: str, value: Any,
                          e: Exception) -> ManifestRowError:
         shown = value if isinstance(value, str) else type(value).__name__
-        return ManifestRowError(f"row {index}{self._id(row)}: field '{modality}': transform failed on "
+        return ManifestRowError(f"{self._row(index)}{self._id(row)}: field '{modality}': transform failed on "
                                 f"{shown!r:.200}: {type(e).__name__}: {e}")
+
+    def _row(self, index: int) -> str:
+        """``row <index>``, or with ``source``: ``<source>: row <1-based data row of the file>``."""
+        if self.source is None:
+            return f"row {index}"
+        i = index + len(self) if index < 0 else index
+        number = self.row_numbers[i] if self.row_numbers and 0 <= i < len(self.row_numbers) else i + 1
+        return f"{self.source}: row {number}"
 
     def _id(self, row: Mapping[str, Any]) -> str:
         return f" (id {row['id']!r})" if self._has_id else ""

@@ -62,9 +62,27 @@ class Manifest:
     modalities: list[str]  # modality columns present (and checked)
     skipped: int = 0  # rows dropped under on_bad_row="skip"
     problems: list[str] = field(default_factory=list)  # messages of the skipped rows (first MAX_PROBLEMS)
+    # the 1-based data row in the source (the file; the dict entry of a DatasetDict) of each kept row, so that a
+    # later check names the row as the file numbers it, not its position after the split filter
+    row_numbers: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def where(self, i: int) -> str:
+        """``"<source>: row N (id '...')"`` for the ``i``-th kept row: the prefix of every row message."""
+        number = self.row_numbers[i] if self.row_numbers else i + 1
+        rid = self.dataset.select_columns(["id"])[i]["id"] if "id" in self.dataset.column_names else None
+        return f"{self.source}: row {number}" + (f" (id {rid!r})" if rid not in (None, "") else "")
+
+    def take(self, indices: Sequence[int]) -> "Manifest":
+        """The manifest restricted to the kept rows at ``indices`` (their row numbers follow them)."""
+        idx = pa.array(list(indices), type=pa.int64())
+        table = _arrow(self.dataset).take(idx)
+        ds = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=self.dataset.features))
+        numbers = [self.row_numbers[i] for i in idx.to_pylist()] if self.row_numbers else []
+        return Manifest(dataset=ds, source=self.source, modalities=self.modalities, skipped=self.skipped,
+                        problems=self.problems, row_numbers=numbers)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -679,19 +697,22 @@ def read_manifest(
             msg += (f"\n({len(problems) - 1} more bad row(s) in {source}; on_bad_row='skip' drops them)"
                     f"\n  {more}" + ("\n  ..." if len(problems) > 1 + _SHOWN_IN_ERROR else ""))
         raise ManifestError(msg)
+    row_numbers = rows.row_numbers
     if bad:
         good = sorted(set(range(table.num_rows)) - set(bad))
         if not good:
             raise ManifestError(f"manifest {source}: every selected row is bad ({len(bad)} rows); first: "
                                 f"{problems[0]}")
         table = table.take(pa.array(good, type=pa.int64()))
+        row_numbers = [row_numbers[i] for i in good]
         log.warning("%s: skipped %d bad row(s) of %d; first: %s", source, len(bad), len(positions), problems[0])
 
     final_features = datasets.Features({c: feats[c] if c in feats else _infer(table, c)
                                         for c in table.column_names})
     table = table.cast(final_features.arrow_schema) if table.schema != final_features.arrow_schema else table
     ds = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=final_features))
-    return Manifest(dataset=ds, source=source, modalities=mods, skipped=len(bad), problems=problems[:MAX_PROBLEMS])
+    return Manifest(dataset=ds, source=source, modalities=mods, skipped=len(bad), problems=problems[:MAX_PROBLEMS],
+                    row_numbers=row_numbers)
 
 
 def _infer(table: pa.Table, column: str):
