@@ -1,9 +1,12 @@
 """The documented CLI end to end on real data: pretrain → evaluate → index → query, and user errors as one line."""
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from xmodal.cli import main
@@ -70,3 +73,197 @@ def test_train_py_has_the_same_verbs_and_reports_config_errors(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "train.lr: expected a number" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------ outputs and errors of the read-only verbs
+
+
+def _tiny_model(tasks=None):
+    from xmodal.config import ModelConfig, TowerConfig
+    from xmodal.model import XModalModel
+
+    torch.manual_seed(0)
+    return XModalModel(ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(kind="cnn", image_size=32, options={"channels": [8, 16]}),
+        "text": TowerConfig(kind="lstm", context_length=16, options={"embed_dim": 32, "hidden": 32})}), tasks)
+
+
+@pytest.fixture(scope="module")
+def runs(clipart, tmp_path_factory):
+    """(pretrain-only run, run with a classification head on images) — untrained, saved like real runs."""
+    from xmodal.config import TaskConfig
+
+    tmp = tmp_path_factory.mktemp("runs")
+    labels = sorted({r["label"] for r in csv.DictReader(open(clipart, encoding="utf-8"))})
+    head = {"kind": TaskConfig(kind="classification", modalities=["image"], target="label", classes=labels)}
+    return _tiny_model().save(tmp / "space"), _tiny_model(head).save(tmp / "heads")
+
+
+def _rows(clipart, split="test"):
+    return [r for r in csv.DictReader(open(clipart, encoding="utf-8")) if split is None or r["split"] == split]
+
+
+def _write(clipart, name, rows, columns=None):
+    """A manifest beside the clipart one (so its relative image paths resolve)."""
+    path = clipart.parent / name
+    columns = columns or list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_query_score_is_the_similarity_even_with_a_score_column(clipart, runs, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from xmodal.model import load
+    from xmodal.retrieval import EmbeddingIndex
+
+    clash = {"score": "0.832", "rank": "r", "thumb": "t", "index_id": "x", "metadata": "m"}
+    manifest = _write(clipart, "clash.csv", [{**r, **clash} for r in _rows(clipart)])
+    run, idx = runs[0], tmp_path / "idx"
+    assert main(["index", "--run", str(run), "--manifest", str(manifest), "--out", str(idx)]) == 0
+    capsys.readouterr()
+    assert main(["query", "--index", str(idx), "--text", "a red car", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    model = load(run)
+    q = F.normalize(model.encode("text", ["a red car"]), dim=-1)
+    items = F.normalize(model.encode("image", [h["value"] for h in hits]), dim=-1)
+    truth = (items @ q.T).squeeze(1).tolist()  # cosine of the query and each hit
+    index = EmbeddingIndex.load(idx)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    for h, cos in zip(hits, truth):
+        assert isinstance(h["score"], float) and h["score"] == pytest.approx(cos, abs=1e-5)
+        assert isinstance(h["index_id"], int) and index.metadata(h["index_id"])["id"] == h["id"]
+        assert "thumb" not in h  # only the web API has thumbnails
+        assert {k: str(h["metadata"][k]) for k in clash} == clash  # the manifest's columns, kept
+    assert main(["query", "--index", str(idx), "--text", "a red car", "-k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in table[1:]] == [f"{h['score']:.4f}" for h in hits]  # table and JSON agree
+
+
+def test_format_table_columns_are_as_wide_as_their_content():
+    from xmodal.cli import format_table
+
+    table = format_table({"text->image/R@1": 0.1, "text->image/n_items": 60.0,
+                          "text->image/n_queries_skipped": 0.0, "text->image/n_relevant_missing": 3.0,
+                          "image->text/R@1": 0.25})
+    assert table.splitlines() == [
+        "                R@1  n_items  n_queries_skipped  n_relevant_missing",
+        "text->image  0.1000       60                  0                   3",
+        "image->text  0.2500",
+    ]
+    assert format_table({}) == "(no results)"
+
+
+def test_evaluate_index_table_header_names_are_separate(clipart, runs, tmp_path, capsys):
+    run, idx = runs[0], tmp_path / "idx"
+    assert main(["index", "--run", str(run), "--manifest", str(clipart), "--split", "test", "--out", str(idx)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate-index", "--index", str(idx), "--manifest", str(clipart), "--split", "test"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["R@1", "R@5", "R@10", "mAP", "n_queries", "n_items", "n_queries_skipped",
+                              "n_relevant_missing", "depth"]
+    assert len(row.split()) == 10 and row.split()[0] == "text->image"
+
+
+def test_evaluate_with_nothing_to_evaluate_says_why(clipart, runs, capsys):
+    run = runs[0]
+    text_only = _write(clipart, "text_only.csv", _rows(clipart), ["id", "text", "label", "split"])
+    for extra in ([], ["--json"]):
+        assert main(["evaluate", "--run", str(run), "--manifest", str(text_only)] + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "max()" not in err, err
+        n = len(_rows(clipart))
+        assert f"nothing to evaluate in {text_only}" in err
+        assert f"text in {n} of {n} rows" in err and "towers image, text and task heads none" in err
+    rows = _rows(clipart, None)
+    no_images = _write(clipart, "no_test_images.csv", [{**r, "image": "" if r["split"] == "test" else r["image"]}
+                                                       for r in rows])
+    assert main(["evaluate", "--run", str(run), "--manifest", str(no_images), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    n_test = sum(r["split"] == "test" for r in rows)
+    assert "(split 'test')" in err and f"image empty in all {n_test} rows" in err
+    assert main(["evaluate", "--run", str(run), "--manifest", str(clipart), "--task", "nope"]) == 2
+    assert "--task nope: no such head (heads: none)" in capsys.readouterr().err
+
+
+def test_on_bad_row_flag_and_hints_name_this_commands_flags(clipart, runs, tmp_path, capsys):
+    from PIL import Image
+
+    from xmodal.retrieval import EmbeddingIndex
+
+    space, heads = runs
+    rows = _rows(clipart)
+    bad = _write(clipart, "one_missing.csv", [{**rows[0], "image": "images/missing.png"}] + rows[1:])
+    cases = {"evaluate": ["evaluate", "--run", str(space), "--manifest", str(bad), "--json"],
+             "predict": ["predict", "--run", str(heads), "--manifest", str(bad)],
+             "index": ["index", "--run", str(space), "--manifest", str(bad), "--out", str(tmp_path / "idx")]}
+    out = {}
+    for verb, argv in cases.items():
+        assert main(argv) == 2, verb
+        err = capsys.readouterr().err
+        assert "row 1" in err and "missing.png" in err and "--on-bad-row skip" in err, err
+        assert "on_bad_row=" not in err
+        assert main(argv + ["--on-bad-row", "skip"]) == 0, verb
+        out[verb] = capsys.readouterr().out
+    assert json.loads(out["evaluate"])["text->image/n_items"] == len(rows) - 1
+    assert [json.loads(line)["id"] for line in out["predict"].splitlines()] == [r["id"] for r in rows[1:]]
+    assert len(EmbeddingIndex.load(tmp_path / "idx")) == len(rows) - 1
+    ei = ["evaluate-index", "--index", str(tmp_path / "idx"), "--manifest", str(bad), "--json"]
+    assert main(ei) == 2 and "--on-bad-row skip" in capsys.readouterr().err
+    assert main(ei + ["--on-bad-row", "skip"]) == 0
+    assert json.loads(capsys.readouterr().out)["text->image/n_items"] == len(rows) - 1
+
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8), "red").save(outside)
+    far = _write(clipart, "outside.csv", [{**rows[0], "image": str(outside)}] + rows[1:])
+    assert main(["evaluate", "--run", str(space), "--manifest", str(far)]) == 2
+    err = capsys.readouterr().err
+    assert "outside the data root" in err and "--allow-outside-root permits it" in err
+    assert "allow_outside_root" not in err
+
+
+def test_predict_on_a_pretrained_space_says_it_has_no_heads(clipart, runs, capsys):
+    assert main(["predict", "--run", str(runs[0]), "--manifest", str(clipart)]) == 2
+    err = capsys.readouterr().err
+    assert "has no task heads" in err and "xmodal finetune" in err and "xmodal index" in err
+    assert "heads none" not in err
+
+
+def test_query_filter_on_an_unknown_key_names_the_known_keys(clipart, runs, tmp_path, capsys):
+    run, idx = runs[0], tmp_path / "idx"
+    assert main(["index", "--run", str(run), "--manifest", str(clipart), "--split", "test", "--out", str(idx)]) == 0
+    capsys.readouterr()
+    assert main(["query", "--index", str(idx), "--text", "a dog", "--filter", "lable=animals"]) == 2
+    err = capsys.readouterr().err
+    assert "'lable'" in err and "metadata keys: id, label, modality, split, text, title, value" in err
+    assert main(["query", "--index", str(idx), "--text", "a dog", "--filter", "label=no-such-label"]) == 0
+    assert capsys.readouterr().out.strip() == "no results"
+
+
+def test_evaluate_embeds_each_image_once(clipart, runs, monkeypatch, capsys):
+    from xmodal.data import read_manifest
+    from xmodal.evaluate import evaluate_zero_shot
+    from xmodal.model import XModalModel, load
+
+    seen = []
+    encode = XModalModel.encode
+
+    def counting(self, modality, inputs, *a, **kw):
+        if modality == "image":
+            seen.extend(inputs)
+        return encode(self, modality, inputs, *a, **kw)
+
+    monkeypatch.setattr(XModalModel, "encode", counting)
+    assert main(["evaluate", "--run", str(runs[0]), "--manifest", str(clipart), "--split", "test", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    monkeypatch.undo()
+    data = read_manifest(clipart, split="test", require_all=False).dataset
+    images = sorted(set(data["image"]))
+    assert sorted(seen) == images  # once each: retrieval and zero-shot share the embeddings
+    alone = evaluate_zero_shot(load(runs[0]), data, "image")  # zero-shot on its own, embedding by itself
+    for k in ("top1", "top5", "n_classes", "chance_top1"):
+        assert results[f"zero_shot/image/{k}"] == pytest.approx(alone[f"zero_shot/{k}"], abs=1e-6)
+    assert results["image->text/n_queries"] == len(images)

@@ -227,6 +227,62 @@ def test_parse_filters_and_format():
     assert format_hits([]) == "no results"
 
 
+
+def test_hit_dict_keeps_xmodal_fields_when_metadata_names_clash():
+    rng = np.random.default_rng(7)
+    x, q = unit(rng, 6, 8), unit(rng, 1, 8)
+    index = EmbeddingIndex(8)
+    clashing = {"score": "0.832", "rank": "r", "thumb": "t", "index_id": "x", "metadata": "m"}
+    index.add(x, [{"id": f"row{i}", "label": "a", **clashing} for i in range(6)])
+    hits = index.search(q, 3)[0]
+    truth = (x @ q[0])  # inner products of unit vectors = the scores
+    for h in hits:
+        d = h.to_dict()
+        assert d["index_id"] == h.id and isinstance(d["index_id"], int)
+        assert isinstance(d["score"], float) and d["score"] == pytest.approx(float(truth[h.id]), abs=1e-6)
+        assert d["id"] == f"row{h.id}" and d["label"] == "a"  # unclashing metadata stays at the top level
+        assert "rank" not in d and "thumb" not in d  # the CLI / service fill these
+        assert d["metadata"] == {"id": f"row{h.id}", "label": "a", **clashing}  # the whole record, as stored
+    assert [h.to_dict()["score"] for h in hits] == pytest.approx(sorted(truth.tolist(), reverse=True)[:3], abs=1e-6)
+
+
+def test_filter_on_a_key_no_item_has_is_an_error():
+    rng = np.random.default_rng(8)
+    index = EmbeddingIndex(8)
+    index.add(unit(rng, 5, 8), [{"id": str(i), "label": "seven" if i % 2 else "one", "split": "test"}
+                                for i in range(5)])
+    q = unit(rng, 1, 8)
+    with pytest.raises(RetrievalError, match=r"'lable'.*metadata keys: id, label, split"):
+        index.search(q, 3, filter={"lable": "seven"})
+    with pytest.raises(RetrievalError, match="'lable'"):
+        index.search(q, 3, filter={"lable": "seven", "split": "test"})
+    assert index.search(q, 3, filter={"label": "eight"}) == [[]]  # a known key without a match: no results
+    assert {h.metadata["label"] for h in index.search(q, 5, filter={"label": "seven"})[0]} == {"seven"}
+    assert EmbeddingIndex(8).search(q, 3, filter={"lable": "x"}) == [[]]  # an empty index has nothing to check
+
+
+def test_build_index_keeps_its_own_fields_when_columns_clash(tmp_path):
+    names = [f"cat_{i}" for i in range(8)]
+    ds = stub_manifest(tmp_path, names)
+    ds = ds.add_column("value", [str(i) for i in range(8)]).add_column("modality", ["x"] * 8)
+    index = build_index(StubModel(), ds, "image", tmp_path / "idx", progress=False)
+    meta = index.metadata(0)
+    assert meta["value"] == str(tmp_path / "imgs" / "cat_0.png") and meta["modality"] == "image"
+    assert meta["manifest_value"] == "0" and meta["manifest_modality"] == "x"
+
+
+def test_append_reports_the_rows_it_skips(tmp_path, caplog):
+    ds = stub_manifest(tmp_path, [f"cat_{i}" for i in range(8)])
+    model = StubModel()
+    build_index(model, ds, "image", tmp_path / "idx", progress=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xmodal.retrieval.retriever"):
+        build_index(model, ds, "image", tmp_path / "idx", append=True, progress=False)
+    assert len(EmbeddingIndex.load(tmp_path / "idx")) == 8
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipped 8 row(s) whose id is already in the index (cat_0, cat_1, cat_2, cat_3, cat_4, ...)" in text
+
+
 # ------------------------------------------------------------------------------------------------ crash safety
 
 class Crash(Exception):

@@ -1,6 +1,7 @@
 import json
 
 import datasets
+import pytest
 import torch
 from PIL import Image
 
@@ -47,3 +48,47 @@ def test_write_plots_makes_every_picture(tmp_path):
     for p in written:
         with Image.open(p) as im:
             assert im.size[0] > 300 and im.size[1] > 200
+
+
+def _curves_figure(tmp_path, monkeypatch, records):
+    """Draw training_curves from these metrics.jsonl records; return the matplotlib figure it saved."""
+    from matplotlib.figure import Figure
+
+    from xmodal.plots import training_curves
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def savefig(self, *a, **kw):
+        saved.append(self)
+        return real_savefig(self, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert training_curves(metrics, tmp_path / "curves.png") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").is_file() and len(saved) == 1
+    return saved[0]
+
+
+def test_training_curves_show_a_single_point(tmp_path, monkeypatch):
+    fig = _curves_figure(tmp_path, monkeypatch, [{"step": 3, "loss": 2.5}])  # fewer steps than log_every
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [3] and list(line.get_ydata()) == [2.5]
+    assert line.get_marker() not in (None, "None", "", " ")  # a lone point is a marker, not an invisible line
+
+
+def test_training_curves_draw_chance_as_a_reference_line(tmp_path, monkeypatch):
+    records = [{"step": s, "loss": 3.0 - s / 10} for s in range(1, 41)]
+    records += [{"step": s, "eval/zero_shot/image/top1": 0.2 + s / 100, "eval/zero_shot/image/chance_top1": 0.1}
+                for s in (20, 40)]
+    fig = _curves_figure(tmp_path, monkeypatch, records)
+    loss, evals = fig.axes[:2]
+    (loss_line,) = loss.get_lines()
+    assert len(loss_line.get_xdata()) == 40 and loss_line.get_marker() in (None, "None", "")  # many points: a line
+    curves = {ln.get_label(): ln for ln in evals.get_lines()}
+    top1 = curves.pop("zero_shot/image/top1")
+    assert list(top1.get_xdata()) == [20, 40] and list(top1.get_ydata()) == pytest.approx([0.4, 0.6])
+    (chance,) = curves.values()  # the only other line: chance, flat across the axes, dashed
+    assert "chance" in chance.get_label() and chance.get_linestyle() == "--"
+    assert list(chance.get_ydata()) == [0.1, 0.1] and list(chance.get_xdata()) == [0, 1]  # axhline: axes coords

@@ -216,6 +216,41 @@ def test_image_search_json_multipart_and_raw_equal_retriever(server, retriever, 
     same_hits(json.loads(data)["hits"], retriever.search("an animal", "text", k=3, filter={"label": label}))
 
 
+def test_hits_keep_their_score_when_the_manifest_has_a_score_column(built, tmp_path):
+    """A manifest column named score / rank / thumb / index_id never replaces xmodal's own hit fields (it is kept
+    in the hit's `metadata`); the score is the cosine of query and item embeddings."""
+    import torch.nn.functional as F
+
+    from xmodal.model import load
+
+    _, run, data = built
+    clash = {"score": "0.832", "rank": "r", "thumb": "t", "index_id": "x", "metadata": "m"}
+    for name, value in clash.items():
+        data = data.add_column(name, [value] * len(data))
+    model = load(run)
+    build_index(model, data, "image", tmp_path / "index", run_dir=run, batch_size=32, progress=False)
+    srv = start(make_server(tmp_path / "index", "127.0.0.1", 0, **LIMITS))
+    try:
+        status, _, answer = post_json(srv, {"text": "a red car", "k": 3})
+        assert status == 200
+        hits = answer["hits"]
+        q = F.normalize(model.encode("text", ["a red car"]), dim=-1)
+        items = F.normalize(model.encode("image", [h["value"] for h in hits]), dim=-1)
+        truth = (items @ q.T).squeeze(1).tolist()
+        assert [h["rank"] for h in hits] == [1, 2, 3]
+        for h, cos in zip(hits, truth):
+            assert isinstance(h["score"], float) and h["score"] == pytest.approx(cos, abs=1e-5)
+            assert isinstance(h["index_id"], int) and h["thumb"] == f"/thumb/{h['index_id']}"
+            assert {k: h["metadata"][k] for k in clash} == clash
+            status, headers, _ = request(srv.url + h["thumb"])  # thumbnails are addressed by index_id ...
+            assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        status, _, body = request(srv.url + "/thumb/" + str(hits[0]["id"]))  # ... not by the manifest id
+        assert status == 404 and "index_id" in json.loads(body)["error"]
+        status, _, body = post_json(srv, {"text": "a red car", "filter": {"lable": "animals"}})
+        assert status == 400 and "'lable'" in body["error"] and "label" in body["error"]
+    finally:
+        stop(srv)
+
 def test_thumbnails_only_for_indexed_images(server, retriever, built):
     status, headers, body = request(server.url + "/thumb/2")
     assert status == 200 and headers["Content-Type"] == "image/jpeg"

@@ -33,14 +33,82 @@ def _train(args) -> int:
     return 0
 
 
+def read_manifest_for(args, **kw):
+    """``read_manifest(args.manifest, ...)`` with the command's ``--on-bad-row`` / ``--allow-outside-root``; its
+    errors name those flags (the library's messages name the Python arguments)."""
+    from .data import ManifestError, read_manifest
+
+    try:
+        return read_manifest(args.manifest, on_bad_row=args.on_bad_row, allow_outside_root=args.allow_outside_root,
+                             **kw)
+    except ManifestError as e:
+        raise ManifestError(cli_manifest_hints(str(e), args.on_bad_row)) from None
+
+
+def cli_manifest_hints(message: str, on_bad_row: str = "error") -> str:
+    """Rewrite a :class:`ManifestError`'s hints from ``read_manifest``'s arguments to this CLI's flags."""
+    import re
+
+    message = re.sub(r"allow_outside_root=True(?: \(data\.allow_outside_root: true\))?", "--allow-outside-root",
+                     message)
+    message = re.sub(r"on_bad_row=(['\"]?)skip\1", "--on-bad-row skip", message)
+    first, nl, rest = message.partition("\n")
+    if on_bad_row == "error" and "--on-bad-row" not in message and re.search(r": row \d+\b", first):
+        first += " (--on-bad-row skip drops bad rows)"
+    return first + nl + rest
+
+
+def _present(values) -> int:
+    return sum(1 for v in values if v is not None and not (isinstance(v, str) and not v.strip()))
+
+
+def _nothing_to_evaluate(args, model, data) -> str:
+    """Why ``xmodal evaluate`` found nothing to measure: what the manifest has against what the run needs."""
+    from .data import MODALITY_COLUMNS
+
+    n = len(data)
+    have, filled = [], []
+    for m in MODALITY_COLUMNS:
+        if m not in data.column_names:
+            continue
+        k = _present(data[m])
+        have.append(f"{m} in {k} of {n} rows" if k else f"{m} empty in all {n} rows")
+        if k:
+            filled.append(m)
+    where = str(args.manifest) + (f" (split {args.split!r})" if args.split else "")
+    heads = ", ".join(model.heads) or "none"
+    lines = [f"nothing to evaluate in {where}: the manifest has {'; '.join(have) or 'no modality column'}; the run "
+             f"has towers {', '.join(model.towers)} and task heads {heads}."]
+    if args.task is None:
+        usable = [m for m in filled if m in model.towers]
+        lines.append(f"Retrieval needs values in two of the run's modalities on the same rows (the manifest fills "
+                     f"{', '.join(usable) or 'none of them'}).")
+        if "text" in model.towers:
+            others = [m for m in model.towers if m != "text"]
+            has_label = "label" in data.column_names
+            lines.append(f"Zero-shot needs a `label` column with at least two classes and values for "
+                         f"{' or '.join(others) or 'a non-text modality'}"
+                         + ("" if has_label else " (the manifest has no `label` column)") + ".")
+    for name in model.heads:
+        if args.task and name != args.task:
+            continue
+        task = model.tasks[name]
+        lines.append(f"Task {name!r} needs a {task.target!r} column and values for "
+                     f"{' or '.join(task.modalities)}.")
+    if not model.heads:
+        lines.append("(Task heads come from `xmodal finetune`.)")
+    return " ".join(lines)
+
+
 def _evaluate(args) -> int:
-    from .data import read_manifest
+    from .task_data import usable_rows
     from .evaluate import evaluate, evaluate_task
     from .model import load
 
     model = load(args.run)
-    manifest = read_manifest(args.manifest, split=args.split, modalities=None, max_rows=args.max_rows,
-                             require_all=False, allow_outside_root=args.allow_outside_root)
+    if args.task is not None and args.task not in model.heads:
+        raise ValueError(f"--task {args.task}: no such head (heads: {', '.join(model.heads) or 'none'})")
+    manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)
     data = manifest.dataset
     results = {}
     if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
@@ -49,8 +117,11 @@ def _evaluate(args) -> int:
         if name not in model.heads or (args.task and name != args.task):
             continue
         if task.target in data.column_names and any(m in data.column_names for m in task.modalities):
-            res = evaluate_task(model, name, data, batch_size=args.batch_size, progress=not args.json)
+            rows = usable_rows(manifest, name, task, args.split).dataset  # rows with none of its inputs: left out
+            res = evaluate_task(model, name, rows, batch_size=args.batch_size, progress=not args.json)
             results.update({f"{name}/{k}": v for k, v in res.items()})
+    if not results:
+        raise ValueError(_nothing_to_evaluate(args, model, data))
     if args.plots:
         from .plots import write_plots
         written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results)
@@ -65,19 +136,25 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .data import read_manifest
     from .evaluate import predict_outputs
     from .model import load
 
     model = load(args.run)
+    if not model.heads:
+        raise ValueError(f"{args.run} has no task heads: it is a pretrained shared space. Train heads on it with "
+                         f"`xmodal finetune` (init_from: {args.run}), or search it with `xmodal index` / "
+                         f"`xmodal query`")
     task = args.task or (next(iter(model.heads)) if len(model.heads) == 1 else None)
     if task is None:
-        raise ValueError(f"--task is required: this model has heads {', '.join(model.heads) or 'none'}")
+        raise ValueError(f"--task is required: this model has heads {', '.join(model.heads)}")
     if task not in model.heads:
-        raise ValueError(f"--task {task}: no such head (heads: {', '.join(model.heads) or 'none'})")
+        raise ValueError(f"--task {task}: no such head (heads: {', '.join(model.heads)})")
+    from .task_data import usable_rows
+
     head = model.heads[task]
-    data = read_manifest(args.manifest, split=args.split, modalities=[m for m in head.modalities], require_all=False,
-                         max_rows=args.max_rows, allow_outside_root=args.allow_outside_root).dataset
+    manifest = read_manifest_for(args, split=args.split, modalities=[m for m in head.modalities], require_all=False,
+                                 max_rows=args.max_rows)
+    data = usable_rows(manifest, task, model.tasks[task], args.split).dataset  # rows with none of its inputs: left out
     outputs = predict_outputs(model, task, data, batch_size=args.batch_size, progress=True)
     cfg = model.tasks[task]
     pred = head.predict(outputs)
@@ -106,18 +183,26 @@ def _predict(args) -> int:
 
 
 def format_table(results: dict[str, float]) -> str:
-    """Group ``"a->b/metric"`` keys into one row per direction."""
+    """Group ``"a->b/metric"`` keys into one row per direction; every column as wide as its widest cell."""
+    if not results:
+        return "(no results)"
     rows: dict[str, dict[str, float]] = {}
     for key, value in results.items():
         task, _, metric = key.rpartition("/")
         rows.setdefault(task or "-", {})[metric] = value
     metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
-    width = max(len(r) for r in rows) + 2
-    lines = ["".ljust(width) + "".join(m.rjust(12) for m in metrics)]
-    for task, r in rows.items():
-        cells = "".join((f"{r[m]:.4f}" if m in r and r[m] % 1 else (f"{r[m]:.0f}" if m in r else "")).rjust(12)
-                        for m in metrics)
-        lines.append(task.ljust(width) + cells)
+
+    def cell(r: dict, m: str) -> str:
+        if m not in r:
+            return ""
+        return f"{r[m]:.4f}" if r[m] % 1 else f"{r[m]:.0f}"
+
+    cells = {task: [cell(r, m) for m in metrics] for task, r in rows.items()}
+    first = max(len(task) for task in rows)
+    widths = [max(len(m), *(len(c[j]) for c in cells.values())) for j, m in enumerate(metrics)]
+    lines = ["".ljust(first) + "".join("  " + m.rjust(w) for m, w in zip(metrics, widths))]
+    for task, c in cells.items():
+        lines.append((task.ljust(first) + "".join("  " + v.rjust(w) for v, w in zip(c, widths))).rstrip())
     return "\n".join(lines)
 
 
@@ -137,7 +222,6 @@ def _prepare(args) -> int:
 
 
 def _index(args) -> int:
-    from .data import read_manifest
     from .model import load
     from .retrieval import RetrievalError, build_index
 
@@ -147,8 +231,7 @@ def _index(args) -> int:
     if args.modality not in model.towers:
         raise RetrievalError(f"the model in {args.run} has no {args.modality!r} tower "
                              f"(towers: {', '.join(model.towers)})")
-    manifest = read_manifest(args.manifest, split=args.split, modalities=[args.modality], require_all=False,
-                             allow_outside_root=args.allow_outside_root)
+    manifest = read_manifest_for(args, split=args.split, modalities=[args.modality], require_all=False)
     opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe}
     index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
                         run_dir=args.run, append=args.append, overwrite=args.overwrite, **opts)
@@ -200,6 +283,13 @@ def add_allow_outside_root(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     return p
 
 
+def add_on_bad_row(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
+                   help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
+                        "and field; skip drops it with a warning")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -225,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw training curves, confusion matrices and a 2-D map of the shared space")
     s.add_argument("--plots-dir", default=None, help="where the plots go (default RUN/plots)")
     add_allow_outside_root(s)
+    add_on_bad_row(s)
     s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("predict", help="a task head's predictions for the rows of a manifest (JSON lines)")
@@ -236,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
     add_allow_outside_root(s)
+    add_on_bad_row(s)
     s.set_defaults(fn=_predict)
 
     s = sub.add_parser("prepare", help="build a bundled real corpus into a manifest")
@@ -258,13 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat = exact (default); hnsw / ivf = approximate, for large collections")
     s.add_argument("--append", action="store_true",
                    help="add the manifest rows whose id is not yet in the existing index at --out")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing index (or a corrupt one) at --out")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--hnsw-m", type=int, default=None, help="hnsw: graph degree M (default 32)")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
     s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
     s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
     add_allow_outside_root(s)
+    add_on_bad_row(s)
     s.set_defaults(fn=_index)
 
     s = sub.add_parser("query", help="search an index with a text, image or audio query")

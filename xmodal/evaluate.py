@@ -26,11 +26,13 @@ def _present(values: Sequence) -> list[int]:
 
 
 def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, batch_size: int = 64,
-                       progress: bool = False) -> dict[str, float]:
+                       progress: bool = False, *, embedded: dict | None = None) -> dict[str, float]:
     """Recall@1/5/10, median and mean rank for every ordered pair of modalities (``"text->image/R@1"``, ...).
 
     Each distinct value (image path, caption) is embedded once and is one query or gallery item; its positives are
     the values it shares a row with — so five captions of one image all count as that image's positives.
+    ``embedded``: a dict that receives ``{modality: (distinct values, their embeddings)}``, for reuse (zero-shot in
+    :func:`evaluate` classifies the same inputs).
     """
     modalities = [m for m in (modalities or model.modalities) if m in dataset.column_names and m in model.towers]
     cols = {m: dataset[m] for m in modalities}
@@ -40,7 +42,13 @@ def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, 
         index: dict = {}
         inverse[m] = [index.setdefault(v, len(index)) if v not in (None, "") else -1 for v in values]
         uniq[m] = list(index)
-        emb[m] = model.encode(m, uniq[m], batch_size=batch_size, progress=progress)
+    paired = {m for a, b in permutations(modalities, 2) if any(qa >= 0 and ib >= 0 for qa, ib in
+                                                              zip(inverse[a], inverse[b])) for m in (a, b)}
+    for m in modalities:
+        if m in paired:  # a modality that shares no row with another has nothing to retrieve: not embedded
+            emb[m] = model.encode(m, uniq[m], batch_size=batch_size, progress=progress)
+            if embedded is not None:
+                embedded[m] = (uniq[m], emb[m])
     results: dict[str, float] = {}
     for a, b in permutations(modalities, 2):
         pairs = {(qa, ib) for qa, ib in zip(inverse[a], inverse[b]) if qa >= 0 and ib >= 0}
@@ -71,8 +79,11 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[s
 
 def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: str = "label",
                        templates: Sequence[str] = PROMPT_TEMPLATES, batch_size: int = 64,
-                       progress: bool = False) -> dict[str, float]:
-    """Top-1/top-5 accuracy of classifying ``modality`` inputs into the label column's class names by prompts."""
+                       progress: bool = False, embedded: tuple[list, torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy of classifying ``modality`` inputs into the label column's class names by prompts.
+
+    ``embedded``: ``(values, embeddings)`` already computed for this modality (by :func:`evaluate_retrieval`); used
+    when it covers every input, else the inputs are embedded here."""
     rows = _present(dataset[modality])
     labels = [dataset[label_column][i] for i in rows]
     rows = [r for r, y in zip(rows, labels) if y not in (None, "")]
@@ -82,7 +93,17 @@ def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: st
         return {}
     weights = zero_shot_classifier(model, classnames, templates)
     inputs = [dataset[modality][i] for i in rows]
-    feats = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
+    feats = None
+    if embedded is not None:
+        try:
+            position = {v: j for j, v in enumerate(embedded[0])}
+            picked = [position.get(v) for v in inputs]
+        except TypeError:  # unhashable values (decoded images): embed them here
+            picked = [None]
+        if None not in picked:
+            feats = embedded[1][torch.tensor(picked, dtype=torch.long)]
+    if feats is None:
+        feats = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
     targets = torch.tensor([classnames.index(y) for y in labels])
     acc = topk_accuracy(feats @ weights, targets)
     out = {f"zero_shot/{k}": v for k, v in acc.items()}
@@ -93,13 +114,14 @@ def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: st
 
 def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
     """Everything that applies to this dataset: retrieval between its modality columns, zero-shot on its labels."""
-    results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress)
+    embedded: dict = {}  # each modality's distinct values are embedded once, for retrieval and zero-shot alike
+    results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress, embedded=embedded)
     if zero_shot and "label" in dataset.column_names and "text" in model.towers:
         for m in model.modalities:
             if m != "text" and m in dataset.column_names:
                 results.update({k.replace("zero_shot/", f"zero_shot/{m}/"): v for k, v in
-                                evaluate_zero_shot(model, dataset, m, batch_size=batch_size,
-                                                   progress=progress).items()})
+                                evaluate_zero_shot(model, dataset, m, batch_size=batch_size, progress=progress,
+                                                   embedded=embedded.get(m)).items()})
     return results
 
 

@@ -19,8 +19,16 @@ def _pyplot():
     return plt
 
 
+FEW_POINTS = 30  # a series with at most this many points gets a marker on each (one point alone is no line)
+
+
+def _markers(n: int) -> dict:
+    return {"marker": "o", "markersize": 4 if n > 1 else 6} if n <= FEW_POINTS else {}
+
+
 def training_curves(metrics_path: Path, out: Path) -> Path | None:
-    """Loss (per task) and every eval metric against the step, from ``metrics.jsonl``."""
+    """Loss (per task) and every eval metric against the step, from ``metrics.jsonl``; series of few points get
+    markers, and a zero-shot chance level (``chance_top1``) is a dashed reference line."""
     if not metrics_path.is_file():
         return None
     records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -30,8 +38,10 @@ def training_curves(metrics_path: Path, out: Path) -> Path | None:
             if key != "step" and isinstance(value, (int, float)) and (key.startswith("loss") or
                                                                        key.startswith("eval/")):
                 series.setdefault(key, {})[rec["step"]] = value
-    evals = [k for k in series if k.startswith("eval/") and any(s in k for s in ("R@10", "top1", "accuracy",
-                                                                                   "macro_f1", "mae"))]
+    # chance_top1 is a constant of the eval set (1 / n_classes), not a result: a reference line, not a curve
+    chances = [k for k in series if k.startswith("eval/") and "chance" in k]
+    evals = [k for k in series if k.startswith("eval/") and k not in chances
+             and any(s in k for s in ("R@10", "top1", "accuracy", "macro_f1", "mae"))]
     losses = [k for k in series if k.startswith("loss")]
     if not losses:
         return None
@@ -39,13 +49,18 @@ def training_curves(metrics_path: Path, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     for k in losses:
         steps = sorted(series[k])
-        axes[0, 0].plot(steps, [series[k][s] for s in steps], label=k)
+        axes[0, 0].plot(steps, [series[k][s] for s in steps], label=k, **_markers(len(steps)))
     axes[0, 0].set(xlabel="step", ylabel="training loss", title="training loss")
     axes[0, 0].legend(fontsize=8)
     if evals:
         for k in evals:
             steps = sorted(series[k])
             axes[0, 1].plot(steps, [series[k][s] for s in steps], marker="o", label=k.removeprefix("eval/"))
+        for k in chances:
+            if k.replace("chance_", "") in evals:  # the chance level of a plotted top-1 curve
+                level = series[k][max(series[k])]
+                axes[0, 1].axhline(level, color="grey", linestyle="--", linewidth=1,
+                                   label=f"chance: {k.removeprefix('eval/')} = {level:.3g}")
         axes[0, 1].set(xlabel="step", title="held-out metrics")
         axes[0, 1].legend(fontsize=7)
     fig.tight_layout()

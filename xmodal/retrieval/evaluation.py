@@ -165,7 +165,7 @@ def manifest_queries(dataset, query_modality: str, item_modality: str, relevance
 def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, split: str | None = None,
                             relevance: str = "pair", ks: Sequence[int] = KS, depth: int | None = None,
                             filter: Any = None, batch_size: int = 64, max_rows: int | None = None,
-                            allow_outside_root: bool = False) -> dict[str, float]:
+                            allow_outside_root: bool = False, on_bad_row: str = "error") -> dict[str, float]:
     """:func:`evaluate_index` with the queries and relevance of a manifest (see :func:`manifest_queries`).
 
     ``manifest``: a path (read with :func:`xmodal.data.read_manifest`, paths resolved as when the index was built),
@@ -177,7 +177,7 @@ def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, sp
     if isinstance(manifest, (str, os.PathLike)):
         from ..data import read_manifest
         manifest = read_manifest(manifest, split=split, modalities=None, max_rows=max_rows, require_all=False,
-                                 allow_outside_root=allow_outside_root)
+                                 allow_outside_root=allow_outside_root, on_bad_row=on_bad_row)
     ds = getattr(manifest, "dataset", manifest)
     queries, relevant, key = manifest_queries(ds, query_modality, item_modality, relevance)
     if not queries:
@@ -202,21 +202,24 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept image/audio paths outside the manifest's folder (.., absolute paths, symlinks)")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
+                   help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
+                        "and field; skip drops it with a warning")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import format_table, read_manifest_for
     from .retriever import Retriever
 
     retriever = Retriever(args.index, model=args.run)
-    results = evaluate_index_manifest(retriever, args.manifest, args.query_modality, split=args.split,
-                                      relevance=args.relevance, depth=args.depth, batch_size=args.batch_size,
-                                      max_rows=args.max_rows, allow_outside_root=args.allow_outside_root)
+    manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)
+    results = evaluate_index_manifest(retriever, manifest, args.query_modality, relevance=args.relevance,
+                                      depth=args.depth, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        from ..cli import format_table
         print(format_table(results))
     return 0
 

@@ -50,6 +50,11 @@ EXACT_SUBSET = 2048  # a filter that leaves at most this many rows is answered b
 Filter = Mapping[str, Any] | Callable[[dict], bool] | None
 
 
+# Keys of a hit's dict (:meth:`Hit.to_dict`, the CLI's ``query --json``, ``POST /api/search``) that xmodal itself
+# fills; a metadata field of the same name (a manifest column called ``score``, ``rank``, ...) never replaces them.
+RESERVED_HIT_KEYS = ("rank", "index_id", "score", "thumb", "metadata")
+
+
 @dataclass
 class Hit:
     """One search result: the index's row id, the inner-product score (cosine for normalised vectors), metadata."""
@@ -59,7 +64,17 @@ class Hit:
     metadata: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"index_id": self.id, "score": self.score, **self.metadata}
+        """``{"index_id", "score", ...metadata, "metadata": {...}}``.
+
+        ``index_id`` and ``score`` are always the row id and the similarity. The metadata fields are copied to the
+        top level for convenience, except those named like a reserved key (:data:`RESERVED_HIT_KEYS`: ``rank``,
+        ``index_id``, ``score``, ``thumb``, ``metadata``); ``"metadata"`` holds the row's complete metadata record
+        as stored, so a manifest column called ``score`` is ``hit["metadata"]["score"]``.
+        """
+        out: dict = {"index_id": self.id, "score": self.score}
+        out.update((k, v) for k, v in self.metadata.items() if k not in RESERVED_HIT_KEYS)
+        out["metadata"] = dict(self.metadata)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -402,14 +417,31 @@ class EmbeddingIndex:
         order = np.argsort(-s, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(s, order, axis=1), ids[order]
 
+    def metadata_keys(self) -> list[str]:
+        """Every metadata key some live row has, sorted."""
+        keys: set[str] = set()
+        for m in self._meta.values():
+            keys.update(m)
+        return sorted(keys)
+
+    def _check_filter_keys(self, filter: Mapping[str, Any]) -> None:
+        """A filter key that no row has (a typo: ``lable=seven``) is an error, not an empty result."""
+        known = self.metadata_keys()
+        unknown = [k for k in filter if k not in known]
+        if unknown:
+            raise RetrievalError(f"filter key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: no "
+                                 f"item in the index has {'them' if len(unknown) > 1 else 'it'} (metadata keys: "
+                                 f"{', '.join(known) or 'none'})")
+
     def search(self, queries: Any, k: int = 10, filter: Filter = None, *, ef_search: int | None = None,
                nprobe: int | None = None) -> list[list[Hit]]:
         """Top-``k`` rows by inner product for each query ``[nq, dim]`` → ``nq`` lists of :class:`Hit`, best first.
 
         ``filter``: ``{"label": "animals"}`` (all keys must match; a list value matches any of its items; values
         also match by their string form, so ``"3"`` matches ``3``) or a callable ``metadata -> bool``. Returns
-        ``min(k, matching rows)`` hits per query. ``ef_search`` (HNSW) and ``nprobe`` (IVF) override the stored
-        settings for this call.
+        ``min(k, matching rows)`` hits per query; a dict filter naming a key that no row has raises
+        :class:`RetrievalError` (listing the keys there are) instead of returning nothing. ``ef_search`` (HNSW) and
+        ``nprobe`` (IVF) override the stored settings for this call.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
@@ -423,6 +455,8 @@ class EmbeddingIndex:
         if pred is not None:
             allowed = np.fromiter((i for i, m in sorted(self._meta.items()) if pred(m)), dtype=np.int64)
             if not len(allowed):
+                if isinstance(filter, Mapping):
+                    self._check_filter_keys(filter)
                 return [[] for _ in range(nq)]
             sel = faiss.IDSelectorBatch(allowed)
         elif self._tombstones:

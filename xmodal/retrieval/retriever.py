@@ -114,6 +114,11 @@ def _check_fingerprint(recorded: dict | None, fp: dict, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- build / query
 
+# Metadata fields build_index fills for every item; a manifest column of the same name (other than ``id``, which
+# is the item's id) is stored as ``manifest_<name>`` instead of replacing them.
+OWN_META_KEYS = ("modality", "value")
+
+
 def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, bool, int, float))
 
@@ -125,12 +130,14 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
     with ``model`` and save the index atomically to ``out_dir``.
 
     Rows whose ``modality`` cell is empty are skipped. Each row's metadata: ``id``, ``modality``, ``value`` (the path
-    or text), ``label`` and every other scalar column. ``run_dir`` (the run folder the model was loaded from) is
+    or text), ``label`` and every other scalar column (a column named ``modality`` or ``value`` is stored as
+    ``manifest_modality`` / ``manifest_value``). ``run_dir`` (the run folder the model was loaded from) is
     recorded with the model fingerprint so :class:`Retriever` can load the model by itself; without it the index only
     records the fingerprint of the in-memory weights.
 
     ``out_dir`` already holding an index: with ``append=True`` the rows whose manifest ``id`` is not yet in the index
-    are embedded and added (the model must have the index's fingerprint); with ``overwrite=True`` it is replaced;
+    are embedded and added (the model must have the index's fingerprint; the rows skipped as already present are
+    logged as a warning, with their first ids); with ``overwrite=True`` it is replaced;
     otherwise ``FileExistsError``. ``kind`` (default ``"flat"``) and ``opts`` (``M``, ``ef_construction``,
     ``ef_search``, ``nlist``, ``nprobe``) apply to a new index.
     """
@@ -187,14 +194,20 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
             continue
         col = ds[c]
         if all(_scalar(v) for v in col):
-            extra.append((c, col))
-    inputs, metas, empty, dup = [], [], 0, 0
+            key = f"manifest_{c}" if c in OWN_META_KEYS else c
+            if key != c:
+                log.warning("build_index: the manifest column %r is stored as %r (%r is the indexed item's own "
+                            "field)", c, key, c)
+            extra.append((key, col))
+    inputs, metas, empty, dup, dup_ids = [], [], 0, 0, []
     for r, value in enumerate(values):
         if value is None or (isinstance(value, str) and not value.strip()):
             empty += 1
             continue
         if ids[r] in present:
             dup += 1
+            if len(dup_ids) < 5:
+                dup_ids.append(ids[r])
             continue
         shown = value
         if isinstance(value, dict):  # datasets.Image / Audio cell
@@ -210,7 +223,8 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
     if empty:
         log.info("build_index: skipped %d rows with an empty %r cell", empty, modality)
     if dup:
-        log.info("build_index: %d rows already in the index", dup)
+        log.warning("build_index: skipped %d row(s) whose id is already in the index (%s%s); not added again",
+                    dup, ", ".join(dup_ids), ", ..." if dup > len(dup_ids) else "")
     if not inputs:
         if existing is not None and append:
             return index

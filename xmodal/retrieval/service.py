@@ -21,10 +21,14 @@ Endpoints (every error is JSON ``{"error": "..."}`` with a 4xx/5xx status):
     * ``image/*``: the raw image bytes, with ``?k=5&filter=label=animals`` in the query string.
 
     Answer: ``{"query": {"modality", "value"}, "k", "took_ms", "hits": [{"rank", "index_id", "score", "thumb",
-    ...metadata}]}`` — the hits of :meth:`Retriever.search` (same ids, same scores); ``thumb`` is
-    ``/thumb/<index_id>`` for items that are images, else ``null``.
+    ...metadata, "metadata": {...}}]}`` — the hits of :meth:`Retriever.search` (same ids, same scores); ``thumb`` is
+    ``/thumb/<index_id>`` for items that are images, else ``null``. ``rank``, ``index_id``, ``score``, ``thumb`` and
+    ``metadata`` are always xmodal's; the row's metadata fields are copied beside them except those with one of these
+    names, and ``metadata`` holds the complete record (a manifest column ``score`` is ``hit["metadata"]["score"]``;
+    see :meth:`xmodal.retrieval.index.Hit.to_dict`).
 ``GET /thumb/<index_id>``
-    A JPEG thumbnail of an indexed item's image file. Only files named by the index's metadata can be served (the URL
+    A JPEG thumbnail of an indexed item's image file, addressed by the hit's ``index_id`` (the index's row number),
+    not by the manifest ``id``. Only files named by the index's metadata can be served (the URL
     carries a row id, never a path); thumbnails are cached in memory up to ``thumb_cache_bytes``.
 
 Errors: 400 (bad JSON, missing/empty query, two queries, ``k`` not in ``1..max_k``, bad filter, unreadable image),
