@@ -47,6 +47,7 @@ def finetune(config: str, out: Path, seed: int, run: str, extra: list[str] = ())
                                                    "log.backend=none", "train.progress=false", *extra])
     t0 = time.perf_counter()
     train(cfg)
+    shutil.rmtree(out / "checkpoints")  # only for resuming this run (which a study never does): ~120 MB each
     print(f"  {out.relative_to(out.parents[1])}: {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads((out / "model.json").read_text())["eval"]
 
