@@ -100,3 +100,27 @@ def test_logit_scale_init_and_clamp():
         clip.logit_scale.fill_(10.0)
     clip.clamp_logit_scale()
     assert clip.logit_scale.exp().item() == pytest.approx(100.0)
+
+
+def test_an_index_of_an_older_format_run_accepts_the_model_loaded_from_it(tmp_path):
+    """A run saved with 0-d scalars (before they became 1-element) re-serialises to other bytes once loaded, so its
+    in-memory sha256 differs from the file's: the retriever must still accept the very model loaded from that file
+    (same tensors), and refuse one whose weights changed."""
+    import datasets
+    from safetensors.torch import load_file, save_file
+
+    from xmodal.retrieval import FingerprintMismatchError
+    from xmodal.retrieval.retriever import Retriever, build_index
+
+    run = XModalModel(small()).save(tmp_path / "run")
+    w = load_file(str(run / "model.safetensors"))
+    save_file({k: v.reshape(()) if k.startswith("logit_") else v for k, v in w.items()}, str(run / "model.safetensors"))
+    ds = datasets.Dataset.from_dict({"id": ["a", "b", "c"], "text": ["a red square", "a green one", "blue"]})
+    model = xmodal.load(run)
+    build_index(model, ds, "text", tmp_path / "idx", run_dir=run, progress=False)
+    hits = Retriever(tmp_path / "idx", model=model).search("a green one", "text", k=1)
+    assert hits[0].metadata["id"] == "b"
+    with torch.no_grad():
+        model.towers["text"].projection[0].weight.add_(1e-3)  # changed after loading: another space
+    with pytest.raises(FingerprintMismatchError):
+        Retriever(tmp_path / "idx", model=model)

@@ -99,6 +99,33 @@ def model_fingerprint(model: Any, modality: str, run_dir: str | os.PathLike | No
     return {"run_dir": None, "sha256": _weights_sha256(model), "embed_dim": _embed_dim(model), "modality": modality}
 
 
+def _same_weights_as_recorded_run(model: Any, recorded: dict | None) -> bool:
+    """The in-memory ``model`` holds exactly the weights of the recorded run folder's file, which is still the one
+    the index was built from (same sha256), though ``model.save()`` would write other bytes: a file from an older
+    format (e.g. 0-d learnable scalars, read back as 1-element tensors). Compared tensor by tensor, shapes of one
+    element taken as equal."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..model import WEIGHTS_NAME
+
+    run = (recorded or {}).get("run_dir")
+    weights = Path(run) / WEIGHTS_NAME if run else None
+    if (weights is None or not weights.is_file() or not isinstance(model, torch.nn.Module)
+            or _sha256_file(weights) != recorded.get("sha256")):
+        return False
+    saved, live = load_file(str(weights)), model.state_dict()
+    if saved.keys() != live.keys():
+        return False
+    for k, v in saved.items():
+        w = live[k].detach().cpu()
+        if v.dtype != w.dtype or (v.shape != w.shape and not (v.numel() == w.numel() == 1)):
+            return False
+        if not torch.equal(v.reshape(w.shape), w):
+            return False
+    return True
+
+
 def _check_fingerprint(recorded: dict | None, fp: dict, where: str) -> None:
     if not recorded:
         return
@@ -266,6 +293,8 @@ class Retriever:
             self._run_dir = Path(model).absolute()
         else:
             fp = model_fingerprint(model, self.modality or "", run_dir=None)
+            if info and fp["sha256"] != info.get("sha256") and _same_weights_as_recorded_run(model, info):
+                fp = {**fp, "sha256": info["sha256"]}  # loaded from the recorded file, which an older format wrote
             _check_fingerprint(info, fp, where)
             self._check_dim(fp["embed_dim"])
             self._model = model
