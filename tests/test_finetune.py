@@ -129,6 +129,7 @@ def test_pcgrad_all_tasks_per_step_and_linear_probe_from_a_pretrained_run(fashio
         torch.testing.assert_close(after.towers["image"].state_dict()[k], v)
     rec = records(run)[-1]
     assert "eval/fashion/accuracy" in rec and "eval/sentiment/accuracy" in rec
+    assert "shared space moves" not in (run / "train.log").read_text()  # a linear probe keeps it
 
 
 def test_one_modality_task_on_frozen_pretrained_towers_caches_only_what_it_reads(rotten, clipart, tmp_path):
@@ -144,6 +145,7 @@ def test_one_modality_task_on_frozen_pretrained_towers_caches_only_what_it_reads
                                 "max_rows": 100}},
         "train": {"batch_size": 16, "max_steps": 3, "progress": True}, "log": {"backend": "none"}}))
     assert "eval/sentiment/accuracy" in records(run)[-1]
+    assert "the pretrained projections train with the heads" in (run / "train.log").read_text()
 
 
 def test_gradnorm_two_tasks_logs_weights_and_resumes_them(fashion, rotten, tmp_path, monkeypatch):

@@ -336,6 +336,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     log.info("%s: %s; %d steps, batch %d × %d process(es), device %s", "finetune" if cfg.tasks else "pretrain",
              ", ".join(f"{n} ({r.cfg.kind}, {len(r.dataset)} rows)" for n, r in runs.items()), total,
              step_batch, accelerator.num_processes, accelerator.device)
+    if cfg.tasks and cfg.init_from and not t.freeze_projections and any(
+            p.requires_grad for tw in unwrapped.towers.values() for p in tw.projection.parameters()):
+        # users of a pretrained space often expect it to stay put: say that it will move, and how to keep it
+        log.info("the pretrained projections train with the heads, so the shared space moves (retrieval in it "
+                 "changes); train.freeze_projections=true keeps it fixed")
 
     def next_batch(r: TaskRun) -> dict:
         if r.iterator is None:
