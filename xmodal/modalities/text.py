@@ -247,6 +247,20 @@ def build_rnn(cfg, where: str = "model.towers.text") -> tuple[nn.Module, int]:
     return model, model.output_dim
 
 
+def _quiet_from_pretrained(cls, source: str, **kw):
+    """``cls.from_pretrained`` without transformers' per-load "Loading weights" bar: a model loads its towers on every
+    ``xmodal`` command (and every ``xmodal.load``), where a bar for a 90 MB file is noise between the real progress."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(source, **kw)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 class HFTextEncoder(nn.Module):
     """``AutoModel.from_pretrained(source)`` + attention-masked mean pooling of the last hidden state (what
     sentence-transformers' Pooling(mean) does for all-MiniLM-L6-v2). The mask is ``ids != pad_id``."""
@@ -256,7 +270,7 @@ class HFTextEncoder(nn.Module):
         from transformers import AutoModel
 
         self.source = source
-        self.model = AutoModel.from_pretrained(source, weights_only=True)  # explicit: a .bin never runs code
+        self.model = _quiet_from_pretrained(AutoModel, source, weights_only=True)  # explicit: a .bin never runs code
         self.pad_id = hf_pad_id(_hf_tokenizer(source), where)
         self.output_dim = int(self.model.config.hidden_size)
 
