@@ -257,9 +257,12 @@ def test_evaluate_embeds_each_image_once(clipart, runs, monkeypatch, capsys):
         return encode(self, modality, inputs, *a, **kw)
 
     monkeypatch.setattr(XModalModel, "encode", counting)
-    assert main(["evaluate", "--run", str(runs[0]), "--manifest", str(clipart), "--split", "test", "--json"]) == 0
+    plots = runs[0].parent / "plots_once"
+    assert main(["evaluate", "--run", str(runs[0]), "--manifest", str(clipart), "--split", "test", "--json",
+                 "--plots", "--plots-dir", str(plots)]) == 0
     results = json.loads(capsys.readouterr().out)
     monkeypatch.undo()
+    assert (plots / "space_map.png").is_file()  # the map of the space, from the same embeddings
     data = read_manifest(clipart, split="test", require_all=False).dataset
     images = sorted(set(data["image"]))
     assert sorted(seen) == images  # once each: retrieval and zero-shot share the embeddings

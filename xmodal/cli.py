@@ -110,9 +110,9 @@ def _evaluate(args) -> int:
         raise ValueError(f"--task {args.task}: no such head (heads: {', '.join(model.heads) or 'none'})")
     manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)
     data = manifest.dataset
-    results = {}
+    results, embedded = {}, {}  # embedded: each modality's values and embeddings, reused by the plots
     if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
-        results.update(evaluate(model, data, batch_size=args.batch_size, progress=not args.json))
+        results.update(evaluate(model, data, batch_size=args.batch_size, progress=not args.json, embedded=embedded))
     for name, task in model.tasks.items():  # every head whose inputs and target the manifest has
         if name not in model.heads or (args.task and name != args.task):
             continue
@@ -124,7 +124,8 @@ def _evaluate(args) -> int:
         raise ValueError(_nothing_to_evaluate(args, model, data))
     if args.plots:
         from .plots import write_plots
-        written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results)
+        written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results,
+                              embedded=embedded)
         print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))

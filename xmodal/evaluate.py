@@ -112,9 +112,11 @@ def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: st
     return out
 
 
-def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
-    """Everything that applies to this dataset: retrieval between its modality columns, zero-shot on its labels."""
-    embedded: dict = {}  # each modality's distinct values are embedded once, for retrieval and zero-shot alike
+def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progress: bool = False,
+             embedded: dict | None = None) -> dict[str, float]:
+    """Everything that applies to this dataset: retrieval between its modality columns, zero-shot on its labels.
+    ``embedded``: a dict that receives ``{modality: (distinct values, their embeddings)}`` (for the plots)."""
+    embedded = {} if embedded is None else embedded  # each modality's values embedded once, for everything
     results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress, embedded=embedded)
     if zero_shot and "label" in dataset.column_names and "text" in model.towers:
         for m in model.modalities:

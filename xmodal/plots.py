@@ -150,10 +150,12 @@ def recall_matrix(results: dict[str, float], out: Path, k: int = 10) -> Path | N
     return out
 
 
-def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dict | None = None) -> list[Path]:
+def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dict | None = None,
+                embedded: dict | None = None) -> list[Path]:
     """Every plot that applies: curves (from the run), confusion matrices (classification heads whose target the
     data has), the 2-D map (modality columns of the data, with ``label`` when present), and with evaluation
-    ``results`` holding retrieval figures, the Recall@10 matrix of every direction."""
+    ``results`` holding retrieval figures, the Recall@10 matrix of every direction. ``embedded``: ``{modality:
+    (values, embeddings)}`` already computed (by :func:`xmodal.evaluate.evaluate`), reused for the map."""
     from .evaluate import predict_outputs
     from .metrics import confusion_matrix
     from .tasks import targets
@@ -171,7 +173,11 @@ def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dic
             continue
         rows = [i for i, v in enumerate(dataset[m]) if v not in (None, "")][:MAX_MAP_POINTS]
         if rows:
-            embeddings[m] = model.encode(m, [dataset[m][i] for i in rows])
+            values = [dataset[m][i] for i in rows]
+            known, emb = (embedded or {}).get(m, ((), None))
+            at = {v: j for j, v in enumerate(known)}
+            reuse = emb is not None and all(v in at for v in values)
+            embeddings[m] = emb[[at[v] for v in values]] if reuse else model.encode(m, values)
             if "label" in dataset.column_names:
                 labels[m] = [dataset["label"][i] for i in rows]
     if embeddings:
