@@ -107,7 +107,8 @@ class TaskHead(nn.Module):
     def forward(self, feats: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
         # Shared-space vectors have unit norm, so each coordinate is ~1/sqrt(D): rescaled to unit variance, they
         # meet the heads' default initialisation as it assumes (otherwise logits start tiny and learn slowly).
-        self._check_rows(feats, present)
+        if not self.training:  # training rows were checked when read (task_data.usable_rows); spare the GPU a sync
+            self._check_rows(feats, present)
         feats = {m: f * self.scale for m, f in feats.items()}
         if isinstance(self.head, LateFusion):
             return self.head(feats, present)
