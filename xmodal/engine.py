@@ -474,6 +474,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if main:
         unwrapped.save(out_dir, extra={"step": step, "eval": results,
                                        "train_rows": {n: len(r.dataset) for n, r in runs.items()}}, state_dict=state)
+    # The ranks leave together: a rank tearing its process group down while the main one still saves aborted now
+    # and then ("terminate called without an active exception", seen under FSDP on gloo).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
 
