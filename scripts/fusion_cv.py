@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from compare_tasks import finetune, run_or_reload, split  # noqa: E402 - imports xmodal.cli first (environment)
-from fusion_sweep import logits_and_labels, mcnemar_p  # noqa: E402
+from fusion_sweep import acc, logits_and_labels, mcnemar_p  # noqa: E402
 import torch  # noqa: E402
 
 from xmodal.config import load_config  # noqa: E402
@@ -100,10 +100,6 @@ def grid() -> dict[str, list[str]]:
     g |= {f"fused {f} d{d}": [f"tasks.category.fusion={f}", f"tasks.category.dropout={d}"]
           for f in FUSIONS for d in DROPOUTS}
     return g
-
-
-def acc(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == y).float().mean())
 
 
 def study(args) -> dict:

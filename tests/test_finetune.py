@@ -30,6 +30,22 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_crash_resume(monkeypatch, config, crash_step: int) -> Path:
+    """Train ``config``, interrupted once the step ``crash_step`` record is logged, then resume it to the end."""
+    real_write = MetricsLog.write
+
+    def crash(self, record):
+        real_write(self, record)
+        if record.get("step") == crash_step and "lr" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLog, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    return train(config, resume=True)
+
+
 def test_classification_learns_fashion_mnist_and_predicts(fashion, tmp_path, capsys):
     run = train(cfg(tmp_path / "run", {"fashion": {"kind": "classification", "train": str(fashion),
                                                     "modalities": ["image"]}},
@@ -79,18 +95,7 @@ def test_multitask_three_real_tasks_resume_exactly(fashion, rotten, clipart, tmp
     common = dict(multitask={"sampling": "round_robin", "weighting": "uncertainty"},
                   train={"save_every": 4}, data={})
     full = train(cfg(tmp_path / "full", tasks, **common))
-    real_write = MetricsLog.write
-
-    def crash(self, record):
-        real_write(self, record)
-        if record.get("step") == 6 and "lr" in record:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsLog, "write", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "resumed", tasks, **common))
-    monkeypatch.setattr(MetricsLog, "write", real_write)
-    train(cfg(tmp_path / "resumed", tasks, **common), resume=True)
+    train_crash_resume(monkeypatch, cfg(tmp_path / "resumed", tasks, **common), crash_step=6)
 
     def losses(run):
         out = {}
@@ -154,18 +159,7 @@ def test_gradnorm_two_tasks_logs_weights_and_resumes_them(fashion, rotten, tmp_p
     common = dict(multitask={"tasks_per_step": "all", "weighting": "gradnorm"},
                   train={"max_steps": 6, "save_every": 3})
     full = train(cfg(tmp_path / "full", tasks, **common))
-    real_write = MetricsLog.write
-
-    def crash(self, record):
-        real_write(self, record)
-        if record.get("step") == 5 and "lr" in record:  # after the step-3 checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsLog, "write", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "resumed", tasks, **common))
-    monkeypatch.setattr(MetricsLog, "write", real_write)
-    train(cfg(tmp_path / "resumed", tasks, **common), resume=True)
+    train_crash_resume(monkeypatch, cfg(tmp_path / "resumed", tasks, **common), crash_step=5)  # after step-3 ckpt
 
     def weights(run):
         return {r["step"]: (r["weight/fashion"], r["weight/sentiment"]) for r in records(run) if "weight/fashion" in r}
