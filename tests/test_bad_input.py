@@ -425,3 +425,20 @@ def test_the_no_split_column_recipe_of_docs_data_md_works(tmp_path):
     with pytest.raises(ManifestError, match="has no column 'split' to select split='test'"):
         read_task_data(c, name, t)
 
+
+
+@pytest.mark.parametrize("bad", [1, 2])
+def test_config_run_bad_rows_name_the_config_key(tmp_path, bad):
+    """A training run is driven by a config, so its bad-row hint names ``data.on_bad_row`` (the library's own
+    message names the Python argument ``on_bad_row=``); with that key set, the rows are dropped instead."""
+    manifest = make_manifest(tmp_path / "d")
+    for rid in ("dig0000", "dig0004")[:bad]:
+        edit(manifest, rid, image="missing.png")
+    c = config(tmp_path / "run", manifest, digit_task())
+    (name, t), = task_configs(c, ["image", "text"]).items()
+    with pytest.raises(ManifestError) as exc:
+        read_task_data(c, name, t)
+    msg = str(exc.value)
+    assert "data.on_bad_row=skip drops" in msg.splitlines()[0 if bad == 1 else 1] and "on_bad_row='skip'" not in msg
+    c.data.on_bad_row = "skip"
+    assert len(read_task_data(c, name, t)[0]) == 36 - bad  # 36 train rows, the bad ones dropped

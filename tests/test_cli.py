@@ -148,11 +148,11 @@ def test_format_table_columns_are_as_wide_as_their_content():
 
     table = format_table({"text->image/R@1": 0.1, "text->image/n_items": 60.0,
                           "text->image/n_queries_skipped": 0.0, "text->image/n_relevant_missing": 3.0,
-                          "image->text/R@1": 0.25})
+                          "image->text/R@1": 0.25, "image->text/R@10": 1.0, "image->text/mAP": 0.0})
     assert table.splitlines() == [
-        "                R@1  n_items  n_queries_skipped  n_relevant_missing",
+        "                R@1  n_items  n_queries_skipped  n_relevant_missing    R@10     mAP",
         "text->image  0.1000       60                  0                   3",
-        "image->text  0.2500",
+        "image->text  0.2500                                                  1.0000  0.0000",
     ]
     assert format_table({}) == "(no results)"
 

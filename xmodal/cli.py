@@ -196,7 +196,8 @@ def format_table(results: dict[str, float]) -> str:
     def cell(r: dict, m: str) -> str:
         if m not in r:
             return ""
-        return f"{r[m]:.4f}" if r[m] % 1 else f"{r[m]:.0f}"
+        # Counts (``n``, ``n_items``, ...) are whole numbers; a score keeps its decimals even at 1.0 or 0.0.
+        return f"{r[m]:.0f}" if m == "n" or m.startswith("n_") else f"{r[m]:.4f}"
 
     cells = {task: [cell(r, m) for m in metrics] for task, r in rows.items()}
     first = max(len(task) for task in rows)

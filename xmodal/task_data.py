@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 from typing import Any, Iterator
 
 import pyarrow.compute as pc
@@ -53,13 +54,13 @@ def read_task_manifests(cfg: Config, name: str, t: TaskConfig) -> tuple[Manifest
     # 3+ modalities keeps every row (each takes part in the pairs it has).
     kw = dict(modalities=t.modalities, root=d.root, on_bad_row=d.on_bad_row, require_all=False,
               allow_outside_root=d.allow_outside_root)
-    train = read_manifest(t.train, split=t.train_split, max_rows=t.max_rows, **kw)
+    train = _read(t.train, split=t.train_split, max_rows=t.max_rows, **kw)
     if train.skipped:
         log.warning("%s: skipped %d bad rows of %s (on_bad_row=skip); first: %s", name, train.skipped,
                     train.source, train.problems[:1])
     evaluate = None
     if t.eval is not None or t.eval_split is not None:
-        evaluate = read_manifest(t.eval or t.train, split=t.eval_split, **kw)
+        evaluate = _read(t.eval or t.train, split=t.eval_split, **kw)
     parts = [(train, t.train_split)] + ([(evaluate, t.eval_split)] if evaluate is not None else [])
     if t.kind != "retrieval" or len(t.modalities) == 2:
         parts = [(usable_rows(m, name, t, split), split) for m, split in parts]
@@ -100,6 +101,19 @@ def usable_rows(m: Manifest, name: str, t: TaskConfig, split: str | None) -> Man
                 "modality): %s%s", name, len(left), len(m), rows, m.source, need, shown,
                 ", ..." if len(left) > _SHOWN_ROWS else "")
     return m.take(keep)
+
+
+def _read(path: str, **kw) -> Manifest:
+    """``read_manifest`` for a config-driven run: its hints name the config key ``data.on_bad_row``, not the Python
+    argument (``xmodal.cli.read_manifest_for`` does the same for the CLI's flags)."""
+    try:
+        return read_manifest(path, **kw)
+    except ManifestError as e:
+        first, nl, rest = str(e).replace("on_bad_row='skip' drops them", "data.on_bad_row=skip drops them") \
+            .partition("\n")
+        if kw.get("on_bad_row") == "error" and "on_bad_row" not in str(e) and re.search(r": row \d+\b", first):
+            first += " (data.on_bad_row=skip drops bad rows)"
+        raise ManifestError(first + nl + rest) from None
 
 
 def _raise_rows(problems: list[str], source: str) -> None:
