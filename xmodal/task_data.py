@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from .config import Config, TaskConfig
 from .data import Manifest, ManifestError, read_manifest
-from .tasks import resolve_classes
+from .tasks import label_names, resolve_classes
 
 log = logging.getLogger("xmodal")
 
@@ -143,6 +143,8 @@ _FLOAT32_MAX = 3.4028234663852886e38
 def _target_problem(v: Any, kind: str) -> str | None:
     if v is None or (isinstance(v, str) and not v.strip()):
         return "empty target"
+    if isinstance(v, (list, tuple)) and kind != "multilabel":
+        return f"a list {v!r} is several labels; a {kind} task takes one (kind: multilabel takes a list)"
     if kind != "regression":
         return None
     try:
@@ -174,8 +176,7 @@ def _check_classes(m: Manifest, t: TaskConfig, name: str) -> None:
 
     def problems():
         for i, v in enumerate(m.dataset[t.target]):
-            names = [s.strip() for s in str(v).split("|") if s.strip()] if t.kind == "multilabel" else [str(v)]
-            bad = next((n for n in names if n not in known), None)
+            bad = next((n for n in label_names(v, t.kind == "multilabel") if n not in known), None)
             if bad is not None:
                 yield i, f"label {bad!r} is not one of task {name}'s classes ({shown})"
     _raise_rows(_bad_rows(m, t.target, problems()), m.source)

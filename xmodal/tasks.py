@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TaskConfig
+from .data.manifest import label_text
 from .fusion import LateFusion, build_fusion
 from .heads import ClassificationHead, RegressionHead
 
@@ -162,11 +163,19 @@ def targets(cfg: TaskConfig, values: Sequence[Any], where: str = "") -> Tensor:
     if cfg.kind == "multilabel":
         out = torch.zeros(len(values), len(index))
         for row, v in enumerate(values):
-            for name in str(v).split("|"):
-                if name.strip():
-                    out[row, _class(index, name.strip(), cfg, where)] = 1.0
+            for name in label_names(v, multilabel=True):
+                out[row, _class(index, name, cfg, where)] = 1.0
         return out
-    return torch.tensor([_class(index, str(v), cfg, where) for v in values], dtype=torch.long)
+    return torch.tensor([_class(index, label_text(v), cfg, where) for v in values], dtype=torch.long)
+
+
+def label_names(value: Any, multilabel: bool) -> list[str]:
+    """The class names a target cell holds: one (a single-label cell), or for a multi-label cell each name of
+    ``a|b`` or of a list ``["a", "b"]``; ``|`` or ``[]`` is a row with no label. Numbers as in
+    :func:`~xmodal.data.manifest.label_text` (``1.0`` is class ``"1"``)."""
+    if not multilabel:
+        return [label_text(value)]
+    return [n for n in (s.strip() for s in label_text(value).split("|")) if n]
 
 
 def _class(index: dict[str, int], name: str, cfg: TaskConfig, where: str) -> int:
@@ -186,5 +195,5 @@ def resolve_classes(cfg: TaskConfig, values: Sequence[Any]) -> list[str]:
     for v in values:
         if v is None or v == "":
             continue
-        names.update(s.strip() for s in str(v).split("|")) if cfg.kind == "multilabel" else names.add(str(v))
+        names.update(label_names(v, cfg.kind == "multilabel"))
     return sorted(n for n in names if n)

@@ -2,9 +2,9 @@
 
 ``read_manifest`` needs only ``datasets``; the torch side (``ManifestDataset``, ``collate``) loads on first use.
 """
-from .manifest import MODALITY_COLUMNS, Manifest, ManifestError, read_manifest
+from .manifest import MODALITY_COLUMNS, Manifest, ManifestError, label_text, read_manifest
 
-__all__ = ["read_manifest", "Manifest", "ManifestError", "MODALITY_COLUMNS", "ManifestDataset", "collate",
+__all__ = ["read_manifest", "Manifest", "ManifestError", "label_text", "MODALITY_COLUMNS", "ManifestDataset", "collate",
            "ManifestRowError"]
 
 

@@ -208,6 +208,17 @@ def _json_table(path: Path) -> pa.Table:
 _NOT_A_STRING = "\x00xmodal-not-a-string\x00"
 
 
+def label_text(value: Any) -> str:
+    """A label cell as the class name it stands for. A whole float is written as an integer, so the label ``1.0``
+    that Parquet or pandas-written JSONL hold is class ``"1"``, as the same label read from a CSV; a list (a
+    multi-label cell in JSONL, Parquet or an HF ``Sequence``) becomes ``a|b``."""
+    if isinstance(value, (list, tuple)):
+        return "|".join(label_text(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if isinstance(value, str) else str(value)
+
+
 def _mixed_to_strings(values: list[Any], strict: bool) -> pa.Array:
     """Strings stay; None stays. For modality columns (``strict``) other types are encoded so the row check can
     report them ('expected a string, got int 5'); for id/label/split numbers become their str()."""
@@ -217,10 +228,12 @@ def _mixed_to_strings(values: list[Any], strict: bool) -> pa.Array:
             out.append(v)
         elif strict:
             out.append(f"{_NOT_A_STRING}{type(v).__name__} {json.dumps(v)[:60]}")
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v):
+            out.append(label_text(v))  # a multi-label cell
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             out.append(json.dumps(v))
         else:
-            out.append(str(v))
+            out.append(label_text(v))
     return pa.array(out, type=pa.string())
 
 
@@ -672,16 +685,20 @@ def read_manifest(
         new_columns[m] = pa.array(values, type=pa.string())
         feats[m] = datasets.Value("string")
 
-    # label: kept, as a string (ClassLabel ints become their names)
+    # label: kept, as a string (ClassLabel ints become their names, a list of labels ``a|b``; see label_text)
     if "label" in table.column_names:
         lab = table.column("label")
-        if isinstance(feats.get("label"), datasets.ClassLabel):
-            names = feats["label"].names
-            new_columns["label"] = pa.array([None if v is None else names[v] for v in lab.to_pylist()],
+        feat = feats.get("label")
+        inner = getattr(feat, "feature", None)  # Sequence(ClassLabel): a multi-label column of class ids
+        names = feat.names if isinstance(feat, datasets.ClassLabel) else (
+            inner.names if isinstance(inner, datasets.ClassLabel) else None)
+        if names is not None:
+            name = lambda v: [names[i] for i in v] if isinstance(v, list) else names[v]  # noqa: E731
+            new_columns["label"] = pa.array([None if v is None else label_text(name(v)) for v in lab.to_pylist()],
                                             type=pa.string())
         elif not pa.types.is_string(lab.type):
             new_columns["label"] = pc.cast(lab, pa.string()) if pa.types.is_integer(lab.type) else pa.array(
-                [None if v is None else str(v) for v in lab.to_pylist()], type=pa.string())
+                [None if v is None else label_text(v) for v in lab.to_pylist()], type=pa.string())
         feats["label"] = datasets.Value("string")
     feats["id"] = datasets.Value("string")
     for name, arr in new_columns.items():
