@@ -442,3 +442,15 @@ def test_config_run_bad_rows_name_the_config_key(tmp_path, bad):
     assert "data.on_bad_row=skip drops" in msg.splitlines()[0 if bad == 1 else 1] and "on_bad_row='skip'" not in msg
     c.data.on_bad_row = "skip"
     assert len(read_task_data(c, name, t)[0]) == 36 - bad  # 36 train rows, the bad ones dropped
+
+
+def test_misspelled_task_name_and_a_loss_the_task_ignores_are_named():
+    with pytest.raises(ConfigError, match=r"tasks\.sentimnt: the config has tasks \[sentiment\] and 'sentimnt' is not "
+                                          r"one of them \(probably a typo for 'sentiment'\)"):
+        load_config(ROOT / "configs" / "finetune_sentiment.yaml", ["tasks.sentimnt.dropout=0.2"])
+    with pytest.raises(ConfigError, match=r"tasks\.sentiment\.loss: 'huber' is a regression loss; a classification "
+                                          r"task uses its own"):
+        load_config(ROOT / "configs" / "finetune_sentiment.yaml", ["tasks.sentiment.loss=huber"])
+    cfg = load_config(ROOT / "configs" / "finetune_sentiment.yaml",
+                      ["tasks.sentiment.kind=regression", "tasks.sentiment.loss=huber"])
+    assert cfg.tasks["sentiment"].loss == "huber"

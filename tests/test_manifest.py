@@ -326,3 +326,13 @@ def test_data_allow_outside_root_reaches_the_training_reader(outside: Path):
         else:
             with pytest.raises(ManifestError, match=r"row 2 \(id 'b'\): field 'image': path '\.\./secret\.png'"):
                 read_task_data(c, name, t)
+
+
+def test_a_url_is_named_as_a_url_not_a_missing_file(images: Path):
+    rows = [{"id": "a", "image": str(images / "imgs" / "a.png"), "text": "x"},
+            {"id": "b", "image": "https://example.com/cat.png", "text": "y"}]
+    path = images / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError, match=r"m\.jsonl: row 2 \(id 'b'\): field 'image': 'https://example\.com/cat\.png' "
+                                            r"is a URL; xmodal reads local files only"):
+        read_manifest(path, allow_outside_root=True)

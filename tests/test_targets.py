@@ -100,3 +100,21 @@ def test_a_list_for_a_single_label_task_names_the_row(tmp_path):
                                          ("x", "x")])
 def test_label_text(value, text):
     assert label_text(value) == text
+
+
+def test_classes_are_logged_and_a_score_column_read_as_classes_is_flagged(tmp_path, caplog):
+    paths = images(tmp_path, 30)
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "image", "score", "label"])
+        w.writerows([i, p, f"{i / 7:.2f}", "Cat" if i == 0 else "cat" if i % 2 else "dog"] for i, p in enumerate(paths))
+    with caplog.at_level("INFO", logger="xmodal"):
+        classes, _ = task_targets(tmp_path / "m.csv", "classification", "label")
+    assert classes == ["Cat", "cat", "dog"]
+    assert "task t: 3 classes from column 'label': Cat, cat, dog" in caplog.text and "regression" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="xmodal"):
+        classes, _ = task_targets(tmp_path / "m.csv", "classification", "score")
+    assert len(classes) == 30
+    assert "column 'score' has 30 distinct numeric values, each made a class; if it is a score, use kind: " \
+           "regression" in caplog.text

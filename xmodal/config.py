@@ -194,8 +194,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         kt, vt = args
-        if vt is TowerConfig:
-            _check_tower_names(value, path)
+        if vt in (TowerConfig, TaskConfig):
+            _check_entry_names(value, path, "tower" if vt is TowerConfig else "task")
         return {_coerce(k, kt, f"{path}"): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -231,19 +231,21 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported annotation {tp!r}")  # a bug in the dataclasses, not in the user's YAML
 
 
-def _check_tower_names(towers: dict, path: str) -> None:
-    """A tower entry without ``kind`` next to towers that have one is almost always a misspelled tower name in an
-    override (``model.towers.imag.freeze=false``): say so, rather than ask for the ``kind`` of a new tower."""
+def _check_entry_names(entries: dict, path: str, what: str) -> None:
+    """A tower or task entry without ``kind`` next to entries that have one is almost always a misspelled name in an
+    override (``model.towers.imag.freeze=false``, ``tasks.star.target=rating``): say so, rather than ask for the
+    ``kind`` of a new one."""
     import difflib
 
-    known = [str(k) for k, v in towers.items() if isinstance(v, TowerConfig) or (isinstance(v, dict) and "kind" in v)]
-    for name, v in towers.items():
+    known = [str(k) for k, v in entries.items()
+             if isinstance(v, (TowerConfig, TaskConfig)) or (isinstance(v, dict) and "kind" in v)]
+    for name, v in entries.items():
         if not isinstance(v, dict) or "kind" in v or not known:
             continue
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f"probably a typo for {close[0]!r}" if close else "probably a typo"
-        raise ConfigError(f"{path}.{name}: the config has towers [{', '.join(known)}] and {str(name)!r} is not one "
-                          f"of them ({hint}); to add a new tower, give it {path}.{name}.kind")
+        raise ConfigError(f"{path}.{name}: the config has {what}s [{', '.join(known)}] and {str(name)!r} is not one "
+                          f"of them ({hint}); to add a new {what}, give it {path}.{name}.kind")
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:
@@ -351,6 +353,9 @@ def validate(cfg: Config) -> Config:
         if task.fusion == "late_prob" and task.kind != "classification":
             raise ConfigError(f"{where}.fusion: late_prob averages class probabilities, so it needs kind "
                               f"classification (single-label), not {task.kind}")
+        if task.loss != "default" and task.kind != "regression":  # it would be silently ignored
+            raise ConfigError(f"{where}.loss: {task.loss!r} is a regression loss; a {task.kind} task uses its own "
+                              f"(leave loss: default)")
         if not 0 <= task.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {task.dropout}")
         if task.weight < 0:

@@ -72,6 +72,7 @@ def read_task_manifests(cfg: Config, name: str, t: TaskConfig) -> tuple[Manifest
             if len(t.classes) < 2:
                 raise ManifestError(f"tasks.{name}: column '{t.target}' of the train split has fewer than 2 "
                                     f"classes ({t.classes})")
+            _log_classes(name, t)
             for m, _ in parts:  # eval rows too: a label the head has no output for, found now, not after training
                 _check_classes(m, t, name)
     return parts[0][0], parts[1][0] if len(parts) > 1 else None
@@ -101,6 +102,25 @@ def usable_rows(m: Manifest, name: str, t: TaskConfig, split: str | None) -> Man
                 "modality): %s%s", name, len(left), len(m), rows, m.source, need, shown,
                 ", ..." if len(left) > _SHOWN_ROWS else "")
     return m.take(keep)
+
+
+def _log_classes(name: str, t: TaskConfig) -> None:
+    """Say what the head will predict, so a stray spelling (``Computer`` beside ``computer``) or a score column
+    read as classes is seen before training rather than in the results."""
+    shown = ", ".join(t.classes[:12]) + (", …" if len(t.classes) > 12 else "")
+    log.info("task %s: %d classes from column '%s': %s", name, len(t.classes), t.target, shown)
+    numeric = sum(1 for c in t.classes if _is_number(c))
+    if len(t.classes) > 20 and numeric == len(t.classes) and any("." in c for c in t.classes):
+        log.warning("task %s: column '%s' has %d distinct numeric values, each made a class; if it is a score, "
+                    "use kind: regression", name, t.target, len(t.classes))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read(path: str, **kw) -> Manifest:

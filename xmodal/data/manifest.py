@@ -484,6 +484,9 @@ class _Confinement:
         return f"path {raw!r} resolves to {resolved}, outside the data root {self.root}; {allow}"
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # http://, https://, s3://, gs://, hf://, ...
+
+
 def _check_path_column(modality: str, values: list[Any], base: str, rows: _Rows, check_files: bool,
                        workers: int, confine: _Confinement | None) -> list[Any]:
     by_path: dict[str, list[int]] = {}
@@ -491,6 +494,11 @@ def _check_path_column(modality: str, values: list[Any], base: str, rows: _Rows,
     for i, v in enumerate(values):
         if v is None or i in rows.bad:
             out.append(v if v is None else _resolve(v, base))
+            continue
+        if _URL.match(v):  # else it would be read as a relative path and reported as a missing local file
+            rows.flag(i, modality, f"{v[:80]!r} is a URL; xmodal reads local files only (download them first and "
+                                   f"give their paths)")
+            out.append(v)
             continue
         r = _resolve(v, base)
         out.append(r)
