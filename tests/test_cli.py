@@ -170,7 +170,8 @@ def test_evaluate_index_table_header_names_are_separate(clipart, runs, tmp_path,
 
 def test_evaluate_with_nothing_to_evaluate_says_why(clipart, runs, capsys):
     run = runs[0]
-    text_only = _write(clipart, "text_only.csv", _rows(clipart), ["id", "text", "label", "split"])
+    # text only and no labels: no pair to retrieve, nothing to classify zero-shot
+    text_only = _write(clipart, "text_only.csv", _rows(clipart), ["id", "text", "split"])
     for extra in ([], ["--json"]):
         assert main(["evaluate", "--run", str(run), "--manifest", str(text_only)] + extra) == 2
         err = capsys.readouterr().err.strip()
@@ -180,7 +181,7 @@ def test_evaluate_with_nothing_to_evaluate_says_why(clipart, runs, capsys):
         assert f"text in {n} of {n} rows" in err and "towers image, text and task heads none" in err
     rows = _rows(clipart, None)
     no_images = _write(clipart, "no_test_images.csv", [{**r, "image": "" if r["split"] == "test" else r["image"]}
-                                                       for r in rows])
+                                                       for r in rows], ["id", "image", "text", "split"])
     assert main(["evaluate", "--run", str(run), "--manifest", str(no_images), "--split", "test"]) == 2
     err = capsys.readouterr().err
     n_test = sum(r["split"] == "test" for r in rows)
@@ -270,3 +271,183 @@ def test_evaluate_embeds_each_image_once(clipart, runs, monkeypatch, capsys):
     for k in ("top1", "top5", "n_classes", "chance_top1"):
         assert results[f"zero_shot/image/{k}"] == pytest.approx(alone[f"zero_shot/{k}"], abs=1e-6)
     assert results["image->text/n_queries"] == len(images)
+
+
+# --------------------------------------------------------- evaluate: heads, plots, zero-shot flags, --root (audit 2)
+
+FASHION = ["Ankle boot", "Bag", "Coat"]
+TAGS = ["even", "odd", "small"]
+
+
+@pytest.fixture(scope="module")
+def multitask(clipart, tmp_path_factory):
+    """An untrained run with three heads, as a multi-task finetune leaves: fashion (classification on image, target
+    `label`, classes that are not clipart's), tags (multi-label on image+text), stars (regression on text)."""
+    from xmodal.config import TaskConfig
+
+    tasks = {"fashion": TaskConfig(kind="classification", modalities=["image"], classes=FASHION),
+             "tags": TaskConfig(kind="multilabel", modalities=["image", "text"], target="tags", classes=TAGS),
+             "stars": TaskConfig(kind="regression", modalities=["text"], target="score")}
+    return _tiny_model(tasks).save(tmp_path_factory.mktemp("mt") / "run")
+
+
+def _tagged(clipart):
+    """The clipart test rows with a `tags` column (its `label` column holds clipart's categories)."""
+    return [{**r, "tags": ("even" if i % 2 == 0 else "odd") + ("|small" if i % 3 == 0 else "")}
+            for i, r in enumerate(_rows(clipart))]
+
+
+def _predict(argv, capsys):
+    assert main(["predict"] + argv) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def _skips(err):
+    return {line.split()[3]: line for line in err.splitlines() if line.startswith("xmodal evaluate: task ")}
+
+
+def test_evaluate_every_head_skips_the_heads_the_manifest_is_not_for(clipart, multitask, capsys):
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    rows = _tagged(clipart)
+    manifest = _write(clipart, "tagged.csv", rows)
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(manifest), "--json"]) == 0
+    out = capsys.readouterr()
+    results, skips = json.loads(out.out), _skips(out.err)
+    # fashion's target `label` is another task's column: skipped, naming the task, the column and a foreign value
+    assert set(skips) == {"fashion", "stars"}, out.err
+    assert "column 'label' holds none of its classes" in skips["fashion"] and repr(rows[0]["label"]) in skips["fashion"]
+    assert "no 'score' column" in skips["stars"]
+    assert not any(k.startswith(("fashion/", "stars/")) for k in results)
+    preds = _predict(["--run", str(multitask), "--manifest", str(manifest), "--task", "tags"], capsys)
+    mlb = MultiLabelBinarizer(classes=TAGS)
+    truth = mlb.fit_transform([r["tags"].split("|") for r in rows])
+    predicted = mlb.transform([p["labels"] for p in preds])
+    assert results["tags/micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro", zero_division=0),
+                                                     abs=1e-6)
+    assert results["tags/n"] == len(rows)
+
+    # a text-only manifest: fashion has no input column (skipped, not an error); stars is evaluated
+    scored = [{**r, "score": str(1 + i % 4)} for i, r in enumerate(rows)]
+    text_only = _write(clipart, "scored.csv", scored, ["id", "text", "label", "score", "split"])
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(text_only), "--json"]) == 0
+    out = capsys.readouterr()
+    results, skips = json.loads(out.out), _skips(out.err)
+    assert set(skips) == {"fashion", "tags"} and "no column for its input image" in skips["fashion"]
+    assert all(len(line) < 300 for line in skips.values())
+    preds = _predict(["--run", str(multitask), "--manifest", str(text_only), "--task", "stars"], capsys)
+    mae = sum(abs(p["score"] - float(r["score"])) for p, r in zip(preds, scored)) / len(scored)
+    assert results["stars/mae"] == pytest.approx(mae, abs=1e-5)
+
+    # named by --task, a foreign label column stays an error, naming the file, row, id and field
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(manifest), "--task", "fashion"]) == 2
+    err = capsys.readouterr().err
+    assert f"{manifest}: row 1 (id {rows[0]['id']!r}): field 'label': label {rows[0]['label']!r} is not one of " \
+           f"task fashion's classes" in err, err
+
+
+def test_evaluate_plots_follow_task_and_never_lose_the_metrics(clipart, multitask, tmp_path, monkeypatch, capsys):
+    rows = _tagged(clipart)
+    manifest = _write(clipart, "tagged_plots.csv", rows)
+    scored = _write(clipart, "scored_plots.csv", [{**r, "score": "2"} for r in rows], ["id", "text", "score"])
+    # --task tags: only that head; fashion (its `label` is foreign) is not drawn and does not fail the command
+    plots = tmp_path / "p1"
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(manifest), "--task", "tags", "--json",
+                 "--plots", "--plots-dir", str(plots)]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"tags/micro_f1", "tags/macro_f1", "tags/subset_accuracy",
+                                                        "tags/n"}
+    assert not list(plots.glob("confusion_*.png")) and not (plots / "space_map.png").exists()
+    plots = tmp_path / "p2"
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(scored), "--task", "stars", "--json",
+                 "--plots", "--plots-dir", str(plots)]) == 0
+    assert "stars/mae" in json.loads(capsys.readouterr().out)
+    # every head: the confusion matrix of fashion only on a manifest whose labels are fashion's
+    fashion = _write(clipart, "fashion_plots.csv", [{**r, "label": FASHION[i % 3]} for i, r in enumerate(rows)])
+    plots = tmp_path / "p3"
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(fashion), "--json", "--plots",
+                 "--plots-dir", str(plots)]) == 0
+    assert "fashion/accuracy" in json.loads(capsys.readouterr().out)
+    assert [p.name for p in plots.glob("confusion_*.png")] == ["confusion_fashion.png"]
+
+    def broken(*a, **kw):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr("xmodal.plots.write_plots", broken)
+    saved = tmp_path / "results.json"
+    assert main(["evaluate", "--run", str(multitask), "--manifest", str(manifest), "--task", "tags", "--json",
+                 "--plots", "--out", str(saved)]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out)["tags/n"] == len(rows) and json.loads(saved.read_text())["tags/n"] == len(rows)
+    assert out.err.strip().splitlines() == ["xmodal evaluate: error: --plots: RuntimeError: no backend (the metrics "
+                                            "above are complete)"]
+
+
+def test_evaluate_bad_targets_name_file_row_id_and_field(clipart, runs, capsys):
+    heads = runs[1]  # head "kind": classification of images into clipart's labels
+    rows = _rows(clipart, None)
+    test = [i for i, r in enumerate(rows) if r["split"] == "test"]
+    empty = [dict(r) for r in rows]
+    empty[test[2]]["label"] = ""
+    path = _write(clipart, "empty_label.csv", empty)
+    assert main(["evaluate", "--run", str(heads), "--manifest", str(path), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    # the row as the file numbers it (data rows from 1), not its place in the test split
+    assert f"{path}: row {test[2] + 1} (id {rows[test[2]]['id']!r}): field 'label': empty target" in err, err
+    assert "is not one of" not in err
+    typo = [dict(r) for r in rows]
+    typo[test[1]]["label"] = typo[test[1]]["label"].upper()
+    path = _write(clipart, "typo_label.csv", typo)
+    for task in ([], ["--task", "kind"]):  # one bad label among good ones: an error, --task or not
+        assert main(["evaluate", "--run", str(heads), "--manifest", str(path), "--split", "test"] + task) == 2
+        err = capsys.readouterr().err
+        assert (f"{path}: row {test[1] + 1} (id {rows[test[1]]['id']!r}): field 'label': label "
+                f"{typo[test[1]]['label']!r} is not one of task kind's classes") in err, err
+
+
+def test_zero_shot_of_text_with_label_column_and_templates(clipart, runs, capsys):
+    from xmodal.data import read_manifest
+    from xmodal.evaluate import evaluate_zero_shot
+    from xmodal.model import load
+
+    rows = [{**r, "sentiment": "positive" if i % 3 else "negative"} for i, r in enumerate(_rows(clipart))]
+    reviews = _write(clipart, "reviews.csv", rows, ["id", "text", "sentiment", "split"])
+    templates = ["a {} review.", "{}."]
+    argv = ["evaluate", "--run", str(runs[0]), "--manifest", str(reviews), "--json"]
+    assert main(argv + ["--label-column", "sentiment", "--templates"] + templates) == 0
+    results = json.loads(capsys.readouterr().out)
+    data = read_manifest(reviews, require_all=False).dataset
+    alone = evaluate_zero_shot(load(runs[0]), data, "text", "sentiment", templates)
+    assert {k.replace("zero_shot/text/", "zero_shot/"): v for k, v in results.items()} == pytest.approx(alone)
+    n_pos = sum(r["sentiment"] == "positive" for r in rows)
+    assert results["zero_shot/text/majority_top1"] == pytest.approx(n_pos / len(rows))  # by hand
+    assert results["zero_shot/text/chance_top1"] == 0.5 and "zero_shot/text/top5" not in results  # 2 classes
+    # explicit flags that cannot apply are errors naming the flag
+    for extra, says in ((["--label-column", "stars"], "--label-column stars: "),
+                        (["--templates", "a review"], "--templates: template 'a review': needs exactly one {}"),
+                        (["--zero-shot-modality", "image"], "--zero-shot-modality image: "),
+                        (["--zero-shot-modality", "audio"], "the run has no audio tower")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_root_flag_reads_relative_paths_from_another_folder(clipart, runs, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    manifest = elsewhere / "m.csv"
+    manifest.write_text(clipart.read_text(encoding="utf-8"), encoding="utf-8")  # relative paths, another folder
+    space, heads = runs
+    base = ["--manifest", str(manifest), "--split", "test"]
+    assert main(["evaluate", "--run", str(space)] + base) == 2
+    err = capsys.readouterr().err
+    assert "file not found" in err and "--root DIR" in err
+    root = ["--root", str(clipart.parent)]
+    assert main(["evaluate", "--run", str(space), "--json"] + base + root) == 0
+    assert json.loads(capsys.readouterr().out)["text->image/n_queries"] > 0
+    n = len(_rows(clipart))
+    assert len(_predict(["--run", str(heads)] + base + root, capsys)) == n
+    assert main(["index", "--run", str(space), "--out", str(tmp_path / "idx")] + base + root) == 0
+    capsys.readouterr()
+    assert main(["evaluate-index", "--index", str(tmp_path / "idx"), "--json"] + base + root) == 0
+    assert json.loads(capsys.readouterr().out)["text->image/n_items"] == n

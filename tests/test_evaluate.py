@@ -53,3 +53,48 @@ def test_zero_shot_accuracy_and_full_evaluate():
     r = evaluate_zero_shot(model, ds, "image", templates=templates)
     assert r["zero_shot/top1"] == pytest.approx(2 / 3) and r["zero_shot/chance_top1"] == 0.5
     assert evaluate(model, ds, zero_shot=False) == {}  # one modality column: no retrieval pairs
+
+
+def test_zero_shot_of_text_against_text_prompts_by_hand():
+    """Reviews classified by their own text tower against review prompts; baselines counted by hand."""
+    templates = ("a {} review.",)
+    table = {"a good review.": [1, 0], "a bad review.": [0, 1],
+             "loved it": [0.9, 0.1], "fine film": [0.6, 0.4], "dull": [0.3, 0.7], "awful": [0.1, 0.9],
+             "so so": [0.7, 0.3]}  # "so so" is labelled bad but lies nearer the good prompt
+    ds = datasets.Dataset.from_dict({"text": ["loved it", "fine film", "dull", "awful", "so so"],
+                                     "sentiment": ["good", "good", "bad", "bad", "bad"]})
+    model = TableModel(table)
+    r = evaluate(model, ds, label_column="sentiment", templates=templates)  # text only: text is classified
+    assert r["zero_shot/text/top1"] == pytest.approx(4 / 5)
+    assert r["zero_shot/text/majority_top1"] == pytest.approx(3 / 5)  # always "bad"
+    assert r["zero_shot/text/chance_top1"] == 0.5 and r["zero_shot/text/n_classes"] == 2
+    assert "zero_shot/text/top5" not in r  # with 2 classes top-5 is 1 by construction: not reported
+    assert evaluate_zero_shot(model, ds, "text", "sentiment", templates) == {
+        k.replace("text/", ""): v for k, v in r.items()}
+
+
+def test_zero_shot_default_modalities_and_top5_with_more_than_five_classes():
+    names = [f"c{i}" for i in range(6)]
+    table = {n: [1.0 if j == i else 0.0 for j in range(6)] for i, n in enumerate(names)}
+    table.update({f"{n}.png": v for n, v in table.items()})
+    table.update({f"cap {n}": v for n, v in table.items() if not n.endswith(".png")})
+    labels = names + ["c0"]
+    ds = datasets.Dataset.from_dict({"image": [f"{n}.png" for n in labels], "text": [f"cap {n}" for n in labels],
+                                     "label": labels})
+    model = TableModel(table)
+    r = evaluate(model, ds, templates=("{}",))
+    # images and text both present: the non-text modality is classified (text is the prompt side), as before
+    assert {k.split("/")[1] for k in r if k.startswith("zero_shot/")} == {"image"}
+    assert r["zero_shot/image/top1"] == 1.0 and r["zero_shot/image/top5"] == 1.0
+    assert r["zero_shot/image/majority_top1"] == pytest.approx(2 / 7)
+    forced = evaluate(model, ds, templates=("{}",), zero_shot_modalities=["text"])
+    assert {k.split("/")[1] for k in forced if k.startswith("zero_shot/")} == {"text"}
+
+
+@pytest.mark.parametrize("bad", ["no placeholder", "{} and {}", "a {0} photo", "a {name}"])
+def test_templates_need_exactly_one_placeholder(bad):
+    from xmodal.evaluate import check_templates
+
+    with pytest.raises(ValueError, match="needs exactly one"):
+        check_templates([bad])
+    assert check_templates("a {} review.") == ("a {} review.",)

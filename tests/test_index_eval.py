@@ -206,3 +206,20 @@ def test_module_cli(real, capsys):
     assert main(["--index", str(tmp / "index"), "--manifest", str(manifest), "--query-modality", "audio",
                  "--allow-outside-root"]) == 2
     assert "no 'audio' column" in capsys.readouterr().err
+
+
+def test_manifest_paths_relative_to_another_root(real, clipart, capsys):
+    """A manifest kept apart from its files (data.root in training): `root=` / `--root` says where they are."""
+    tmp, run, ds = real
+    moved = tmp / "elsewhere" / "m.csv"
+    moved.parent.mkdir(exist_ok=True)
+    moved.write_text(clipart.read_text(encoding="utf-8"), encoding="utf-8")  # relative paths: images/...
+    r = Retriever(tmp / "index")
+    from xmodal.data import ManifestError
+    with pytest.raises(ManifestError, match="file not found"):
+        evaluate_index_manifest(r, moved, "text")
+    expected = evaluate_index_manifest(r, ds, "text")
+    assert evaluate_index_manifest(r, moved, "text", root=clipart.parent) == pytest.approx(expected)
+    assert main(["--index", str(tmp / "index"), "--manifest", str(moved), "--root", str(clipart.parent),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(expected)

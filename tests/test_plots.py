@@ -92,3 +92,31 @@ def test_training_curves_draw_chance_as_a_reference_line(tmp_path, monkeypatch):
     (chance,) = curves.values()  # the only other line: chance, flat across the axes, dashed
     assert "chance" in chance.get_label() and chance.get_linestyle() == "--"
     assert list(chance.get_ydata()) == [0.1, 0.1] and list(chance.get_xdata()) == [0, 1]  # axhline: axes coords
+
+
+def test_training_curves_draw_the_majority_rate_as_a_reference_line(tmp_path, monkeypatch):
+    records = [{"step": s, "loss": 1.0} for s in (1, 2)]
+    records += [{"step": s, "eval/zero_shot/text/top1": 0.6, "eval/zero_shot/text/chance_top1": 0.5,
+                 "eval/zero_shot/text/majority_top1": 0.55} for s in (1, 2)]
+    fig = _curves_figure(tmp_path, monkeypatch, records)
+    lines = {ln.get_label(): ln for ln in fig.axes[1].get_lines()}
+    assert len(lines) == 3 and "zero_shot/text/top1" in lines  # one curve, two reference lines
+    (majority,) = [ln for label, ln in lines.items() if label.startswith("majority")]
+    assert list(majority.get_ydata()) == [0.55, 0.55] and majority.get_linestyle() == ":"
+
+
+def test_write_plots_draws_only_the_heads_it_is_given(tmp_path):
+    images = []
+    for i, colour in enumerate(["red", "blue"] * 2):
+        images.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (16, 16), colour).save(images[-1])
+    # `label` holds values that are not the head's classes: a head not asked for must not be drawn (or fail)
+    data = datasets.Dataset.from_dict({"image": images, "label": ["x", "y"] * 2})
+    cfg = ModelConfig(embed_dim=8, towers={"image": TowerConfig(kind="cnn", image_size=16,
+                                                                options={"channels": [4, 8]})})
+    model = XModalModel(cfg, {"colour": TaskConfig(kind="classification", modalities=["image"],
+                                                   classes=["cool", "warm"])}).eval()
+    assert write_plots(tmp_path, model, data, tmp_path / "plots", tasks={}, shared_space=False) == []
+    warm = data.map(lambda r: {"label": "warm"})
+    written = write_plots(tmp_path, model, data, tmp_path / "plots", tasks={"colour": warm}, shared_space=False)
+    assert [p.name for p in written] == ["confusion_colour.png"]

@@ -34,15 +34,20 @@ def _train(args) -> int:
 
 
 def read_manifest_for(args, **kw):
-    """``read_manifest(args.manifest, ...)`` with the command's ``--on-bad-row`` / ``--allow-outside-root``; its
-    errors name those flags (the library's messages name the Python arguments)."""
+    """``read_manifest(args.manifest, ...)`` with the command's ``--root`` / ``--on-bad-row`` /
+    ``--allow-outside-root``; its errors name those flags (the library's messages name the Python arguments)."""
     from .data import ManifestError, read_manifest
 
+    root = getattr(args, "root", None)
     try:
-        return read_manifest(args.manifest, on_bad_row=args.on_bad_row, allow_outside_root=args.allow_outside_root,
-                             **kw)
+        return read_manifest(args.manifest, root=root, on_bad_row=args.on_bad_row,
+                             allow_outside_root=args.allow_outside_root, **kw)
     except ManifestError as e:
-        raise ManifestError(cli_manifest_hints(str(e), args.on_bad_row)) from None
+        message = cli_manifest_hints(str(e), args.on_bad_row)
+        first, nl, rest = message.partition("\n")
+        if root is None and "file not found" in first:  # a manifest that trained with data.root: say how to give it
+            first += " (relative paths are read from the manifest's folder; --root DIR reads them from DIR)"
+        raise ManifestError(first + nl + rest) from None
 
 
 def cli_manifest_hints(message: str, on_bad_row: str = "error") -> str:
@@ -84,11 +89,10 @@ def _nothing_to_evaluate(args, model, data) -> str:
         lines.append(f"Retrieval needs values in two of the run's modalities on the same rows (the manifest fills "
                      f"{', '.join(usable) or 'none of them'}).")
         if "text" in model.towers:
-            others = [m for m in model.towers if m != "text"]
-            has_label = "label" in data.column_names
-            lines.append(f"Zero-shot needs a `label` column with at least two classes and values for "
-                         f"{' or '.join(others) or 'a non-text modality'}"
-                         + ("" if has_label else " (the manifest has no `label` column)") + ".")
+            label = args.label_column or "label"
+            lines.append(f"Zero-shot needs a `{label}` column (--label-column) with at least two classes and values "
+                         f"for {' or '.join(model.towers)}"
+                         + ("" if label in data.column_names else f" (the manifest has no `{label}` column)") + ".")
     for name in model.heads:
         if args.task and name != args.task:
             continue
@@ -100,39 +104,122 @@ def _nothing_to_evaluate(args, model, data) -> str:
     return " ".join(lines)
 
 
+def _head_rows(manifest, name: str, task, split: str | None, every_head: bool):
+    """``(rows, None)``: the manifest rows head ``name`` is evaluated on (those with one of its inputs), every target
+    checked as finetune checks it (an error names the file, row, id and field); or ``(None, why)`` when the manifest
+    is not this head's data: it lacks the target column or every input, or — when evaluating ``every_head`` — its
+    target column holds none of the head's classes (another task's ``label``). Asked for by name (``--task``), a
+    head is never skipped for its classes: the error names the first bad row."""
+    from .task_data import check_classes, check_targets, usable_rows
+
+    data = manifest.dataset
+    if task.target not in data.column_names:
+        return None, f"the manifest has no {task.target!r} column (its target)"
+    if not any(m in data.column_names and _present(data[m]) for m in task.modalities):
+        inputs = f"input{'s' if len(task.modalities) > 1 else ''} {', '.join(task.modalities)}"
+        if any(m in data.column_names for m in task.modalities):
+            return None, f"its {inputs}: empty in every row"
+        return None, f"the manifest has no column for its {inputs}"
+    rows = usable_rows(manifest, name, task, split)
+    if every_head and task.kind != "regression":
+        foreign = _foreign_label(rows.dataset[task.target], task)
+        if foreign is not None:
+            shown = ", ".join(task.classes[:10]) + (", …" if len(task.classes) > 10 else "")
+            return None, f"column {task.target!r} holds none of its classes (e.g. {foreign!r}; classes: {shown})"
+    check_targets(rows, task, name)
+    if task.kind != "regression":
+        check_classes(rows, task, name)
+    return rows, None
+
+
+def _foreign_label(values, task) -> str | None:
+    """An example label when no value of the target column names one of the task's classes, else ``None``."""
+    from .tasks import label_names
+
+    known, example = set(task.classes), None
+    for v in values:
+        if v is None or not str(v).strip():  # empty: check_targets' "empty target", not a foreign label
+            continue
+        names = label_names(v, task.kind == "multilabel")
+        if not names:
+            continue
+        if any(n in known for n in names):
+            return None
+        example = example or names[0]
+    return example
+
+
+def _zero_shot_options(args, model, data) -> dict:
+    """``evaluate``'s zero-shot arguments from ``--label-column``, ``--templates`` and ``--zero-shot-modality``,
+    checked against the run and the manifest (an explicit flag that cannot apply is an error, not a silent no-op)."""
+    from .evaluate import PROMPT_TEMPLATES
+
+    cols = ", ".join(data.column_names)
+    if args.label_column is not None and args.label_column not in data.column_names:
+        raise ValueError(f"--label-column {args.label_column}: {args.manifest} has no such column (columns: {cols})")
+    for m in args.zero_shot_modality or ():
+        if "text" not in model.towers:
+            raise ValueError(f"--zero-shot-modality {m}: zero-shot needs the run's text tower (for the prompts); "
+                             f"the run has {', '.join(model.towers)}")
+        if m not in model.towers:
+            raise ValueError(f"--zero-shot-modality {m}: the run has no {m} tower (towers: "
+                             f"{', '.join(model.towers)})")
+        if m not in data.column_names:
+            raise ValueError(f"--zero-shot-modality {m}: {args.manifest} has no {m!r} column (columns: {cols})")
+    return {"label_column": args.label_column or "label", "templates": args.templates or PROMPT_TEMPLATES,
+            "zero_shot_modalities": args.zero_shot_modality}
+
+
 def _evaluate(args) -> int:
-    from .task_data import usable_rows
-    from .evaluate import evaluate, evaluate_task
+    from .evaluate import check_templates, evaluate, evaluate_task
     from .model import load
 
     model = load(args.run)
     if args.task is not None and args.task not in model.heads:
         raise ValueError(f"--task {args.task}: no such head (heads: {', '.join(model.heads) or 'none'})")
+    if args.templates is not None:
+        try:
+            check_templates(args.templates)
+        except ValueError as e:
+            raise ValueError(f"--templates: {e}") from None
     manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)
     data = manifest.dataset
     results, embedded = {}, {}  # embedded: each modality's values and embeddings, reused by the plots
     if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
-        results.update(evaluate(model, data, batch_size=args.batch_size, progress=not args.json, embedded=embedded))
-    for name, task in model.tasks.items():  # every head whose inputs and target the manifest has
-        if name not in model.heads or (args.task and name != args.task):
+        results.update(evaluate(model, data, batch_size=args.batch_size, progress=not args.json, embedded=embedded,
+                                **_zero_shot_options(args, model, data)))
+    evaluated = {}  # head → the rows it was evaluated on (for its plots)
+    for name in [args.task] if args.task else list(model.heads):
+        rows, why = _head_rows(manifest, name, model.tasks[name], args.split, every_head=args.task is None)
+        if rows is None:  # named by --task: _nothing_to_evaluate below says what it needs
+            if args.task is None:
+                print(f"xmodal evaluate: task {name} skipped: {why}", file=sys.stderr)
             continue
-        if task.target in data.column_names and any(m in data.column_names for m in task.modalities):
-            rows = usable_rows(manifest, name, task, args.split).dataset  # rows with none of its inputs: left out
-            res = evaluate_task(model, name, rows, batch_size=args.batch_size, progress=not args.json)
-            results.update({f"{name}/{k}": v for k, v in res.items()})
+        res = evaluate_task(model, name, rows.dataset, batch_size=args.batch_size, progress=not args.json)
+        results.update({f"{name}/{k}": v for k, v in res.items()})
+        evaluated[name] = rows.dataset
     if not results:
         raise ValueError(_nothing_to_evaluate(args, model, data))
-    if args.plots:
-        from .plots import write_plots
-        written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results,
-                              embedded=embedded)
-        print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    # The metrics first: a figure that fails to draw must not cost the numbers.
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(format_table(results))
+    sys.stdout.flush()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.plots:
+        from .plots import write_plots
+        try:
+            written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results,
+                                  embedded=embedded, tasks=evaluated, shared_space=args.task is None)
+        except Exception as e:  # any plotting fault (matplotlib's own too): one line, the metrics above stand
+            if os.environ.get("XMODAL_DEBUG"):
+                raise
+            print(f"xmodal evaluate: error: --plots: {type(e).__name__}: {e} (the metrics above are complete)",
+                  file=sys.stderr)
+            return 2
+        print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 
 
@@ -278,10 +365,17 @@ def _evaluate_index(args) -> int:
     return run(args)
 
 
+def add_root(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="the folder the manifest's relative image/audio paths are read from (default: the "
+                        "manifest's folder), as data.root in a config")
+    return p
+
+
 def add_allow_outside_root(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--allow-outside-root", action="store_true",
-                   help="accept image/audio paths outside the manifest's folder (.., absolute paths, symlinks); "
-                        "only for a manifest you trust")
+                   help="accept image/audio paths outside the data root (--root, default the manifest's folder): "
+                        "'..', absolute paths, symlinks; only for a manifest you trust")
     return p
 
 
@@ -316,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", action="store_true",
                    help="also draw training curves, confusion matrices and a 2-D map of the shared space")
     s.add_argument("--plots-dir", default=None, help="where the plots go (default RUN/plots)")
+    s.add_argument("--label-column", default=None,
+                   help="zero-shot: the column holding the class names (default label)")
+    s.add_argument("--templates", nargs="+", default=None, metavar="TEMPLATE",
+                   help="zero-shot: prompt templates, each with one {} for the class name, e.g. 'a {} review.' "
+                        "(default: generic photo/drawing templates)")
+    s.add_argument("--zero-shot-modality", action="extend", nargs="+", default=None, metavar="MODALITY",
+                   help="zero-shot: the modalities to classify (default: the run's non-text modalities the manifest "
+                        "has values for, or text when it has no other)")
+    add_root(s)
     add_allow_outside_root(s)
     add_on_bad_row(s)
     s.set_defaults(fn=_evaluate)
@@ -328,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rows", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
+    add_root(s)
     add_allow_outside_root(s)
     add_on_bad_row(s)
     s.set_defaults(fn=_predict)
@@ -358,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
     s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
     s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
+    add_root(s)
     add_allow_outside_root(s)
     add_on_bad_row(s)
     s.set_defaults(fn=_index)

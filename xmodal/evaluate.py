@@ -1,6 +1,7 @@
 """Evaluate a shared space on a manifest: cross-modal Recall@K both ways, and CLIP-style zero-shot classification."""
 from __future__ import annotations
 
+from collections import Counter
 from itertools import permutations
 from typing import Sequence
 
@@ -66,11 +67,28 @@ def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, 
     return results
 
 
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """The prompt templates, each checked to hold exactly one ``{}`` (where the class name goes)."""
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    if not templates:
+        raise ValueError("templates: at least one prompt template is needed, e.g. 'a photo of a {}.'")
+    for t in templates:
+        try:
+            ok = t.count("{}") == 1 and t.format("x") is not None
+        except (IndexError, KeyError, ValueError):  # other braces: '{0}', '{name}', a lone '{'
+            ok = False
+        if not ok:
+            raise ValueError(f"template {t!r}: needs exactly one {{}} where the class name goes (and no other "
+                             f"braces), e.g. 'a photo of a {{}}.'")
+    return templates
+
+
 @torch.inference_mode()
 def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES,
                          batch_size: int = 256) -> torch.Tensor:
     """Class weights ``[embed_dim, n_classes]`` from prompts: each class's template embeddings averaged and
     re-normalised (prompt ensembling, Radford et al. 2021 §3.1.4; open_clip ``build_zero_shot_classifier``)."""
+    templates = check_templates(templates)
     prompts = [t.format(c) for c in classnames for t in templates]
     emb = model.encode("text", prompts, batch_size=batch_size)
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
@@ -80,7 +98,10 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[s
 def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: str = "label",
                        templates: Sequence[str] = PROMPT_TEMPLATES, batch_size: int = 64,
                        progress: bool = False, embedded: tuple[list, torch.Tensor] | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy of classifying ``modality`` inputs into the label column's class names by prompts.
+    """Accuracy of classifying ``modality`` inputs (any modality, text too) into the label column's class names by
+    text prompts: ``top1``, ``top5`` (only with more than 5 classes: with 5 or fewer it is 1 by construction),
+    ``n_classes``, and two baselines: ``chance_top1`` (1 / classes) and ``majority_top1`` (always answering the most
+    frequent class of these rows, which imbalanced data makes far higher than chance).
 
     ``embedded``: ``(values, embeddings)`` already computed for this modality (by :func:`evaluate_retrieval`); used
     when it covers every input, else the inputs are embedded here."""
@@ -105,25 +126,39 @@ def evaluate_zero_shot(model, dataset, modality: str = "image", label_column: st
     if feats is None:
         feats = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
     targets = torch.tensor([classnames.index(y) for y in labels])
-    acc = topk_accuracy(feats @ weights, targets)
+    acc = topk_accuracy(feats @ weights, targets, ks=(1, 5) if len(classnames) > 5 else (1,))
     out = {f"zero_shot/{k}": v for k, v in acc.items()}
     out["zero_shot/n_classes"] = float(len(classnames))
     out["zero_shot/chance_top1"] = 1.0 / len(classnames)
+    out["zero_shot/majority_top1"] = max(Counter(labels).values()) / len(labels)
     return out
 
 
+def default_zero_shot_modalities(model, dataset) -> list[str]:
+    """The modalities :func:`evaluate` classifies zero-shot by default: the run's non-text modalities that the data
+    has values for; text itself only when the data has no other (text prompts against text inputs, e.g. reviews)."""
+    if "text" not in model.towers:  # the prompts are text
+        return []
+    have = [m for m in model.modalities if m in dataset.column_names and m in model.towers and _present(dataset[m])]
+    return [m for m in have if m != "text"] or [m for m in have if m == "text"]
+
+
 def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progress: bool = False,
-             embedded: dict | None = None) -> dict[str, float]:
-    """Everything that applies to this dataset: retrieval between its modality columns, zero-shot on its labels.
+             embedded: dict | None = None, *, label_column: str = "label",
+             templates: Sequence[str] = PROMPT_TEMPLATES,
+             zero_shot_modalities: Sequence[str] | None = None) -> dict[str, float]:
+    """Everything that applies to this dataset: retrieval between its modality columns, and zero-shot
+    classification (``zero_shot/<modality>/...``, see :func:`evaluate_zero_shot`) into ``label_column``'s classes by
+    ``templates``, of ``zero_shot_modalities`` (default: :func:`default_zero_shot_modalities`).
     ``embedded``: a dict that receives ``{modality: (distinct values, their embeddings)}`` (for the plots)."""
     embedded = {} if embedded is None else embedded  # each modality's values embedded once, for everything
     results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress, embedded=embedded)
-    if zero_shot and "label" in dataset.column_names and "text" in model.towers:
-        for m in model.modalities:
-            if m != "text" and m in dataset.column_names:
-                results.update({k.replace("zero_shot/", f"zero_shot/{m}/"): v for k, v in
-                                evaluate_zero_shot(model, dataset, m, batch_size=batch_size, progress=progress,
-                                                   embedded=embedded.get(m)).items()})
+    if zero_shot and label_column in dataset.column_names and "text" in model.towers:
+        mods = default_zero_shot_modalities(model, dataset) if zero_shot_modalities is None else zero_shot_modalities
+        for m in mods:
+            results.update({k.replace("zero_shot/", f"zero_shot/{m}/"): v for k, v in
+                            evaluate_zero_shot(model, dataset, m, label_column, templates, batch_size=batch_size,
+                                               progress=progress, embedded=embedded.get(m)).items()})
     return results
 
 

@@ -19,6 +19,7 @@ def _pyplot():
     return plt
 
 
+BASELINES = {"chance_": "--", "majority_": ":"}  # eval keys drawn as reference lines, with their line style
 FEW_POINTS = 30  # a series with at most this many points gets a marker on each (one point alone is no line)
 
 
@@ -28,7 +29,8 @@ def _markers(n: int) -> dict:
 
 def training_curves(metrics_path: Path, out: Path) -> Path | None:
     """Loss (per task) and every eval metric against the step, from ``metrics.jsonl``; series of few points get
-    markers, and a zero-shot chance level (``chance_top1``) is a dashed reference line."""
+    markers, and a zero-shot chance level (``chance_top1``) is a dashed reference line, the majority-class rate
+    (``majority_top1``) a dotted one."""
     if not metrics_path.is_file():
         return None
     records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -38,8 +40,9 @@ def training_curves(metrics_path: Path, out: Path) -> Path | None:
             if key != "step" and isinstance(value, (int, float)) and (key.startswith("loss") or
                                                                        key.startswith("eval/")):
                 series.setdefault(key, {})[rec["step"]] = value
-    # chance_top1 is a constant of the eval set (1 / n_classes), not a result: a reference line, not a curve
-    chances = [k for k in series if k.startswith("eval/") and "chance" in k]
+    # chance_top1 (1 / n_classes) and majority_top1 (the most frequent class's share) are constants of the eval set,
+    # not results: reference lines, not curves
+    chances = [k for k in series if k.startswith("eval/") and any(b in k for b in BASELINES)]
     evals = [k for k in series if k.startswith("eval/") and k not in chances
              and any(s in k for s in ("R@10", "top1", "accuracy", "macro_f1", "mae"))]
     losses = [k for k in series if k.startswith("loss")]
@@ -57,10 +60,11 @@ def training_curves(metrics_path: Path, out: Path) -> Path | None:
             steps = sorted(series[k])
             axes[0, 1].plot(steps, [series[k][s] for s in steps], marker="o", label=k.removeprefix("eval/"))
         for k in chances:
-            if k.replace("chance_", "") in evals:  # the chance level of a plotted top-1 curve
+            base = next(b for b in BASELINES if b in k)
+            if k.replace(base, "") in evals:  # the baseline of a plotted top-1 curve
                 level = series[k][max(series[k])]
-                axes[0, 1].axhline(level, color="grey", linestyle="--", linewidth=1,
-                                   label=f"chance: {k.removeprefix('eval/')} = {level:.3g}")
+                axes[0, 1].axhline(level, color="grey", linestyle=BASELINES[base], linewidth=1,
+                                   label=f"{base.rstrip('_')}: {k.removeprefix('eval/')} = {level:.3g}")
         axes[0, 1].set(xlabel="step", title="held-out metrics")
         axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
@@ -150,23 +154,9 @@ def recall_matrix(results: dict[str, float], out: Path, k: int = 10) -> Path | N
     return out
 
 
-def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dict | None = None,
-                embedded: dict | None = None) -> list[Path]:
-    """Every plot that applies: curves (from the run), confusion matrices (classification heads whose target the
-    data has), the 2-D map (modality columns of the data, with ``label`` when present), and with evaluation
-    ``results`` holding retrieval figures, the Recall@10 matrix of every direction. ``embedded``: ``{modality:
-    (values, embeddings)}`` already computed (by :func:`xmodal.evaluate.evaluate`), reused for the map."""
-    from .evaluate import predict_outputs
-    from .metrics import confusion_matrix
-    from .tasks import targets
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [training_curves(Path(run_dir) / "metrics.jsonl", out_dir / "training_curves.png")]
-    for name, cfg in model.tasks.items():
-        if cfg.kind == "classification" and name in model.heads and cfg.target in dataset.column_names:
-            pred = model.heads[name].predict(predict_outputs(model, name, dataset))
-            cm = confusion_matrix(pred, targets(cfg, dataset[cfg.target]), len(cfg.classes))
-            written.append(confusion_plot(cm, cfg.classes, f"{name}: confusion", out_dir / f"confusion_{name}.png"))
+def _shared_space_map(model, dataset, embedded: dict | None, out: Path) -> Path | None:
+    """:func:`space_map` of the data's modality columns (at most ``MAX_MAP_POINTS`` each), coloured by ``label`` when
+    the data has one; reuses the ``embedded`` values."""
     embeddings, labels = {}, {}
     for m in model.modalities:
         if m not in dataset.column_names:
@@ -180,9 +170,40 @@ def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dic
             embeddings[m] = emb[[at[v] for v in values]] if reuse else model.encode(m, values)
             if "label" in dataset.column_names:
                 labels[m] = [dataset["label"][i] for i in rows]
-    if embeddings:
-        written.append(space_map(embeddings, labels if len(labels) == len(embeddings) else None,
-                                 out_dir / "space_map.png"))
+    if not embeddings:
+        return None
+    return space_map(embeddings, labels if len(labels) == len(embeddings) else None, out)
+
+
+def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dict | None = None,
+                embedded: dict | None = None, *, tasks: dict | None = None, shared_space: bool = True) -> list[Path]:
+    """Every plot that applies: curves (from the run), confusion matrices, the 2-D map (modality columns of the data,
+    with ``label`` when present), and with evaluation ``results`` holding retrieval figures, the Recall@10 matrix of
+    every direction. ``embedded``: ``{modality: (values, embeddings)}`` already computed (by
+    :func:`xmodal.evaluate.evaluate`), reused for the map.
+
+    ``tasks``: ``{head: its rows}`` to draw confusion matrices for (its classification heads; ``xmodal evaluate``
+    passes the heads it evaluated, on the rows it evaluated them on); default: each classification head whose target
+    and one of whose input columns the data has. ``shared_space=False`` leaves out the map (a ``--task`` evaluation
+    is about one head)."""
+    from .evaluate import predict_outputs
+    from .metrics import confusion_matrix
+    from .tasks import targets
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [training_curves(Path(run_dir) / "metrics.jsonl", out_dir / "training_curves.png")]
+    cols = dataset.column_names
+    if tasks is None:
+        tasks = {name: dataset for name, cfg in model.tasks.items() if name in model.heads and cfg.target in cols
+                 and any(m in cols for m in cfg.modalities)}
+    for name, rows in tasks.items():
+        cfg = model.tasks[name]
+        if cfg.kind == "classification":
+            pred = model.heads[name].predict(predict_outputs(model, name, rows))
+            cm = confusion_matrix(pred, targets(cfg, rows[cfg.target]), len(cfg.classes))
+            written.append(confusion_plot(cm, cfg.classes, f"{name}: confusion", out_dir / f"confusion_{name}.png"))
+    if shared_space:
+        written.append(_shared_space_map(model, dataset, embedded, out_dir / "space_map.png"))
     if results:
         written.append(recall_matrix(results, out_dir / "recall_matrix.png"))
     return [p for p in written if p is not None]

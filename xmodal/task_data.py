@@ -66,7 +66,7 @@ def read_task_manifests(cfg: Config, name: str, t: TaskConfig) -> tuple[Manifest
         parts = [(usable_rows(m, name, t, split), split) for m, split in parts]
     if t.kind != "retrieval":
         for m, _ in parts:
-            _check_targets(m, t, name)
+            check_targets(m, t, name)
         if t.kind in ("classification", "multilabel"):
             t.classes = resolve_classes(t, parts[0][0].dataset[t.target])
             if len(t.classes) < 2:
@@ -74,7 +74,7 @@ def read_task_manifests(cfg: Config, name: str, t: TaskConfig) -> tuple[Manifest
                                     f"classes ({t.classes})")
             _log_classes(name, t)
             for m, _ in parts:  # eval rows too: a label the head has no output for, found now, not after training
-                _check_classes(m, t, name)
+                check_classes(m, t, name)
     return parts[0][0], parts[1][0] if len(parts) > 1 else None
 
 
@@ -178,7 +178,7 @@ def _target_problem(v: Any, kind: str) -> str | None:
     return None
 
 
-def _check_targets(m: Manifest, t: TaskConfig, name: str) -> None:
+def check_targets(m: Manifest, t: TaskConfig, name: str) -> None:
     """Every row's target is present, and numeric and finite for a regression task."""
     data = m.dataset
     if t.target not in data.column_names:
@@ -189,7 +189,7 @@ def _check_targets(m: Manifest, t: TaskConfig, name: str) -> None:
     _raise_rows(_bad_rows(m, t.target, found), m.source)
 
 
-def _check_classes(m: Manifest, t: TaskConfig, name: str) -> None:
+def check_classes(m: Manifest, t: TaskConfig, name: str) -> None:
     """Every row's label (each ``|``-separated name of a multi-label row) is one of the task's classes."""
     known = set(t.classes)
     shown = ", ".join(t.classes[:10]) + (f", … ({len(t.classes)} classes)" if len(t.classes) > 10 else "")

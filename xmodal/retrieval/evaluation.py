@@ -22,7 +22,7 @@ query left with none is skipped (``n_queries_skipped``).
 A command line (to be wired as ``xmodal evaluate-index``)::
 
     python -m xmodal.retrieval.evaluation --index DIR --manifest FILE --query-modality text [--split test]
-        [--relevance pair|label] [--depth N] [--json]
+        [--relevance pair|label] [--depth N] [--root DIR] [--json]
 """
 from __future__ import annotations
 
@@ -165,11 +165,13 @@ def manifest_queries(dataset, query_modality: str, item_modality: str, relevance
 def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, split: str | None = None,
                             relevance: str = "pair", ks: Sequence[int] = KS, depth: int | None = None,
                             filter: Any = None, batch_size: int = 64, max_rows: int | None = None,
-                            allow_outside_root: bool = False, on_bad_row: str = "error") -> dict[str, float]:
+                            allow_outside_root: bool = False, on_bad_row: str = "error",
+                            root: str | os.PathLike | None = None) -> dict[str, float]:
     """:func:`evaluate_index` with the queries and relevance of a manifest (see :func:`manifest_queries`).
 
-    ``manifest``: a path (read with :func:`xmodal.data.read_manifest`, paths resolved as when the index was built),
-    a :class:`~xmodal.data.Manifest` or a ``datasets.Dataset``.
+    ``manifest``: a path (read with :func:`xmodal.data.read_manifest`, relative paths resolved against ``root``,
+    default the manifest's folder, as when the index was built), a :class:`~xmodal.data.Manifest` or a
+    ``datasets.Dataset``.
     """
     item_modality = retriever.modality
     if item_modality is None:
@@ -177,7 +179,7 @@ def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, sp
     if isinstance(manifest, (str, os.PathLike)):
         from ..data import read_manifest
         manifest = read_manifest(manifest, split=split, modalities=None, max_rows=max_rows, require_all=False,
-                                 allow_outside_root=allow_outside_root, on_bad_row=on_bad_row)
+                                 root=root, allow_outside_root=allow_outside_root, on_bad_row=on_bad_row)
     ds = getattr(manifest, "dataset", manifest)
     queries, relevant, key = manifest_queries(ds, query_modality, item_modality, relevance)
     if not queries:
@@ -200,8 +202,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="the folder the manifest's relative image/audio paths are read from (default: the "
+                        "manifest's folder), as data.root in a config")
     p.add_argument("--allow-outside-root", action="store_true",
-                   help="accept image/audio paths outside the manifest's folder (.., absolute paths, symlinks)")
+                   help="accept image/audio paths outside the data root (--root, default the manifest's folder): "
+                        "'..', absolute paths, symlinks")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
                    help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
                         "and field; skip drops it with a warning")
