@@ -230,3 +230,104 @@ def test_gradient_weightings_two_processes_equal_one_process(fashion, rotten, tm
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
     if weighting == "gradnorm":
         assert "weight/fashion" in records(one)[0]
+
+
+def test_each_log_record_holds_every_sampled_tasks_mean_loss_over_its_window(fashion, clipart, tmp_path,
+                                                                              monkeypatch):
+    """Round robin over 3 tasks with log_every 3: each record holds all three tasks' losses, each the mean of that
+    task's per-step losses since the previous record (the truth: the same seed logged every step). The windowed run
+    is also interrupted at step 6 and resumed from its step-4 checkpoint, mid-window: the window is checkpointed."""
+    tasks = {"img": {"kind": "classification", "train": str(fashion), "modalities": ["image"]},
+             "txt": {"kind": "classification", "train": str(fashion), "modalities": ["text"]},
+             "ret": {"kind": "retrieval", "train": str(clipart), "modalities": ["image", "text"]}}
+    common = dict(multitask={"sampling": "round_robin"}, train={"max_steps": 9})
+    truth: dict[str, dict[int, float]] = {}
+    for r in records(train(cfg(tmp_path / "each", tasks, **common))):  # log_every 1: one task's loss per step
+        for k, v in r.items():
+            if k.startswith("loss/"):
+                truth.setdefault(k, {})[r["step"]] = v
+    assert {k: sorted(v) for k, v in truth.items()} == {
+        "loss/img": [1, 4, 7], "loss/txt": [2, 5, 8], "loss/ret": [3, 6, 9]}
+
+    windowed = cfg(tmp_path / "windowed", tasks, multitask=common["multitask"],
+                   train={"max_steps": 9, "log_every": 3, "save_every": 2})
+    run = train_crash_resume(monkeypatch, windowed, crash_step=6)
+    logged = [r for r in records(run) if "lr" in r]
+    assert sorted({r["step"] for r in logged}) == [3, 6, 9]
+    for r in logged:  # step 6 twice: before the crash, and again by the resumed run
+        window = range(r["step"] - 2, r["step"] + 1)
+        assert {k for k in r if k.startswith("loss")} == set(truth)  # a sampled run has no total "loss"
+        for key, steps in truth.items():
+            expected = [steps[s] for s in window if s in steps]
+            assert r[key] == pytest.approx(sum(expected) / len(expected), rel=1e-5, abs=1e-6), (r["step"], key)
+
+
+def test_all_tasks_per_step_logs_window_means_and_their_mean_as_loss(fashion, tmp_path):
+    tasks = {"img": {"kind": "classification", "train": str(fashion), "modalities": ["image"]},
+             "txt": {"kind": "classification", "train": str(fashion), "modalities": ["text"]}}
+    common = dict(multitask={"tasks_per_step": "all"})
+    each = {r["step"]: r for r in records(train(cfg(tmp_path / "each", tasks, **common, train={"max_steps": 4})))
+            if "lr" in r}
+    windowed = [r for r in records(train(cfg(tmp_path / "w", tasks, **common, train={"max_steps": 4,
+                                                                                      "log_every": 2})))
+                if "lr" in r]
+    assert [r["step"] for r in windowed] == [2, 4]
+    for r in windowed:
+        for key in ("loss/img", "loss/txt", "loss"):  # the total: the unweighted mean of the tasks' losses
+            expected = (each[r["step"] - 1][key] + each[r["step"]][key]) / 2
+            assert r[key] == pytest.approx(expected, rel=1e-5), (r["step"], key)
+
+
+def _linear_target_manifest(fashion, base: Path, path: Path) -> tuple[Path, list[float], list[float]]:
+    """The fashion captions with a score ``y`` on a 0–100 scale that is an exact linear function of the (frozen)
+    shared-space text features of ``base``: a linear probe can fit it, if it can reach the target's scale."""
+    import csv
+    rows = list(csv.DictReader(open(fashion, encoding="utf-8")))
+    feats = xmodal.load(base).encode("text", [r["text"] for r in rows])
+    centred = feats - feats.mean(0)
+    s = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]  # the features' widest direction
+    y = (50 + 15 * (s - s.mean()) / s.std()).tolist()
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "text", "y", "split"])
+        w.writeheader()
+        for r, v in zip(rows, y):
+            w.writerow({"id": r["id"], "text": r["text"], "y": v, "split": r["split"]})
+    split = [r["split"] for r in rows]
+    return path, [v for v, s in zip(y, split) if s == "train"], [v for v, s in zip(y, split) if s == "test"]
+
+
+def test_regression_on_a_0_to_100_scale_is_standardised_and_beats_the_mean(fashion, tmp_path):
+    torch.manual_seed(0)
+    base = cfg(tmp_path / "base", {})
+    xmodal.XModalModel(base.model).save(tmp_path / "base")  # an init_from run folder: random frozen towers
+    manifest, y_train, y_test = _linear_target_manifest(fashion, tmp_path / "base", tmp_path / "scores.csv")
+    mean = sum(y_train) / len(y_train)
+    std = (sum((v - mean) ** 2 for v in y_train) / len(y_train)) ** 0.5
+    baseline_mae = sum(abs(v - mean) for v in y_test) / len(y_test)  # predicting the training mean
+
+    config = cfg(tmp_path / "run", {"score": {"kind": "regression", "train": str(manifest), "modalities": ["text"],
+                                              "target": "y"}},
+                 train={"max_steps": 60, "lr": 5e-2, "freeze_towers": True, "freeze_projections": True})
+    config.init_from = str(tmp_path / "base")
+    run = train(config)
+    final = records(run)[-1]
+    assert final["eval/score/mae"] < 0.25 * baseline_mae, (final, baseline_mae)
+    assert final["eval/score/r2"] > 0.8
+    head = xmodal.load(run).heads["score"].head
+    assert head.target_mean.item() == pytest.approx(mean, rel=1e-5)  # from the training rows only
+    assert head.target_std.item() == pytest.approx(std, rel=1e-5)
+
+    # a head that init_from brings keeps its own scale (here it would be fitted on targets 1000 higher)
+    import csv
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    shifted = tmp_path / "shifted.csv"
+    with open(shifted, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "y": float(r["y"]) + 1000} for r in rows)
+    again = cfg(tmp_path / "again", {"score": {"kind": "regression", "train": str(shifted), "modalities": ["text"],
+                                               "target": "y"}},
+                train={"max_steps": 1, "freeze_towers": True, "freeze_projections": True})
+    again.init_from = str(run)
+    kept = xmodal.load(train(again)).heads["score"].head
+    assert (kept.target_mean.item(), kept.target_std.item()) == (head.target_mean.item(), head.target_std.item())

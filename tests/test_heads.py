@@ -145,3 +145,40 @@ def test_task_head_late_prob_is_the_log_of_the_mean_probability():
                         (p["image"][3] + p["text"][3]) / 2]).log()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("kind, expected", [("mse", (1 + 4 + 4) / 3), ("l1", (1 + 2 + 2) / 3),
+                                            ("huber", (0.5 + 1.5 + 1.5) / 3)])
+def test_regression_head_learns_standardised_targets_and_predicts_in_their_units(kind, expected):
+    head = RegressionHead(4, loss=kind)
+    head.fit_target_scale(torch.tensor([8.0, 12.0, 8.0, 12.0]))  # mean 10, population std 2
+    assert (head.target_mean.item(), head.target_std.item()) == (10.0, 2.0)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(head(x), head.net(x).squeeze(-1) * 2 + 10)  # the target's own units
+    # standardised errors (pred - target) / 2 = 1, -2, -2: the loss is in std units (Huber's δ = 1 std)
+    pred, target = torch.tensor([12.0, 6.0, 10.0]), torch.tensor([10.0, 10.0, 14.0])
+    assert head.loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(head.predict(pred), pred)
+
+
+def test_regression_head_target_scale_of_a_constant_or_single_target():
+    head = RegressionHead(4)
+    head.fit_target_scale(torch.full((6,), 3.5))
+    assert (head.target_mean.item(), head.target_std.item()) == (3.5, 1.0)  # no spread: an offset, unscaled
+    head.fit_target_scale(torch.tensor([7.0]))
+    assert (head.target_mean.item(), head.target_std.item()) == (7.0, 1.0)
+
+
+def test_regression_head_state_without_target_scale_loads_as_unscaled():
+    """Weights saved before targets were standardised hold no target_mean/target_std: that head learnt raw targets."""
+    old = RegressionHead(4, hidden=3)
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("target_")}
+    new = RegressionHead(4, hidden=3)
+    new.fit_target_scale(torch.tensor([50.0, 70.0]))
+    new.load_state_dict(state)  # strict
+    assert (new.target_mean.item(), new.target_std.item()) == (0.0, 1.0)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(new(x), old.net(x).squeeze(-1))
+    scaled = RegressionHead(4, hidden=3)
+    scaled.load_state_dict(new.state_dict() | {"target_mean": torch.tensor([5.0]), "target_std": torch.tensor([4.0])})
+    assert (scaled.target_mean.item(), scaled.target_std.item()) == (5.0, 4.0)

@@ -33,3 +33,23 @@ def test_topk_accuracy():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     acc = topk_accuracy(logits, torch.tensor([1, 2, 0]), ks=(1, 2, 5))
     assert acc == pytest.approx({"top1": 1 / 3, "top2": 1 / 3, "top5": 1.0})
+
+
+def test_regression_r2_by_hand_and_against_sklearn():
+    from xmodal.metrics import regression_metrics
+    target = torch.tensor([3.0, -0.5, 2.0, 7.0])
+    pred = torch.tensor([2.5, 0.0, 2.0, 8.0])
+    ss_res = 0.25 + 0.25 + 0.0 + 1.0
+    ss_tot = sum((v - 2.875) ** 2 for v in [3.0, -0.5, 2.0, 7.0])
+    m = regression_metrics(pred, target)
+    assert m["r2"] == pytest.approx(1 - ss_res / ss_tot, rel=1e-12)
+    assert m["mae"] == pytest.approx(0.5) and m["rmse"] == pytest.approx((1.5 / 4) ** 0.5)
+    assert regression_metrics(torch.full((4,), 2.875), target)["r2"] == pytest.approx(0.0, abs=1e-12)  # the mean
+    assert regression_metrics(torch.full((4,), 11.0), target)["r2"] < 0  # worse than the mean
+    assert regression_metrics(torch.ones(3), torch.ones(3))["r2"] == 1.0  # constant target, exact
+    assert regression_metrics(torch.zeros(3), torch.ones(3))["r2"] == 0.0  # constant target, missed (as sklearn)
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y, p = rng.normal(60, 20, 50), rng.normal(60, 25, 50)
+    assert regression_metrics(torch.tensor(p), torch.tensor(y))["r2"] == pytest.approx(sklearn.r2_score(y, p),
+                                                                                       rel=1e-9)

@@ -124,3 +124,48 @@ def test_an_index_of_an_older_format_run_accepts_the_model_loaded_from_it(tmp_pa
         model.towers["text"].projection[0].weight.add_(1e-3)  # changed after loading: another space
     with pytest.raises(FingerprintMismatchError):
         Retriever(tmp_path / "idx", model=model)
+
+
+def _regression_model():
+    from xmodal.config import TaskConfig
+    from xmodal.heads import RegressionHead
+    torch.manual_seed(0)
+    model = XModalModel(small(), {"score": TaskConfig(kind="regression", modalities=["text"]),
+                                  "late": TaskConfig(kind="regression", modalities=["image", "text"], fusion="late")})
+    leaves = [m for m in model.heads.modules() if isinstance(m, RegressionHead)]
+    assert len(leaves) == 3  # one head, and one per modality under late fusion
+    for i, head in enumerate(leaves):
+        head.fit_target_scale(torch.tensor([40.0, 80.0]) + i)  # mean 60 + i, std 20
+    return model.eval(), leaves
+
+
+def test_regression_target_scale_survives_save_and_load(tmp_path, images):
+    model, leaves = _regression_model()
+    model.save(tmp_path / "run")
+    loaded = xmodal.load(tmp_path / "run")
+    from xmodal.heads import RegressionHead
+    got = [m for m in loaded.heads.modules() if isinstance(m, RegressionHead)]
+    assert [(h.target_mean.item(), h.target_std.item()) for h in got] == [(60.0 + i, 20.0) for i in range(3)]
+    texts = ["a red square", "green"]
+    torch.testing.assert_close(loaded.predict("score", {"text": texts}), model.predict("score", {"text": texts}))
+    inputs = {"image": images[:2], "text": texts}
+    torch.testing.assert_close(loaded.predict("late", inputs), model.predict("late", inputs))
+
+
+def test_regression_head_saved_before_target_scaling_loads_unscaled(tmp_path, images):
+    """A file without target_mean/target_std (saved before they existed) loads with 0/1 and predicts what it did:
+    the raw output of its layers."""
+    from safetensors.torch import load_file, save_file
+    model, leaves = _regression_model()
+    model.save(tmp_path / "run")
+    path = tmp_path / "run" / "model.safetensors"
+    w = load_file(str(path))
+    assert sum(k.endswith(("target_mean", "target_std")) for k in w) == 6
+    save_file({k: v for k, v in w.items() if not k.endswith(("target_mean", "target_std"))}, str(path))
+    loaded = xmodal.load(tmp_path / "run")
+    from xmodal.heads import RegressionHead
+    assert all((h.target_mean.item(), h.target_std.item()) == (0.0, 1.0)
+               for h in loaded.heads.modules() if isinstance(h, RegressionHead))
+    texts = ["a red square", "green"]
+    scaled = model.predict("score", {"text": texts})
+    torch.testing.assert_close(loaded.predict("score", {"text": texts}), (scaled - 60.0) / 20.0)

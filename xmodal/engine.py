@@ -28,6 +28,7 @@ from .config import Config, ModelConfig, TaskConfig, _from_dict, check_task_moda
 from .data import ManifestDataset, collate
 from .feature_cache import is_cacheable, precompute_features
 from .gradcache import gradcache_step
+from .heads import RegressionHead
 from .losses import build_loss
 from .losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting, gradnorm_backward, pcgrad
 from .model import FEATURES, WEIGHTS_NAME, XModalModel
@@ -132,6 +133,47 @@ def _split(batch: dict, k: int) -> list[dict]:
 def collate_renamed(rename: dict[str, str], items: list[dict]) -> dict:
     """``collate``, then rename keys (``image`` → ``image:features`` for cached modalities)."""
     return {rename.get(k, k): v for k, v in collate(items).items()}
+
+
+class LossWindow:
+    """Each task's loss summed over the optimiser steps since the last record, so that a record holds, for every
+    task that had steps in its window, the mean over them (with sampled tasks, not only the task of the logged step).
+    Steps skipped as non-finite are left out: they have records of their own.
+
+    The sums stay on the device (no host sync per step). :meth:`means` and :meth:`state` average them over processes
+    (per-rank losses differ with local_loss): collectives, so every rank calls them at the same step. ``state`` goes
+    into each checkpoint, so a resumed run logs the same means as an uninterrupted one."""
+
+    def __init__(self, tasks, device):
+        self.index = {n: i for i, n in enumerate(tasks)}
+        self.sums = torch.zeros(len(self.index), device=device)
+        self.counts = [0] * len(self.index)
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for n, v in losses.items():
+            self.sums[self.index[n]] += v.detach().float()
+            self.counts[self.index[n]] += 1
+
+    def _sums(self, accelerator) -> list[float]:
+        return accelerator.reduce(self.sums, "mean").tolist()
+
+    def means(self, accelerator) -> dict[str, float]:
+        """``{task: mean loss}`` over the window (tasks without steps in it left out); starts the next window."""
+        sums = self._sums(accelerator)
+        out = {n: sums[i] / self.counts[i] for n, i in self.index.items() if self.counts[i]}
+        self.sums.zero_()
+        self.counts = [0] * len(self.index)
+        return out
+
+    def state(self, accelerator) -> dict[str, list]:
+        sums = self._sums(accelerator)
+        return {n: [sums[i], self.counts[i]] for n, i in self.index.items() if self.counts[i]}
+
+    def load(self, state: dict[str, list]) -> None:
+        """Every rank takes the process-mean sums: the next mean over processes adds only the new steps' spread."""
+        for n, (total, count) in state.items():
+            if n in self.index:
+                self.sums[self.index[n]], self.counts[self.index[n]] = total, count
 
 
 class MetricsLog:
@@ -259,6 +301,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if missing or unexpected:
             raise ValueError(f"init_from {cfg.init_from}: weights do not fit the towers (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
+    _fit_target_scales(model, runs, init_weights)  # before a resumed run's checkpoint, which restores its own
     if t.freeze_projections:  # a linear probe of the shared space itself: only the heads learn
         for tower in model.towers.values():
             tower.projection.requires_grad_(False)
@@ -314,6 +357,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     unwrapped: XModalModel = accelerator.unwrap_model(model)
 
     step = 0
+    loss_window = LossWindow(runs, accelerator.device)
     if ckpt is not None and finished(out_dir, ckpt, total):
         log.info("%s: the run already finished at step %s (%s written); nothing to do", out_dir,
                  ckpt.name.removeprefix("step_"), WEIGHTS_NAME)
@@ -325,6 +369,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         for name, p in position["tasks"].items():
             runs[name].epoch, runs[name].batch = p["epoch"], p["batch"]
         sampler.load_state_dict(position["sampler"])
+        loss_window.load(position.get("loss_window", {}))  # checkpoints older than the window: it restarts
         log.info("resumed from %s at step %d", ckpt, step)
     if t.unfreeze_at_step and step >= t.unfreeze_at_step:  # resumed after the scheduled unfreezing
         _unfreeze(unwrapped)
@@ -415,6 +460,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if isinstance(weighting, GradNormWeighting):  # Σ w = T, w > 0 after every update (Algorithm 1)
                 weighting.renormalise()
             skipped_in_row = 0
+            loss_window.add(step_losses)
         else:  # skip the update (the schedule still advances, as with fp16's skipped steps)
             skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
             where = "; ".join(f"task {n}, epoch {position[n][0]}, batch {position[n][1]}" for n in step_losses)
@@ -435,10 +481,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
         if step % t.log_every == 0 or step == total:
             record: dict[str, Any] = {"step": step}
-            for n, v in step_losses.items():  # per-rank losses differ with local_loss: report the mean
-                record["loss" if len(runs) == 1 else f"loss/{n}"] = accelerator.reduce(v.float(), "mean").item()
-            if len(runs) > 1 and len(step_losses) > 1:
-                record["loss"] = sum(record[f"loss/{n}"] for n in step_losses) / len(step_losses)
+            means = loss_window.means(accelerator)
+            record.update({"loss" if len(runs) == 1 else f"loss/{n}": v for n, v in means.items()})
+            if len(runs) > 1 and mt.tasks_per_step == "all" and means:  # every task in every step: their mean
+                record["loss"] = sum(means.values()) / len(means)
             elapsed = time.perf_counter() - window_start
             record.update(epoch=step / epoch_steps, lr=optimizer.param_groups[0]["lr"],
                           logit_scale=_whole(unwrapped.logit_scale).exp().item(),
@@ -454,20 +500,22 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
             if progress is not None:
                 shown = record["loss"] if "loss" in record else next(
-                    v for k, v in record.items() if k.startswith("loss/"))
+                    (v for k, v in record.items() if k.startswith("loss/")), math.nan)  # nan: all steps skipped
                 progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
             window_start, window_steps = time.perf_counter(), 0
         if progress is not None:
             progress.update(1)
         if t.save_every and step % t.save_every == 0 and step < total:
-            save_checkpoint(accelerator, out_dir, _position(step, runs, sampler), keep=t.keep_checkpoints)
+            save_checkpoint(accelerator, out_dir, _position(step, runs, sampler, loss_window.state(accelerator)),
+                            keep=t.keep_checkpoints)
         if t.eval_every and step % t.eval_every == 0 and step < total:
             _evaluate_and_log(accelerator, unwrapped, runs, step, metrics, cfg)
             model.train()
 
     if progress is not None:
         progress.close()
-    save_checkpoint(accelerator, out_dir, _position(step, runs, sampler), keep=t.keep_checkpoints)
+    save_checkpoint(accelerator, out_dir, _position(step, runs, sampler, loss_window.state(accelerator)),
+                    keep=t.keep_checkpoints)
     results = _evaluate_and_log(accelerator, unwrapped, runs, step, metrics, cfg)
     # Under FSDP every rank holds shards: gathering the whole weights is a collective, so every rank calls it.
     state = accelerator.get_state_dict(model) if _sharded(accelerator) else None
@@ -482,6 +530,19 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
 
 pretrain = train  # `xmodal pretrain` and `xmodal finetune` are the same loop; the config decides
+
+
+def _fit_target_scales(model: XModalModel, runs: dict[str, TaskRun], init_weights: dict | None) -> None:
+    """A regression head new to this run learns standardised targets: its mean and std come from the task's
+    training targets. A head that ``init_from`` brought keeps the scale it was trained with (0/1 if it predates
+    standardisation). Every process reads the whole train split, so every rank sets the same values."""
+    for name, r in runs.items():
+        if r.cfg.kind != "regression" or any(k.startswith(f"heads.{name}.") for k in init_weights or {}):
+            continue
+        y = targets(r.cfg, r.dataset[r.cfg.target], f"task {name}: ")
+        for head in model.heads[name].modules():  # one per modality under late fusion
+            if isinstance(head, RegressionHead):
+                head.fit_target_scale(y)
 
 
 def _too_few_rows(r: TaskRun, t, processes: int) -> str:
@@ -548,9 +609,9 @@ def _finite(accelerator, losses: dict[str, torch.Tensor], model, grad_norm, chec
     return bad == 0
 
 
-def _position(step: int, runs: dict[str, TaskRun], sampler: TaskSampler) -> dict:
+def _position(step: int, runs: dict[str, TaskRun], sampler: TaskSampler, loss_window: dict) -> dict:
     return {"step": step, "tasks": {n: {"epoch": r.epoch, "batch": r.batch} for n, r in runs.items()},
-            "sampler": sampler.state_dict()}
+            "sampler": sampler.state_dict(), "loss_window": loss_window}
 
 
 def _unfreeze(model: XModalModel) -> None:
@@ -641,7 +702,7 @@ def _evaluate_and_log(accelerator, model: XModalModel, runs: dict[str, TaskRun],
         if cfg.log.backend != "none":
             accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
         shown = {k: round(v, 4) for k, v in results.items()
-                 if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae"))}
+                 if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae")) or k.endswith("r2")}
         log.info("eval at step %d: %s", step, shown)
     accelerator.wait_for_everyone()
     return results

@@ -175,7 +175,7 @@ def predict_outputs(model, task: str, dataset, batch_size: int = 64, progress: b
 
 def evaluate_task(model, task: str, dataset, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
     """Held-out metrics of a head: accuracy and macro-F1 (classification), micro/macro-F1 (multi-label), MAE, RMSE
-    and Pearson r (regression)."""
+    Pearson r and R² (regression)."""
     from .metrics import classification_metrics, multilabel_metrics, regression_metrics
     from .tasks import targets
 

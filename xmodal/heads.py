@@ -56,7 +56,16 @@ class ClassificationHead(nn.Module):
 
 class RegressionHead(nn.Module):
     """``[B, in_dim] → [B]`` score (e.g. sentiment in [-1, 1]); ``loss`` = ``"mse"``, ``"l1"`` or ``"huber"``
-    (δ = 1) against a float ``[B]`` target; ``predict`` = the score."""
+    (δ = 1) against a float ``[B]`` target; ``predict`` = the score.
+
+    Targets are standardised: the linear layer learns ``(y - target_mean) / target_std``, and ``forward`` returns
+    ``net(x) · target_std + target_mean``, i.e. scores in the target's own units. ``loss`` standardises prediction
+    and target alike, so it is in std units (Huber's δ = 1 is one standard deviation). A linear map of unit-norm
+    features starts near 0 with a small spread: without this a target on a 0–100 scale is out of its reach in any
+    short run. The two buffers are saved with the head's weights; :meth:`fit_target_scale` sets them from the
+    training targets, and a head loaded from a file without them (saved before they existed) keeps 0 and 1, the
+    raw-unit head it was trained as.
+    """
 
     def __init__(self, in_dim: int, hidden: int | None = None, dropout: float = 0.0, loss: str = "mse"):
         super().__init__()
@@ -64,12 +73,26 @@ class RegressionHead(nn.Module):
             raise ValueError(f"RegressionHead: unknown loss {loss!r}: expected 'mse', 'l1' or 'huber'")
         self.loss_name, self.out_dim = loss, 1
         self.net = _mlp(in_dim, 1, hidden, dropout)
+        # 1-element 1-D, not 0-d, as the learnable scalars (FSDP2 shards along dim 0); float32 under any autocast
+        self.register_buffer("target_mean", torch.zeros(1))
+        self.register_buffer("target_std", torch.ones(1))
+        self.register_load_state_dict_pre_hook(_unscaled_if_absent)
+
+    @torch.no_grad()
+    def fit_target_scale(self, target: Tensor) -> None:
+        """Set ``target_mean``/``target_std`` from the training targets (the population std; 1 when they do not
+        vary, so a constant target is still learnt as an offset)."""
+        y = target.detach().double().flatten()
+        std = y.std(correction=0).item() if len(y) > 1 else 0.0
+        self.target_mean.fill_(y.mean().item() if len(y) else 0.0)
+        self.target_std.fill_(std if std > 0 and math.isfinite(std) else 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).squeeze(-1)
+        return self.net(x).squeeze(-1).float() * self.target_std + self.target_mean
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         pred, target = pred.float(), target.float().reshape(pred.shape)
+        pred, target = (pred - self.target_mean) / self.target_std, (target - self.target_mean) / self.target_std
         if self.loss_name == "mse":
             return F.mse_loss(pred, target)
         if self.loss_name == "l1":
@@ -79,6 +102,14 @@ class RegressionHead(nn.Module):
     @torch.no_grad()
     def predict(self, pred: Tensor) -> Tensor:
         return pred
+
+
+def _unscaled_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: a regression head saved before targets were standardised has its weights but no
+    ``target_mean``/``target_std``; it learnt raw targets, so it loads as mean 0, std 1 (and strict loading passes)."""
+    if any(k.startswith(prefix + "net.") for k in state_dict):
+        state_dict.setdefault(prefix + "target_mean", torch.zeros(1))
+        state_dict.setdefault(prefix + "target_std", torch.ones(1))
 
 
 class RetrievalHead(nn.Module):

@@ -86,9 +86,14 @@ def multilabel_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, fl
 
 
 def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    pred, target = pred.float().flatten(), target.float().flatten()
+    """MAE, RMSE, Pearson r and R², the coefficient of determination ``1 - Σ(y - ŷ)² / Σ(y - ȳ)²`` (as
+    scikit-learn's ``r2_score``): 0 = no better than predicting the mean of ``target``, negative = worse; a constant
+    ``target`` gives 1 for an exact prediction and 0 otherwise, as scikit-learn does."""
+    pred, target = pred.double().flatten(), target.double().flatten()
     err = pred - target
     pc, tc = pred - pred.mean(), target - target.mean()
     r = (pc * tc).sum() / (pc.norm() * tc.norm()).clamp(min=1e-12)
+    ss_res, ss_tot = err.pow(2).sum().item(), tc.pow(2).sum().item()
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
     return {"mae": err.abs().mean().item(), "rmse": err.pow(2).mean().sqrt().item(), "pearson_r": r.item(),
-            "n": float(len(target))}
+            "r2": r2, "n": float(len(target))}
