@@ -1,6 +1,8 @@
 import math
+import os
 
 import pytest
+
 import torch
 from PIL import Image
 
@@ -51,6 +53,17 @@ def test_save_load_roundtrip(tmp_path, images):
     torch.testing.assert_close(loaded.encode("image", images), model.encode("image", images))
     torch.testing.assert_close(loaded.encode("text", ["x y z"]), model.encode("text", ["x y z"]))
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run").iterdir())
+
+
+def test_saved_weights_are_as_readable_as_the_other_run_files(tmp_path):
+    """safetensors writes owner-only files (0600); a run's weights get the umask's mode, as its card does."""
+    old = os.umask(0o022)
+    try:
+        XModalModel(small()).save(tmp_path / "run")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "model.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_load_reads_0d_scalars_of_older_files(tmp_path):

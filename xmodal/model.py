@@ -301,6 +301,8 @@ class XModalModel(nn.Module):
                 save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp_weights))
             with open(tmp_card, "w", encoding="utf-8") as f:
                 f.write(json.dumps(card, indent=2))
+            # safetensors creates its file owner-only (0600); give the weights the card's mode, i.e. the user's umask
+            os.chmod(tmp_weights, os.stat(tmp_card).st_mode & 0o777)
             for tmp in (tmp_weights, tmp_card):  # on disk before the renames: a power cut cannot leave them empty
                 fd = os.open(tmp, os.O_RDONLY)
                 try:
