@@ -451,3 +451,32 @@ def test_root_flag_reads_relative_paths_from_another_folder(clipart, runs, tmp_p
     capsys.readouterr()
     assert main(["evaluate-index", "--index", str(tmp_path / "idx"), "--json"] + base + root) == 0
     assert json.loads(capsys.readouterr().out)["text->image/n_items"] == n
+
+
+def test_a_fine_tuned_run_gets_text_zero_shot_only_when_asked(tmp_path, capsys):
+    """On a run with heads, a text-only labelled manifest is its heads' data: no generic-prompt zero-shot row unless
+    a zero-shot flag asks for one (a pretrained space without heads gets it by default: the other tests)."""
+    from xmodal.cli import _zero_shot_options
+    from xmodal.evaluate import PROMPT_TEMPLATES
+    import argparse
+    import datasets
+
+    data = datasets.Dataset.from_dict({"text": ["good", "bad"], "label": ["pos", "neg"]})
+
+    class Run:  # the two facts the choice reads: towers and heads
+        towers, modalities = {"image": None, "text": None}, ["image", "text"]
+
+        def __init__(self, heads):
+            self.heads = heads
+
+    def opts(heads, **flags):
+        args = argparse.Namespace(manifest="m.csv", label_column=None, templates=None, zero_shot_modality=None)
+        vars(args).update(flags)
+        return _zero_shot_options(args, Run(heads), data)
+
+    assert opts({"sentiment": None})["zero_shot_modalities"] == []
+    assert opts({})["zero_shot_modalities"] is None  # evaluate's default: text, the only modality here
+    assert opts({"sentiment": None}, label_column="label")["zero_shot_modalities"] is None
+    assert opts({"sentiment": None}, templates=["a {} review."])["templates"] == ["a {} review."]
+    assert opts({"sentiment": None}, zero_shot_modality=["text"])["zero_shot_modalities"] == ["text"]
+    assert opts({})["templates"] == PROMPT_TEMPLATES

@@ -152,7 +152,7 @@ def _foreign_label(values, task) -> str | None:
 def _zero_shot_options(args, model, data) -> dict:
     """``evaluate``'s zero-shot arguments from ``--label-column``, ``--templates`` and ``--zero-shot-modality``,
     checked against the run and the manifest (an explicit flag that cannot apply is an error, not a silent no-op)."""
-    from .evaluate import PROMPT_TEMPLATES
+    from .evaluate import PROMPT_TEMPLATES, default_zero_shot_modalities
 
     cols = ", ".join(data.column_names)
     if args.label_column is not None and args.label_column not in data.column_names:
@@ -166,8 +166,13 @@ def _zero_shot_options(args, model, data) -> dict:
                              f"{', '.join(model.towers)})")
         if m not in data.column_names:
             raise ValueError(f"--zero-shot-modality {m}: {args.manifest} has no {m!r} column (columns: {cols})")
+    modalities = args.zero_shot_modality
+    if modalities is None and model.heads and args.label_column is None and args.templates is None:
+        # A fine-tuned run's labelled text is its heads' data: classifying that text by generic photo prompts as
+        # well would be noise in the table. Text zero-shot there is asked for (--label-column / --templates).
+        modalities = [m for m in default_zero_shot_modalities(model, data) if m != "text"]
     return {"label_column": args.label_column or "label", "templates": args.templates or PROMPT_TEMPLATES,
-            "zero_shot_modalities": args.zero_shot_modality}
+            "zero_shot_modalities": modalities}
 
 
 def _evaluate(args) -> int:
