@@ -356,7 +356,7 @@ def test_evaluate_plots_follow_task_and_never_lose_the_metrics(clipart, multitas
     assert main(["evaluate", "--run", str(multitask), "--manifest", str(manifest), "--task", "tags", "--json",
                  "--plots", "--plots-dir", str(plots)]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"tags/micro_f1", "tags/macro_f1", "tags/subset_accuracy",
-                                                        "tags/n"}
+                                                        "tags/mAP", "tags/n"}
     assert not list(plots.glob("confusion_*.png")) and not (plots / "space_map.png").exists()
     plots = tmp_path / "p2"
     assert main(["evaluate", "--run", str(multitask), "--manifest", str(scored), "--task", "stars", "--json",

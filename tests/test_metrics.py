@@ -53,3 +53,24 @@ def test_regression_r2_by_hand_and_against_sklearn():
     y, p = rng.normal(60, 20, 50), rng.normal(60, 25, 50)
     assert regression_metrics(torch.tensor(p), torch.tensor(y))["r2"] == pytest.approx(sklearn.r2_score(y, p),
                                                                                        rel=1e-9)
+
+
+def test_average_precision_by_hand_with_ties():
+    from xmodal.metrics import average_precision
+    # scores 0.9 (pos), 0.8 (neg), 0.8 (pos), 0.1 (neg): thresholds 0.9 → P 1, R 1/2; 0.8 (a tie) → P 2/3, R 1
+    ap = average_precision(torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([True, False, True, False]))
+    assert ap == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_multilabel_map_against_sklearn():
+    from xmodal.metrics import multilabel_metrics
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    target = rng.random((60, 5)) < 0.3
+    target[:, 4] = False  # a class no row has: left out of the mean (its AP is undefined)
+    scores = np.round(rng.normal(size=(60, 5)) + target, 1)  # rounded: tied scores too
+    got = multilabel_metrics(torch.tensor(scores > 0), torch.tensor(target), scores=torch.tensor(scores))
+    want = np.mean([sklearn.average_precision_score(target[:, c], scores[:, c]) for c in range(4)])
+    assert got["mAP"] == pytest.approx(want, abs=1e-12)
+    assert got["micro_f1"] == pytest.approx(sklearn.f1_score(target, scores > 0, average="micro"))
+    assert "mAP" not in multilabel_metrics(torch.tensor(scores > 0), torch.tensor(target))

@@ -174,7 +174,7 @@ def predict_outputs(model, task: str, dataset, batch_size: int = 64, progress: b
 
 
 def evaluate_task(model, task: str, dataset, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
-    """Held-out metrics of a head: accuracy and macro-F1 (classification), micro/macro-F1 (multi-label), MAE, RMSE
+    """Held-out metrics of a head: accuracy and macro-F1 (classification), micro/macro-F1 and mAP (multi-label), MAE, RMSE
     Pearson r and R² (regression)."""
     from .metrics import classification_metrics, multilabel_metrics, regression_metrics
     from .tasks import targets
@@ -186,5 +186,5 @@ def evaluate_task(model, task: str, dataset, batch_size: int = 64, progress: boo
     if cfg.kind == "regression":
         return regression_metrics(pred, y)
     if cfg.kind == "multilabel":
-        return multilabel_metrics(pred, y.bool())
+        return multilabel_metrics(pred, y.bool(), scores=outputs)
     return classification_metrics(pred, y, len(cfg.classes))

@@ -74,15 +74,36 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes
             "n": float(len(target))}
 
 
-def multilabel_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Micro- and macro-F1 over classes, and exact-match (subset) accuracy, for bool ``[n, classes]``."""
+def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """Area under the precision-recall curve of one class, ``Σ (R_k − R_{k−1}) P_k`` over the distinct score
+    thresholds (tied scores are one threshold), as scikit-learn's ``average_precision_score``; ``target`` bool with
+    at least one positive."""
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    s, y = scores[order], target[order].double()
+    last = torch.ones_like(s, dtype=torch.bool)  # the last row of each run of tied scores closes a threshold
+    last[:-1] = s[1:] != s[:-1]
+    tp, seen = y.cumsum(0)[last], torch.arange(1, len(y) + 1, dtype=torch.float64)[last]
+    recall = tp / tp[-1]
+    return ((recall - torch.cat([recall.new_zeros(1), recall[:-1]])) * tp / seen).sum().item()
+
+
+def multilabel_metrics(pred: torch.Tensor, target: torch.Tensor, scores: torch.Tensor | None = None
+                       ) -> dict[str, float]:
+    """Micro- and macro-F1 over classes, and exact-match (subset) accuracy, for bool ``[n, classes]``; with the
+    head's ``scores`` (logits or probabilities) also ``mAP``, the mean over classes with a positive row of their
+    :func:`average_precision` — free of the 0.5 threshold the predictions use."""
     pred, target = pred.bool(), target.bool()
     tp = (pred & target).sum(0).float()
     fp = (pred & ~target).sum(0).float()
     fn = (~pred & target).sum(0).float()
     micro = _f1(tp.sum(), fp.sum(), fn.sum()).item()
-    return {"micro_f1": micro, "macro_f1": _f1(tp, fp, fn).mean().item(),
-            "subset_accuracy": (pred == target).all(1).float().mean().item(), "n": float(len(target))}
+    out = {"micro_f1": micro, "macro_f1": _f1(tp, fp, fn).mean().item(),
+           "subset_accuracy": (pred == target).all(1).float().mean().item()}
+    if scores is not None:
+        aps = [average_precision(scores[:, c], target[:, c]) for c in range(target.shape[1]) if target[:, c].any()]
+        if aps:
+            out["mAP"] = sum(aps) / len(aps)
+    return out | {"n": float(len(target))}
 
 
 def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
