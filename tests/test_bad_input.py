@@ -454,3 +454,12 @@ def test_misspelled_task_name_and_a_loss_the_task_ignores_are_named():
     cfg = load_config(ROOT / "configs" / "finetune_sentiment.yaml",
                       ["tasks.sentiment.kind=regression", "tasks.sentiment.loss=huber"])
     assert cfg.tasks["sentiment"].loss == "huber"
+
+
+def test_a_threshold_is_checked_and_only_for_multilabel():
+    with pytest.raises(ConfigError, match=r"tasks\.sentiment\.threshold: applies to kind multilabel, not "
+                                          r"classification"):
+        load_config(ROOT / "configs" / "finetune_sentiment.yaml", ["tasks.sentiment.threshold=0.3"])
+    with pytest.raises(ConfigError, match=r"tasks\.sentiment\.threshold: must be in \(0, 1\), got 1\.5"):
+        load_config(ROOT / "configs" / "finetune_sentiment.yaml", ["tasks.sentiment.kind=multilabel",
+                                                                    "tasks.sentiment.threshold=1.5"])

@@ -327,6 +327,14 @@ def test_evaluate_every_head_skips_the_heads_the_manifest_is_not_for(clipart, mu
     assert results["tags/micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro", zero_division=0),
                                                      abs=1e-6)
     assert results["tags/n"] == len(rows)
+    # --threshold: the classes whose probability exceeds it, counted from predict's own probabilities
+    low = _predict(["--run", str(multitask), "--manifest", str(manifest), "--task", "tags", "--threshold", "0.2"],
+                   capsys)
+    assert [p["labels"] for p in low] == [[c for c, q in p["probabilities"].items() if q > 0.2] for p in preds]
+    assert sum(map(len, (p["labels"] for p in low))) > sum(map(len, (p["labels"] for p in preds)))
+    assert main(["predict", "--run", str(multitask), "--manifest", str(manifest), "--task", "stars",
+                 "--threshold", "0.2"]) == 2
+    assert "--threshold 0.2: applies to a multilabel head; stars is regression" in capsys.readouterr().err
 
     # a text-only manifest: fashion has no input column (skipped, not an error); stars is evaluated
     scored = [{**r, "score": str(1 + i % 4)} for i, r in enumerate(rows)]

@@ -182,3 +182,14 @@ def test_regression_head_state_without_target_scale_loads_as_unscaled():
     scaled = RegressionHead(4, hidden=3)
     scaled.load_state_dict(new.state_dict() | {"target_mean": torch.tensor([5.0]), "target_std": torch.tensor([4.0])})
     assert (scaled.target_mean.item(), scaled.target_std.item()) == (5.0, 4.0)
+
+
+def test_multilabel_task_head_predicts_with_its_threshold():
+    from xmodal.config import TaskConfig
+    from xmodal.tasks import TaskHead
+
+    cfg = TaskConfig(kind="multilabel", modalities=["text"], classes=["a", "b", "c"], threshold=0.3)
+    head = TaskHead(cfg, embed_dim=4)
+    logits = torch.tensor([[0.0, -0.5, -1.0], [2.0, -0.9, -0.8]])  # sigmoid: .5 .38 .27 / .88 .29 .31
+    assert head.predict(logits).tolist() == [[True, True, False], [True, False, True]]
+    assert head.predict(logits, threshold=0.5).tolist() == [[False, False, False], [True, False, False]]

@@ -250,7 +250,10 @@ def _predict(args) -> int:
     data = usable_rows(manifest, task, model.tasks[task], args.split).dataset  # rows with none of its inputs: left out
     outputs = predict_outputs(model, task, data, batch_size=args.batch_size, progress=True)
     cfg = model.tasks[task]
-    pred = head.predict(outputs)
+    if args.threshold is not None and (cfg.kind != "multilabel" or not 0 < args.threshold < 1):
+        raise ValueError(f"--threshold {args.threshold}: " + ("must be in (0, 1)" if cfg.kind == "multilabel" else
+                         f"applies to a multilabel head; {task} is {cfg.kind}"))
+    pred = head.predict(outputs, args.threshold)
     ids = data["id"] if "id" in data.column_names else list(range(len(data)))
     lines = []
     for i, row_id in enumerate(ids):
@@ -436,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rows", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="multilabel: predict the classes whose probability exceeds this (default: the task's "
+                        "threshold, 0.5 unless its config says otherwise)")
     add_root(s)
     add_allow_outside_root(s)
     add_on_bad_row(s)

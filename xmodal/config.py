@@ -67,6 +67,7 @@ class TaskConfig:
     hidden: int | None = None  # hidden width of an MLP head; None = linear head (a linear probe when towers are frozen)
     dropout: float = 0.0
     loss: Literal["default", "mse", "l1", "huber"] = "default"  # regression loss; default mse
+    threshold: float = 0.5  # multilabel: a class is predicted when its sigmoid probability exceeds this
     weight: float = 1.0  # static loss weight
     max_rows: int | None = None
     modality_dropout: float = 0.0  # training: hide each of a row's modalities with this probability (>= 1 kept)
@@ -356,6 +357,10 @@ def validate(cfg: Config) -> Config:
         if task.loss != "default" and task.kind != "regression":  # it would be silently ignored
             raise ConfigError(f"{where}.loss: {task.loss!r} is a regression loss; a {task.kind} task uses its own "
                               f"(leave loss: default)")
+        if not 0 < task.threshold < 1:
+            raise ConfigError(f"{where}.threshold: must be in (0, 1), got {task.threshold}")
+        if task.threshold != 0.5 and task.kind != "multilabel":  # it would be silently ignored
+            raise ConfigError(f"{where}.threshold: applies to kind multilabel, not {task.kind}")
         if not 0 <= task.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {task.dropout}")
         if task.weight < 0:

@@ -148,7 +148,11 @@ class TaskHead(nn.Module):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return self._leaf_head().loss(output, target)
 
-    def predict(self, output: Tensor) -> Tensor:
+    def predict(self, output: Tensor, threshold: float | None = None) -> Tensor:
+        """Class indices, multi-hot bool rows (sigmoid above ``threshold``, default the task's ``threshold``) or
+        scores."""
+        if self.cfg.kind == "multilabel":
+            return self._leaf_head().predict(output, self.cfg.threshold if threshold is None else threshold)
         return self._leaf_head().predict(output)
 
 
