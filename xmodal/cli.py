@@ -37,30 +37,18 @@ def read_manifest_for(args, **kw):
     """``read_manifest(args.manifest, ...)`` with the command's ``--root`` / ``--on-bad-row`` /
     ``--allow-outside-root``; its errors name those flags (the library's messages name the Python arguments)."""
     from .data import ManifestError, read_manifest
+    from .data.manifest import name_options
 
     root = getattr(args, "root", None)
     try:
         return read_manifest(args.manifest, root=root, on_bad_row=args.on_bad_row,
                              allow_outside_root=args.allow_outside_root, **kw)
     except ManifestError as e:
-        message = cli_manifest_hints(str(e), args.on_bad_row)
+        message = name_options(str(e), args.on_bad_row, skip="--on-bad-row skip", allow="--allow-outside-root")
         first, nl, rest = message.partition("\n")
         if root is None and "file not found" in first:  # a manifest that trained with data.root: say how to give it
             first += " (relative paths are read from the manifest's folder; --root DIR reads them from DIR)"
         raise ManifestError(first + nl + rest) from None
-
-
-def cli_manifest_hints(message: str, on_bad_row: str = "error") -> str:
-    """Rewrite a :class:`ManifestError`'s hints from ``read_manifest``'s arguments to this CLI's flags."""
-    import re
-
-    message = re.sub(r"allow_outside_root=True(?: \(data\.allow_outside_root: true\))?", "--allow-outside-root",
-                     message)
-    message = re.sub(r"on_bad_row=(['\"]?)skip\1", "--on-bad-row skip", message)
-    first, nl, rest = message.partition("\n")
-    if on_bad_row == "error" and "--on-bad-row" not in message and re.search(r": row \d+\b", first):
-        first += " (--on-bad-row skip drops bad rows)"
-    return first + nl + rest
 
 
 def _present(values) -> int:

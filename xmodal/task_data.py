@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 from typing import Any, Iterator
 
 import pyarrow.compute as pc
 
 from .config import Config, TaskConfig
 from .data import Manifest, ManifestError, read_manifest
+from .data.manifest import name_options
 from .tasks import label_names, resolve_classes
 
 log = logging.getLogger("xmodal")
@@ -129,11 +129,7 @@ def _read(path: str, **kw) -> Manifest:
     try:
         return read_manifest(path, **kw)
     except ManifestError as e:
-        first, nl, rest = str(e).replace("on_bad_row='skip' drops them", "data.on_bad_row=skip drops them") \
-            .partition("\n")
-        if kw.get("on_bad_row") == "error" and "on_bad_row" not in str(e) and re.search(r": row \d+\b", first):
-            first += " (data.on_bad_row=skip drops bad rows)"
-        raise ManifestError(first + nl + rest) from None
+        raise ManifestError(name_options(str(e), kw["on_bad_row"], skip="data.on_bad_row=skip")) from None
 
 
 def _raise_rows(problems: list[str], source: str) -> None:
