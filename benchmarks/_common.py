@@ -2,7 +2,7 @@
 training steps, synthetic batches, timing, and peak-memory measurement in a fresh subprocess.
 
 The xmodal training step (:class:`XModalTrainer`) is a faithful copy of the body of the optimiser-step loop of
-``xmodal.engine.train`` for one contrastive task (``tasks_per_step: one``), built from the engine's own pieces:
+``xmodal.training.engine.train`` for one contrastive task (``tasks_per_step: one``), built from the engine's own pieces:
 ``make_accelerator``-equivalent ``Accelerator``, ``param_groups``, ``build_loss``, ``contrastive_loss``, ``_split``,
 ``gradcache_step``, ``StaticWeighting``, ``warmup_cosine`` and ``accelerator.prepare / autocast / backward /
 clip_grad_norm_``. The engine keeps that body inside ``train()`` (closures), so it cannot be called on its own.
@@ -242,7 +242,7 @@ class OpenClipTrainer:
 
 
 class XModalTrainer:
-    """xmodal's training step: a faithful copy of the optimiser-step body of ``xmodal.engine.train`` (one
+    """xmodal's training step: a faithful copy of the optimiser-step body of ``xmodal.training.engine.train`` (one
     contrastive task), on the engine's own helpers and an Accelerate ``Accelerator`` configured as
     ``engine.make_accelerator`` does (except ``cpu=`` follows ``--device`` instead of CUDA availability)."""
 
@@ -255,7 +255,7 @@ class XModalTrainer:
         from accelerate import Accelerator
 
         from xmodal.config import Config, TrainConfig
-        from xmodal.engine import PRETRAIN_TASK, param_groups, warmup_cosine
+        from xmodal.training.engine import PRETRAIN_TASK, param_groups, warmup_cosine
         from xmodal.losses import build_loss
         from xmodal.losses.multitask import StaticWeighting
         self.args = args
@@ -286,14 +286,15 @@ class XModalTrainer:
         self.model.train()
 
     def _task_loss(self, batch):
-        from xmodal.engine import contrastive_loss
+        from xmodal.training.engine import contrastive_loss
         with self.accelerator.autocast():
             out = self.model(batch, task=None)
             return contrastive_loss(self.loss_fn, out, self.modalities, self.cfg.model.anchor)
 
     def step(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        from xmodal.engine import _split, contrastive_loss
-        from xmodal.gradcache import gradcache_step
+        from xmodal.batch import split as _split
+        from xmodal.training.engine import contrastive_loss
+        from xmodal.training.gradcache import gradcache_step
         accelerator, model = self.accelerator, self.model
         batch = {"image": images, "text": texts}
         name = self.task

@@ -78,7 +78,7 @@ class Step:
         self.loss_fn = build_loss("clip")
 
     def __call__(self, batch, args):
-        from xmodal.engine import contrastive_loss
+        from xmodal.training.engine import contrastive_loss
         with C.autocast(args):
             loss = contrastive_loss(self.loss_fn, self.model(batch), list(self.model.towers))
         loss.backward()

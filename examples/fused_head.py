@@ -14,7 +14,7 @@ import tempfile
 import xmodal
 from xmodal.config import config_from_dict
 from xmodal.data import read_manifest
-from xmodal.engine import train
+from xmodal.training import train
 
 TEST_ROWS = 200  # test drawings predicted, spread over the categories
 

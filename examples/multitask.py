@@ -2,7 +2,7 @@
 
 Starts from a pretrained run (its towers and projections), adds a clothing classifier that reads images
 (Fashion-MNIST) and a sentiment head that reads text (Rotten Tomatoes), trains both at once with
-``xmodal.engine.train``, loads the result with ``xmodal.load`` and predicts on test rows it never saw.
+``xmodal.training.engine.train``, loads the result with ``xmodal.load`` and predicts on test rows it never saw.
 
     bash scripts/quickstart.sh && .venv/bin/xmodal prepare fashion-mnist     # once: the run and the data
     .venv/bin/python examples/multitask.py      # ~1.5 min on 2 CPU cores; --steps 1000 for a better model,
@@ -14,7 +14,7 @@ import tempfile
 import xmodal
 from xmodal.config import config_from_dict
 from xmodal.data import read_manifest
-from xmodal.engine import train
+from xmodal.training import train
 
 TEST_ROWS = 300  # test rows scored per task
 MY_REVIEWS = ["A gripping, beautifully shot film.", "Two hours of my life I will never get back."]

@@ -1,5 +1,5 @@
 """Zero-shot vs linear probe vs fine-tuned vs multi-task on the bundled real tasks, over several seeds: the tables
-in docs/results.md. Every trained number comes from xmodal's own loop (`xmodal.engine.train`) started from one
+in docs/results.md. Every trained number comes from xmodal's own loop (`xmodal.training.engine.train`) started from one
 pretrained run, with the shipped configs, and is measured on held-out splits (test movies, test drawings, the
 Fashion-MNIST test set).
 
@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from xmodal.config import load_config  # noqa: E402
 from xmodal.data import read_manifest  # noqa: E402
-from xmodal.engine import train  # noqa: E402
-from xmodal.evaluate import evaluate_retrieval, evaluate_task, evaluate_zero_shot  # noqa: E402
+from xmodal.training.engine import train  # noqa: E402
+from xmodal.evaluation.evaluate import evaluate_retrieval, evaluate_task, evaluate_zero_shot  # noqa: E402
 from xmodal.feature_cache import precompute_features, reuse_frozen_features  # noqa: E402
 from xmodal.model import load  # noqa: E402
 

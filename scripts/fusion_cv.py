@@ -44,7 +44,7 @@ from fusion_sweep import acc, logits_and_labels, mcnemar_p  # noqa: E402
 import torch  # noqa: E402
 
 from xmodal.config import load_config  # noqa: E402
-from xmodal.engine import train  # noqa: E402
+from xmodal.training.engine import train  # noqa: E402
 
 CONFIG = "finetune_clipart_category.yaml"
 FUSIONS = ("concat", "gated", "attention", "late_prob")

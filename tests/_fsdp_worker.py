@@ -10,7 +10,7 @@ import sys
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import xmodal.engine as engine
+import xmodal.training.engine as engine
 
 _make_accelerator = engine.make_accelerator
 

@@ -17,8 +17,8 @@ from PIL import Image
 import xmodal
 from xmodal.config import ConfigError, config_from_dict, load_config
 from xmodal.data import ManifestError
-from xmodal.engine import train
-from xmodal.task_data import read_task_data, task_configs
+from xmodal.training.engine import train
+from xmodal.training.task_data import read_task_data, task_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 TOWERS = {
@@ -226,7 +226,7 @@ def test_head_over_two_modalities_keeps_rows_with_either_and_fails_only_when_non
 
 def test_a_file_broken_after_the_checks_is_named_by_its_row_in_the_file(tmp_path, monkeypatch):
     """A file that changes between the checks and its use in training: the error still names the file's row."""
-    import xmodal.task_data
+    import xmodal.training.task_data
     from xmodal.data import ManifestRowError, read_manifest
 
     manifest = make_manifest(tmp_path / "data")
@@ -238,7 +238,7 @@ def test_a_file_broken_after_the_checks_is_named_by_its_row_in_the_file(tmp_path
         (manifest.parent / "only.png").write_bytes(b"not a png any more")
         return m
 
-    monkeypatch.setattr(xmodal.task_data, "read_manifest", read_then_break)
+    monkeypatch.setattr(xmodal.training.task_data, "read_manifest", read_then_break)
     with pytest.raises(ManifestRowError) as exc:
         train(config(tmp_path / "run", manifest, digit_task(), max_steps=20))
     assert str(exc.value).startswith(f"{manifest}: row {number} (id 'dig0030'): field 'image': transform failed on "
@@ -306,7 +306,7 @@ def test_resume_with_a_changed_model_is_refused_before_anything_is_written(finis
 
 
 def test_a_checkpoint_that_does_not_fit_is_a_one_line_error_without_a_saved_config(finished, tmp_path):
-    from xmodal.checkpoint import CheckpointError
+    from xmodal.training.checkpoint import CheckpointError
     _, manifest, _ = finished
     run = copy_run(finished, tmp_path)
     (run / "config.yaml").unlink()  # nothing to compare with: the checkpoint itself must be refused clearly

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from xmodal import checkpoint
-from xmodal.checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, save_checkpoint
+from xmodal.training import checkpoint
+from xmodal.training.checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, save_checkpoint
 
 
 class FakeAccelerator:

@@ -246,7 +246,7 @@ def test_query_filter_on_an_unknown_key_names_the_known_keys(clipart, runs, tmp_
 
 def test_evaluate_embeds_each_image_once(clipart, runs, monkeypatch, capsys):
     from xmodal.data import read_manifest
-    from xmodal.evaluate import evaluate_zero_shot
+    from xmodal.evaluation.evaluate import evaluate_zero_shot
     from xmodal.model import XModalModel, load
 
     seen = []
@@ -381,7 +381,7 @@ def test_evaluate_plots_follow_task_and_never_lose_the_metrics(clipart, multitas
     def broken(*a, **kw):
         raise RuntimeError("no backend")
 
-    monkeypatch.setattr("xmodal.plots.write_plots", broken)
+    monkeypatch.setattr("xmodal.evaluation.plots.write_plots", broken)
     saved = tmp_path / "results.json"
     assert main(["evaluate", "--run", str(multitask), "--manifest", str(manifest), "--task", "tags", "--json",
                  "--plots", "--out", str(saved)]) == 2
@@ -415,7 +415,7 @@ def test_evaluate_bad_targets_name_file_row_id_and_field(clipart, runs, capsys):
 
 def test_zero_shot_of_text_with_label_column_and_templates(clipart, runs, capsys):
     from xmodal.data import read_manifest
-    from xmodal.evaluate import evaluate_zero_shot
+    from xmodal.evaluation.evaluate import evaluate_zero_shot
     from xmodal.model import load
 
     rows = [{**r, "sentiment": "positive" if i % 3 else "negative"} for i, r in enumerate(_rows(clipart))]
@@ -465,7 +465,7 @@ def test_a_fine_tuned_run_gets_text_zero_shot_only_when_asked(tmp_path, capsys):
     """On a run with heads, a text-only labelled manifest is its heads' data: no generic-prompt zero-shot row unless
     a zero-shot flag asks for one (a pretrained space without heads gets it by default: the other tests)."""
     from xmodal.cli import _zero_shot_options
-    from xmodal.evaluate import PROMPT_TEMPLATES
+    from xmodal.evaluation.evaluate import PROMPT_TEMPLATES
     import argparse
     import datasets
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_engine import tiny, weights
-from xmodal.checkpoint import POSITION, checkpoint_dirs, latest_checkpoint
+from xmodal.training.checkpoint import POSITION, checkpoint_dirs, latest_checkpoint
 from xmodal.config import save_config
 
 STEPS = 40  # ~0.1 s a step on 2 CPU cores: 3 kills (each at most ~1 s into a launch) leave steps to finish
@@ -42,7 +42,7 @@ def _launch(config: Path, resume: bool, log: Path):
     """Start `xmodal pretrain` in a new process. Processes are forked from a server that has imported torch and
     xmodal once: a fresh interpreter spends 12-25 s importing them on 2 busy cores, and this test starts five."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["xmodal.cli", "xmodal.engine", "accelerate", "open_clip"])
+    ctx.set_forkserver_preload(["xmodal.cli", "xmodal.training.engine", "accelerate", "open_clip"])
     proc = ctx.Process(target=_cli, args=(["pretrain", "--config", str(config)] + ["--resume"] * resume, str(log)))
     proc.start()
     return proc

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xmodal.config import config_from_dict
-from xmodal.engine import MetricsLog, pretrain
+from xmodal.training.engine import MetricsLog, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@ import datasets
 import pytest
 import torch
 
-from xmodal.evaluate import evaluate, evaluate_retrieval, evaluate_zero_shot, zero_shot_classifier
+from xmodal.evaluation.evaluate import evaluate, evaluate_retrieval, evaluate_zero_shot, zero_shot_classifier
 
 
 class TableModel:
@@ -93,7 +93,7 @@ def test_zero_shot_default_modalities_and_top5_with_more_than_five_classes():
 
 @pytest.mark.parametrize("bad", ["no placeholder", "{} and {}", "a {0} photo", "a {name}"])
 def test_templates_need_exactly_one_placeholder(bad):
-    from xmodal.evaluate import check_templates
+    from xmodal.evaluation.evaluate import check_templates
 
     with pytest.raises(ValueError, match="needs exactly one"):
         check_templates([bad])

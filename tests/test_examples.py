@@ -12,7 +12,7 @@ import torch
 import xmodal
 from xmodal.config import config_from_dict
 from xmodal.data import read_manifest
-from xmodal.engine import train
+from xmodal.training.engine import train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOWERS = {  # tiny towers, as in tests/test_finetune.py

@@ -8,7 +8,7 @@ import torch
 import xmodal
 from xmodal.cli import main
 from xmodal.config import config_from_dict
-from xmodal.engine import MetricsLog, train
+from xmodal.training.engine import MetricsLog, train
 
 TOWERS = {
     "image": {"kind": "cnn", "image_size": 32, "augment": False, "options": {"channels": [8, 16]}},

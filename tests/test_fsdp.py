@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from xmodal.config import save_config
-from xmodal.engine import pretrain
+from xmodal.training.engine import pretrain
 
 from test_engine import losses, tiny, weights
 

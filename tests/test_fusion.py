@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.fusion import (AttentionFusion, ConcatFusion, EarlyFusionEncoder, GatedFusion, LateFusion,
+from xmodal.tasks.fusion import (AttentionFusion, ConcatFusion, EarlyFusionEncoder, GatedFusion, LateFusion,
                            ProductFusion, WeightedSumFusion, build_fusion)
 
 MODS = ["image", "text", "audio"]

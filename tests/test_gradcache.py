@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import xmodal.gradcache as gradcache_mod
-from xmodal.gradcache import gradcache_step
+import xmodal.training.gradcache as gradcache_mod
+from xmodal.training.gradcache import gradcache_step
 from xmodal.losses import ClipLoss, SigLipLoss
 
 ATOL = 1e-5

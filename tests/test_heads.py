@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmodal.heads import ClassificationHead, RegressionHead, RetrievalHead
+from xmodal.tasks.heads import ClassificationHead, RegressionHead, RetrievalHead
 from xmodal.losses import ClipLoss
 
 
@@ -86,7 +86,7 @@ def test_retrieval_head_mask_and_cap():
 def test_heads_train_and_predict_on_rows_missing_modalities():
     """A fused classifier and a late-fusion regressor train on a batch where rows lack modalities: finite losses that
     fall, predictions for every row."""
-    from xmodal.fusion import LateFusion, build_fusion
+    from xmodal.tasks.fusion import LateFusion, build_fusion
 
     torch.manual_seed(0)
     mods, D, B = ["image", "text", "audio"], 8, 12
@@ -120,7 +120,7 @@ def test_heads_train_and_predict_on_rows_missing_modalities():
 
 def test_task_head_dropout_reaches_the_attention_fusion():
     from xmodal.config import TaskConfig
-    from xmodal.tasks import TaskHead
+    from xmodal.tasks.head import TaskHead
     cfg = TaskConfig(kind="classification", modalities=["image", "text"], classes=["a", "b"], fusion="attention",
                      dropout=0.3)
     layer = TaskHead(cfg, 16).fusion.layer
@@ -132,7 +132,7 @@ def test_task_head_dropout_reaches_the_attention_fusion():
 
 def test_task_head_late_prob_is_the_log_of_the_mean_probability():
     from xmodal.config import TaskConfig
-    from xmodal.tasks import TaskHead
+    from xmodal.tasks.head import TaskHead
     torch.manual_seed(0)
     cfg = TaskConfig(kind="classification", modalities=["image", "text"], classes=["a", "b", "c"], fusion="late_prob")
     head = TaskHead(cfg, 8).eval()
@@ -186,7 +186,7 @@ def test_regression_head_state_without_target_scale_loads_as_unscaled():
 
 def test_multilabel_task_head_predicts_with_its_threshold():
     from xmodal.config import TaskConfig
-    from xmodal.tasks import TaskHead
+    from xmodal.tasks.head import TaskHead
 
     cfg = TaskConfig(kind="multilabel", modalities=["text"], classes=["a", "b", "c"], threshold=0.3)
     head = TaskHead(cfg, embed_dim=4)

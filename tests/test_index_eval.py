@@ -1,6 +1,6 @@
-"""Recall@K / mAP of an index through `Retriever.search` (xmodal.retrieval.evaluation).
+"""Recall@K / mAP of an index through `Retriever.search` (xmodal.evaluation.index_eval).
 
-mAP is checked against a hand computation; Recall@K against `xmodal.metrics.retrieval_ranks` on the same embeddings
+mAP is checked against a hand computation; Recall@K against `xmodal.evaluation.metrics.retrieval_ranks` on the same embeddings
 (the queries' model embeddings and the vectors stored in the index).
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from xmodal.metrics import recall_at_k, retrieval_ranks
+from xmodal.evaluation.metrics import recall_at_k, retrieval_ranks
 from xmodal.retrieval import RetrievalError
-from xmodal.retrieval.evaluation import (average_precision, evaluate_index, evaluate_index_manifest, main,
+from xmodal.evaluation.index_eval import (average_precision, evaluate_index, evaluate_index_manifest, main,
                                          manifest_queries)
 from xmodal.retrieval.index import EmbeddingIndex
 from xmodal.retrieval.retriever import Retriever, build_index
@@ -137,7 +137,7 @@ def test_recall_equals_retrieval_ranks_on_the_same_embeddings(real):
     assert key == "value" and len(queries) == len(set(queries)) > 20
     out = evaluate_index(r, queries, relevant, "text", ks, key=key, batch_size=16)
 
-    # the same ranking problem through xmodal.metrics: query embeddings from the model, items from the index
+    # the same ranking problem through xmodal.evaluation.metrics: query embeddings from the model, items from the index
     q_emb = r.model.encode("text", queries)
     ids = index.ids()
     items = torch.from_numpy(index.reconstruct(ids))

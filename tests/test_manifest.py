@@ -313,7 +313,7 @@ def test_paths_outside_root_are_refused_naming_file_row_id_field(outside: Path):
 
 def test_data_allow_outside_root_reaches_the_training_reader(outside: Path):
     from xmodal.config import config_from_dict
-    from xmodal.task_data import read_task_data, task_configs
+    from xmodal.training.task_data import read_task_data, task_configs
 
     def cfg(allow: bool):
         return config_from_dict({"data": {"train": str(outside / "m.csv"), "allow_outside_root": allow}})

@@ -2,7 +2,7 @@ import pytest
 import numpy as np
 import torch
 
-from xmodal.metrics import rank_summary, recall_at_k, retrieval_ranks, topk_accuracy
+from xmodal.evaluation.metrics import rank_summary, recall_at_k, retrieval_ranks, topk_accuracy
 
 
 def test_ranks_by_hand():
@@ -36,7 +36,7 @@ def test_topk_accuracy():
 
 
 def test_regression_r2_by_hand_and_against_sklearn():
-    from xmodal.metrics import regression_metrics
+    from xmodal.evaluation.metrics import regression_metrics
     target = torch.tensor([3.0, -0.5, 2.0, 7.0])
     pred = torch.tensor([2.5, 0.0, 2.0, 8.0])
     ss_res = 0.25 + 0.25 + 0.0 + 1.0
@@ -56,14 +56,14 @@ def test_regression_r2_by_hand_and_against_sklearn():
 
 
 def test_average_precision_by_hand_with_ties():
-    from xmodal.metrics import average_precision
+    from xmodal.evaluation.metrics import average_precision
     # scores 0.9 (pos), 0.8 (neg), 0.8 (pos), 0.1 (neg): thresholds 0.9 → P 1, R 1/2; 0.8 (a tie) → P 2/3, R 1
     ap = average_precision(torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([True, False, True, False]))
     assert ap == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
 
 
 def test_multilabel_map_against_sklearn():
-    from xmodal.metrics import multilabel_metrics
+    from xmodal.evaluation.metrics import multilabel_metrics
     sklearn = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
     target = rng.random((60, 5)) < 0.3

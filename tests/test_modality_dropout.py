@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from xmodal.config import ConfigError, config_from_dict
-from xmodal.tasks import drop_modalities
+from xmodal.batch import drop_modalities
 
 
 def batch(n=4000, image_missing_every=5):

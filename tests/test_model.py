@@ -141,7 +141,7 @@ def test_an_index_of_an_older_format_run_accepts_the_model_loaded_from_it(tmp_pa
 
 def _regression_model():
     from xmodal.config import TaskConfig
-    from xmodal.heads import RegressionHead
+    from xmodal.tasks.heads import RegressionHead
     torch.manual_seed(0)
     model = XModalModel(small(), {"score": TaskConfig(kind="regression", modalities=["text"]),
                                   "late": TaskConfig(kind="regression", modalities=["image", "text"], fusion="late")})
@@ -156,7 +156,7 @@ def test_regression_target_scale_survives_save_and_load(tmp_path, images):
     model, leaves = _regression_model()
     model.save(tmp_path / "run")
     loaded = xmodal.load(tmp_path / "run")
-    from xmodal.heads import RegressionHead
+    from xmodal.tasks.heads import RegressionHead
     got = [m for m in loaded.heads.modules() if isinstance(m, RegressionHead)]
     assert [(h.target_mean.item(), h.target_std.item()) for h in got] == [(60.0 + i, 20.0) for i in range(3)]
     texts = ["a red square", "green"]
@@ -176,7 +176,7 @@ def test_regression_head_saved_before_target_scaling_loads_unscaled(tmp_path, im
     assert sum(k.endswith(("target_mean", "target_std")) for k in w) == 6
     save_file({k: v for k, v in w.items() if not k.endswith(("target_mean", "target_std"))}, str(path))
     loaded = xmodal.load(tmp_path / "run")
-    from xmodal.heads import RegressionHead
+    from xmodal.tasks.heads import RegressionHead
     assert all((h.target_mean.item(), h.target_std.item()) == (0.0, 1.0)
                for h in loaded.heads.modules() if isinstance(h, RegressionHead))
     texts = ["a red square", "green"]

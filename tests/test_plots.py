@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from xmodal.config import ModelConfig, TaskConfig, TowerConfig
-from xmodal.metrics import classification_metrics, confusion_matrix
+from xmodal.evaluation.metrics import classification_metrics, confusion_matrix
 from xmodal.model import XModalModel
-from xmodal.plots import write_plots
+from xmodal.evaluation.plots import write_plots
 
 
 def test_confusion_matrix_and_macro_f1_by_hand():
@@ -39,7 +39,7 @@ def test_write_plots_makes_every_picture(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "loss/colour": 0.9}, {"step": 2, "loss/colour": 0.7},
         {"step": 2, "eval/colour/accuracy": 0.5}]) + "\n")
-    from xmodal.evaluate import evaluate_retrieval
+    from xmodal.evaluation.evaluate import evaluate_retrieval
     results = evaluate_retrieval(model, data)
     written = write_plots(run, model, data, run / "plots", results)
     names = sorted(p.name for p in written)
@@ -54,7 +54,7 @@ def _curves_figure(tmp_path, monkeypatch, records):
     """Draw training_curves from these metrics.jsonl records; return the matplotlib figure it saved."""
     from matplotlib.figure import Figure
 
-    from xmodal.plots import training_curves
+    from xmodal.evaluation.plots import training_curves
 
     saved = []
     real_savefig = Figure.savefig

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from xmodal.sampling import BLOCK, TaskSampler
+from xmodal.training.sampling import BLOCK, TaskSampler
 
 SIZES = {"cls": 8000, "sent": 1500, "ret": 500}
 

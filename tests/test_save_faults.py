@@ -25,11 +25,11 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import xmodal.engine
+import xmodal.training.engine
 from test_engine import tiny, weights
 from test_service import tiny_model
-from xmodal.checkpoint import CheckpointError, latest_checkpoint
-from xmodal.engine import pretrain
+from xmodal.training.checkpoint import CheckpointError, latest_checkpoint
+from xmodal.training.engine import pretrain
 from xmodal.model import XModalModel
 from xmodal.retrieval.index import EmbeddingIndex
 
@@ -155,14 +155,14 @@ def test_checkpoint_save_on_a_full_disk(clipart, tmp_path, monkeypatch, uninterr
     else:  # what torch.save raises when its zip writer hits ENOSPC
         error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         monkeypatch.setattr(torch, "save", full_disk(torch.save, ["step_4"], error, tmp_path / "scratch"))
-    real_save_checkpoint = xmodal.engine.save_checkpoint
+    real_save_checkpoint = xmodal.training.engine.save_checkpoint
 
     def save_checkpoint(accelerator, output_dir, position, keep=2):  # records step_2 just before the failing save
         if position["step"] == 4:
             before.update(snapshot(out / "checkpoints" / "step_2"))
         return real_save_checkpoint(accelerator, output_dir, position, keep=keep)
 
-    monkeypatch.setattr(xmodal.engine, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(xmodal.training.engine, "save_checkpoint", save_checkpoint)
     with pytest.raises(CheckpointError) as e:
         pretrain(tiny(clipart, out, max_steps=4, save_every=2))
     assert e.value.__cause__ is error
@@ -173,7 +173,7 @@ def test_checkpoint_save_on_a_full_disk(clipart, tmp_path, monkeypatch, uninterr
 def test_checkpoint_save_into_a_read_only_folder(clipart, tmp_path, monkeypatch, uninterrupted, read_only):
     out = tmp_path / "run"
     before = {}
-    real_save_checkpoint = xmodal.engine.save_checkpoint
+    real_save_checkpoint = xmodal.training.engine.save_checkpoint
 
     def save_checkpoint(accelerator, output_dir, position, keep=2):
         if position["step"] == 4:
@@ -181,7 +181,7 @@ def test_checkpoint_save_into_a_read_only_folder(clipart, tmp_path, monkeypatch,
             read_only(out / "checkpoints")
         return real_save_checkpoint(accelerator, output_dir, position, keep=keep)
 
-    monkeypatch.setattr(xmodal.engine, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(xmodal.training.engine, "save_checkpoint", save_checkpoint)
     with pytest.raises(CheckpointError) as e:
         pretrain(tiny(clipart, out, max_steps=4, save_every=2))
     assert isinstance(e.value.__cause__, PermissionError)

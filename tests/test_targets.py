@@ -16,8 +16,8 @@ from PIL import Image
 
 from xmodal.config import config_from_dict
 from xmodal.data import ManifestError, label_text, read_manifest
-from xmodal.task_data import read_task_data, task_configs
-from xmodal.tasks import targets
+from xmodal.training.task_data import read_task_data, task_configs
+from xmodal.tasks.head import targets
 
 TAGS = [["cat", "pet"], ["dog"], [], ["cat"], ["dog", "pet"], ["pet"]]  # the third row: no label
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xmodal.checkpoint import latest_checkpoint
+from xmodal.training.checkpoint import latest_checkpoint
 from xmodal.config import config_from_dict
-from xmodal.engine import train
+from xmodal.training.engine import train
 
 TOWERS = {"text": {"kind": "lstm", "context_length": 16, "options": {"embed_dim": 16, "hidden": 16}}}
 
@@ -24,7 +24,7 @@ HUGE = "1e30"
 def raw_regression_targets(monkeypatch):
     """A finite target whose loss overflows needs a head on raw units: standardised targets bound every error
     (|z| <= sqrt(n)). Such a head is what a model saved before standardisation holds (mean 0, std 1)."""
-    from xmodal.heads import RegressionHead
+    from xmodal.tasks.heads import RegressionHead
     monkeypatch.setattr(RegressionHead, "fit_target_scale", lambda self, target: None)
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from xmodal.checkpoint import CheckpointError
+from xmodal.training.checkpoint import CheckpointError
 from xmodal.config import TowerConfig, config_from_dict
-from xmodal.engine import train
+from xmodal.training.engine import train
 
 
 class Payload:

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import FEATURES, MASK, batch_size, collate, dense
 from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
 from .feature_cache import CachedFeatures, precompute_features, reusing_features
 from .modalities import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
-FEATURES = ":features"  # batch key suffix: ``"image:features"`` holds cached encoder outputs, not raw inputs
 CARD_NAME = "model.json"
 
 
@@ -109,7 +109,7 @@ class XModalModel(nn.Module):
         self.register_load_state_dict_pre_hook(accept_0d_scalars)
         self._transforms: dict[tuple[str, bool], Any] = {}
         # Task heads (fine-tuning): retrieval tasks have none — they use the contrastive loss on the shared space.
-        from .tasks import TaskHead
+        from .tasks.head import TaskHead
         self.tasks = dict(tasks or {})
         self.heads = nn.ModuleDict({name: TaskHead(t, cfg.embed_dim, name=name) for name, t in self.tasks.items()
                                     if t.kind != "retrieval"})
@@ -123,7 +123,6 @@ class XModalModel(nn.Module):
         """Embed every modality present in ``batch`` (only the rows that have it: ``"<m>:mask"`` passes through),
         and with ``task`` also run that task's head (``out["head"]``). The exponentiated temperature (and bias) ride
         along in the output so every trainable parameter is used inside ``forward`` — what DDP needs."""
-        from .tasks import MASK, batch_size, dense
         out: dict[str, torch.Tensor] = {}
         for key, x in batch.items():
             if not isinstance(x, torch.Tensor) or key.endswith(MASK):
@@ -211,7 +210,6 @@ class XModalModel(nn.Module):
                 progress: bool = False) -> torch.Tensor:
         """A task head's outputs (logits or scores) for rows given as ``{modality: [raw values]}`` (equal lengths;
         ``None`` or ``""`` where a row lacks a modality — fusion uses what is there)."""
-        from .data.loader import collate
         if task not in self.heads:
             raise ValueError(f"no task head {task!r} in this model (heads: {', '.join(self.heads) or 'none'})")
         head = self.heads[task]

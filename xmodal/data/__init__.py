@@ -9,7 +9,10 @@ __all__ = ["read_manifest", "Manifest", "ManifestError", "label_text", "MODALITY
 
 
 def __getattr__(name):  # lazy: importing torch is not needed to read a manifest
-    if name in ("ManifestDataset", "collate", "ManifestRowError"):
+    if name == "collate":
+        from ..batch import collate
+        return collate
+    if name in ("ManifestDataset", "ManifestRowError"):
         from . import loader
         return getattr(loader, name)
     raise AttributeError(f"module 'xmodal.data' has no attribute {name!r}")

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..batch import collate  # noqa: F401  (xmodal.data.loader.collate, as before)
+
 
 #: Pre-tokenise text columns of at most this many rows: the one-off cost is 0.2-0.3 ms of one core per row (at most
 #: ~30 s, in the process that builds the dataset) and the ids take 4 B x context_length per row (int32; 24 MiB at
@@ -152,32 +154,3 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def _id(self, row: Mapping[str, Any]) -> str:
         return f" (id {row['id']!r})" if self._has_id else ""
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Tensor | list]:
-    """Stack tensor values along dim 0 (one tensor per key); every other value becomes a list.
-
-    A key whose values are tensors for some rows and ``None`` for others (a modality missing from those rows) is
-    stacked over the present rows only — no compute is spent on absent ones — and ``"<key>:mask"`` (bool ``[B]``)
-    says which rows they are. A key that is ``None`` in every row is left out, with an all-False mask.
-    """
-    if not items:
-        raise ValueError("collate got an empty batch")
-    out: dict[str, Tensor | list] = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        present = [v is not None for v in values]
-        tensors = [v for v in values if v is not None]
-        if tensors and all(isinstance(v, Tensor) for v in tensors):
-            shapes = {tuple(v.shape) for v in tensors}
-            if len(shapes) > 1:
-                raise ValueError(f"collate: '{key}' values have different shapes {sorted(shapes)}; the "
-                                 f"transform must return a fixed shape (resize/crop images, pad text)")
-            out[key] = torch.stack(tensors, 0)
-            if not all(present):
-                out[f"{key}:mask"] = torch.tensor(present)
-        elif not tensors:
-            out[f"{key}:mask"] = torch.zeros(len(values), dtype=torch.bool)
-        else:
-            out[key] = values
-    return out

@@ -32,7 +32,7 @@ import os
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
-from . import RetrievalError
+from ..retrieval import RetrievalError
 
 KS = (1, 5, 10)
 
@@ -217,7 +217,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import format_table, read_manifest_for
-    from .retriever import Retriever
+    from ..retrieval.retriever import Retriever
 
     retriever = Retriever(args.index, model=args.run)
     manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)

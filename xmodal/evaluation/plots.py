@@ -188,7 +188,7 @@ def write_plots(run_dir: str | Path, model, dataset, out_dir: Path, results: dic
     is about one head)."""
     from .evaluate import predict_outputs
     from .metrics import confusion_matrix
-    from .tasks import targets
+    from ..tasks.head import targets
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [training_curves(Path(run_dir) / "metrics.jsonl", out_dir / "training_curves.png")]

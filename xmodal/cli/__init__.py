@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _train(args) -> int:
-    from .config import ConfigError, load_config
-    from .engine import train
+    from ..config import ConfigError, load_config
+    from ..training.engine import train
 
     cfg = load_config(args.config, args.overrides)
     if args.verb == "finetune" and not cfg.tasks:
@@ -36,8 +36,8 @@ def _train(args) -> int:
 def read_manifest_for(args, **kw):
     """``read_manifest(args.manifest, ...)`` with the command's ``--root`` / ``--on-bad-row`` /
     ``--allow-outside-root``; its errors name those flags (the library's messages name the Python arguments)."""
-    from .data import ManifestError, read_manifest
-    from .data.manifest import name_options
+    from ..data import ManifestError, read_manifest
+    from ..data.manifest import name_options
 
     root = getattr(args, "root", None)
     try:
@@ -57,7 +57,7 @@ def _present(values) -> int:
 
 def _nothing_to_evaluate(args, model, data) -> str:
     """Why ``xmodal evaluate`` found nothing to measure: what the manifest has against what the run needs."""
-    from .data import MODALITY_COLUMNS
+    from ..data import MODALITY_COLUMNS
 
     n = len(data)
     have, filled = [], []
@@ -98,7 +98,7 @@ def _head_rows(manifest, name: str, task, split: str | None, every_head: bool):
     is not this head's data: it lacks the target column or every input, or — when evaluating ``every_head`` — its
     target column holds none of the head's classes (another task's ``label``). Asked for by name (``--task``), a
     head is never skipped for its classes: the error names the first bad row."""
-    from .task_data import check_classes, check_targets, usable_rows
+    from ..training.task_data import check_classes, check_targets, usable_rows
 
     data = manifest.dataset
     if task.target not in data.column_names:
@@ -122,7 +122,7 @@ def _head_rows(manifest, name: str, task, split: str | None, every_head: bool):
 
 def _foreign_label(values, task) -> str | None:
     """An example label when no value of the target column names one of the task's classes, else ``None``."""
-    from .tasks import label_names
+    from ..tasks.head import label_names
 
     known, example = set(task.classes), None
     for v in values:
@@ -140,7 +140,7 @@ def _foreign_label(values, task) -> str | None:
 def _zero_shot_options(args, model, data) -> dict:
     """``evaluate``'s zero-shot arguments from ``--label-column``, ``--templates`` and ``--zero-shot-modality``,
     checked against the run and the manifest (an explicit flag that cannot apply is an error, not a silent no-op)."""
-    from .evaluate import PROMPT_TEMPLATES, default_zero_shot_modalities
+    from ..evaluation.evaluate import PROMPT_TEMPLATES, default_zero_shot_modalities
 
     cols = ", ".join(data.column_names)
     if args.label_column is not None and args.label_column not in data.column_names:
@@ -164,8 +164,8 @@ def _zero_shot_options(args, model, data) -> dict:
 
 
 def _evaluate(args) -> int:
-    from .evaluate import check_templates, evaluate, evaluate_task
-    from .model import load
+    from ..evaluation.evaluate import check_templates, evaluate, evaluate_task
+    from ..model import load
 
     model = load(args.run)
     if args.task is not None and args.task not in model.heads:
@@ -202,7 +202,7 @@ def _evaluate(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.plots:
-        from .plots import write_plots
+        from ..evaluation.plots import write_plots
         try:
             written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results,
                                   embedded=embedded, tasks=evaluated, shared_space=args.task is None)
@@ -217,8 +217,8 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .evaluate import predict_outputs
-    from .model import load
+    from ..evaluation.evaluate import predict_outputs
+    from ..model import load
 
     model = load(args.run)
     if not model.heads:
@@ -230,7 +230,7 @@ def _predict(args) -> int:
         raise ValueError(f"--task is required: this model has heads {', '.join(model.heads)}")
     if task not in model.heads:
         raise ValueError(f"--task {task}: no such head (heads: {', '.join(model.heads)})")
-    from .task_data import usable_rows
+    from ..training.task_data import usable_rows
 
     head = model.heads[task]
     manifest = read_manifest_for(args, split=args.split, modalities=[m for m in head.modalities], require_all=False,
@@ -292,8 +292,8 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def _prepare(args) -> int:
-    from .data import corpora
-    from .data.corpora import speech
+    from ..data import corpora
+    from ..data.corpora import speech
     prepare = {"openclipart": lambda out: corpora.prepare_openclipart(out, limit=args.limit),
                "fashion-mnist": lambda out: corpora.prepare_fashion_mnist(out, max_per_split=args.limit),
                "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out),
@@ -307,8 +307,8 @@ def _prepare(args) -> int:
 
 
 def _index(args) -> int:
-    from .model import load
-    from .retrieval import RetrievalError, build_index
+    from ..model import load
+    from ..retrieval import RetrievalError, build_index
 
     if args.batch_size < 1:
         raise RetrievalError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -325,7 +325,7 @@ def _index(args) -> int:
 
 
 def _query(args) -> int:
-    from .retrieval import RetrievalError, Retriever, format_hits, parse_filters
+    from ..retrieval import RetrievalError, Retriever, format_hits, parse_filters
 
     if args.k < 1:
         raise RetrievalError(f"-k must be at least 1, got {args.k}")
@@ -342,8 +342,8 @@ def _query(args) -> int:
 
 
 def _serve(args) -> int:
-    from .retrieval import RetrievalError
-    from .retrieval.service import serve
+    from ..retrieval import RetrievalError
+    from ..retrieval.service import serve
 
     if not 0 <= args.port <= 65535:
         raise RetrievalError(f"--port must be in 0..65535, got {args.port}")
@@ -357,7 +357,7 @@ def _serve(args) -> int:
 
 
 def _evaluate_index(args) -> int:
-    from .retrieval.evaluation import run
+    from ..evaluation.index_eval import run
     return run(args)
 
 
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
     s.set_defaults(fn=_serve)
 
-    from .retrieval.evaluation import add_arguments
+    from ..evaluation.index_eval import add_arguments
     s = add_arguments(sub.add_parser("evaluate-index",
                                      help="Recall@K and mAP of labelled queries through the index's search path"))
     s.set_defaults(fn=_evaluate_index)
@@ -498,10 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import ManifestError
-    from .checkpoint import CheckpointError
-    from .retrieval import RetrievalError
+    from ..config import ConfigError
+    from ..data import ManifestError
+    from ..training.checkpoint import CheckpointError
+    from ..retrieval import RetrievalError
     try:
         return args.fn(args)
     except (ConfigError, ManifestError, RetrievalError, CheckpointError, FloatingPointError, OSError,
@@ -513,6 +513,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import POSITION, latest_checkpoint
-from .config import Config, ConfigError
-from .model import CARD_NAME, WEIGHTS_NAME
+from ..config import Config, ConfigError
+from ..model import CARD_NAME, WEIGHTS_NAME
 
 METRICS_NAME = "metrics.jsonl"
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._scalar import accept_0d_scalars, scalar_parameter
-from .losses import ClipLoss
+from .._scalar import accept_0d_scalars, scalar_parameter
+from ..losses import ClipLoss
 
 
 def _mlp(in_dim: int, out_dim: int, hidden: int | None, dropout: float) -> nn.Module:

@@ -221,7 +221,7 @@ class EarlyFusionEncoder(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"EarlyFusionEncoder: image_size {image_size} is not a multiple of patch {patch_size}")
         if vocab_size is None:
-            from .modalities.text import BPE_VOCAB_SIZE
+            from ..modalities.text import BPE_VOCAB_SIZE
             vocab_size = BPE_VOCAB_SIZE
         self.modalities, self.out_dim, self.pad_id = ["image", "text"], out_dim, pad_id
         self.context_length, self.image_size = context_length, image_size

@@ -177,7 +177,7 @@ def evaluate_task(model, task: str, dataset, batch_size: int = 64, progress: boo
     """Held-out metrics of a head: accuracy and macro-F1 (classification), micro/macro-F1 and mAP (multi-label), MAE, RMSE
     Pearson r and R² (regression)."""
     from .metrics import classification_metrics, multilabel_metrics, regression_metrics
-    from .tasks import targets
+    from ..tasks.head import targets
 
     cfg = model.tasks[task]
     outputs = predict_outputs(model, task, dataset, batch_size, progress)

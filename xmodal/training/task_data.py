@@ -10,10 +10,10 @@ from typing import Any, Iterator
 
 import pyarrow.compute as pc
 
-from .config import Config, TaskConfig
-from .data import Manifest, ManifestError, read_manifest
-from .data.manifest import name_options
-from .tasks import label_names, resolve_classes
+from ..config import Config, TaskConfig
+from ..data import Manifest, ManifestError, read_manifest
+from ..data.manifest import name_options
+from ..tasks.head import label_names, resolve_classes
 
 log = logging.getLogger("xmodal")
 

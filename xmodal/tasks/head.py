@@ -12,61 +12,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import TaskConfig
-from .data.manifest import label_text
+from ..config import TaskConfig
+from ..data.manifest import label_text
 from .fusion import LateFusion, build_fusion
 from .heads import ClassificationHead, RegressionHead
-
-MASK = ":mask"
-
-
-def batch_size(batch: dict[str, Any]) -> int:
-    """Rows in a collated batch (masks and list columns are full length; modality tensors may be shorter)."""
-    for key, v in batch.items():
-        if key.endswith(MASK) or isinstance(v, list):
-            return len(v)
-    return next(len(v) for v in batch.values() if isinstance(v, Tensor))
-
-
-def dense(out: dict[str, Tensor], modalities: Sequence[str], n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``[n_present, D]`` tower outputs → ``[n, D]`` (zeros where absent) and bool ``[n]`` presence masks."""
-    feats, present = {}, {}
-    for m in modalities:
-        mask = out.get(m + MASK)
-        if m not in out:  # absent from every row of this batch
-            continue
-        if mask is None:
-            feats[m], present[m] = out[m], torch.ones(n, dtype=torch.bool, device=out[m].device)
-        else:
-            full = out[m].new_zeros(n, out[m].shape[-1])
-            full[mask] = out[m]
-            feats[m], present[m] = full, mask
-    return feats, present
-
-
-def drop_modalities(batch: dict[str, Any], modalities: Sequence[str], p: float) -> dict[str, Any]:
-    """Modality dropout: hide each present (row, modality) with probability ``p``, never a row's last one, so a
-    fused head learns to predict from any subset it may meet at inference. Works on collated batches (raw or
-    cached ``"<m>:features"`` tensors hold only present rows; ``"<m>:mask"`` says which)."""
-    n = batch_size(batch)
-    keys = {m: k for m in modalities for k in (m, m + ":features") if isinstance(batch.get(k), Tensor)}
-    if len(keys) < 2:
-        return batch
-    present = {m: batch.get(m + MASK, torch.ones(n, dtype=torch.bool)) for m in keys}
-    keep = {m: present[m] & (torch.rand(n) >= p) for m in keys}
-    lost = ~torch.stack(list(keep.values())).any(0) & torch.stack(list(present.values())).any(0)
-    for row in lost.nonzero().flatten().tolist():  # every modality of this row drawn: restore one of them
-        have = [m for m in keys if present[m][row]]
-        keep[have[int(torch.randint(len(have), ()))]][row] = True
-    out = dict(batch)
-    for m, key in keys.items():
-        out[m + MASK] = keep[m]
-        if keep[m].any():
-            out[key] = batch[key][keep[m][present[m]]]
-        else:  # as collate leaves out a modality no row has
-            del out[key]
-    return out
-
 
 def num_outputs(cfg: TaskConfig) -> int:
     return 1 if cfg.kind == "regression" else len(cfg.classes or [])
