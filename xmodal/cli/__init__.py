@@ -37,7 +37,7 @@ def read_manifest_for(args, **kw):
     """``read_manifest(args.manifest, ...)`` with the command's ``--root`` / ``--on-bad-row`` /
     ``--allow-outside-root``; its errors name those flags (the library's messages name the Python arguments)."""
     from ..data import ManifestError, read_manifest
-    from ..data.manifest import name_options
+    from ..data.errors import name_options
 
     root = getattr(args, "root", None)
     try:

@@ -2,13 +2,15 @@
 
 ``read_manifest`` needs only ``datasets``; the torch side (``ManifestDataset``, ``collate``) loads on first use.
 """
-from .manifest import MODALITY_COLUMNS, Manifest, ManifestError, label_text, read_manifest
+from .manifest import Manifest, ManifestError, label_text, modality_columns, read_manifest
 
-__all__ = ["read_manifest", "Manifest", "ManifestError", "label_text", "MODALITY_COLUMNS", "ManifestDataset", "collate",
+__all__ = ["read_manifest", "Manifest", "ManifestError", "label_text", "MODALITY_COLUMNS", "modality_columns", "ManifestDataset", "collate",
            "ManifestRowError"]
 
 
-def __getattr__(name):  # lazy: importing torch is not needed to read a manifest
+def __getattr__(name):
+    if name == "MODALITY_COLUMNS":  # a live view: plugins may register modalities after import
+        return modality_columns()
     if name == "collate":
         from ..batch import collate
         return collate

@@ -31,50 +31,39 @@ from torch import nn
 from ..config import TowerConfig
 from . import audio, image, text
 from ._openclip import XMODAL_OPEN_CLIP_CONFIGS, register_open_clip_configs
+from .registry import (Modality, TowerKind, get_modality, is_modality, load_plugins, modality_names,
+                       path_modalities, register_modality, register_tower_kind, unregister_modality)
 
-# (modality, kind) -> (encoder builder, transform builder, allowed option keys)
-_IMAGE_OPTIONS = {"mean", "std"}
-_TOWERS: dict[tuple[str, str], tuple[Callable, Callable, set[str]]] = {
-    ("image", "open_clip"): (image.build_open_clip_vision, image.build_image_transform,
-                             _IMAGE_OPTIONS | {"vision_cfg", "embed_dim", "quick_gelu"}),
-    ("image", "cnn"): (image.build_cnn, image.build_image_transform, _IMAGE_OPTIONS | {"channels", "convs_per_stage"}),
-    ("image", "timm"): (image.build_timm, image.build_image_transform, _IMAGE_OPTIONS | {"model_kwargs"}),
-    ("image", "efficientnet_lite0"): (image.build_efficientnet_lite0, image.build_image_transform, _IMAGE_OPTIONS),
-    ("text", "open_clip"): (text.build_open_clip_text, text.build_text_transform,
-                            {"text_cfg", "embed_dim", "quick_gelu"}),
-    ("text", "lstm"): (text.build_rnn, text.build_text_transform,
-                       {"embed_dim", "hidden", "layers", "dropout", "vocab_size"}),
-    ("text", "gru"): (text.build_rnn, text.build_text_transform,
-                      {"embed_dim", "hidden", "layers", "dropout", "vocab_size"}),
-    ("text", "hf"): (text.build_hf, text.build_text_transform, set()),
-    ("audio", "cnn"): (audio.build_audio_cnn, audio.build_audio_transform, audio.CNN_OPTIONS),
-    ("audio", "transformer"): (audio.build_audio_transformer, audio.build_audio_transform, audio.TRANSFORMER_OPTIONS),
-    ("audio", "resemblyzer"): (audio.build_resemblyzer, audio.build_audio_transform, audio.RESEMBLYZER_OPTIONS),
-}
-
-MODALITIES = tuple(dict.fromkeys(m for m, _ in _TOWERS))
-KINDS: dict[str, tuple[str, ...]] = {m: tuple(k for mm, k in _TOWERS if mm == m) for m in MODALITIES}
+for _builtin in (image.MODALITY, text.MODALITY, audio.MODALITY):
+    register_modality(_builtin)
 
 
-def _lookup(modality: str, cfg: TowerConfig) -> tuple[tuple[Callable, Callable, set[str]], str]:
+def __getattr__(name):  # live views of the registry (a plugin may have added modalities or kinds)
+    if name == "MODALITIES":
+        return tuple(modality_names())
+    if name == "KINDS":
+        return {m: tuple(get_modality(m).kinds) for m in modality_names()}
+    raise AttributeError(f"module 'xmodal.modalities' has no attribute {name!r}")
+
+
+def _lookup(modality: str, cfg: TowerConfig) -> tuple[TowerKind, str]:
     where = f"model.towers.{modality}"
-    if modality not in KINDS:
-        raise ValueError(f"{where}: unknown modality {modality!r} (valid modalities: {', '.join(MODALITIES)})")
-    entry = _TOWERS.get((modality, cfg.kind))
+    mod = get_modality(modality, where)
+    entry = mod.kinds.get(cfg.kind)
     if entry is None:
         raise ValueError(f"{where}.kind: unknown {modality} kind {cfg.kind!r} "
-                         f"(valid kinds: {', '.join(KINDS[modality])})")
-    unknown = sorted(set(cfg.options) - entry[2])
+                         f"(valid kinds: {', '.join(mod.kinds)})")
+    unknown = sorted(set(cfg.options) - entry.options)
     if unknown:
         raise ValueError(f"{where}.options.{unknown[0]}: unknown option for {modality} kind {cfg.kind} "
-                         f"(valid options: {', '.join(sorted(entry[2])) or 'none'})")
+                         f"(valid options: {', '.join(sorted(entry.options)) or 'none'})")
     return entry, where
 
 
 def build_encoder(modality: str, cfg: TowerConfig) -> tuple[nn.Module, int]:
     """Encoder for one modality; returns ``(encoder, feat_dim)``. ``encoder(x) -> [B, feat_dim]`` float."""
-    (build, _, _), where = _lookup(modality, cfg)
-    return build(cfg, where)
+    entry, where = _lookup(modality, cfg)
+    return entry.build_encoder(cfg, where)
 
 
 def grad_checkpointing_unsupported(encoder: nn.Module) -> str | None:
@@ -97,9 +86,11 @@ def grad_checkpointing_unsupported(encoder: nn.Module) -> str | None:
 def build_transform(modality: str, cfg: TowerConfig, train: bool) -> Callable:
     """Picklable per-sample transform. image: path str | PIL.Image → float32 ``[3, H, W]``;
     text: str → int64 ``[cfg.context_length]`` padded with the tokenizer's pad id."""
-    (_, build, _), where = _lookup(modality, cfg)
-    return build(cfg, train, where)
+    entry, where = _lookup(modality, cfg)
+    return entry.build_transform(cfg, train, where)
 
 
-__all__ = ["build_encoder", "build_transform", "grad_checkpointing_unsupported", "KINDS", "MODALITIES", "XMODAL_OPEN_CLIP_CONFIGS",
+__all__ = ["build_encoder", "build_transform", "grad_checkpointing_unsupported", "KINDS", "MODALITIES", "Modality",
+           "TowerKind", "register_modality", "register_tower_kind", "unregister_modality", "get_modality",
+           "is_modality", "modality_names", "path_modalities", "load_plugins", "XMODAL_OPEN_CLIP_CONFIGS",
            "register_open_clip_configs"]

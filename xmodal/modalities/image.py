@@ -23,6 +23,7 @@ from torch import nn
 
 from . import _openclip
 from ._checkpoint import run_stages
+from .registry import Modality, TowerKind
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,36 @@ LITE0_MEAN = (0.5, 0.5, 0.5)  # the packaged EfficientNet-Lite0 expects (x - 0.5
 LITE0_STD = (0.5, 0.5, 0.5)
 
 TRAIN_CROP_SCALE = (0.6, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+
+def check_image_file(path: str) -> str | None:
+    """Why the image file at ``path`` cannot be used (decoded as far as needed to find truncation), or None."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            if fmt == "JPEG":
+                # verify() does not look at JPEG scans. A file ending in the EOI marker is complete (O(1) check);
+                # otherwise (truncated, or trailing bytes after EOI) decode at 1/8 scale to be sure.
+                with open(path, "rb") as f:
+                    f.seek(-2, os.SEEK_END)
+                    complete = f.read(2) == b"\xff\xd9"
+                if not complete:
+                    im.draft("RGB", (32, 32))
+                    im.load()
+            else:
+                im.verify()  # PNG: walks every chunk and checks its CRC (catches truncated files)
+        if fmt not in ("PNG", "JPEG"):
+            with Image.open(path) as im:
+                im.load()
+    except UnidentifiedImageError:
+        return f"not a readable image: {path}"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
+        return f"unreadable or truncated image ({type(e).__name__}: {e}): {path}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------- transform
@@ -358,3 +389,24 @@ def build_efficientnet_lite0(cfg, where: str = "model.towers.image") -> tuple[nn
     model.channels_last = True  # inference 1.3x faster on CPU (docs/benchmarks.md, fast paths)
     model.register_forward_pre_hook(_channels_last_input)
     return model, int(model.num_features)
+
+
+def read_image_bytes(data: bytes) -> Image.Image:
+    """An uploaded image (HTTP body, base64) as a PIL image the transform takes."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.copy()
+
+
+_IMAGE_OPTIONS = frozenset({"mean", "std"})  # every image kind: normalisation override
+MODALITY = Modality(
+    "image", value="path", check_file=check_image_file, hf_feature="Image", read_bytes=read_image_bytes,
+    kinds={"open_clip": TowerKind(build_open_clip_vision, build_image_transform,
+                                  _IMAGE_OPTIONS | {"vision_cfg", "embed_dim", "quick_gelu"}),
+           "cnn": TowerKind(build_cnn, build_image_transform, _IMAGE_OPTIONS | {"channels", "convs_per_stage"}),
+           "timm": TowerKind(build_timm, build_image_transform, _IMAGE_OPTIONS | {"model_kwargs"}),
+           "efficientnet_lite0": TowerKind(build_efficientnet_lite0, build_image_transform, _IMAGE_OPTIONS)},
+    query_help="an image file to search with",
+)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TaskConfig
-from ..data.manifest import label_text
+from ..data.formats import label_text
 from .fusion import LateFusion, build_fusion
 from .heads import ClassificationHead, RegressionHead
 

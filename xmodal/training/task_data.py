@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from ..config import Config, TaskConfig
 from ..data import Manifest, ManifestError, read_manifest
-from ..data.manifest import name_options
+from ..data.errors import name_options
 from ..tasks.head import label_names, resolve_classes
 
 log = logging.getLogger("xmodal")
