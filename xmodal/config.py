@@ -91,6 +91,9 @@ class ModelConfig:
     init_logit_bias: float | None = None  # siglip only; default -10
     max_logit_scale: float = 100.0  # clamp exp(logit_scale) to [1, max] as open_clip does
     anchor: str | None = None  # bind every modality to this one (ImageBind); None: every pair of modalities
+    # modules that register modalities or tower kinds (xmodal.modalities.register_modality), imported before the
+    # model is built; saved in the model card, so every command on the run imports them again (docs/modalities.md)
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass

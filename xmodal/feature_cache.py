@@ -14,11 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import TowerConfig
+from .modalities.registry import get_modality
 
 
 def is_cacheable(modality: str, cfg: TowerConfig) -> bool:
-    """Frozen and deterministic: no image augmentation (text transforms are always deterministic)."""
-    return cfg.freeze and (modality == "text" or not cfg.augment)
+    """Frozen and deterministic: no augmentation (a modality whose transforms never augment, like text, always
+    is)."""
+    return cfg.freeze and (not get_modality(modality).augments or not cfg.augment)
 
 
 class CachedFeatures:

@@ -19,7 +19,7 @@ from .batch import FEATURES, MASK, batch_size, collate, dense
 from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
 from .feature_cache import CachedFeatures, precompute_features, reusing_features
-from .modalities import build_encoder, build_transform
+from .modalities import build_encoder, build_transform, load_plugins
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model.json"
@@ -94,6 +94,7 @@ class XModalModel(nn.Module):
         if not cfg.towers:
             raise ValueError("model.towers: at least one tower is required")
         self.cfg = cfg
+        load_plugins(cfg.plugins)  # a model card names the modules its custom modalities come from
         towers = {}
         for modality, tcfg in cfg.towers.items():
             encoder, feat_dim = build_encoder(modality, tcfg)

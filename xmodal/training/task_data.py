@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from ..config import Config, TaskConfig
 from ..data import Manifest, ManifestError, read_manifest
 from ..data.errors import name_options
+from ..modalities import load_plugins
 from ..tasks.head import label_names, resolve_classes
 
 log = logging.getLogger("xmodal")
@@ -22,6 +23,7 @@ PRETRAIN_TASK = "contrastive"
 
 def task_configs(cfg: Config, modalities: list[str]) -> dict[str, TaskConfig]:
     """The tasks to train: ``cfg.tasks``, or for pretraining one contrastive task over every tower on ``data``."""
+    load_plugins(cfg.model.plugins)  # before any manifest is read: a plugin's modality names a column
     d = cfg.data
     if not cfg.tasks:
         return {PRETRAIN_TASK: TaskConfig(kind="retrieval", train=d.train, eval=d.eval, train_split=d.train_split,
