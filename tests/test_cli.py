@@ -144,7 +144,7 @@ def test_query_score_is_the_similarity_even_with_a_score_column(clipart, runs, t
 
 
 def test_format_table_columns_are_as_wide_as_their_content():
-    from xmodal.cli import format_table
+    from xmodal.cli.common import format_table
 
     table = format_table({"text->image/R@1": 0.1, "text->image/n_items": 60.0,
                           "text->image/n_queries_skipped": 0.0, "text->image/n_relevant_missing": 3.0,
@@ -464,7 +464,7 @@ def test_root_flag_reads_relative_paths_from_another_folder(clipart, runs, tmp_p
 def test_a_fine_tuned_run_gets_text_zero_shot_only_when_asked(tmp_path, capsys):
     """On a run with heads, a text-only labelled manifest is its heads' data: no generic-prompt zero-shot row unless
     a zero-shot flag asks for one (a pretrained space without heads gets it by default: the other tests)."""
-    from xmodal.cli import _zero_shot_options
+    from xmodal.cli.evaluate import _zero_shot_options
     from xmodal.evaluation.evaluate import PROMPT_TEMPLATES
     import argparse
     import datasets

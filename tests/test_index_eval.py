@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from xmodal.cli import main
+from xmodal.evaluation.metrics import ranked_average_precision as average_precision
 from xmodal.evaluation.metrics import recall_at_k, retrieval_ranks
 from xmodal.retrieval import RetrievalError
-from xmodal.evaluation.index_eval import (average_precision, evaluate_index, evaluate_index_manifest, main,
-                                         manifest_queries)
+from xmodal.evaluation.index_eval import evaluate_index, evaluate_index_manifest, manifest_queries
 from xmodal.retrieval.index import EmbeddingIndex
 from xmodal.retrieval.retriever import Retriever, build_index
 
@@ -195,16 +196,16 @@ def test_module_cli(real, capsys):
         for row in ds:
             f.write(json.dumps(row) + "\n")
     # the rows' absolute image paths lie in the clipart fixture's folder, not next to m.jsonl
-    assert main(["--index", str(tmp / "index"), "--manifest", str(manifest), "--query-modality", "text", "--json",
-                 "--allow-outside-root"]) == 0
+    assert main(["evaluate-index", "--index", str(tmp / "index"), "--manifest", str(manifest), "--query-modality",
+                 "text", "--json", "--allow-outside-root"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert 0 <= res["text->image/R@1"] <= res["text->image/R@10"] <= 1 and res["text->image/n_queries"] > 0
-    assert main(["--index", str(tmp / "index"), "--manifest", str(manifest), "--split", "test",
+    assert main(["evaluate-index", "--index", str(tmp / "index"), "--manifest", str(manifest), "--split", "test",
                  "--allow-outside-root"]) == 0
     table = capsys.readouterr().out
     assert "text->image" in table and "mAP" in table
-    assert main(["--index", str(tmp / "index"), "--manifest", str(manifest), "--query-modality", "audio",
-                 "--allow-outside-root"]) == 2
+    assert main(["evaluate-index", "--index", str(tmp / "index"), "--manifest", str(manifest), "--query-modality",
+                 "audio", "--allow-outside-root"]) == 2
     assert "no 'audio' column" in capsys.readouterr().err
 
 
@@ -220,6 +221,6 @@ def test_manifest_paths_relative_to_another_root(real, clipart, capsys):
         evaluate_index_manifest(r, moved, "text")
     expected = evaluate_index_manifest(r, ds, "text")
     assert evaluate_index_manifest(r, moved, "text", root=clipart.parent) == pytest.approx(expected)
-    assert main(["--index", str(tmp / "index"), "--manifest", str(moved), "--root", str(clipart.parent),
-                 "--json"]) == 0
+    assert main(["evaluate-index", "--index", str(tmp / "index"), "--manifest", str(moved), "--root",
+                 str(clipart.parent), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(expected)

@@ -1,7 +1,7 @@
 """Recall@K and mAP of an index, measured through :meth:`Retriever.search` — the path users' queries take.
 
     from xmodal.retrieval import Retriever
-    from xmodal.retrieval.evaluation import evaluate_index, evaluate_index_manifest
+    from xmodal.evaluation.index_eval import evaluate_index, evaluate_index_manifest
     r = Retriever("indexes/clipart-test")
     evaluate_index(r, ["a red car", "a cat"], [{"cars/red_01"}, {"animals/cat_01", "animals/cat_02"}])
     evaluate_index_manifest(r, "data/openclipart/manifest.csv", "text", split="test")
@@ -9,47 +9,30 @@
 Definitions (per query, then averaged over the queries that have at least one relevant item in the index):
 
 * **Recall@K** — 1 if a relevant item is among the top ``K`` hits, else 0 (the rank of the *best* relevant item is
-  ``<= K``): the definition of :func:`xmodal.metrics.retrieval_ranks` / ``recall_at_k`` used by ``xmodal evaluate``.
-* **AP** — average precision over the ranking, ``AP = (1/|R|) * sum over the ranks r of relevant hits of
-  precision@r``, where ``R`` is the set of relevant items in the index. With ``depth`` (hits fetched per query) below
-  the index size, relevant items not retrieved count as precision 0 (as trec_eval does); the default depth is the
-  whole index, which gives the exact AP. **mAP** is the mean of AP over the queries.
+  ``<= K``): the definition of :func:`xmodal.evaluation.metrics.retrieval_ranks` / ``recall_at_k`` used by
+  ``xmodal evaluate``.
+* **AP** — average precision over the ranking (:func:`xmodal.evaluation.metrics.ranked_average_precision`),
+  ``AP = (1/|R|) * sum over the ranks r of relevant hits of precision@r``, where ``R`` is the set of relevant items
+  in the index. With ``depth`` (hits fetched per query) below the index size, relevant items not retrieved count as
+  precision 0 (as trec_eval does); the default depth is the whole index, which gives the exact AP. **mAP** is the
+  mean of AP over the queries.
 
 Relevant items are named by a metadata key of the index rows (``key="id"``: the manifest ids; ``"value"``: the path or
 text; ``"label"``; or ``"index_id"``); names that match no row are dropped (counted in ``n_relevant_missing``), and a
 query left with none is skipped (``n_queries_skipped``).
 
-A command line (to be wired as ``xmodal evaluate-index``)::
-
-    python -m xmodal.retrieval.evaluation --index DIR --manifest FILE --query-modality text [--split test]
-        [--relevance pair|label] [--depth N] [--root DIR] [--json]
+The command line is ``xmodal evaluate-index`` (:mod:`xmodal.cli.evaluate`).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
 from ..retrieval import RetrievalError
+from .metrics import ranked_average_precision
 
 KS = (1, 5, 10)
-
-
-def average_precision(ranked_relevant: Sequence[bool], n_relevant: int) -> float:
-    """AP of one ranking: ``ranked_relevant[i]`` says whether the hit at rank ``i + 1`` is relevant; ``n_relevant``
-    is the number of relevant items in the collection (relevant items missing from the ranking add 0)."""
-    if n_relevant < 1:
-        raise ValueError("average_precision: n_relevant must be at least 1")
-    found, total = 0, 0.0
-    for rank, rel in enumerate(ranked_relevant, 1):
-        if rel:
-            found += 1
-            total += found / rank
-    if found > n_relevant:
-        raise ValueError(f"average_precision: {found} relevant hits but n_relevant={n_relevant}")
-    return total / n_relevant
 
 
 def _item_keys(index, key: str) -> dict[Any, set[int]]:
@@ -119,7 +102,7 @@ def evaluate_index(retriever, queries: Sequence[Any], relevant: Sequence[Iterabl
             first = next((r for r, f in enumerate(flags, 1) if f), None)
             for k in ks:
                 hit_at[k] += first is not None and first <= k
-            ap_sum += average_precision(flags, len(want))
+            ap_sum += ranked_average_precision(flags, len(want))
     n = len(kept)
     out = {f"R@{k}": hit_at[k] / n for k in ks}
     out["mAP"] = ap_sum / n
@@ -187,63 +170,3 @@ def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, sp
     out = evaluate_index(retriever, queries, relevant, query_modality, ks, key=key, depth=depth, filter=filter,
                          batch_size=batch_size)
     return {f"{query_modality}->{item_modality}/{name}": v for name, v in out.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--index", required=True, help="index folder written by `xmodal index`")
-    p.add_argument("--manifest", required=True, help="labelled queries (the manifest the index was built from)")
-    p.add_argument("--query-modality", default="text", help="manifest column holding the queries (default text)")
-    p.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
-    p.add_argument("--relevance", choices=["pair", "label"], default="pair",
-                   help="pair: the item on the query's own row is relevant (default); label: items with its label")
-    p.add_argument("--depth", type=int, default=None, help="hits per query (default: all; exact mAP)")
-    p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
-    p.add_argument("--root", default=None, metavar="DIR",
-                   help="the folder the manifest's relative image/audio paths are read from (default: the "
-                        "manifest's folder), as data.root in a config")
-    p.add_argument("--allow-outside-root", action="store_true",
-                   help="accept image/audio paths outside the data root (--root, default the manifest's folder): "
-                        "'..', absolute paths, symlinks")
-    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
-                   help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
-                        "and field; skip drops it with a warning")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..cli import format_table, read_manifest_for
-    from ..retrieval.retriever import Retriever
-
-    retriever = Retriever(args.index, model=args.run)
-    manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)
-    results = evaluate_index_manifest(retriever, manifest, args.query_modality, relevance=args.relevance,
-                                      depth=args.depth, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(format_table(results))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from ..config import ConfigError
-    from ..data import ManifestError
-
-    args = add_arguments(argparse.ArgumentParser(prog="xmodal evaluate-index",
-                                                 description="Recall@K and mAP of an index")).parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, ManifestError, RetrievalError, FileNotFoundError, ValueError) as e:
-        print(f"xmodal evaluate-index: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -74,17 +74,41 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes
             "n": float(len(target))}
 
 
-def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """Area under the precision-recall curve of one class, ``Σ (R_k − R_{k−1}) P_k`` over the distinct score
-    thresholds (tied scores are one threshold), as scikit-learn's ``average_precision_score``; ``target`` bool with
-    at least one positive."""
-    order = torch.argsort(scores.double(), descending=True, stable=True)
-    s, y = scores[order], target[order].double()
+def average_precision(scores: torch.Tensor, target: torch.Tensor, n_relevant: int | None = None) -> float:
+    """Average precision (AP) of the items ranked by ``scores``: the area under the precision-recall curve,
+    ``Σ (R_k − R_{k−1}) P_k`` over the distinct score thresholds (tied scores are one threshold), as scikit-learn's
+    ``average_precision_score``. ``target``: bool, which items are relevant.
+
+    ``n_relevant``: the number of relevant items in the whole collection when ``scores`` covers only part of it (a
+    truncated ranking): recall is counted against it, so a relevant item left out adds precision 0, as trec_eval
+    does. Default: the relevant items in ``target`` (then at least one is needed).
+    """
+    y = target.double().flatten()
+    found = int(y.sum().item())
+    if n_relevant is None:
+        if found < 1:
+            raise ValueError("average_precision: target has no relevant item")
+        n_relevant = found
+    elif n_relevant < 1:
+        raise ValueError("average_precision: n_relevant must be at least 1")
+    elif found > n_relevant:
+        raise ValueError(f"average_precision: {found} relevant hits but n_relevant={n_relevant}")
+    order = torch.argsort(scores.double().flatten(), descending=True, stable=True)
+    s, y = scores.flatten()[order], y[order]
     last = torch.ones_like(s, dtype=torch.bool)  # the last row of each run of tied scores closes a threshold
     last[:-1] = s[1:] != s[:-1]
     tp, seen = y.cumsum(0)[last], torch.arange(1, len(y) + 1, dtype=torch.float64)[last]
-    recall = tp / tp[-1]
-    return ((recall - torch.cat([recall.new_zeros(1), recall[:-1]])) * tp / seen).sum().item()
+    gained = tp - torch.cat([tp.new_zeros(1), tp[:-1]])  # relevant items reached at each threshold: n_relevant·ΔR
+    return ((gained * tp / seen).sum() / n_relevant).item()
+
+
+def ranked_average_precision(ranked_relevant, n_relevant: int) -> float:
+    """:func:`average_precision` of a ranking without scores (a search's hits, best first):
+    ``ranked_relevant[i]`` says whether the hit at rank ``i + 1`` is relevant; ``n_relevant`` is the number of
+    relevant items in the collection. That is ``(1/n_relevant) * Σ precision@r`` over the ranks ``r`` of the
+    relevant hits (one rank per hit: no ties)."""
+    target = torch.as_tensor([bool(r) for r in ranked_relevant], dtype=torch.bool)
+    return average_precision(-torch.arange(len(target), dtype=torch.float64), target, n_relevant)
 
 
 def multilabel_metrics(pred: torch.Tensor, target: torch.Tensor, scores: torch.Tensor | None = None

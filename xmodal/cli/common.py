@@ -1,0 +1,91 @@
+"""What every verb shares: the manifest flags (``--root``, ``--allow-outside-root``, ``--on-bad-row``) defined
+once, reading a manifest with them, the results table, and the one-line error a user error ends in."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_manifest_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--root``, ``--allow-outside-root`` and ``--on-bad-row``: how a verb that reads a manifest
+    (:func:`read_manifest_for`) finds and checks the files its rows name."""
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="the folder the manifest's relative image/audio paths are read from (default: the "
+                        "manifest's folder), as data.root in a config")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept image/audio paths outside the data root (--root, default the manifest's folder): "
+                        "'..', absolute paths, symlinks; only for a manifest you trust")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
+                   help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
+                        "and field; skip drops it with a warning")
+    return p
+
+
+def read_manifest_for(args, **kw):
+    """``read_manifest(args.manifest, ...)`` with the command's ``--root`` / ``--on-bad-row`` /
+    ``--allow-outside-root``; its errors name those flags (the library's messages name the Python arguments)."""
+    from ..data import ManifestError, read_manifest
+    from ..data.errors import name_options
+
+    root = getattr(args, "root", None)
+    try:
+        return read_manifest(args.manifest, root=root, on_bad_row=args.on_bad_row,
+                             allow_outside_root=args.allow_outside_root, **kw)
+    except ManifestError as e:
+        message = name_options(str(e), args.on_bad_row, skip="--on-bad-row skip", allow="--allow-outside-root")
+        first, nl, rest = message.partition("\n")
+        if root is None and "file not found" in first:  # a manifest that trained with data.root: say how to give it
+            first += " (relative paths are read from the manifest's folder; --root DIR reads them from DIR)"
+        raise ManifestError(first + nl + rest) from None
+
+
+def format_table(results: dict[str, float]) -> str:
+    """Group ``"a->b/metric"`` keys into one row per direction; every column as wide as its widest cell."""
+    if not results:
+        return "(no results)"
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        task, _, metric = key.rpartition("/")
+        rows.setdefault(task or "-", {})[metric] = value
+    metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
+
+    def cell(r: dict, m: str) -> str:
+        if m not in r:
+            return ""
+        # Counts (``n``, ``n_items``, ...) are whole numbers; a score keeps its decimals even at 1.0 or 0.0.
+        return f"{r[m]:.0f}" if m == "n" or m.startswith("n_") else f"{r[m]:.4f}"
+
+    cells = {task: [cell(r, m) for m in metrics] for task, r in rows.items()}
+    first = max(len(task) for task in rows)
+    widths = [max(len(m), *(len(c[j]) for c in cells.values())) for j, m in enumerate(metrics)]
+    lines = ["".ljust(first) + "".join("  " + m.rjust(w) for m, w in zip(metrics, widths))]
+    for task, c in cells.items():
+        lines.append((task.ljust(first) + "".join("  " + v.rjust(w) for v, w in zip(c, widths))).rstrip())
+    return "\n".join(lines)
+
+
+def print_results(results: dict[str, float], as_json: bool) -> None:
+    """A verb's metrics on stdout: ``--json`` as JSON, otherwise as :func:`format_table`."""
+    print(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+def run_verb(args: argparse.Namespace) -> int:
+    """Run the parsed verb (``args.fn``); a user error or an environment fault ends in one line on stderr and exit
+    status 2 (``XMODAL_DEBUG=1`` raises it instead, traceback and all)."""
+    # Imported here, not at the top: these pull in datasets / torch, and `xmodal --help` must stay instant.
+    from ..config import ConfigError
+    from ..data import ManifestError
+    from ..retrieval import RetrievalError
+    from ..training.checkpoint import CheckpointError
+    try:
+        return args.fn(args)
+    except (ConfigError, ManifestError, RetrievalError, CheckpointError, FloatingPointError, OSError,
+            ValueError) as e:
+        if os.environ.get("XMODAL_DEBUG"):
+            raise
+        # User errors and environment faults (disk full, permissions, a non-finite run): one clear line, no
+        # traceback (the messages name the file, row and field, or the step and checkpoint).
+        print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,113 @@
+"""``xmodal index``, ``xmodal query`` and ``xmodal serve``: build a searchable index of one modality, search it
+from the command line, or serve it as a web page and JSON API (the library is :mod:`xmodal.retrieval`)."""
+from __future__ import annotations
+
+import json
+
+from .common import add_manifest_flags, read_manifest_for
+
+# ``xmodal query``'s query-input flags: the flag's name is the modality it searches with.
+QUERY_FLAGS = {"text": "query text", "image": "query image file", "audio": "query audio file"}
+
+
+def add_index_verb(sub) -> None:
+    s = sub.add_parser("index", help="embed one modality of a manifest into a searchable index")
+    s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.jsonl, index.json)")
+    s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
+    s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
+    s.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default=None,
+                   help="flat = exact (default); hnsw / ivf = approximate, for large collections")
+    s.add_argument("--append", action="store_true",
+                   help="add the manifest rows whose id is not yet in the existing index at --out")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing index (or a corrupt one) at --out")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--hnsw-m", type=int, default=None, help="hnsw: graph degree M (default 32)")
+    s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
+    s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
+    add_manifest_flags(s)
+    s.set_defaults(fn=run_index)
+
+
+def add_query_verb(sub) -> None:
+    s = sub.add_parser("query", help="search an index with a text, image or audio query")
+    s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    q = s.add_mutually_exclusive_group(required=True)
+    for modality, text in QUERY_FLAGS.items():
+        q.add_argument(f"--{modality}", default=None, help=text)
+    s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    s.add_argument("--filter", action="extend", nargs="+", default=None, metavar="key=value",
+                   help="keep items whose metadata matches (repeat a key to allow several values)")
+    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(fn=run_query)
+
+
+def add_serve_verb(sub) -> None:
+    s = sub.add_parser("serve", help="a web page and JSON API for searching an index")
+    s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--max-concurrency", type=int, default=4, help="searches at once; more get 503 (default 4)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
+    s.set_defaults(fn=run_serve)
+
+
+def query_input(args) -> tuple[str, str]:
+    """``(modality, value)`` of ``xmodal query``'s one query-input flag (``--text``, ``--image`` or ``--audio``;
+    argparse makes exactly one of them required)."""
+    return next((m, getattr(args, m)) for m in QUERY_FLAGS if getattr(args, m) is not None)
+
+
+def run_index(args) -> int:
+    from ..model import load
+    from ..retrieval import RetrievalError, build_index
+
+    if args.batch_size < 1:
+        raise RetrievalError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = load(args.run)
+    if args.modality not in model.towers:
+        raise RetrievalError(f"the model in {args.run} has no {args.modality!r} tower "
+                             f"(towers: {', '.join(model.towers)})")
+    manifest = read_manifest_for(args, split=args.split, modalities=[args.modality], require_all=False)
+    opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe}
+    index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
+                        run_dir=args.run, append=args.append, overwrite=args.overwrite, **opts)
+    print(f"index: {args.out} ({len(index)} {args.modality} rows, {index.kind}, dim {index.dim})")
+    return 0
+
+
+def run_query(args) -> int:
+    from ..retrieval import RetrievalError, Retriever, format_hits, parse_filters
+
+    if args.k < 1:
+        raise RetrievalError(f"-k must be at least 1, got {args.k}")
+    modality, value = query_input(args)
+    retriever = Retriever(args.index, model=args.run)
+    hits = retriever.search(value, modality, k=args.k, filter=parse_filters(args.filter))
+    if args.json:
+        print(json.dumps({"index": str(retriever.index_dir), "query": {"modality": modality, "value": value},
+                          "hits": [{"rank": r, **h.to_dict()} for r, h in enumerate(hits, 1)]}, indent=2))
+    else:
+        print(format_hits(hits))
+    return 0
+
+
+def run_serve(args) -> int:
+    from ..retrieval import RetrievalError
+    from ..retrieval.service import serve
+
+    if not 0 <= args.port <= 65535:
+        raise RetrievalError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--timeout", args.timeout),
+                        ("--max-upload-mb", args.max_upload_mb)):
+        if not value > 0:
+            raise RetrievalError(f"{flag} must be positive, got {value}")
+    # The web page and JSON API read their own query inputs (text, image upload): xmodal.retrieval.service.
+    serve(args.index, args.host, args.port, model=args.run, max_concurrency=args.max_concurrency,
+          search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)))
+    return 0
