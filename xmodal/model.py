@@ -19,7 +19,8 @@ from .batch import FEATURES, MASK, batch_size, collate, dense
 from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
 from .feature_cache import CachedFeatures, precompute_features, reusing_features
-from .modalities import build_encoder, build_transform, load_plugins
+from .modalities import load_plugins
+from .modalities.towers import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model.json"
@@ -53,7 +54,7 @@ class Tower(nn.Module):
         self.frozen = freeze
         self.grad_checkpointing = grad_checkpointing
         if grad_checkpointing:
-            from .modalities import grad_checkpointing_unsupported
+            from .modalities.towers import grad_checkpointing_unsupported
             reason = grad_checkpointing_unsupported(encoder)
             if reason:
                 raise ConfigError(f"{where}.grad_checkpointing: this tower's encoder cannot checkpoint ({reason}); "

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # 2-thread training step ~14x slower (benchmarks/omp_wait.py, docs/benchmarks.md); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .common import run_verb  # noqa: E402 - after the environment above
+from .common import plugins_named_by, run_verb  # noqa: E402 - after the environment above
 from .evaluate import add_evaluate_index_verb, add_evaluate_verb, add_predict_verb  # noqa: E402
 from .prepare import add_prepare_verb  # noqa: E402
 from .search import add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
@@ -46,4 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plugins = plugins_named_by(argv)
+    if plugins:  # a run's custom modalities: their query flags and columns must exist before parsing
+        from ..modalities import load_plugins
+
+        try:
+            load_plugins(plugins)
+        except ValueError as e:
+            print(f"xmodal: error: {e}", file=sys.stderr)
+            return 2
     return run_verb(build_parser().parse_args(argv))

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def add_manifest_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -89,3 +90,38 @@ def run_verb(args: argparse.Namespace) -> int:
         # traceback (the messages name the file, row and field, or the step and checkpoint).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
+
+
+def plugins_named_by(argv: list[str]) -> list[str]:
+    """The plugin modules (``model.plugins``) that the files a command line points at name: ``--config``'s YAML,
+    ``--run``'s model card, the run an ``--index`` was built from. Read before the parser is built, so that a
+    plugin's modality has its ``--<name>`` query flag. Unreadable files are left to the verb to report."""
+    import yaml
+
+    def value(flag: str) -> str | None:
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        return None
+
+    def card_plugins(run: str | os.PathLike) -> list:
+        return json.loads((Path(run) / "model.json").read_text(encoding="utf-8"))["model"].get("plugins") or []
+
+    found: list[str] = []
+    readers = {"--config": lambda v: (yaml.safe_load(Path(v).read_text(encoding="utf-8")).get("model") or {}
+                                      ).get("plugins") or [],
+               "--run": card_plugins,
+               "--index": lambda v: card_plugins(json.loads((Path(v) / "index.json").read_text(encoding="utf-8"))
+                                                 ["model"]["run_dir"])}
+    for flag, read in readers.items():
+        v = value(flag)
+        if v is None:
+            continue
+        try:
+            names = read(v)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+            continue
+        found += [n for n in names if isinstance(n, str) and n not in found]
+    return found

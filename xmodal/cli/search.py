@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+from ..modalities.registry import get_modality, modality_names
 from .common import add_manifest_flags, read_manifest_for
 
-# ``xmodal query``'s query-input flags: the flag's name is the modality it searches with.
-QUERY_FLAGS = {"text": "query text", "image": "query image file", "audio": "query audio file"}
+
+def query_flags() -> dict[str, str]:
+    """``xmodal query``'s query-input flags, one per registered modality (``--text``, ``--image``, ``--audio``, a
+    plugin's ``--<name>``): the flag's name is the modality it searches with, its help the modality's own."""
+    return {m: get_modality(m).query_help or f"query {m}" for m in modality_names()}
 
 
 def add_index_verb(sub) -> None:
@@ -35,7 +39,7 @@ def add_query_verb(sub) -> None:
     s = sub.add_parser("query", help="search an index with a text, image or audio query")
     s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
     q = s.add_mutually_exclusive_group(required=True)
-    for modality, text in QUERY_FLAGS.items():
+    for modality, text in query_flags().items():
         q.add_argument(f"--{modality}", default=None, help=text)
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--filter", action="extend", nargs="+", default=None, metavar="key=value",
@@ -58,9 +62,8 @@ def add_serve_verb(sub) -> None:
 
 
 def query_input(args) -> tuple[str, str]:
-    """``(modality, value)`` of ``xmodal query``'s one query-input flag (``--text``, ``--image`` or ``--audio``;
-    argparse makes exactly one of them required)."""
-    return next((m, getattr(args, m)) for m in QUERY_FLAGS if getattr(args, m) is not None)
+    """``(modality, value)`` of ``xmodal query``'s one query-input flag (argparse makes exactly one required)."""
+    return next((m, getattr(args, m)) for m in query_flags() if getattr(args, m, None) is not None)
 
 
 def run_index(args) -> int:

@@ -48,8 +48,7 @@ def _check_file(kind_modality: str, path: str) -> str | None:
         return f"file is empty: {path}"
     if not os.access(path, os.R_OK):
         return f"file is not readable (permissions): {path}"
-    check = get_modality(kind_modality).check_file
-    return check(path) if check is not None else None
+    return get_modality(kind_modality).check(path)
 
 
 def _file_checks(modality: str, paths: dict[str, list[int]], rows: _Rows, workers: int) -> None:
@@ -183,10 +182,10 @@ def _check_feature_column(modality: str, column: pa.ChunkedArray, base: str, row
             out.append(None)
             continue
         if b:
-            read = get_modality(modality).read_bytes
-            if check_files and read is not None:  # decoded once here, so a bad row is named before training
+            mod = get_modality(modality)
+            if check_files and mod.read_bytes is not None:  # decoded once here, so a bad row is named before training
                 try:
-                    read(b)
+                    mod.decode_bytes(b)
                 except Exception as e:  # noqa: BLE001
                     rows.flag(i, modality, f"embedded {modality} bytes are unreadable ({type(e).__name__}: {e})")
             out.append({"bytes": b, "path": p})

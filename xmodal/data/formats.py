@@ -11,6 +11,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
+from ..modalities.registry import get_modality, modality_names
 from .errors import ManifestError
 
 _CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -113,9 +114,7 @@ def _json_table(path: Path) -> pa.Table:
     so that a bad line is reported by number and a non-string ``text`` value becomes a row error instead of an
     Arrow type error for the whole file."""
     records = _json_records(path)
-    from .manifest import modality_columns  # the registered modalities' columns are checked per row
-
-    columns_kind = modality_columns()
+    columns_kind = {m: get_modality(m).value for m in modality_names()}  # checked per row, strictly
     if not records:
         raise ManifestError(f"manifest {path} has no rows")
     columns: dict[str, None] = {}

@@ -23,7 +23,6 @@ from torch import nn
 
 from . import _openclip
 from ._checkpoint import run_stages
-from .registry import Modality, TowerKind
 
 log = logging.getLogger(__name__)
 
@@ -399,14 +398,3 @@ def read_image_bytes(data: bytes) -> Image.Image:
         im.load()
         return im.copy()
 
-
-_IMAGE_OPTIONS = frozenset({"mean", "std"})  # every image kind: normalisation override
-MODALITY = Modality(
-    "image", value="path", check_file=check_image_file, hf_feature="Image", read_bytes=read_image_bytes,
-    kinds={"open_clip": TowerKind(build_open_clip_vision, build_image_transform,
-                                  _IMAGE_OPTIONS | {"vision_cfg", "embed_dim", "quick_gelu"}),
-           "cnn": TowerKind(build_cnn, build_image_transform, _IMAGE_OPTIONS | {"channels", "convs_per_stage"}),
-           "timm": TowerKind(build_timm, build_image_transform, _IMAGE_OPTIONS | {"model_kwargs"}),
-           "efficientnet_lite0": TowerKind(build_efficientnet_lite0, build_image_transform, _IMAGE_OPTIONS)},
-    query_help="an image file to search with",
-)

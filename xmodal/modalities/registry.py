@@ -22,6 +22,9 @@ Built-in: ``image``, ``text``, ``audio``. A user adds one without editing xmodal
     from xmodal.modalities import Modality, TowerKind, register_modality
     register_modality(Modality("vector", value="path", kinds={"mlp": TowerKind(build_mlp, build_npy_transform)}))
 
+Builders may also be ``"module:function"`` strings, imported on first use (the built-ins in :mod:`.builtin` are
+declared so, which keeps ``xmodal --help`` free of torch).
+
 and names the module in the config (``model.plugins: [my_package.vector]``; it is saved in the model card, so
 ``xmodal.load`` and every command on the run import it again), in ``XMODAL_PLUGINS`` (comma-separated module names),
 or as an entry point in the group ``xmodal.modalities`` of an installed package. Only importable modules are named:
@@ -40,6 +43,14 @@ PLUGINS_ENV = "XMODAL_PLUGINS"
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
+def resolve(ref: Callable | str | None) -> Callable | None:
+    """A function, or ``"package.module:function"`` imported on first use (declarations stay import-light)."""
+    if ref is None or callable(ref):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @dataclass(frozen=True)
 class TowerKind:
     """One encoder family of a modality.
@@ -47,12 +58,19 @@ class TowerKind:
     ``build_encoder(cfg: TowerConfig, where: str) -> (nn.Module, feat_dim)``: ``encoder(x) -> [B, feat_dim]``.
     ``build_transform(cfg: TowerConfig, train: bool, where: str) -> callable``: picklable, one raw value → a
     fixed-shape tensor (it runs in DataLoader workers). ``where`` (``"model.towers.<name>"``) prefixes errors.
-    ``options``: the keys ``cfg.options`` may hold (anything else is a config error naming the key).
+    Either may be a ``"module:function"`` string. ``options``: the keys ``cfg.options`` may hold (anything else is
+    a config error naming the key).
     """
 
-    build_encoder: Callable[..., Any]
-    build_transform: Callable[..., Any]
+    build_encoder: Callable[..., Any] | str
+    build_transform: Callable[..., Any] | str
     options: frozenset[str] = frozenset()
+
+    def encoder(self, cfg, where: str):
+        return resolve(self.build_encoder)(cfg, where)
+
+    def transform(self, cfg, train: bool, where: str):
+        return resolve(self.build_transform)(cfg, train, where)
 
 
 @dataclass
@@ -60,11 +78,20 @@ class Modality:
     name: str
     value: Literal["path", "string"]
     kinds: dict[str, TowerKind] = field(default_factory=dict)
-    check_file: Callable[[str], str | None] | None = None
+    check_file: Callable[[str], str | None] | str | None = None
     augments: bool = True
-    hf_feature: Any = None
-    read_bytes: Callable[[bytes], Any] | None = None
+    hf_feature: str | None = None  # name of the ``datasets`` feature class, e.g. "Image"
+    read_bytes: Callable[[bytes], Any] | str | None = None
     query_help: str = ""
+
+    def check(self, path: str) -> str | None:
+        """The modality's own check of one file (after the generic ones), or None when it has none."""
+        check = resolve(self.check_file)
+        return check(path) if check is not None else None
+
+    def decode_bytes(self, data: bytes) -> Any:
+        """An uploaded or embedded value's bytes → what the transform takes (``read_bytes`` must be set)."""
+        return resolve(self.read_bytes)(data)
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name or ""):

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from . import _openclip
-from .registry import Modality, TowerKind
 
 BPE_VOCAB_SIZE = 49408  # open_clip CLIP BPE vocabulary, SOT = 49406 and EOT = 49407 included
 BPE_PAD_ID = 0
@@ -307,15 +306,3 @@ def build_hf(cfg, where: str = "model.towers.text") -> tuple[nn.Module, int]:
     model = HFTextEncoder(resolve_hf_source(cfg, where), where)
     return model, model.output_dim
 
-
-_RNN_OPTIONS = frozenset({"embed_dim", "hidden", "layers", "dropout", "vocab_size"})
-# Text transforms are deterministic (tokenisation), so a frozen text tower's features are always cacheable.
-MODALITY = Modality(
-    "text", value="string", augments=False,
-    kinds={"open_clip": TowerKind(build_open_clip_text, build_text_transform,
-                                  frozenset({"text_cfg", "embed_dim", "quick_gelu"})),
-           "lstm": TowerKind(build_rnn, build_text_transform, _RNN_OPTIONS),
-           "gru": TowerKind(build_rnn, build_text_transform, _RNN_OPTIONS),
-           "hf": TowerKind(build_hf, build_text_transform)},
-    query_help="a text query",
-)

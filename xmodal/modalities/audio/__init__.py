@@ -41,7 +41,6 @@ mel *power* spectrogram (librosa's numbers, not log; computed here by :func:`mel
 ``max_seconds``, ``min_seconds``.
 Needs ``pip install resemblyzer "setuptools<81"`` (its ``webrtcvad`` imports ``pkg_resources``).
 """
-from ..registry import Modality, TowerKind
 from .encoders import (AudioCNN, AudioTransform, AudioTransformer, audio_settings, build_audio_cnn,
                        build_audio_transform, build_audio_transformer)
 from .resemblyzer import (RESEMBLYZER_HOP, RESEMBLYZER_N_FFT, RESEMBLYZER_N_MELS, RESEMBLYZER_PARTIAL_FRAMES,
@@ -51,16 +50,8 @@ from .signal import (AUDIO_OPTIONS, CNN_OPTIONS, DEFAULT_MAX_SECONDS, DEFAULT_N_
                      RESEMBLYZER_OPTIONS, TRANSFORMER_OPTIONS, AudioError, audio_info, check_audio_file, decode_audio,
                      fix_length, hz_to_mel, load_audio, log_mel, mel_filterbank, mel_power, mel_to_hz, resample)
 
-MODALITY = Modality(
-    "audio", value="path", check_file=check_audio_file, hf_feature="Audio",
-    kinds={"cnn": TowerKind(build_audio_cnn, build_audio_transform, frozenset(CNN_OPTIONS)),
-           "transformer": TowerKind(build_audio_transformer, build_audio_transform, frozenset(TRANSFORMER_OPTIONS)),
-           "resemblyzer": TowerKind(build_resemblyzer, build_audio_transform, frozenset(RESEMBLYZER_OPTIONS))},
-    query_help="an audio file to search with",
-)
-
 __all__ = ["AUDIO_OPTIONS", "AudioCNN", "AudioError", "AudioTransform", "AudioTransformer", "CNN_OPTIONS",
-           "DEFAULT_MAX_SECONDS", "DEFAULT_N_MELS", "DEFAULT_SAMPLE_RATE", "LOG_FLOOR", "MODALITY", "RESEMBLYZER_HOP",
+           "DEFAULT_MAX_SECONDS", "DEFAULT_N_MELS", "DEFAULT_SAMPLE_RATE", "LOG_FLOOR", "RESEMBLYZER_HOP",
            "RESEMBLYZER_N_FFT", "RESEMBLYZER_N_MELS", "RESEMBLYZER_OPTIONS", "RESEMBLYZER_PARTIAL_FRAMES",
            "RESEMBLYZER_SAMPLE_RATE", "ResemblyzerEncoder", "ResemblyzerTransform", "TRANSFORMER_OPTIONS",
            "audio_info", "audio_settings", "build_audio_cnn", "build_audio_transform", "build_audio_transformer",

@@ -16,11 +16,7 @@ DEFAULT_N_MELS = 64
 DEFAULT_MAX_SECONDS = 10.0
 LOG_FLOOR = 1e-6  # log(max(mel, LOG_FLOOR)): silence and zero padding become log(1e-6) ~ -13.8
 
-AUDIO_OPTIONS = {"sample_rate", "n_mels", "max_seconds", "min_seconds", "win_ms", "hop_ms", "f_min", "f_max",
-                 "mel_scale"}
-CNN_OPTIONS = AUDIO_OPTIONS | {"channels", "convs_per_stage"}
-TRANSFORMER_OPTIONS = AUDIO_OPTIONS | {"patch", "width", "layers", "heads"}
-RESEMBLYZER_OPTIONS = {"max_seconds", "min_seconds"}
+from ..builtin import AUDIO_OPTIONS, CNN_OPTIONS, RESEMBLYZER_OPTIONS, TRANSFORMER_OPTIONS  # noqa: F401 (re-exported)
 
 
 class AudioError(ValueError):
