@@ -286,14 +286,14 @@ class XModalTrainer:
         self.model.train()
 
     def _task_loss(self, batch):
-        from xmodal.training.engine import contrastive_loss
+        from xmodal.losses import contrastive_loss
         with self.accelerator.autocast():
             out = self.model(batch, task=None)
             return contrastive_loss(self.loss_fn, out, self.modalities, self.cfg.model.anchor)
 
     def step(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         from xmodal.batch import split as _split
-        from xmodal.training.engine import contrastive_loss
+        from xmodal.losses import contrastive_loss
         from xmodal.training.gradcache import gradcache_step
         accelerator, model = self.accelerator, self.model
         batch = {"image": images, "text": texts}

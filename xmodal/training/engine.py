@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,13 +24,14 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..config import Config, ModelConfig, TaskConfig, _from_dict, check_task_modalities, save_config
-from ..batch import FEATURES, MASK, batch_size, collate, drop_modalities, pair_rows, split
+from ..batch import FEATURES, MASK, batch_size, collate, drop_modalities, split
 from ..data import ManifestDataset
 from ..feature_cache import is_cacheable, precompute_features
 from .gradcache import gradcache_step
 from ..tasks.heads import RegressionHead
-from ..losses import build_loss
-from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting, gradnorm_backward, pcgrad
+from ..losses import build_loss, contrastive_loss
+from ..losses.multitask import (GradNormWeighting, StaticWeighting, UncertaintyWeighting, gradnorm_backward,
+                                pcgrad_backward)
 from ..model import WEIGHTS_NAME, XModalModel
 from .run_folder import config_changes, finished, refuse_existing_run
 from .run_log import LossWindow, MetricsLog
@@ -72,26 +72,6 @@ def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Param
         groups.setdefault((True, t.lr), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else t.weight_decay}
             for (nd, lr), ps in groups.items()]
-
-
-def contrastive_loss(loss_fn, out: dict[str, torch.Tensor], modalities: list[str], anchor: str | None = None):
-    """Mean contrastive loss over the modality pairs the batch has: every pair, or each modality with ``anchor``
-    (ImageBind-style binding). Only rows holding both modalities of a pair take part in it."""
-    # Several processes: every rank takes part in every pair's gather, whatever its own batch holds (the
-    # losses handle unequal and zero counts exactly); one process: only the pairs this batch has.
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    present = [m for m in modalities if m in out or distributed]
-    pairs = ([(anchor, m) for m in present if m != anchor] if anchor in present else []) if anchor \
-        else list(combinations(present, 2))
-    terms = []
-    like = next((out[m] for m in modalities if m in out), None)  # shapes an empty pair on this process
-    for a, b in pairs:
-        fa, fb = pair_rows(out, a, b, like)
-        if fa.shape[0] >= 2 or distributed:  # one row has no negatives (unless gathered)
-            terms.append(loss_fn(fa, fb, out["logit_scale"], out.get("logit_bias")))
-    if not terms:  # no pair in this batch: a zero that still touches every output (DDP wants a gradient for all)
-        return sum(out[m].sum() for m in present) * 0.0 + out["logit_scale"] * 0.0
-    return sum(terms) / len(terms)
 
 
 def collate_renamed(rename: dict[str, str], items: list[dict]) -> dict:
@@ -540,25 +520,17 @@ def _all_reduce_grads(params) -> None:
 def _pcgrad(accelerator, model, losses: dict[str, torch.Tensor], seed: int) -> None:
     """PCGrad (Yu et al. 2020): per-task gradients (averaged over processes first, so every rank does the same
     surgery), conflicting components projected away, the sum written to ``.grad``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = list(losses)
     # fp16: scale the losses as accelerator.backward does, since the scaler unscales every .grad before the step
-    # (the projections are linear in the gradients, so scaling first changes nothing else)
     scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-    per_task = []
-    for i, n in enumerate(names):
-        grads = list(torch.autograd.grad(losses[n] * scale, params, retain_graph=i < len(names) - 1,
-                                         allow_unused=True))
-        if accelerator.num_processes > 1:
-            for g in grads:
-                if g is not None:
-                    torch.distributed.all_reduce(g)
-                    g /= accelerator.num_processes
-        per_task.append(grads)
-    generator = torch.Generator().manual_seed(seed)
-    for p, g in zip(params, pcgrad(per_task, generator)):
-        if g is not None:
-            p.grad = g.clone() if p.grad is None else p.grad + g
+    pcgrad_backward(losses, model.parameters(), torch.Generator().manual_seed(seed),
+                    mean=_mean_over_processes if accelerator.num_processes > 1 else None, scale=scale)
+
+
+def _mean_over_processes(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` averaged over every process, in place (gradients that bypass DDP's own all-reduce)."""
+    torch.distributed.all_reduce(grad)
+    grad /= torch.distributed.get_world_size()
+    return grad
 
 
 def _gradnorm(accelerator, model, unwrapped: XModalModel, weighting: GradNormWeighting,
