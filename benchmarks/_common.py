@@ -5,7 +5,8 @@ The xmodal training step (:class:`XModalTrainer`) is a faithful copy of the body
 ``xmodal.training.engine.train`` for one contrastive task (``tasks_per_step: one``), built from the engine's own pieces:
 ``make_accelerator``-equivalent ``Accelerator``, ``param_groups``, ``build_loss``, ``contrastive_loss``, ``_split``,
 ``gradcache_step``, ``StaticWeighting``, ``warmup_cosine`` and ``accelerator.prepare / autocast / backward /
-clip_grad_norm_``. The engine keeps that body inside ``train()`` (closures), so it cannot be called on its own.
+clip_grad_norm_``. The engine's step (``xmodal.training.step``) works on a whole built run (``RunState``: loaders,
+sampler, checkpoints), so its body is copied here rather than called.
 
 The open_clip step (:class:`OpenClipTrainer`) is a copy of ``open_clip_train.train.train_one_epoch`` for
 ``accum_freq == 1`` (and its ``accum_freq > 1`` branch for the GradCache comparison), with open_clip_train's
@@ -242,7 +243,7 @@ class OpenClipTrainer:
 
 
 class XModalTrainer:
-    """xmodal's training step: a faithful copy of the optimiser-step body of ``xmodal.training.engine.train`` (one
+    """xmodal's training step: a faithful copy of the optimiser-step body of ``xmodal.training.step`` (one
     contrastive task), on the engine's own helpers and an Accelerate ``Accelerator`` configured as
     ``engine.make_accelerator`` does (except ``cpu=`` follows ``--device`` instead of CUDA availability)."""
 
@@ -255,7 +256,8 @@ class XModalTrainer:
         from accelerate import Accelerator
 
         from xmodal.config import Config, TrainConfig
-        from xmodal.training.engine import PRETRAIN_TASK, param_groups, warmup_cosine
+        from xmodal.training.engine import param_groups, warmup_cosine
+        from xmodal.training.task_data import PRETRAIN_TASK
         from xmodal.losses import build_loss
         from xmodal.losses.multitask import StaticWeighting
         self.args = args
@@ -286,20 +288,20 @@ class XModalTrainer:
         self.model.train()
 
     def _task_loss(self, batch):
-        from xmodal.training.engine import contrastive_loss
+        from xmodal.losses import contrastive_loss
         with self.accelerator.autocast():
             out = self.model(batch, task=None)
             return contrastive_loss(self.loss_fn, out, self.modalities, self.cfg.model.anchor)
 
     def step(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         from xmodal.batch import split as _split
-        from xmodal.training.engine import contrastive_loss
+        from xmodal.losses import contrastive_loss
         from xmodal.training.gradcache import gradcache_step
         accelerator, model = self.accelerator, self.model
         batch = {"image": images, "text": texts}
         name = self.task
         weight = lambda loss: self.weighting({name: loss})  # noqa: E731
-        # --- engine.train: one_task_step(name) ---
+        # --- xmodal.training.step: one_task_step(run, name) ---
         if self.grad_accum_steps == 1:
             loss = self._task_loss(batch)
             accelerator.backward(weight(loss))
@@ -313,7 +315,7 @@ class XModalTrainer:
             loss = gradcache_step(encode, micro, lambda out: weight(
                 contrastive_loss(self.loss_fn, out, self.modalities, self.cfg.model.anchor)),
                 backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
-        # --- engine.train: the rest of the loop body ---
+        # --- xmodal.training.step: apply_gradients(run, ...) ---
         accelerator.clip_grad_norm_(model.parameters(), CLIP_NORM)
         self.optimizer.step()
         self.scheduler.step()

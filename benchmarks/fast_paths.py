@@ -152,7 +152,7 @@ def section_optimizer(args, steps: int, batch: int) -> list[list]:
         return f
 
     def fwd_bwd():
-        from xmodal.training.engine import contrastive_loss
+        from xmodal.losses import contrastive_loss
         from xmodal.losses import build_loss
         with C.autocast(args):
             loss = contrastive_loss(build_loss("clip"), base({"image": images, "text": texts}), ["image", "text"])

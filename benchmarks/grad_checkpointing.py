@@ -1,7 +1,7 @@
 """Gradient checkpointing (``TowerConfig.grad_checkpointing``): peak memory and step time of a contrastive training
 step with and without it, per pair of towers.
 
-The step: ``XModalModel`` forward of both towers, CLIP loss (``engine.contrastive_loss``), backward, gradient
+The step: ``XModalModel`` forward of both towers, CLIP loss (``xmodal.losses.contrastive_loss``), backward, gradient
 clipping, fused AdamW -- the engine's step body without Accelerate. Peak memory: each (pair, variant) in a fresh
 subprocess, 2 steps in a peak-memory window opened after the model, optimiser and batch are built (the 2nd step is
 the first with AdamW state), measured as in benchmarks/_common.py (CPU: peak RSS via /proc/self/clear_refs + VmHWM,
@@ -78,7 +78,7 @@ class Step:
         self.loss_fn = build_loss("clip")
 
     def __call__(self, batch, args):
-        from xmodal.training.engine import contrastive_loss
+        from xmodal.losses import contrastive_loss
         with C.autocast(args):
             loss = contrastive_loss(self.loss_fn, self.model(batch), list(self.model.towers))
         loss.backward()

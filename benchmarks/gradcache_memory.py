@@ -38,7 +38,7 @@ import torch  # noqa: E402
 def equality(args, name: str, micro: int, k: int) -> tuple[float, float, float]:
     """(|loss diff|, max |grad diff|, max |grad|) between GradCache over k micro-batches and one plain step."""
     from xmodal.batch import split as _split
-    from xmodal.training.engine import contrastive_loss
+    from xmodal.losses import contrastive_loss
     from xmodal.training.gradcache import gradcache_step
     from xmodal.losses import build_loss
     torch.manual_seed(args.seed)

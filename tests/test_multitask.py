@@ -270,7 +270,7 @@ def test_engine_pcgrad_applies_the_fp16_loss_scale():
     unscaled PCGrad result (surgery is linear in a common factor)."""
     from types import SimpleNamespace
 
-    from xmodal.training.engine import _pcgrad
+    from xmodal.training.step import backward_pcgrad as _pcgrad
 
     def grads_with(scaler):
         torch.manual_seed(0)

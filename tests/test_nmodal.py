@@ -108,7 +108,7 @@ def test_every_pair_joins_the_gather_on_several_processes_even_when_absent(monke
     order, even for a pair none of its rows holds: it passes zero rows that still belong to the graph."""
     import torch
 
-    from xmodal.training.engine import contrastive_loss
+    from xmodal.losses import contrastive_loss
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
     out = {"text": text, "logit_scale": torch.tensor(10.0, requires_grad=True)}

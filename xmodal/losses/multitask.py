@@ -109,20 +109,23 @@ def pcgrad(grads: list[list[Tensor | None]], generator: torch.Generator | None =
 
 
 def pcgrad_backward(losses: dict[str, Tensor], params: Iterable[nn.Parameter],
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, mean: Callable[[Tensor], Tensor] | None = None,
+                    scale: float = 1.0) -> Tensor:
     """Replace ``sum(losses).backward()`` by PCGrad: one ``torch.autograd.grad`` per task (graph retained), the
     combined gradient :func:`pcgrad` ADDED to ``p.grad`` (accumulating, as ``backward`` does). → the detached sum of
     the losses (for logging).
 
-    ``torch.autograd.grad`` bypasses DDP's gradient all-reduce: with several processes, all-reduce (average) each
-    task's gradients before the surgery, or the ranks' projections diverge.
+    ``mean``: with several processes, averages a gradient across them. ``torch.autograd.grad`` bypasses DDP's gradient
+    all-reduce, so each task's gradients are averaged before the surgery, or the ranks' projections diverge.
+    ``scale``: the fp16 loss scale (1 without a scaler), applied as ``accelerator.backward`` would; the surgery is
+    linear in a common factor, and the gradient scaler unscales every ``.grad`` before the step.
     """
     params = [p for p in params if p.requires_grad]
     names = list(losses)
     per_task = []
     for i, t in enumerate(names):
-        per_task.append(list(torch.autograd.grad(losses[t], params, retain_graph=i < len(names) - 1,
-                                                 allow_unused=True)))
+        grads = torch.autograd.grad(losses[t] * scale, params, retain_graph=i < len(names) - 1, allow_unused=True)
+        per_task.append([mean(g) if mean is not None and g is not None else g for g in grads])
     for p, g in zip(params, pcgrad(per_task, generator)):
         if g is None:
             continue

@@ -1,0 +1,259 @@
+"""Everything a training run is built from, before its first step: the run's config (with ``init_from``), the
+Accelerator, the run folder, each task's rows and loader (frozen towers' features cached first), the model, the loss
+weighting, the optimiser and LR schedule — gathered into one :class:`~.state.RunState`."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..batch import FEATURES, collate
+from ..config import Config, ModelConfig, _from_dict, check_task_modalities, save_config
+from ..data import ManifestDataset
+from ..feature_cache import is_cacheable, precompute_features
+from ..losses import build_loss
+from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
+from ..model import XModalModel
+from ..tasks.head import targets
+from ..tasks.heads import RegressionHead
+from .run_log import LossWindow, MetricsLog
+from .sampling import TaskSampler
+from .state import RunState, TaskRun
+from .task_data import PRETRAIN_TASK, read_task_manifests, task_configs
+
+log = logging.getLogger("xmodal")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps`` (open_clip's ``cosine_lr``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Parameter] = ()) -> list[dict]:
+    """AdamW groups: no weight decay on gains, biases, the temperature and loss weights (as open_clip excludes
+    them); encoders take ``train.encoder_lr``. Frozen encoders are included when they will be unfrozen later."""
+    t = cfg.train
+    encoder_lr = t.encoder_lr if t.encoder_lr is not None else t.lr
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad and not (t.unfreeze_at_step and ".encoder." in name):
+            continue
+        no_decay = p.ndim < 2 or "logit_" in name or ".bn" in name or ".ln" in name or "norm" in name
+        lr = encoder_lr if ".encoder." in name else t.lr
+        groups.setdefault((no_decay, lr), []).append(p)
+    for p in extra:
+        groups.setdefault((True, t.lr), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else t.weight_decay}
+            for (nd, lr), ps in groups.items()]
+
+
+def make_accelerator(cfg: Config, find_unused: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    trackers = None if cfg.log.backend == "none" else cfg.log.backend
+    if cfg.log.backend == "wandb":
+        os.environ.setdefault("WANDB_MODE", cfg.log.wandb_mode)  # offline by default: no key, no network
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=trackers,
+        project_dir=cfg.output_dir,
+        # A sampler seeded by (seed, epoch) makes the data order a function of the position, which exact resume
+        # (skip the batches already seen) relies on.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
+
+
+def collate_renamed(rename: dict[str, str], items: list[dict]) -> dict:
+    """``collate``, then rename keys (``image`` → ``image:features`` for cached modalities)."""
+    return {rename.get(k, k): v for k, v in collate(items).items()}
+
+
+# ---------------------------------------------------------------------------------------- before the Accelerator
+
+def run_config(cfg: Config) -> tuple[Config, dict | None]:
+    """The config this run trains (a copy: ``init_from``'s towers when the config has none, ``train.freeze_towers``
+    applied, every task's modalities checked against the towers) and ``init_from``'s weights (None without it)."""
+    cfg = copy.deepcopy(cfg)
+    towers_from = f"the init_from run {cfg.init_from}" if cfg.init_from and not cfg.model.towers else "model.towers"
+    cfg.model, init_weights = _init_from(cfg)
+    if cfg.train.freeze_towers is not None or cfg.train.unfreeze_at_step:
+        for tower in cfg.model.towers.values():
+            tower.freeze = bool(cfg.train.freeze_towers) or bool(cfg.train.unfreeze_at_step)
+    for name, tc in cfg.tasks.items():
+        check_task_modalities(name, tc, list(cfg.model.towers), towers_from)
+    return cfg, init_weights
+
+
+def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
+    """The model config and weights of ``init_from`` (a run folder) — fine-tuning needs not repeat the towers."""
+    if cfg.init_from is None:
+        return cfg.model, None
+    from safetensors.torch import load_file
+    run = Path(cfg.init_from)
+    card_path = run / "model.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"init_from: {run} is not an xmodal run folder (no model.json)")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    model_cfg = cfg.model if cfg.model.towers else _from_dict(ModelConfig, card["model"], "model")
+    return model_cfg, load_file(str(run / "model.safetensors"))
+
+
+def open_run_folder(cfg: Config, out_dir: Path, main: bool) -> None:
+    """On the main process: the folder, its ``config.yaml``, and logging to the console and ``train.log``."""
+    if not main:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
+                        handlers=[logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")])
+    # Accelerate logs ~7 INFO lines per checkpoint (each file it writes); xmodal logs one line per save.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def build_run(cfg: Config, out_dir: Path, accelerator, init_weights: dict | None) -> RunState:
+    """Tasks, model, loaders, weighting, optimiser and schedule, prepared by Accelerate; the run at step 0."""
+    t, mt = cfg.train, cfg.multitask
+    tasks = read_tasks(cfg)
+    model = build_model(cfg, tasks, init_weights)
+    make_loaders(cfg, accelerator, model, tasks)
+    weighting = make_weighting(cfg, tasks, accelerator.device)
+    optimizer = make_optimizer(cfg, model, weighting)
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *(r.loader for r in tasks.values()))
+    for r, loader in zip(tasks.values(), loaders):
+        r.loader, r.steps_per_epoch = loader, len(loader)
+        if r.steps_per_epoch == 0:
+            raise ValueError(_too_few_rows(r, t, accelerator.num_processes))
+    epoch_steps = (sum(r.steps_per_epoch for r in tasks.values()) if mt.tasks_per_step == "one"
+                   else max(r.steps_per_epoch for r in tasks.values()))
+    total = t.max_steps or t.epochs * epoch_steps
+    # Stepped by hand once per optimiser step: Accelerate's wrapper would step it once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, total))
+    accelerator.register_for_checkpointing(scheduler, weighting)
+    sampler = TaskSampler({n: len(r.dataset) for n, r in tasks.items()}, mt.sampling,
+                          mt.temperature if mt.sampling == "temperature" else 1.0, seed=cfg.seed)
+    return RunState(
+        cfg=cfg, out_dir=out_dir, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
+        tasks=tasks, weighting=weighting, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+        loss_fn=build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
+        loss_window=LossWindow(tasks, accelerator.device),
+        metrics=MetricsLog(out_dir / MetricsLog.NAME, accelerator.is_main_process),
+        total=total, epoch_steps=epoch_steps,
+        samples_per_step=t.batch_size * t.grad_accum_steps * accelerator.num_processes)
+
+
+def read_tasks(cfg: Config) -> dict[str, TaskRun]:
+    """Every task's train and eval rows (pretraining: the one task of ``data.train``), read and checked."""
+    modalities = list(cfg.model.towers)
+    tasks: dict[str, TaskRun] = {}
+    for name, tc in task_configs(cfg, modalities).items():
+        train_m, eval_m = read_task_manifests(cfg, name, tc)
+        tasks[name] = TaskRun(name, tc, train_m.dataset, eval_m.dataset if eval_m is not None else None,
+                              source=train_m.source, row_numbers=train_m.row_numbers)
+    if not cfg.tasks and len(modalities) < 2:
+        raise ValueError("pretrain: contrastive alignment needs at least two towers in model.towers")
+    return tasks
+
+
+def build_model(cfg: Config, tasks: dict[str, TaskRun], init_weights: dict | None) -> XModalModel:
+    """The towers (with ``init_from``'s weights), a head per fine-tuning task, regression targets' scales."""
+    model = XModalModel(cfg.model, {n: r.cfg for n, r in tasks.items()} if cfg.tasks else None)
+    if init_weights is not None:
+        missing, unexpected = model.load_state_dict(init_weights, strict=False)
+        missing = [k for k in missing if not k.startswith("heads.")]
+        if missing or unexpected:
+            raise ValueError(f"init_from {cfg.init_from}: weights do not fit the towers (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+    _fit_target_scales(model, tasks, init_weights)  # before a resumed run's checkpoint, which restores its own
+    if cfg.train.freeze_projections:  # a linear probe of the shared space itself: only the heads learn
+        for tower in model.towers.values():
+            tower.projection.requires_grad_(False)
+    return model
+
+
+def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, TaskRun]) -> None:
+    """Each task's shuffled loader of whole step batches (``batch_size × grad_accum_steps`` rows per process), on
+    cached features for frozen, non-augmented towers (embedded once, here)."""
+    t, modalities = cfg.train, list(cfg.model.towers)
+    for r in tasks.values():  # before any feature is cached: the loaders drop an incomplete last batch
+        if len(r.dataset) < t.batch_size * t.grad_accum_steps * accelerator.num_processes:
+            raise ValueError(_too_few_rows(r, t, accelerator.num_processes))
+    used = {m for r in tasks.values() for m in r.cfg.modalities}  # a tower no task reads is never run
+    cached = {m: m + FEATURES for m in modalities
+              if m in used and t.cache_frozen and not t.unfreeze_at_step and is_cacheable(m, cfg.model.towers[m])}
+    caches = {}
+    for m in cached:
+        values = [v for r in tasks.values() if m in r.cfg.modalities for v in r.dataset[m] if v not in (None, "")]
+        caches[m] = precompute_features(model.towers[m].encoder, model.transform(m, train=False), values,
+                                        batch_size=t.batch_size, num_workers=cfg.data.num_workers,
+                                        device=accelerator.device, desc=f"cache frozen {m} features",
+                                        progress=accelerator.is_main_process and t.progress,
+                                        memo_key=(m, repr(cfg.model.towers[m])))
+    step_batch = t.batch_size * t.grad_accum_steps  # per process; the contrastive batch is this × processes
+    for r in tasks.values():
+        transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
+        extra = [r.cfg.target] if r.cfg.kind != "retrieval" else []
+        rows = ManifestDataset(r.dataset, transforms, extra_columns=extra, source=r.source,
+                               row_numbers=r.row_numbers)
+        r.loader = DataLoader(rows, batch_size=step_batch,
+                              shuffle=True, drop_last=True, collate_fn=partial(collate_renamed, cached),
+                              num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+
+def make_weighting(cfg: Config, tasks: dict[str, TaskRun], device) -> torch.nn.Module:
+    mt = cfg.multitask
+    if mt.weighting == "uncertainty":
+        return UncertaintyWeighting(tasks)
+    if mt.weighting == "gradnorm":  # on the device: its weights meet the gradient norms there (and NCCL wants it)
+        return GradNormWeighting(tasks, mt.gradnorm_alpha).to(device)
+    return StaticWeighting({n: r.cfg.weight for n, r in tasks.items()})
+
+
+def make_optimizer(cfg: Config, model: XModalModel, weighting: torch.nn.Module) -> torch.optim.AdamW:
+    t = cfg.train
+    groups = param_groups(model, cfg, list(weighting.parameters()))
+    # The fused kernel: one op per step instead of ~55 per tensor (benchmarks/train_step.py --ablate).
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused)
+
+
+def _fit_target_scales(model: XModalModel, tasks: dict[str, TaskRun], init_weights: dict | None) -> None:
+    """A regression head new to this run learns standardised targets: its mean and std come from the task's
+    training targets. A head that ``init_from`` brought keeps the scale it was trained with (0/1 if it predates
+    standardisation). Every process reads the whole train split, so every rank sets the same values."""
+    for name, r in tasks.items():
+        if r.cfg.kind != "regression" or any(k.startswith(f"heads.{name}.") for k in init_weights or {}):
+            continue
+        y = targets(r.cfg, r.dataset[r.cfg.target], f"task {name}: ")
+        for head in model.heads[name].modules():  # one per modality under late fusion
+            if isinstance(head, RegressionHead):
+                head.fit_target_scale(y)
+
+
+def _too_few_rows(r: TaskRun, t, processes: int) -> str:
+    """The error when a task's training rows do not fill one step's batch, with the fix."""
+    per_step = t.batch_size * t.grad_accum_steps * processes
+    fits = max(1, len(r.dataset) // (2 * t.grad_accum_steps * processes))  # about two steps per epoch at least
+    suggestion = 1 << (fits.bit_length() - 1)  # a power of two
+    who = "pretraining" if r.name == PRETRAIN_TASK else f"task {r.name}"
+    return (f"{who}: {len(r.dataset)} training rows is less than one step's batch of {per_step} (train.batch_size "
+            f"{t.batch_size} × train.grad_accum_steps {t.grad_accum_steps} × {processes} process(es)): lower "
+            f"train.batch_size (e.g. train.batch_size={suggestion}), or give the task more rows")
