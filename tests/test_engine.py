@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _requires import accelerate_launcher  # skip without it; fail in CI
 from xmodal.config import config_from_dict
 from xmodal.training.engine import MetricsLog, pretrain
 
@@ -114,7 +115,7 @@ def test_gradcache_accumulation_equals_one_big_batch(clipart, tmp_path):
 
 def launch_two(config: Path, verb: str = "pretrain") -> subprocess.CompletedProcess:
     """`xmodal <verb> --config <config>` in 2 real gloo processes launched through Accelerate; checks that both ran."""
-    accelerate = Path(sys.executable).with_name("accelerate")
+    accelerate = accelerate_launcher(sys.executable)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
            "-m", "xmodal.cli", verb, "--config", str(config)]

@@ -20,14 +20,13 @@ from xmodal.config import save_config
 from xmodal.training.engine import pretrain
 
 from test_engine import losses, tiny, weights
+from _requires import accelerate_launcher  # skip without it; fail in CI
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fsdp(config: Path, evidence: Path, resume: bool = False) -> subprocess.CompletedProcess:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        pytest.skip(f"no accelerate launcher next to {sys.executable}")
+    accelerate = accelerate_launcher(sys.executable)
     evidence.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "XMODAL_FSDP_EVIDENCE": str(evidence)}
