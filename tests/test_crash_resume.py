@@ -1,5 +1,6 @@
-"""A real crash: `xmodal pretrain` SIGKILLed at seeded-random moments (and once in the middle of a checkpoint
-save), resumed with --resume until it finishes, ends with the same weights as a run never interrupted.
+"""A real crash: `xmodal pretrain` SIGKILLed at seeded-random moments (and once inside a checkpoint save, held
+there until the kill), resumed with --resume until it finishes, ends with the weights of a run never interrupted,
+bit for bit.
 
 After every kill, each ``checkpoints/step_N`` folder must be complete and loadable; a leftover ``.tmp_step_N``
 (a save the kill interrupted) may stay, but resume must never read it.
@@ -29,21 +30,44 @@ def _step(ckpt: Path | None) -> int:
     return -1 if ckpt is None else int(ckpt.name.rsplit("_", 1)[1])  # step_N (or .old_step_N)
 
 
-def _cli(argv: list[str], log: str) -> None:
-    """A training process: `xmodal pretrain ...`, its output appended to ``log``."""
+def _block_in_second_save(file_name: str, signal: str) -> None:
+    """In this training process: once Accelerate has written ``file_name`` into the second checkpoint this process
+    saves (so the launch has a checkpoint of its own), write ``signal`` (JSON: that folder) and stop there, inside
+    the save, until killed. Accelerate writes its .bin/.pkl files with ``torch.save``, looked up at each call."""
+    import torch as torch_in_child
+    real_save, seen = torch_in_child.save, []
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)) and Path(f).name == file_name:
+            seen.append(Path(f).parent)
+            if len(seen) == 2:
+                Path(signal + ".part").write_text(json.dumps({"folder": str(seen[-1])}))
+                os.replace(signal + ".part", signal)
+                time.sleep(600)  # the test kills this process here
+
+    torch_in_child.save = save
+
+
+def _cli(argv: list[str], log: str, block: tuple[str, str] | None = None) -> None:
+    """A training process: `xmodal pretrain ...`, its output appended to ``log``; ``block``: (file name, signal
+    path) for :func:`_block_in_second_save`."""
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    if block is not None:
+        _block_in_second_save(*block)
     from xmodal.cli import main
     sys.exit(main(argv))
 
 
-def _launch(config: Path, resume: bool, log: Path):
+def _launch(config: Path, resume: bool, log: Path, block: tuple[str, str] | None = None):
     """Start `xmodal pretrain` in a new process. Processes are forked from a server that has imported torch and
     xmodal once: a fresh interpreter spends 12-25 s importing them on 2 busy cores, and this test starts five."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["xmodal.cli", "xmodal.training.engine", "accelerate", "open_clip"])
-    proc = ctx.Process(target=_cli, args=(["pretrain", "--config", str(config)] + ["--resume"] * resume, str(log)))
+    argv = ["pretrain", "--config", str(config)] + ["--resume"] * resume
+    proc = ctx.Process(target=_cli, args=(argv, str(log), block))
     proc.start()
     return proc
 
@@ -57,12 +81,6 @@ def _wait_for(predicate, proc, timeout: float = 120) -> bool:
         assert time.monotonic() < deadline, "training made no progress"
         time.sleep(0.005)
     return True
-
-
-def _being_written(out: Path) -> bool:
-    """The next checkpoint's folder exists, under whatever name the save writes it first (.tmp_step_N)."""
-    name = f"step_{_step(latest_checkpoint(out)) + 1}"
-    return any(p.name.endswith(name) for p in (out / "checkpoints").iterdir())
 
 
 def _assert_checkpoints_sound(out: Path, expected_files: set[str]) -> None:
@@ -95,20 +113,33 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(clipart, tmp
     assert POSITION in expected_files and "model.safetensors" in expected_files
 
     rng = random.Random(7)
-    # When to kill, once a launch has written a checkpoint of its own: after a seeded random delay, or 0-30 ms after
-    # the next checkpoint's folder appears (its files are being written: where a non-atomic save tears).
-    plan = [("delay", rng.uniform(0.0, 0.8)), ("mid-save", rng.uniform(0.0, 0.03)), ("delay", rng.uniform(0.0, 0.8))]
-    kills = []
-    for launch, (how, delay) in enumerate(plan):
+    # When to kill, once a launch has written a checkpoint of its own: after a seeded random delay, or inside its
+    # next checkpoint save, held there right after Accelerate has written a seeded-random one of its pickled files
+    # (the save's folder then holds some of the files and no position.json: where a non-atomic save tears).
+    pickled = sorted(f for f in expected_files if f.endswith((".bin", ".pkl")))
+    plan = [("delay", rng.uniform(0.0, 0.8)), ("mid-save", rng.choice(pickled)), ("delay", rng.uniform(0.0, 0.8))]
+    kills, torn = [], []
+    for launch, (how, when) in enumerate(plan):
         start = _step(latest_checkpoint(out))
-        proc = _launch(tmp_path / "killed.yaml", resume=launch > 0, log=log)
+        signal = tmp_path / f"launch{launch}_in_save.json"
+        proc = _launch(tmp_path / "killed.yaml", resume=launch > 0, log=log,
+                       block=(when, str(signal)) if how == "mid-save" else None)
         try:
             if not _wait_for(lambda: _step(latest_checkpoint(out)) > start, proc):
                 pytest.fail(f"launch {launch} ended (exit code {proc.exitcode}) before its first checkpoint:\n"
                             + log.read_text()[-3000:])
             if how == "mid-save":
-                _wait_for(lambda: _being_written(out), proc)
-            time.sleep(delay)
+                if not _wait_for(signal.is_file, proc):
+                    pytest.fail(f"launch {launch} ended before its second save:\n" + log.read_text()[-3000:])
+                # The kill lands inside that save: its folder is there with Accelerate's file, without the
+                # position.json that completes a checkpoint, and resume would not pick it.
+                folder = Path(json.loads(signal.read_text())["folder"])
+                assert (folder / when).is_file() and not (folder / POSITION).exists(), sorted(
+                    str(p.relative_to(out)) for p in (out / "checkpoints").rglob("*"))
+                assert folder not in checkpoint_dirs(out) and _step(folder) == _step(latest_checkpoint(out)) + 1
+                torn.append(folder)
+            else:
+                time.sleep(when)
             assert proc.is_alive(), "the run finished before it could be killed: raise STEPS"
             proc.kill()  # SIGKILL: no handler, no finally, no flush
             proc.join(30)
@@ -120,6 +151,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(clipart, tmp
         kills.append((how, _step(latest_checkpoint(out))))
         assert not (out / "model.safetensors").exists()  # it really died mid-training
         _assert_checkpoints_sound(out, expected_files)
+    assert len(torn) == 1 and kills[1][1] == _step(torn[0]) - 1, (kills, torn)  # step N-1 survived the torn save N
 
     proc = _launch(tmp_path / "killed.yaml", resume=True, log=log)
     proc.join(300)
@@ -132,7 +164,11 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(clipart, tmp
     assert not [line for line in lines if ".tmp_step_" in line], lines
     assert 0 < kills[0][1] < kills[1][1] < kills[2][1] < STEPS, kills
 
+    assert not torn[0].exists()  # the torn save's folder was removed by the next save
+
+    # Bit for bit (train.deterministic, 1 thread in every run): not merely close.
     final, ref = weights(out), weights(reference)
     assert final.keys() == ref.keys()
     for k in ref:
-        torch.testing.assert_close(final[k], ref[k], atol=1e-6, rtol=0, msg=k)
+        assert final[k].dtype == ref[k].dtype and torch.equal(final[k], ref[k]), (
+            k, (final[k].double() - ref[k].double()).abs().max().item())

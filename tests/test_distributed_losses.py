@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _requires import accelerate_launcher  # skip without it; fail in CI
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dist_loss_worker.py")
 WORLD = 2
@@ -40,9 +42,7 @@ def _load_worker():
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist_losses")
-    accelerate = Path(sys.executable).with_name("accelerate")  # the venv's launcher, whichever venv runs the tests
-    if not accelerate.exists():
-        pytest.skip(f"no accelerate launcher next to {sys.executable}")
+    accelerate = accelerate_launcher(sys.executable)  # the venv's launcher, whichever venv runs the tests
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONWARNINGS": "ignore::FutureWarning"}  # open_clip's all_gather call warns on every step

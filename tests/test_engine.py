@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _requires import accelerate_launcher  # skip without it; fail in CI
 from xmodal.config import config_from_dict
 from xmodal.training.engine import MetricsLog, pretrain
 
@@ -112,24 +113,53 @@ def test_gradcache_accumulation_equals_one_big_batch(clipart, tmp_path):
         assert b[step][0] == pytest.approx(a[step][0], abs=1e-5), step
 
 
+def launch_two(config: Path, verb: str = "pretrain") -> subprocess.CompletedProcess:
+    """`xmodal <verb> --config <config>` in 2 real gloo processes launched through Accelerate; checks that both ran."""
+    accelerate = accelerate_launcher(sys.executable)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "-m", "xmodal.cli", verb, "--config", str(config)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    return proc
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process(clipart, tmp_path):
     """2 real gloo processes launched through Accelerate, 8 rows each, follow the 1-process curve at batch 16. The 2
     processes log every 2 steps: each record is the mean over its window of the processes' mean losses."""
     one = pretrain(tiny(clipart, tmp_path / "one", max_steps=4))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-           "-m", "xmodal.cli", "pretrain", "--config", str(tmp_path / "two.yaml")]
     from xmodal.config import save_config
     save_config(tiny(clipart, tmp_path / "two", max_steps=4, batch_size=8, log_every=2), tmp_path / "two.yaml")
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stderr + proc.stdout
+    launch_two(tmp_path / "two.yaml")
     a, b = losses(one), losses(tmp_path / "two")
     assert sorted(b) == [2, 4]
     for step in b:
         assert b[step][0] == pytest.approx((a[step - 1][0] + a[step][0]) / 2, abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_gradcache_on_two_processes_equals_one_process_full_batch(clipart, tmp_path):
+    """GradCache across processes: 2 gloo processes, each 2 micro-batches of 4 rows (train.grad_accum_steps: 2),
+    give every step's loss and the final weights of 1 process taking the same 16 rows as one plain batch (no
+    GradCache). The contrastive loss spans all 16 pairs only if each process's cached micro-batch features are
+    gathered from the other process too, and the weights match only if the re-run micro-batches' gradients are
+    all-reduced once, whole."""
+    one = pretrain(tiny(clipart, tmp_path / "one", max_steps=4))
+    from xmodal.config import save_config
+    save_config(tiny(clipart, tmp_path / "two", max_steps=4, batch_size=4, grad_accum_steps=2), tmp_path / "two.yaml")
+    proc = launch_two(tmp_path / "two.yaml")
+    assert "batch 8 × 2 process(es)" in proc.stderr + proc.stdout  # per process: 2 micro-batches of 4
+    a, b = losses(one), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step][0] == pytest.approx(a[step][0], abs=1e-5), step
+        assert b[step][1] == pytest.approx(a[step][1], rel=1e-9), step
+    w1, w2 = weights(one), weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
 
 
 @pytest.mark.parametrize("backend, pattern", [("wandb", "wandb/offline-run-*"), ("tensorboard", "**/events.out.tfevents.*")])

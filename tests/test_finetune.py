@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _requires import accelerate_launcher  # skip without it; fail in CI
+
 import xmodal
 from xmodal.cli import main
 from xmodal.config import config_from_dict
@@ -210,9 +212,7 @@ def test_gradient_weightings_two_processes_equal_one_process(fashion, rotten, tm
     save_config(cfg(tmp_path / "two", tasks, **{**common, "train": {"max_steps": 4, "batch_size": 8}}),
                 tmp_path / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    launcher = Path(sys.executable).parent / "accelerate"
-    if not launcher.is_file():
-        pytest.skip(f"no accelerate launcher next to {sys.executable}")
+    launcher = accelerate_launcher(sys.executable)
     proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
                            "-m", "xmodal.cli", "finetune", "--config", str(tmp_path / "two.yaml")],
                           env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,

@@ -11,6 +11,8 @@ from xmodal.config import ConfigError, ModelConfig, TowerConfig
 from xmodal.model import Tower, XModalModel
 from xmodal.modalities import build_encoder
 
+from _requires import importorskip  # skip without what bootstrap installs; fail in CI
+
 torch.set_num_threads(2)
 
 AUDIO = {"sample_rate": 16000, "n_mels": 32, "max_seconds": 1.0}  # 101 frames
@@ -145,7 +147,7 @@ def test_kinds_that_cannot_checkpoint_name_the_tower():
                      options={"vision_cfg": {"layers": [1, 1, 1, 1], "width": 16}, "embed_dim": 64})
     with pytest.raises(ConfigError, match=r"model\.towers\.image\.grad_checkpointing: .*ModifiedResNet"):
         XModalModel(ModelConfig(embed_dim=8, towers={"image": rn}))
-    pytest.importorskip("resemblyzer")
+    importorskip("resemblyzer", "the assets extra: pip install -e .[dev]")
     voice = TowerConfig(kind="resemblyzer", grad_checkpointing=True, options={"max_seconds": 2.0})
     with pytest.raises(ConfigError, match=r"model\.towers\.audio\.grad_checkpointing: .*ResemblyzerEncoder"):
         XModalModel(ModelConfig(embed_dim=8, towers={"audio": voice}))

@@ -21,6 +21,8 @@ from xmodal.retrieval import FingerprintMismatchError, IndexCorruptError, Retrie
 from xmodal.retrieval.index import EmbeddingIndex, Hit, parse_filters
 from xmodal.retrieval.retriever import Retriever, build_index, format_hits, model_fingerprint
 
+from _requires import importorskip  # skip without what bootstrap installs; fail in CI
+
 faiss.omp_set_num_threads(1)  # keep CPU use modest; results do not depend on it
 
 
@@ -566,7 +568,7 @@ def _real_images(tmp_path, n=20):
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    pytest.importorskip("xmodal.modalities.image")
+    importorskip("xmodal.modalities.image", "pip install -e .")
     from xmodal.config import ModelConfig, TowerConfig
     from xmodal.model import XModalModel
 

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-sf = pytest.importorskip("soundfile")
+from _requires import importorskip  # skip without what bootstrap installs; fail in CI
+
+sf = importorskip("soundfile", "a dependency of xmodal: pip install -e .[dev]")
 
 from xmodal.data.manifest import ManifestError, read_manifest  # noqa: E402
 

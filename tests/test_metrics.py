@@ -4,6 +4,8 @@ import torch
 
 from xmodal.evaluation.metrics import rank_summary, recall_at_k, retrieval_ranks, topk_accuracy
 
+from _requires import importorskip  # skip without what bootstrap installs; fail in CI
+
 
 def test_ranks_by_hand():
     # 3 queries, 4 items, scores chosen by hand.
@@ -48,7 +50,7 @@ def test_regression_r2_by_hand_and_against_sklearn():
     assert regression_metrics(torch.full((4,), 11.0), target)["r2"] < 0  # worse than the mean
     assert regression_metrics(torch.ones(3), torch.ones(3))["r2"] == 1.0  # constant target, exact
     assert regression_metrics(torch.zeros(3), torch.ones(3))["r2"] == 0.0  # constant target, missed (as sklearn)
-    sklearn = pytest.importorskip("sklearn.metrics")
+    sklearn = importorskip("sklearn.metrics", "scikit-learn, installed with librosa by pip install -e .[dev]")
     rng = np.random.default_rng(0)
     y, p = rng.normal(60, 20, 50), rng.normal(60, 25, 50)
     assert regression_metrics(torch.tensor(p), torch.tensor(y))["r2"] == pytest.approx(sklearn.r2_score(y, p),
@@ -64,7 +66,7 @@ def test_average_precision_by_hand_with_ties():
 
 def test_multilabel_map_against_sklearn():
     from xmodal.evaluation.metrics import multilabel_metrics
-    sklearn = pytest.importorskip("sklearn.metrics")
+    sklearn = importorskip("sklearn.metrics", "scikit-learn, installed with librosa by pip install -e .[dev]")
     rng = np.random.default_rng(0)
     target = rng.random((60, 5)) < 0.3
     target[:, 4] = False  # a class no row has: left out of the mean (its AP is undefined)

