@@ -288,6 +288,7 @@ class XModalModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import save_file, save_model
 
+        from .atomic import fsync_file
         from .config import _to_plain
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -304,11 +305,7 @@ class XModalModel(nn.Module):
             # safetensors creates its file owner-only (0600); give the weights the card's mode, i.e. the user's umask
             os.chmod(tmp_weights, os.stat(tmp_card).st_mode & 0o777)
             for tmp in (tmp_weights, tmp_card):  # on disk before the renames: a power cut cannot leave them empty
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(tmp)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
             for tmp in (tmp_weights, tmp_card):
                 try:

@@ -272,9 +272,8 @@ def run_predict(args) -> int:
         lines.append(json.dumps(rec))
     text = "\n".join(lines) + "\n"
     if args.out:
-        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.out)
+        from ..atomic import write_text
+        write_text(args.out, text)  # via .NAME.tmp: an interrupted run never leaves half a predictions file
         print(f"{len(lines)} predictions → {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -4,8 +4,11 @@
     build_index(model, manifest, "image", "indexes/images", run_dir="runs/pretrain")
     hits = Retriever("indexes/images").search("a red car", "text", k=5)
 
-The index itself is in ``index.py``, building and querying it with a model in ``retriever.py``. The error
-classes live here (not in ``index.py``) so the CLI can catch them without importing faiss or torch.
+Modules: ``index.py`` the index (faiss + metadata, search), ``index_files.py`` its folder on disk (crash-safe save,
+checked load), ``filters.py`` metadata filters, ``retriever.py`` building and querying it with a model,
+``search_service.py`` the web service's request logic and ``service.py`` its HTTP server (``page.py`` the page it
+shows). The error classes live here (not in ``index.py``) so the CLI can catch them without importing faiss or
+torch.
 """
 
 
@@ -26,9 +29,12 @@ __all__ = ["EmbeddingIndex", "Hit", "Retriever", "build_index", "model_fingerpri
 
 
 def __getattr__(name):  # lazy: faiss / numpy load on first use
-    if name in ("EmbeddingIndex", "Hit", "parse_filters"):
+    if name in ("EmbeddingIndex", "Hit"):
         from . import index
         return getattr(index, name)
+    if name == "parse_filters":  # no faiss needed to read --filter flags
+        from .filters import parse_filters
+        return parse_filters
     if name in ("Retriever", "build_index", "model_fingerprint", "format_hits"):
         from . import retriever
         return getattr(retriever, name)

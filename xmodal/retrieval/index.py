@@ -1,4 +1,4 @@
-"""A faiss index of shared-space embeddings with one metadata record per row, atomic save/load, and queries.
+"""A faiss index of shared-space embeddings with one metadata record per row: add, remove, rebuild, search.
 
 * :class:`EmbeddingIndex` — exact inner product (``kind="flat"``: ``IndexIDMap2(IndexFlatIP)``, the default),
   ``kind="hnsw"`` (``IndexHNSWFlat``, inner-product metric) or ``kind="ivf"`` (``IndexIVFFlat``, trained on the first
@@ -6,17 +6,12 @@
   from the index (``0, 1, 2, ...``, never reused, stable across add / remove / save / load) and a JSON metadata record
   (for an index built from a manifest: the row's ``id``, ``modality``, ``value`` (path or text), ``label`` and any
   other scalar columns).
-(:mod:`xmodal.retrieval.retriever` builds an index from a model and a manifest and queries it with the model.)
+* :class:`Hit` — one search result.
 
-On disk an index is a folder of three files::
-
-    index.faiss      the faiss index (faiss.write_index)
-    metadata.jsonl   one line per live row: {"index_id": 12, "meta": {...}}, in id order
-    index.json       kind, dim, options, next_id, counts, file sizes, HNSW tombstones and the model fingerprint
-                     {"run_dir", "sha256" (of model.safetensors), "embed_dim", "modality"}
-
-See :meth:`EmbeddingIndex.save` for the crash-safe swap and :meth:`EmbeddingIndex.load` for what happens to the
-leftovers of an interrupted save.
+Beside it: :mod:`~xmodal.retrieval.index_files`, the folder an index is saved as (three files, the crash-safe swap,
+the checks a load makes); :mod:`~xmodal.retrieval.filters`, the metadata filters a search takes (``parse_filters`` is
+importable from here too); :mod:`~xmodal.retrieval.retriever`, which builds an index from a model and a manifest and
+queries it with the model.
 """
 from __future__ import annotations
 
@@ -24,31 +19,27 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import faiss
 import numpy as np
 
 from . import IndexCorruptError, RetrievalError
+from .filters import Filter, _predicate, parse_filters
+from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open_folder, read_faiss, read_metadata, \
+    save_folder
 
 log = logging.getLogger(__name__)
 
-FAISS_NAME = "index.faiss"
-META_NAME = "metadata.jsonl"
-INFO_NAME = "index.json"
-FILES = (FAISS_NAME, META_NAME, INFO_NAME)
-FORMAT = "xmodal-index"
-VERSION = 1
 KINDS = ("flat", "hnsw", "ivf")
-PATH_MODALITIES = ("image", "audio")  # query values are file paths (as in xmodal.data.MODALITY_COLUMNS)
+# MODALITIES BY NAME: the modalities whose values are file paths, not content (a query argument is read as a file;
+# format_hits shortens them from the left). Listed by hand, as in xmodal.data.MODALITY_COLUMNS; the web service's
+# query fields are the other such list (SearchService.parse in search_service.py).
+PATH_MODALITIES = ("image", "audio")
 EXACT_SUBSET = 2048  # a filter that leaves at most this many rows is answered by exact search over those rows
-
-Filter = Mapping[str, Any] | Callable[[dict], bool] | None
-
 
 # Keys of a hit's dict (:meth:`Hit.to_dict`, the CLI's ``query --json``, ``POST /api/search``) that xmodal itself
 # fills; a metadata field of the same name (a manifest column called ``score``, ``rank``, ...) never replaces them.
@@ -93,118 +84,6 @@ def _as_matrix(x: Any, dim: int | None, what: str = "embeddings") -> np.ndarray:
         raise ValueError(f"{what}: contains NaN or infinite values")
     return np.ascontiguousarray(x)
 
-
-def _value_matches(have: Any, want: Any) -> bool:
-    if isinstance(want, (list, tuple, set, frozenset)):
-        return any(_value_matches(have, w) for w in want)
-    if have == want:
-        return True
-    return have is not None and want is not None and str(have) == str(want)  # "3" from the CLI matches 3
-
-
-def _predicate(filter: Filter) -> Callable[[dict], bool] | None:
-    """``None``; a callable ``meta -> bool``; or a dict: every key must match (a list value means any of them)."""
-    if filter is None:
-        return None
-    if callable(filter):
-        return filter
-    if isinstance(filter, Mapping):
-        if not filter:
-            return None
-        items = list(filter.items())
-        return lambda meta: all(_value_matches(meta.get(k), v) for k, v in items)
-    raise TypeError(f"filter must be a dict, a callable or None, got {type(filter).__name__}")
-
-
-def parse_filters(specs: Iterable[str] | None) -> dict[str, Any] | None:
-    """``["label=animals", "split=test", "label=plants"]`` → ``{"label": ["animals", "plants"], "split": "test"}``."""
-    out: dict[str, Any] = {}
-    for spec in specs or []:
-        key, sep, value = spec.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise RetrievalError(f"--filter expects key=value, got {spec!r}")
-        if key in out:
-            prev = out[key]
-            out[key] = (prev if isinstance(prev, list) else [prev]) + [value]
-        else:
-            out[key] = value
-    return out or None
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _siblings(path: Path) -> tuple[Path, Path]:
-    """``(.NAME.new, .NAME.old)``: where a save writes the new copy, and where the previous copy waits during the
-    swap."""
-    return path.parent / f".{path.name}.new", path.parent / f".{path.name}.old"
-
-
-def _missing_files(path: Path) -> list[str]:
-    return [name for name in FILES if not (path / name).is_file()]
-
-
-def _looks_like_index(path: Path) -> bool:
-    try:
-        info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("format") == FORMAT
-
-
-def _recover(path: Path, repair: bool) -> Path:
-    """Resolve the leftovers of an interrupted :meth:`EmbeddingIndex.save`; return the folder to read.
-
-    The commit point of a save is the rename of ``.NAME.new`` onto ``NAME``. So:
-
-    1. ``NAME`` exists: it is the index. A ``.NAME.old`` (crash after the commit, before the old copy was deleted)
-       and a ``.NAME.new`` (crash before the commit) are stale and deleted (with ``repair``).
-    2. ``NAME`` is missing but ``.NAME.old`` exists: the crash came between renaming the old copy aside and renaming
-       the new one in. The save never committed, so ``.NAME.old`` is renamed back to ``NAME`` and ``.NAME.new``
-       deleted (with ``repair``; without it, ``.NAME.old`` is read where it lies and nothing is touched).
-    3. Only ``.NAME.new`` (the first save of this folder crashed before committing): there is no index;
-       :class:`FileNotFoundError` (the leftover is removed by the next save).
-    """
-    new, old = _siblings(path)
-    if path.is_dir():
-        if repair:
-            for stale in (old, new):
-                if stale.exists():
-                    log.warning("index %s: removing %s left by an interrupted save", path, stale.name)
-                    shutil.rmtree(stale, ignore_errors=True)
-        return path
-    if old.is_dir():
-        if not repair:
-            return old
-        log.warning("index %s: an interrupted save left the previous index in %s; restoring it", path, old.name)
-        os.rename(old, path)
-        _fsync_dir(path.parent)
-        if new.exists():
-            shutil.rmtree(new, ignore_errors=True)
-        return path
-    if new.is_dir():
-        raise FileNotFoundError(f"no index at {path} (the first save of it was interrupted before it completed; "
-                                f"build it again)")
-    raise FileNotFoundError(f"no index at {path}")
 
 
 def _auto_nlist(n: int) -> int:
@@ -492,66 +371,15 @@ class EmbeddingIndex:
                 "next_id": self._next_id, "options": self.options, "tombstones": sorted(self._tombstones),
                 "model": self.model_info, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    def _write_into(self, folder: Path) -> None:
-        faiss.write_index(self._index, str(folder / FAISS_NAME))
-        _fsync_file(folder / FAISS_NAME)
-        with open(folder / META_NAME, "w", encoding="utf-8") as f:
-            for i in sorted(self._meta):
-                f.write(json.dumps({"index_id": i, "meta": self._meta[i]}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        info = self._info()
-        info["files"] = {name: (folder / name).stat().st_size for name in (FAISS_NAME, META_NAME)}
-        with open(folder / INFO_NAME, "w", encoding="utf-8") as f:  # written last
-            f.write(json.dumps(info, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(folder)
-
     def save(self, path: str | os.PathLike) -> Path:
         """Save into the folder ``path``, atomically: a crash at any moment leaves the previous index or this one.
 
-        Steps (``.NAME.new`` / ``.NAME.old`` are hidden siblings of ``NAME``):
-
-        1. resolve leftovers of an earlier interrupted save (as :meth:`load` does) and delete a stale ``.NAME.new``;
-        2. write all three files into ``.NAME.new`` (``index.json`` last), fsync each file and the folder;
-        3. if ``NAME`` exists, rename it to ``.NAME.old``; fsync the parent folder;
-        4. rename ``.NAME.new`` to ``NAME`` — **the commit point**; fsync the parent folder;
-        5. delete ``.NAME.old``.
-
-        Refuses (``FileExistsError``) to replace a non-empty folder that is not an xmodal index. A failure while
-        writing (a full disk, a read-only folder) removes ``.NAME.new`` and raises ``OSError``.
+        The new copy is written beside ``path`` as ``.NAME.new`` and renamed into place (the previous copy waits as
+        ``.NAME.old`` meanwhile): see :func:`~xmodal.retrieval.index_files.save_folder` for the steps. Refuses
+        (``FileExistsError``) to replace a non-empty folder that is not an xmodal index. A failure while writing (a
+        full disk, a read-only folder) removes ``.NAME.new`` and raises ``OSError``.
         """
-        path = Path(path).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new, old = _siblings(path)
-        try:
-            _recover(path, repair=True)
-        except FileNotFoundError:
-            pass
-        if path.exists():
-            if not path.is_dir():
-                raise FileExistsError(f"{path} exists and is not a folder")
-            if any(path.iterdir()) and not _looks_like_index(path):
-                raise FileExistsError(f"{path} is a non-empty folder that is not an xmodal index; refusing to "
-                                      f"replace it")
-        if new.exists():
-            shutil.rmtree(new)
-        try:
-            new.mkdir()
-            self._write_into(new)
-        except (OSError, RuntimeError) as e:  # a full disk: faiss raises RuntimeError, file writes OSError
-            shutil.rmtree(new, ignore_errors=True)
-            message = f"saving the index to {path} failed ({e}); the index already there (if any) is unchanged"
-            raise (OSError(e.errno, message) if isinstance(e, OSError) else OSError(message)) from e
-        if path.exists():
-            os.rename(path, old)
-            _fsync_dir(path.parent)
-        os.rename(new, path)
-        _fsync_dir(path.parent)
-        if old.exists():
-            shutil.rmtree(old)
-        return path
+        return save_folder(Path(path), self._index, self._meta, self._info())
 
     @classmethod
     def load(cls, path: str | os.PathLike, repair: bool = True) -> "EmbeddingIndex":
@@ -572,27 +400,7 @@ class EmbeddingIndex:
         ``index.faiss`` / ``metadata.jsonl`` / ``index.json`` or they disagree (sizes, row counts, dimension).
         """
         path = Path(path).absolute()
-        if path.exists() and not path.is_dir():
-            raise FileNotFoundError(f"{path} is not an index folder")
-        folder = _recover(path, repair=repair)
-        missing = _missing_files(folder)
-        if missing:
-            raise IndexCorruptError(f"index {path} is incomplete: missing {', '.join(missing)} (rebuild it with "
-                                    f"`xmodal index`)")
-        try:
-            info = json.loads((folder / INFO_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise IndexCorruptError(f"index {path}: unreadable {INFO_NAME}: {e}") from None
-        if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise IndexCorruptError(f"index {path}: {INFO_NAME} is not an xmodal index description")
-        if info.get("version", 0) > VERSION:
-            raise IndexCorruptError(f"index {path}: format version {info.get('version')} is newer than this xmodal "
-                                    f"understands ({VERSION})")
-        for name, size in (info.get("files") or {}).items():
-            actual = (folder / name).stat().st_size
-            if actual != size:
-                raise IndexCorruptError(f"index {path}: {name} has {actual} bytes, {INFO_NAME} recorded {size} "
-                                        f"(truncated or replaced)")
+        folder, info = open_folder(path, repair)
         try:
             self = cls(int(info["dim"]), info["kind"], model_info=info.get("model"),
                        **{k: v for k, v in (info.get("options") or {}).items() if v is not None})
@@ -601,29 +409,18 @@ class EmbeddingIndex:
             self._tombstones = {int(i) for i in info.get("tombstones") or []}
         except (KeyError, TypeError, ValueError) as e:
             raise IndexCorruptError(f"index {path}: bad {INFO_NAME}: {e}") from None
-        try:
-            self._index = faiss.read_index(str(folder / FAISS_NAME))
-        except RuntimeError as e:
-            raise IndexCorruptError(f"index {path}: cannot read {FAISS_NAME}: {str(e).strip().splitlines()[-1]}") \
-                from None
-        if self._index.d != self.dim:
-            raise IndexCorruptError(f"index {path}: {FAISS_NAME} has dimension {self._index.d}, {INFO_NAME} says "
-                                    f"{self.dim}")
+        self._index = read_faiss(path, folder, self.dim)
         if self.kind == "hnsw":
             faiss.downcast_index(self._index.index).hnsw.efSearch = self.options["ef_search"]
         elif self.kind == "ivf" and self.options.get("nprobe"):
             self._index.nprobe = int(self.options["nprobe"])
-        with open(folder / META_NAME, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    self._meta[int(rec["index_id"])] = rec["meta"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise IndexCorruptError(f"index {path}: {META_NAME} line {lineno}: {e}") from None
+        self._meta = read_metadata(path, folder)
         expected = self.ntotal - len(self._tombstones)
         if len(self._meta) != expected or len(self._meta) != info.get("count", len(self._meta)):
             raise IndexCorruptError(f"index {path}: {META_NAME} has {len(self._meta)} rows but {FAISS_NAME} holds "
                                     f"{expected} live vectors")
         return self
+
+
+__all__ = ["EXACT_SUBSET", "KINDS", "PATH_MODALITIES", "RESERVED_HIT_KEYS", "EmbeddingIndex", "Filter", "Hit",
+           "parse_filters"]

@@ -19,7 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import FingerprintMismatchError, IndexCorruptError, RetrievalError
-from .index import PATH_MODALITIES, EmbeddingIndex, Filter, Hit, _looks_like_index
+from .filters import Filter
+from .index import PATH_MODALITIES, EmbeddingIndex, Hit
+from .index_files import _looks_like_index
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import json
 import os
 from pathlib import Path
 
+from ...atomic import write_text
+
 MANIFEST_COLUMNS = ["id", "image", "text", "label", "split"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text, path.with_name(f".{path.name}.tmp{os.getpid()}"))  # pid: two preparers never share one
 
 
 def write_manifest(path: Path, rows: list[dict], columns: list[str] = MANIFEST_COLUMNS) -> None:

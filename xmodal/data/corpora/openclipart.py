@@ -42,6 +42,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ...atomic import replacing
 from ._output import MANIFEST_COLUMNS, up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,8 @@ def _to_white_rgb_png(png: bytes, out: str) -> bool:
     rgb = Image.alpha_composite(white, rgba).convert("RGB")
     if all(lo == hi for lo, hi in rgb.getextrema()):
         return False
-    tmp = f"{out}.tmp{os.getpid()}"
-    rgb.save(tmp, format="PNG", optimize=False)
-    os.replace(tmp, out)
+    with replacing(out, f"{out}.tmp{os.getpid()}", fsync=False) as tmp:
+        rgb.save(tmp, format="PNG", optimize=False)
     return True
 
 

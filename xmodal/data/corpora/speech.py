@@ -69,6 +69,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ...atomic import replacing
 from ._output import up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,8 @@ def synthesize(text: str, out: str | os.PathLike, spec: dict[str, Any], sample_r
             wav = resample(wav, sr, sample_rate).numpy()
         if wav.size == 0 or float(np.sqrt(np.mean(np.square(wav)))) < _MIN_RMS:
             raise RuntimeError(f"{cmd[0]} produced no audible speech for {text!r}")
-        sf.write(str(tmp), np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, out)
+        with replacing(out, tmp, fsync=False):
+            sf.write(str(tmp), np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
         return wav.size / sample_rate
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{cmd[0]} timed out after {_TIMEOUT:g} s for {text!r}") from None
