@@ -35,10 +35,6 @@ from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw", "ivf")
-# MODALITIES BY NAME: the modalities whose values are file paths, not content (a query argument is read as a file;
-# format_hits shortens them from the left). Listed by hand, as in xmodal.data.MODALITY_COLUMNS; the web service's
-# query fields are the other such list (SearchService.parse in search_service.py).
-PATH_MODALITIES = ("image", "audio")
 EXACT_SUBSET = 2048  # a filter that leaves at most this many rows is answered by exact search over those rows
 
 # Keys of a hit's dict (:meth:`Hit.to_dict`, the CLI's ``query --json``, ``POST /api/search``) that xmodal itself
@@ -422,5 +418,5 @@ class EmbeddingIndex:
         return self
 
 
-__all__ = ["EXACT_SUBSET", "KINDS", "PATH_MODALITIES", "RESERVED_HIT_KEYS", "EmbeddingIndex", "Filter", "Hit",
+__all__ = ["EXACT_SUBSET", "KINDS", "RESERVED_HIT_KEYS", "EmbeddingIndex", "Filter", "Hit",
            "parse_filters"]

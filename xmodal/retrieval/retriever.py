@@ -20,7 +20,8 @@ import numpy as np
 
 from . import FingerprintMismatchError, IndexCorruptError, RetrievalError
 from .filters import Filter
-from .index import PATH_MODALITIES, EmbeddingIndex, Hit
+from ..modalities.registry import path_modalities
+from .index import EmbeddingIndex, Hit
 from .index_files import _looks_like_index
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ class Retriever:
         if modality not in mods:
             raise RetrievalError(f"this model has no {modality!r} tower, so it cannot embed {modality} queries "
                                  f"(towers: {', '.join(mods)})")
-        if modality in PATH_MODALITIES:
+        if modality in path_modalities():  # a query argument naming a file is read as that file
             for q in items:
                 if isinstance(q, str) and not Path(q).expanduser().is_file():
                     raise FileNotFoundError(f"{modality} query file not found: {q}")
@@ -369,7 +370,7 @@ def format_hits(hits: Sequence[Hit], width: int = 80) -> str:
     for r, h in enumerate(hits, 1):
         value = "" if h.metadata.get("value") is None else str(h.metadata.get("value")).replace("\n", " ")
         if len(value) > width:
-            value = "…" + value[-(width - 1):] if h.metadata.get("modality") in PATH_MODALITIES \
+            value = "…" + value[-(width - 1):] if h.metadata.get("modality") in path_modalities() \
                 else value[:width - 1] + "…"
         label = h.metadata.get("label")
         rows.append((str(r), f"{h.score:.4f}", str(h.metadata.get("id", h.id)), "" if label is None else str(label),

@@ -30,6 +30,7 @@ from email.parser import BytesParser
 from typing import Any
 from urllib.parse import parse_qs
 
+from ..modalities.registry import get_modality, modality_names, path_modalities
 from . import RetrievalError
 
 log = logging.getLogger(__name__)
@@ -262,9 +263,10 @@ class SearchService:
             raise ApiError(415, f"unsupported Content-Type {_short(ctype or '(none)')}: send application/json, "
                                 f"multipart/form-data or image/*")
 
-        # MODALITIES BY NAME: the fields that hold a query (text, <modality>_base64, raw image/audio bytes). Listed by
-        # hand, like PATH_MODALITIES in index.py; only text and image are answered below.
-        query_keys = [key for key in data if key == "text" or key.endswith("_base64") or key in ("image", "audio")]
+        # The fields that hold a query, one per registered modality: "<m>" for a string-valued modality (text),
+        # "<m>_base64" (or the raw body / a multipart file) for one whose values are files.
+        strings = {m for m in modality_names() if get_modality(m).value == "string"}
+        query_keys = [key for key in data if key in strings or key.endswith("_base64") or key in path_modalities()]
         unknown = sorted(set(data) - set(query_keys) - {"k", "filter"})
         if unknown:
             names = _short(", ".join(map(repr, unknown)), 200)
@@ -278,24 +280,30 @@ class SearchService:
         k = _parse_k(data.get("k", 10), self.limits.max_k)
         filt = _parse_filter(data.get("filter"), self.limits)
 
-        if key == "text":
-            text = data["text"]
+        if key in strings:
+            text = data[key]
             if not isinstance(text, str):
-                raise ApiError(400, f"text must be a string, got {type(text).__name__}")
+                raise ApiError(400, f"{key} must be a string, got {type(text).__name__}")
             if not text.strip():
                 raise ApiError(400, "empty query: type some text")
             if len(text) > self.limits.max_query_chars:
                 raise ApiError(413, f"the query has {len(text)} characters; at most {self.limits.max_query_chars} "
                                     f"are accepted")
-            self._check_modality("text")
-            return "text", text, k, filt
+            self._check_modality(key)
+            return key, text, k, filt
         modality = key[: -len("_base64")] if key.endswith("_base64") else key
         self._check_modality(modality)
-        if modality != "image":
-            raise ApiError(415, f"{_short(modality)} queries are not supported by the web service (only text and "
-                                f"image)")
         raw = data[key] if isinstance(data[key], bytes) else _decode_base64(data[key], key)
-        return "image", _open_image(raw, self.limits), k, filt
+        if modality == "image":  # decoded under the service's pixel limits (decompression bombs)
+            return "image", _open_image(raw, self.limits), k, filt
+        if get_modality(modality).read_bytes is None:
+            raise ApiError(415, f"{_short(modality)} queries are not supported by the web service ({modality} "
+                                f"declares no way to read uploaded bytes)")
+        try:
+            return modality, get_modality(modality).decode_bytes(raw), k, filt
+        except Exception as e:  # noqa: BLE001 - the modality's own reader: any failure is a bad upload
+            raise ApiError(400, f"cannot read the uploaded {modality}: {type(e).__name__}: {_short(str(e), 200)}") \
+                from None
 
     # ----------------------------------------------------------------------------------------------------- search
     def search(self, modality: str, value: Any, k: int, filt: dict | None) -> dict:
