@@ -141,20 +141,6 @@ def _json_table(path: Path) -> pa.Table:
 _NOT_A_STRING = "\x00xmodal-not-a-string\x00"
 
 
-def name_options(message: str, on_bad_row: str, skip: str, allow: str | None = None) -> str:
-    """A :class:`ManifestError` message with its hints spelt as the caller's user sets them, not as
-    :func:`read_manifest`'s Python arguments: ``skip`` for ``on_bad_row='skip'`` (``--on-bad-row skip``,
-    ``data.on_bad_row=skip``), ``allow`` for ``allow_outside_root=True`` (None: kept). A bad row met with
-    ``on_bad_row="error"`` gets the ``skip`` hint on its first line."""
-    if allow is not None:
-        message = re.sub(r"allow_outside_root=True(?: \(data\.allow_outside_root: true\))?", allow, message)
-    message = re.sub(r"on_bad_row=(['\"]?)skip\1", skip, message)
-    first, nl, rest = message.partition("\n")
-    if on_bad_row == "error" and skip not in message and re.search(r": row \d+\b", first):
-        first += f" ({skip} drops bad rows)"
-    return first + nl + rest
-
-
 def label_text(value: Any) -> str:
     """A label cell as the class name it stands for. A whole float is written as an integer, so the label ``1.0``
     that Parquet or pandas-written JSONL hold is class ``"1"``, as the same label read from a CSV; a list (a
