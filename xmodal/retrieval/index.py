@@ -35,6 +35,13 @@ from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw", "ivf")
+
+
+def __getattr__(name):  # PATH_MODALITIES, as before 0.2: now a live view of the modality registry
+    if name == "PATH_MODALITIES":
+        from ..modalities.registry import path_modalities
+        return tuple(path_modalities())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 EXACT_SUBSET = 2048  # a filter that leaves at most this many rows is answered by exact search over those rows
 
 # Keys of a hit's dict (:meth:`Hit.to_dict`, the CLI's ``query --json``, ``POST /api/search``) that xmodal itself
