@@ -112,7 +112,7 @@ def resolve_hf_source(cfg, where: str = "model.towers.text") -> str:
 
 def build_text_transform(cfg, train: bool = False, where: str = "model.towers.text"):
     """The tokenizer for ``cfg.kind`` (``train`` is accepted for symmetry; tokenisation has no augmentation)."""
-    if cfg.kind == "hf":
+    if cfg.kind in ("hf", "hf_clip"):  # hf_clip: the tokenizer saved with the CLIPModel / SiglipModel
         return HFTokenize(resolve_hf_source(cfg, where), cfg.context_length, where)
     return BPETokenize(cfg.context_length)
 
