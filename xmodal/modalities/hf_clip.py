@@ -90,7 +90,9 @@ class HFClipText(nn.Module):
         self.text_model.encoder.gradient_checkpointing = enable
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.model_type == "clip" and self.eos_id is not None and ids.shape[1] > 1:
+        # (not while tracing for ONNX: the trace would freeze one input's length into the graph)
+        trim = self.model_type == "clip" and self.eos_id is not None and not torch.jit.is_tracing()
+        if trim and ids.shape[1] > 1:
             # Exact trim (causal attention): keep columns up to the last row's first end-of-text token.
             is_eos = ids == self.eos_id
             first = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1] - 1)

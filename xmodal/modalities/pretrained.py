@@ -24,6 +24,8 @@ from ..config import ConfigError, ModelConfig, PretrainedConfig, TowerConfig
 from . import _openclip
 
 WHERE = "model.pretrained"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin")  # open_clip's own preference, first found
 
 
 def check_pretrained(p: PretrainedConfig) -> None:
@@ -85,11 +87,9 @@ def _open_clip_prefixed(name: str) -> tuple[dict[str, Any], dict[str, Any], str]
             full = _get_hf_config(ident)
             weights = open_clip.pretrained.download_pretrained_from_hf(ident)
         else:
-            from open_clip.factory import _find_checkpoint_in_dir
-
             folder = Path(os.path.expanduser(ident))
             full = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
-            weights = _find_checkpoint_in_dir(folder)
+            weights = next((folder / f for f in OPEN_CLIP_WEIGHTS if (folder / f).is_file()), None)
             if weights is None:
                 raise FileNotFoundError(f"no weights file (open_clip_model.safetensors, ...) in {folder}")
     except (OSError, ValueError, RuntimeError) as e:  # hub errors are OSErrors; a JSON error a ValueError
@@ -124,9 +124,9 @@ def _open_clip(p: PretrainedConfig) -> dict[str, Any]:
             sd = _openclip.state_dict_from_source(p.name, p.weights, "tag", WHERE)
     text_cfg, vision_cfg = model_cfg.get("text_cfg") or {}, model_cfg.get("vision_cfg") or {}
     if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
-        raise ValueError(f"{WHERE}.name: {p.name!r} has a Hugging Face text tower or tokenizer; xmodal builds open_clip "
-                         f"models with the CLIP BPE tokenizer only (use its transformers release: library "
-                         f"transformers)")
+        raise ValueError(f"{WHERE}.name: {p.name!r} has a Hugging Face text tower or tokenizer; xmodal builds "
+                         f"open_clip models with the CLIP BPE tokenizer only (use its transformers release: "
+                         f"library transformers)")
     _check_open_clip_keys(sd, model_cfg, p)
     scale = _scalar(sd, "logit_scale")
     if scale is None:
