@@ -43,8 +43,12 @@ def test_lit_from_open_clip_checkpoint_locks_image_and_resumes_exactly(clipart, 
     assert not torch.equal(w["towers.text.encoder.text_projection"], source["text_projection"])
     assert not any(k.startswith("towers.") and ".projection." in k for k in w)  # no new layer on the towers
 
-    crashed = _write(tmp_path / "b.yaml", _config(tmp_path / "b", clipart, pretrained, encoder_lr=1e-4,
-                                                  save_every=2))
+    _assert_resumes_exactly(tmp_path, clipart, pretrained, w, monkeypatch, encoder_lr=1e-4)
+
+
+def _assert_resumes_exactly(tmp_path, clipart, pretrained, straight_weights, monkeypatch, **train):
+    """The same run crashed after step 3 (checkpoints every 2 steps) and resumed ends with the same weights."""
+    crashed = _write(tmp_path / "b.yaml", _config(tmp_path / "b", clipart, pretrained, save_every=2, **train))
     real_write = MetricsLog.write
 
     def crash(self, record):
@@ -58,7 +62,23 @@ def test_lit_from_open_clip_checkpoint_locks_image_and_resumes_exactly(clipart, 
     monkeypatch.setattr(MetricsLog, "write", real_write)
     assert main(["pretrain", "--config", crashed, "--resume"]) == 0
     resumed = load_file(str(tmp_path / "b" / "model.safetensors"))
-    assert resumed.keys() == w.keys() and all(torch.equal(resumed[k], w[k]) for k in w)
+    assert resumed.keys() == straight_weights.keys()
+    assert all(torch.equal(resumed[k], straight_weights[k]) for k in straight_weights)
+
+
+def test_full_fine_tune_of_transformers_clip_with_encoder_lr_resumes_exactly(clipart, tmp_path, monkeypatch):
+    from safetensors.torch import load_file as load_source
+
+    folder = peers.hf_clip_folder(tmp_path / "clip")
+    pretrained = {"library": "transformers", "name": str(folder)}
+    assert main(["pretrain", "--config", _write(tmp_path / "a.yaml", _config(
+        tmp_path / "a", clipart, pretrained, encoder_lr=1e-4))]) == 0
+    w = load_file(str(tmp_path / "a" / "model.safetensors"))
+    source = load_source(str(folder / "model.safetensors"))
+    # both towers (their projections included) trained: full fine-tuning
+    assert not torch.equal(w["towers.image.encoder.visual_projection.weight"], source["visual_projection.weight"])
+    assert not torch.equal(w["towers.text.encoder.text_projection.weight"], source["text_projection.weight"])
+    _assert_resumes_exactly(tmp_path, clipart, pretrained, w, monkeypatch, encoder_lr=1e-4)
 
 
 def test_head_on_frozen_transformers_clip_keeps_the_source_space(clipart, tmp_path):
