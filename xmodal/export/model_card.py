@@ -62,13 +62,10 @@ def model_card(model: XModalModel, card: dict[str, Any], run: str | os.PathLike,
     name = repo.split("/")[-1] if repo else run.name
     datasets = _datasets(run)
     meta: dict[str, Any] = {"license": license or "other", "library_name": library or "xmodal",
-                            "tags": ["xmodal", "clip", "image-text", "contrastive"] + (["siglip"] if
-                                                                                        model.cfg.loss == "siglip"
-                                                                                        else []),
+                            "tags": ["xmodal", "contrastive", model.cfg.loss, *model.cfg.towers],
                             "pipeline_tag": _PIPELINE.get(library or "", "feature-extraction")}
-    if license is None:
+    if license is None:  # the hub's "other" licence wants a name; the body asks the exporter to set one
         meta["license_name"] = "unspecified"
-        meta["license_link"] = "LICENSE"
     if datasets:
         meta["datasets"] = datasets
     src = model.cfg.pretrained
