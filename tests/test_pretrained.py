@@ -191,3 +191,31 @@ def test_checkpoint_with_missing_or_extra_keys_lists_them(tmp_path, clipart, cap
     err = _error(tmp_path, clipart, {"library": "open_clip", "name": peers.OPEN_CLIP_NAME,
                                      "weights": str(tmp_path / "missing.pt")}, capsys)
     assert "missing (2): text_projection, visual.conv1.weight" in err
+
+
+def test_hf_clip_gradient_checkpointing_recomputes_and_changes_no_gradient(tmp_path, rows):
+    from xmodal.config import TowerConfig
+    from xmodal.modalities import build_encoder, build_transform
+
+    folder = str(peers.hf_clip_folder(tmp_path / "clip"))
+    cfg = TowerConfig(kind="hf_clip", name=folder, context_length=32)
+    encoder, _ = build_encoder("text", cfg)
+    ids = torch.stack([build_transform("text", cfg, train=False)(t) for t in rows[1][:4]])
+    grads, saved = [], []
+    for on in (False, True):
+        encoder.zero_grad()
+        encoder.set_grad_checkpointing(on)
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = encoder.train()(ids)
+        out.square().sum().backward()
+        saved.append(count[0])
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    assert saved[1] < saved[0] / 2  # activations are recomputed in backward, not kept from the forward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

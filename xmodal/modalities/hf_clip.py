@@ -53,6 +53,21 @@ def _full_model(source: str):
     return _quiet_from_pretrained(AutoModel, source, weights_only=True).eval()  # weights_only: a .bin runs no code
 
 
+def set_checkpointing(module: nn.Module, enable: bool) -> None:
+    """What ``PreTrainedModel.gradient_checkpointing_enable`` does, on the parts a tower keeps (no longer a
+    PreTrainedModel): every module with a ``gradient_checkpointing`` flag (transformers 5's layers, 4's encoders)
+    recomputes its activations in backward, non-reentrant."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for m in module.modules():
+        if hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = enable
+            if enable:
+                m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+
 class HFClipVision(nn.Module):
     """``get_image_features``: the vision transformer's pooled output, projected for CLIP (SigLIP's pooling head is
     its projection)."""
@@ -66,7 +81,7 @@ class HFClipVision(nn.Module):
                               else full.config.vision_config.hidden_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vision_model.encoder.gradient_checkpointing = enable
+        set_checkpointing(self, enable)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pooled = self.vision_model(pixel_values=pixels).pooler_output
@@ -87,7 +102,7 @@ class HFClipText(nn.Module):
                               or full.config.text_config.hidden_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.text_model.encoder.gradient_checkpointing = enable
+        set_checkpointing(self, enable)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # (not while tracing for ONNX: the trace would freeze one input's length into the graph)
