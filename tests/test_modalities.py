@@ -65,8 +65,9 @@ def test_every_kind_builds_and_runs(modality, cfg, grads, tmp_path):
 
 
 def test_kinds_table():
-    assert KINDS == {"image": ("open_clip", "cnn", "timm", "efficientnet_lite0"),
-                     "text": ("open_clip", "lstm", "gru", "hf"),
+    # hf_clip needs a saved transformers model: its contract is checked in test_pretrained.py
+    assert KINDS == {"image": ("open_clip", "cnn", "timm", "efficientnet_lite0", "hf_clip"),
+                     "text": ("open_clip", "lstm", "gru", "hf", "hf_clip"),
                      "audio": ("cnn", "transformer", "resemblyzer")}
 
 

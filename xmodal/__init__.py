@@ -12,9 +12,12 @@ __all__ = ["load", "XModalModel", "Config", "load_config"]
 
 
 def __getattr__(name):  # lazy: `import xmodal` stays cheap; torch/open_clip load on first use
-    if name in ("load", "XModalModel"):
+    if name == "load":  # run folders, exported folders and hf-hub:ORG/NAME repos (xmodal.export.hub.load)
+        from .export import hub
+        return hub.load
+    if name == "XModalModel":
         from . import model
-        return getattr(model, name)
+        return model.XModalModel
     if name in ("Config", "load_config"):
         from . import config
         return getattr(config, name)

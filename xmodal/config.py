@@ -83,7 +83,18 @@ class MultitaskConfig:
 
 
 @dataclass
+class PretrainedConfig:
+    """A pretrained image-text model to start from, resolved into model.towers by xmodal.modalities.pretrained."""
+    library: Literal["open_clip", "transformers"]
+    name: str
+    weights: str | None = None
+    freeze: list[str] = field(default_factory=list)  # towers to lock: [image] is LiT (locked image, tuned text)
+    augment: bool = False  # random crops + flips of training images (off: a locked image tower's features cached)
+
+
+@dataclass
 class ModelConfig:
+    pretrained: PretrainedConfig | None = None  # fills towers, embed_dim, loss, temperature (docs/pretrained.md)
     embed_dim: int = 256
     towers: dict[str, TowerConfig] = field(default_factory=dict)
     loss: Literal["clip", "siglip"] = "clip"

@@ -20,6 +20,7 @@ from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
 from .feature_cache import CachedFeatures, precompute_features, reusing_features
 from .modalities import load_plugins
+from .modalities.pretrained import resolve_pretrained
 from .modalities.towers import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
@@ -92,6 +93,7 @@ class XModalModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tasks: dict[str, TaskConfig] | None = None):
         super().__init__()
+        cfg = resolve_pretrained(cfg)  # model.pretrained → the source's towers (unchanged when already resolved)
         if not cfg.towers:
             raise ValueError("model.towers: at least one tower is required")
         self.cfg = cfg

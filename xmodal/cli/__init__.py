@@ -8,7 +8,8 @@ that runs it; the flags and error handling every verb shares are in :mod:`.commo
 * :mod:`.train`: ``pretrain``, ``finetune``;
 * :mod:`.evaluate`: ``evaluate``, ``predict``, ``evaluate-index``;
 * :mod:`.search`: ``index``, ``query``, ``serve``;
-* :mod:`.prepare`: ``prepare``.
+* :mod:`.prepare`: ``prepare``;
+* :mod:`.export`: ``export``, ``push``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .common import plugins_named_by, run_verb  # noqa: E402 - after the environment above
+from .export import add_export_verbs  # noqa: E402
 from .evaluate import add_evaluate_index_verb, add_evaluate_verb, add_predict_verb  # noqa: E402
 from .prepare import add_prepare_verb  # noqa: E402
 from .search import add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_verb(sub)
     add_serve_verb(sub)
     add_evaluate_index_verb(sub)
+    add_export_verbs(sub)  # export, push
     return p
 
 

@@ -14,9 +14,11 @@ def add_train_verbs(sub) -> None:
 
 def run_train(args) -> int:
     from ..config import ConfigError, load_config
+    from ..modalities.pretrained import resolve_pretrained
     from ..training.engine import train
 
     cfg = load_config(args.config, args.overrides)
+    cfg.model = resolve_pretrained(cfg.model)  # model.pretrained: the source's towers, before tasks read them
     # One config format for both verbs; the verb says which kind of run the user meant, so a mismatch is an error.
     if args.verb == "finetune" and not cfg.tasks:
         raise ConfigError(f"{args.config}: finetune needs a `tasks:` section (pretraining is `xmodal pretrain`)")

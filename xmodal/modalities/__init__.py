@@ -15,14 +15,20 @@ image kinds (``name`` / ``pretrained`` / ``options``):
 * ``cnn``: – / – / ``channels`` ([32, 64, 128, 256]), ``convs_per_stage`` (2)
 * ``timm``: timm model name / local state dict or ``hub`` (downloads) / ``model_kwargs``
 * ``efficientnet_lite0``: – / ``package``, a local file or none / –
+* ``hf_clip``: a transformers CLIPModel / SiglipModel folder or hub id / – / – (its image processor preprocesses)
 
 text kinds:
 
 * ``open_clip``: open_clip config / local checkpoint or open_clip tag / ``text_cfg``, ``embed_dim``, ``quick_gelu``
 * ``lstm``, ``gru``: – / – / ``embed_dim`` (256), ``hidden`` (256), ``layers`` (1), ``dropout`` (0), ``vocab_size``
 * ``hf``: local folder, hub id or ``minilm`` / local folder or ``package`` (= MiniLM) / –
+* ``hf_clip``: a transformers CLIPModel / SiglipModel folder or hub id / – / – (its own tokenizer)
 
-Every image kind also takes ``options.mean`` / ``options.std`` (3 numbers) overriding its normalisation.
+``model.pretrained`` builds a whole pretrained pair from open_clip or transformers (:mod:`.pretrained`).
+
+Every image kind but ``hf_clip`` also takes ``options.mean`` / ``options.std`` (3 numbers) overriding its
+normalisation, ``options.resize_mode`` (``shortest`` | ``squash``) and ``options.interpolation`` (``bicubic`` |
+``bilinear``).
 """
 from __future__ import annotations
 

@@ -60,6 +60,15 @@ def model_config(name: str | None, where: str) -> dict[str, Any]:
                          f"'ViT-B-32', 'RN50' or {', '.join(repr(k) for k in XMODAL_OPEN_CLIP_CONFIGS)})")
     if name in XMODAL_OPEN_CLIP_CONFIGS:
         return copy.deepcopy(XMODAL_OPEN_CLIP_CONFIGS[name])
+    if name.startswith("local-dir:"):  # read here: open_clip < 3 does not know the prefix
+        import json
+
+        path = Path(os.path.expanduser(name[len("local-dir:"):])) / "open_clip_config.json"
+        try:
+            full = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}.name: {name!r}: cannot read {path} ({e})") from None
+        return copy.deepcopy(full.get("model_cfg", full))
     import open_clip
 
     cfg = open_clip.get_model_config(name)  # 'hf-hub:org/repo' fetches open_clip_config.json (online users)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .registry import Modality, TowerKind
 
-IMAGE_OPTIONS = frozenset({"mean", "std"})  # every image kind: normalisation override
+IMAGE_OPTIONS = frozenset({"mean", "std", "resize_mode", "interpolation"})  # every image kind: preprocessing
 RNN_OPTIONS = frozenset({"embed_dim", "hidden", "layers", "dropout", "vocab_size"})
 AUDIO_OPTIONS = frozenset({"sample_rate", "n_mels", "max_seconds", "min_seconds", "win_ms", "hop_ms", "f_min",
                            "f_max", "mel_scale"})
@@ -16,6 +16,7 @@ TRANSFORMER_OPTIONS = AUDIO_OPTIONS | {"patch", "width", "layers", "heads"}
 RESEMBLYZER_OPTIONS = frozenset({"max_seconds", "min_seconds"})
 
 _I, _T, _A = "xmodal.modalities.image:", "xmodal.modalities.text:", "xmodal.modalities.audio:"
+_H = "xmodal.modalities.hf_clip:"  # a transformers CLIPModel / SiglipModel's towers
 
 IMAGE = Modality(
     "image", value="path", check_file=_I + "check_image_file", hf_feature="Image", read_bytes=_I + "read_image_bytes",
@@ -25,7 +26,8 @@ IMAGE = Modality(
                             IMAGE_OPTIONS | {"channels", "convs_per_stage"}),
            "timm": TowerKind(_I + "build_timm", _I + "build_image_transform", IMAGE_OPTIONS | {"model_kwargs"}),
            "efficientnet_lite0": TowerKind(_I + "build_efficientnet_lite0", _I + "build_image_transform",
-                                           IMAGE_OPTIONS)},
+                                           IMAGE_OPTIONS),
+           "hf_clip": TowerKind(_H + "build_hf_clip_vision", _H + "build_hf_clip_image_transform")},
     query_help="query image file",
 )
 
@@ -36,7 +38,8 @@ TEXT = Modality(
                                   frozenset({"text_cfg", "embed_dim", "quick_gelu"})),
            "lstm": TowerKind(_T + "build_rnn", _T + "build_text_transform", RNN_OPTIONS),
            "gru": TowerKind(_T + "build_rnn", _T + "build_text_transform", RNN_OPTIONS),
-           "hf": TowerKind(_T + "build_hf", _T + "build_text_transform")},
+           "hf": TowerKind(_T + "build_hf", _T + "build_text_transform"),
+           "hf_clip": TowerKind(_H + "build_hf_clip_text", _T + "build_text_transform")},
     query_help="query text",
 )
 

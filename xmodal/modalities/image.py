@@ -36,6 +36,8 @@ LITE0_MEAN = (0.5, 0.5, 0.5)  # the packaged EfficientNet-Lite0 expects (x - 0.5
 LITE0_STD = (0.5, 0.5, 0.5)
 
 TRAIN_CROP_SCALE = (0.6, 1.0)
+RESIZE_MODES = ("shortest", "squash")  # open_clip's names; its "longest" (pad) mode is not supported
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 # ------------------------------------------------------------------------------------------------------- checks
@@ -106,26 +108,37 @@ def load_image(x: Any) -> Image.Image:
 class ImageTransform:
     """Picklable per-sample image transform: path | PIL.Image → float32 ``[3, size, size]``.
 
-    ``augment=True``: RandomResizedCrop(size, scale=(0.6, 1)) + RandomHorizontalFlip; otherwise Resize(size) +
-    CenterCrop(size) (shorter side to ``size``, bicubic). Then ToTensor and Normalize(mean, std).
+    ``augment=True``: RandomResizedCrop(size, scale=(0.6, 1)) + RandomHorizontalFlip; otherwise, with
+    ``resize_mode="shortest"``, Resize(size) + CenterCrop(size) (shorter side to ``size``), with ``"squash"``
+    Resize((size, size)) (aspect not kept: what SigLIP and some open_clip models were trained with). Then ToTensor and
+    Normalize(mean, std). ``interpolation``: bicubic (open_clip's default) or bilinear.
     """
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], augment: bool):
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], augment: bool,
+                 resize_mode: str = "shortest", interpolation: str = "bicubic"):
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode: {resize_mode!r} is not one of {list(RESIZE_MODES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation: {interpolation!r} is not one of {list(INTERPOLATIONS)}")
         self.size = int(size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.augment = bool(augment)
+        self.resize_mode = resize_mode
+        self.interpolation = interpolation
         self._pipeline = None
 
     def _build(self):
         from torchvision import transforms as T
 
-        bicubic = T.InterpolationMode.BICUBIC
+        mode = getattr(T.InterpolationMode, self.interpolation.upper())
         if self.augment:
-            geometry = [T.RandomResizedCrop(self.size, scale=TRAIN_CROP_SCALE, interpolation=bicubic),
+            geometry = [T.RandomResizedCrop(self.size, scale=TRAIN_CROP_SCALE, interpolation=mode),
                         T.RandomHorizontalFlip()]
+        elif self.resize_mode == "squash":
+            geometry = [T.Resize((self.size, self.size), interpolation=mode)]
         else:
-            geometry = [T.Resize(self.size, interpolation=bicubic), T.CenterCrop(self.size)]
+            geometry = [T.Resize(self.size, interpolation=mode), T.CenterCrop(self.size)]
         return T.Compose([*geometry, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def __call__(self, x: Any) -> torch.Tensor:
@@ -139,7 +152,9 @@ class ImageTransform:
         return state
 
     def __repr__(self) -> str:
-        return (f"ImageTransform(size={self.size}, augment={self.augment}, mean={self.mean}, std={self.std})")
+        extra = "" if (self.resize_mode, self.interpolation) == ("shortest", "bicubic") else (
+            f", resize_mode={self.resize_mode!r}, interpolation={self.interpolation!r}")
+        return (f"ImageTransform(size={self.size}, augment={self.augment}, mean={self.mean}, std={self.std}{extra})")
 
 
 def _mean_std(cfg, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -175,7 +190,14 @@ def _mean_std(cfg, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def build_image_transform(cfg, train: bool, where: str = "model.towers.image") -> ImageTransform:
     mean, std = _mean_std(cfg, where)
-    return ImageTransform(cfg.image_size, mean, std, augment=bool(train and cfg.augment))
+    resize = cfg.options.get("resize_mode", "shortest")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"{where}.options.resize_mode: {resize!r} is not one of {list(RESIZE_MODES)}")
+    interpolation = cfg.options.get("interpolation", "bicubic")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{where}.options.interpolation: {interpolation!r} is not one of {list(INTERPOLATIONS)}")
+    return ImageTransform(cfg.image_size, mean, std, augment=bool(train and cfg.augment), resize_mode=resize,
+                          interpolation=interpolation)
 
 
 # -------------------------------------------------------------------------------------------------------- encoders

@@ -112,7 +112,7 @@ def resolve_hf_source(cfg, where: str = "model.towers.text") -> str:
 
 def build_text_transform(cfg, train: bool = False, where: str = "model.towers.text"):
     """The tokenizer for ``cfg.kind`` (``train`` is accepted for symmetry; tokenisation has no augmentation)."""
-    if cfg.kind == "hf":
+    if cfg.kind in ("hf", "hf_clip"):  # hf_clip: the tokenizer saved with the CLIPModel / SiglipModel
         return HFTokenize(resolve_hf_source(cfg, where), cfg.context_length, where)
     return BPETokenize(cfg.context_length)
 
@@ -295,8 +295,9 @@ class HFTextEncoder(nn.Module):
         mask = ids != self.pad_id
         # Right-padded ids: drop the columns that are padding in every row. Exact (padding is masked out of
         # attention and pooling) and the main cost saver — captions are far shorter than context_length.
-        used = max(1, int(mask.sum(dim=1).max()))
-        ids, mask = ids[:, :used], mask[:, :used]
+        if not torch.jit.is_tracing():  # a traced graph (ONNX export) would freeze the trace input's length
+            used = max(1, int(mask.sum(dim=1).max()))
+            ids, mask = ids[:, :used], mask[:, :used]
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)

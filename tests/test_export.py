@@ -1,0 +1,137 @@
+"""``xmodal export --format hf``: a run fine-tuned from an open_clip checkpoint / a transformers CLIP folder becomes
+a hub folder that open_clip / transformers load themselves and ``xmodal.load("hf-hub:ORG/NAME")`` reads back
+through a local Hugging Face cache, all with the run's own embeddings; the card carries the run's metrics."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import _peer_models as peers
+import xmodal
+from xmodal.cli import main
+from xmodal.data import read_manifest
+
+torch.set_num_threads(2)
+TEXTS = ["a red fire truck", "an owl on a branch", "a smiling sun"]
+
+
+def _train(tmp_path, clipart, pretrained, **train):
+    cfg = {"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"pretrained": pretrained},
+           "data": {"train": str(clipart), "train_split": "train", "eval_split": "test", "max_rows": 40},
+           "train": {"batch_size": 8, "max_steps": 2, "lr": 1e-3, "warmup_steps": 1, "progress": False, **train},
+           "log": {"backend": "none"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 0
+    return tmp_path / "run"
+
+
+def _to_cache(folder, cache, repo):
+    snap = peers.hub_snapshot(cache, repo)
+    shutil.copytree(folder, snap, dirs_exist_ok=True)
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def _images(clipart, n=4):
+    return list(read_manifest(clipart, split="test").dataset["image"][:n])
+
+
+def test_open_clip_run_exports_for_open_clip_and_reads_back_from_the_hub(tmp_path, clipart, hub_cache):
+    import open_clip
+
+    ckpt = peers.open_clip_checkpoint(tmp_path / "src")
+    run = _train(tmp_path, clipart, {"library": "open_clip", "name": peers.OPEN_CLIP_NAME, "weights": str(ckpt),
+                                     "freeze": ["image"]})
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--repo", "xmodal-test/lit",
+                 "--license", "mit"]) == 0
+    assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors", "xmodal"} <= {
+        p.name for p in out.iterdir()}
+    trained = xmodal.load(run)
+    images = _images(clipart)
+    want_img, want_txt = trained.encode("image", images), trained.encode("text", TEXTS)
+
+    # the model card: hub metadata from the run (its data, its final evaluation's metrics, the licence)
+    text = (out / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["license"] == "mit" and meta["library_name"] == "open_clip"
+    assert meta["datasets"] == [clipart.parent.name]
+    results = meta["model-index"][0]["results"][0]
+    assert meta["model-index"][0]["name"] == "lit"
+    got = {m["type"]: m["value"] for m in results["metrics"]}
+    assert got and all(abs(got[k] - v) < 1e-6 for k, v in trained.card["eval"].items() if k in got)
+    assert set(got) == {k for k in trained.card["eval"] if not k.rpartition("/")[2].startswith("n_")}
+    assert "text->image/R@1" in got and "base_model" not in meta  # started from a local checkpoint, not a hub repo
+
+    _to_cache(out, hub_cache, "xmodal-test/lit")
+    ref, _, preprocess = open_clip.create_model_and_transforms("hf-hub:xmodal-test/lit")
+    tok = open_clip.get_tokenizer("hf-hub:xmodal-test/lit")
+    with torch.no_grad():
+        ref_img = ref.eval().encode_image(torch.stack([preprocess(Image.open(p)) for p in images]), normalize=True)
+        ref_txt = ref.encode_text(tok(TEXTS), normalize=True)
+    torch.testing.assert_close(ref_img, want_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_txt, want_txt, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.isclose(ref.logit_scale.exp(), trained({})["logit_scale"])
+
+    back = xmodal.load("hf-hub:xmodal-test/lit")
+    assert back.cfg.towers["image"].name == "hf-hub:xmodal-test/lit"
+    assert torch.equal(back.encode("image", images), want_img) and torch.equal(back.encode("text", TEXTS), want_txt)
+
+
+def test_transformers_run_exports_for_transformers_and_reads_back(tmp_path, clipart, hub_cache):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = peers.hf_clip_folder(tmp_path / "clip")
+    run = _train(tmp_path, clipart, {"library": "transformers", "name": str(folder)}, encoder_lr=1e-4)
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--repo", "xmodal-test/ft-clip"]) == 0
+    trained = xmodal.load(run)
+    want = trained.encode("text", TEXTS)
+    src = AutoModel.from_pretrained(folder).eval()
+    ref, tok = AutoModel.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        feats = ref.get_text_features(**tok(TEXTS, padding=True, return_tensors="pt")).pooler_output
+        assert not torch.equal(ref.text_projection.weight, src.text_projection.weight)  # it is the fine-tuned one
+    torch.testing.assert_close(torch.nn.functional.normalize(feats, dim=-1), want, atol=1e-5, rtol=1e-5)
+    meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert meta["library_name"] == "transformers" and meta["license"] == "other"
+
+    _to_cache(out, hub_cache, "xmodal-test/ft-clip")
+    back = xmodal.load("hf-hub:xmodal-test/ft-clip")
+    assert torch.equal(back.encode("text", TEXTS), want)
+    images = _images(clipart)
+    assert torch.equal(back.encode("image", images), trained.encode("image", images))
+
+
+def test_export_refuses_a_used_folder_and_leaves_nothing_when_it_fails(tmp_path, clipart, monkeypatch, capsys):
+    ckpt = peers.open_clip_checkpoint(tmp_path / "src")
+    run = _train(tmp_path, clipart, {"library": "open_clip", "name": peers.OPEN_CLIP_NAME, "weights": str(ckpt)},
+                 max_steps=1)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert main(["export", str(run), "--format", "hf", "--out", str(used)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+
+    import xmodal.export.model_card as card
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(card, "model_card", broken)
+    before = set(tmp_path.iterdir())
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "new")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert set(tmp_path.iterdir()) == before  # no folder, no temporary left behind

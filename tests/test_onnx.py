@@ -1,0 +1,116 @@
+"""``xmodal export --format onnx``: per-tower graphs whose onnxruntime outputs equal torch's on real clipart images
+and titles (atol 1e-4) at any batch size; the torch-free example (examples/onnx_search.py) prepares the same inputs
+and ranks as xmodal does; an architecture ONNX cannot take is named, with nothing written."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import _peer_models as peers
+from _requires import importorskip
+from xmodal.cli import main
+from xmodal.config import ModelConfig, PretrainedConfig, TowerConfig
+from xmodal.data import read_manifest
+from xmodal.model import XModalModel
+
+importorskip("onnxruntime", "the deploy extra: pip install -e .[deploy]")
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+@pytest.fixture(scope="module")
+def rows(clipart):
+    m = read_manifest(clipart, split="test")
+    return list(m.dataset["image"][:12]), list(m.dataset["text"][:12])
+
+
+def _export(model, tmp_path, capsys=None):
+    run, out = tmp_path / "run", tmp_path / "onnx"
+    model.save(run)
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    return run, out
+
+
+def test_open_clip_towers_equal_torch_and_the_example_needs_no_torch(tmp_path, rows, clipart):
+    import onnx_search
+
+    ckpt = peers.open_clip_checkpoint(tmp_path / "src")
+    model = XModalModel(ModelConfig(pretrained=PretrainedConfig(library="open_clip", name=peers.OPEN_CLIP_NAME,
+                                                                weights=str(ckpt)))).eval()
+    run, out = _export(model, tmp_path)
+    assert {p.name for p in out.iterdir()} == {"image.onnx", "text.onnx", "preprocess.json", "tokenizer.json"}
+    paths, texts = rows
+    towers = onnx_search.OnnxTowers(out)
+    # the example's inputs are xmodal's own: pixels (numpy + PIL) and token ids (tokenizers)
+    tf_img, tf_txt = model.transform("image"), model.transform("text")
+    for p in paths[:4]:
+        assert abs(towers.pixels(p) - tf_img(p).numpy()).max() < 1e-6
+    assert (towers.ids(texts) == torch.stack([tf_txt(t) for t in texts]).numpy()).all()
+    # graphs: batches of 5, 5 and 2 (the graph was traced with 2)
+    want_img, want_txt = model.encode("image", paths), model.encode("text", texts)
+    torch.testing.assert_close(torch.from_numpy(towers.embed_images(paths, batch_size=5)), want_img, atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(torch.from_numpy(towers.embed_texts(texts)), want_txt, atol=1e-4, rtol=0)
+
+    # served in a process where torch cannot be imported: the same hits as xmodal's own ranking
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    queries = texts[:3]
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "onnx_search.py"), str(out),
+                           str(clipart), *queries, "-k", "3", "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hits = json.loads(proc.stdout)
+    with open(clipart, newline="", encoding="utf-8") as f:
+        manifest_paths = [str(clipart.parent / r["image"]) for r in csv.DictReader(f) if r.get("image")]
+    gallery = model.encode("image", manifest_paths)
+    scores = model.encode("text", queries) @ gallery.T
+    for i, q in enumerate(queries):
+        best = torch.argsort(-scores[i], stable=True)[:3].tolist()
+        assert [h["image"] for h in hits[q]] == [manifest_paths[j] for j in best]
+        assert all(abs(h["score"] - float(scores[i, j])) < 1e-4 for h, j in zip(hits[q], best))
+
+
+def test_transformers_towers_equal_torch(tmp_path, rows):
+    import onnx_search
+    from transformers import AutoImageProcessor
+    from PIL import Image
+
+    folder = peers.hf_clip_folder(tmp_path / "clip")
+    model = XModalModel(ModelConfig(pretrained=PretrainedConfig(library="transformers", name=str(folder)))).eval()
+    run, out = _export(model, tmp_path)
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["image"] | {"mean": 0, "std": 0} == {"graph": "image.onnx", "input": "pixels", "size": 32,
+                                                      "resize_mode": "shortest", "interpolation": "bicubic",
+                                                      "mean": 0, "std": 0}
+    paths, texts = rows
+    towers = onnx_search.OnnxTowers(out)
+    assert (towers.ids(texts) == torch.stack([model.transform("text")(t) for t in texts]).numpy()).all()
+    torch.testing.assert_close(torch.from_numpy(towers.embed_texts(texts)), model.encode("text", texts), atol=1e-4,
+                               rtol=0)
+    # the image graph on the model's own processor output (the example's PIL resize only approximates it)
+    pixels = AutoImageProcessor.from_pretrained(folder)(images=[Image.open(p).convert("RGB") for p in paths],
+                                                        return_tensors="pt")["pixel_values"]
+    got = towers.image.run(None, {"pixels": pixels.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model.encode("image", paths), atol=1e-4, rtol=0)
+
+
+def test_towers_onnx_cannot_take_are_named_and_nothing_is_written(tmp_path, capsys):
+    lstm = XModalModel(ModelConfig(embed_dim=16, towers={
+        "image": TowerConfig(kind="cnn", image_size=32, options={"channels": [8]}),
+        "text": TowerConfig(kind="lstm", context_length=16, options={"embed_dim": 8, "hidden": 8})}))
+    lstm.save(tmp_path / "run")
+    before = set(tmp_path.iterdir())
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("xmodal export: error: export --format onnx: the text tower (kind lstm) cannot be "
+                          "exported to ONNX (")
+    assert set(tmp_path.iterdir()) == before
