@@ -18,7 +18,7 @@ from torch import nn
 from .batch import FEATURES, MASK, batch_size, collate, dense
 from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
-from .feature_cache import CachedFeatures, precompute_features, reusing_features
+from .feature_cache import CachedFeatures, precompute_features, reusing_features, tower_settings
 from .modalities import load_plugins
 from .modalities.towers import build_encoder, build_transform
 
@@ -265,7 +265,7 @@ class XModalModel(nn.Module):
             return None
         return precompute_features(self.towers[modality].encoder, self.transform(modality), values,
                                    batch_size=batch_size, device=device, progress=False,
-                                   memo_key=(modality, repr(self.cfg.towers[modality])))
+                                   memo_key=tower_settings(modality, self.cfg.towers[modality]))
 
     def encode_image(self, inputs, **kw) -> torch.Tensor:
         return self.encode("image", inputs, **kw)

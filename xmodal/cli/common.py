@@ -81,7 +81,8 @@ def run_verb(args: argparse.Namespace) -> int:
     from ..retrieval import RetrievalError
     from ..training.checkpoint import CheckpointError
     try:
-        return args.fn(args)
+        with _feature_cache_for(args.verb):
+            return args.fn(args)
     except (ConfigError, ManifestError, RetrievalError, CheckpointError, FloatingPointError, OSError,
             ValueError) as e:
         if os.environ.get("XMODAL_DEBUG"):
@@ -90,6 +91,20 @@ def run_verb(args: argparse.Namespace) -> int:
         # traceback (the messages name the file, row and field, or the step and checkpoint).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
+
+
+# Verbs that embed a manifest's inputs with a model's towers: frozen towers' features are read from and kept in the
+# feature cache on disk ($XMODAL_CACHE, default ~/.cache/xmodal/features; off: XMODAL_CACHE=off). Training verbs take
+# it from train.feature_cache_dir; a query embeds one new input, so hashing the weights would only slow it down.
+CACHED_VERBS = ("evaluate", "predict", "index", "evaluate-index")
+
+
+def _feature_cache_for(verb: str):
+    import contextlib
+    if verb not in CACHED_VERBS:
+        return contextlib.nullcontext()
+    from ..feature_cache import disk_cache, resolve_root
+    return disk_cache(resolve_root(None))
 
 
 def plugins_named_by(argv: list[str]) -> list[str]:
