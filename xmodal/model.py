@@ -319,8 +319,10 @@ class XModalModel(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> "XModalModel":
-        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle."""
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu",
+                        towers: Sequence[str] | None = None) -> "XModalModel":
+        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle.
+        ``towers``: build and read only these towers (a query needs one: the others' libraries are not imported)."""
         from safetensors.torch import load_model
 
         path = Path(path)
@@ -338,14 +340,23 @@ class XModalModel(nn.Module):
             if tcfg.kind != "hf":  # an HF tower needs its folder for the architecture itself
                 tcfg.pretrained = None
         tasks = {name: _from_dict(TaskConfig, t, f"tasks.{name}") for name, t in (card.get("tasks") or {}).items()}
+        if towers is not None:
+            build_cfg.towers = {m: t for m, t in build_cfg.towers.items() if m in towers}
+            cfg.towers = {m: t for m, t in cfg.towers.items() if m in towers}
+            tasks = {}
         model = cls(build_cfg, tasks)
         model.cfg = cfg
-        load_model(model, str(weights), strict=True, device=map_location)
+        if towers is None:
+            load_model(model, str(weights), strict=True, device=map_location)
+        else:
+            from safetensors import safe_open
+            with safe_open(str(weights), framework="pt", device=map_location) as f:  # mmap: only these towers read
+                model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in model.state_dict()}, strict=True)
         model.card = card
         return model.eval()
 
 
-def load(path: str | os.PathLike, map_location: str = "cpu") -> XModalModel:
-    """``xmodal.load(run_dir)``: the trained model in eval mode."""
-    return XModalModel.from_pretrained(path, map_location=map_location)
+def load(path: str | os.PathLike, map_location: str = "cpu", towers: Sequence[str] | None = None) -> XModalModel:
+    """``xmodal.load(run_dir)``: the trained model in eval mode (``towers``: only those, and no task heads)."""
+    return XModalModel.from_pretrained(path, map_location=map_location, towers=towers)
 
