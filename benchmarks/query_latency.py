@@ -4,11 +4,11 @@ cache cold and warm, and ``xmodal serve``'s per-request latency (the model loade
 ``--baseline PATH`` also times ``xmodal query`` from another checkout (``PYTHONPATH=PATH``, e.g. the main branch)
 interleaved with this one, in random order each round, so both meet the same machine load.
 
-Cold: before each cold run the files the command reads are dropped from the page cache with
-``posix_fadvise(POSIX_FADV_DONTNEED)`` — the run folder, the index and every file under the Python environment's
-site-packages and this checkout's ``xmodal/``. Pages that another process has mapped (a shared venv's ``libtorch``
-under a running job) cannot be dropped that way, so "cold" is an upper bound on what it measures here only where
-nothing else runs.
+Cold: before each cold run the run folder's files (its ``model.safetensors``), the index and the checkouts'
+``xmodal/`` sources are dropped from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` — a first query
+after training or after the machine has been busy with other files. The Python packages (torch, transformers) are
+left cached: on a machine where other people's processes use the same environment, evicting it would slow them down
+(``--cold-packages`` evicts the environment's site-packages too, for a machine of your own).
 
     python benchmarks/query_latency.py --index /tmp/idx --rounds 5
     python benchmarks/query_latency.py --index /tmp/idx --baseline /work/main --rounds 5 --serve-requests 200
@@ -104,10 +104,13 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to time side by side")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--serve-requests", type=int, default=100)
+    p.add_argument("--cold-packages", action="store_true", help="also evict site-packages (your own machine only)")
     a = p.parse_args()
     info = json.loads((Path(a.index) / "index.json").read_text())
     run = Path((info.get("model") or info.get("model_info") or {}).get("run_dir", ""))
-    cold_paths = [run, Path(a.index), Path(sysconfig.get_paths()["purelib"]), ROOT / "xmodal"]
+    cold_paths = [run, Path(a.index), ROOT / "xmodal"]
+    if a.cold_packages:
+        cold_paths.append(Path(sysconfig.get_paths()["purelib"]))
     sides = {"this checkout": ROOT, **({"baseline": a.baseline} if a.baseline else {})}
     if a.baseline:
         cold_paths.append(a.baseline / "xmodal")
@@ -118,6 +121,8 @@ def main() -> None:
             drop_page_cache(cold_paths)
             results.setdefault((name, "cold"), []).append(time_query(sides[name], a.index, QUERIES[r % 10]))
             results.setdefault((name, "warm"), []).append(time_query(sides[name], a.index, QUERIES[r % 10]))
+            print(f"round {r + 1} {name}: cold {results[name, 'cold'][-1][0]:.2f} s, "
+                  f"warm {results[name, 'warm'][-1][0]:.2f} s", flush=True)
     load = os.getloadavg()[0]
     print(f"xmodal query, {a.rounds} rounds, medians (load average {load:.1f} on {os.cpu_count()} CPUs)")
     print(f"{'checkout':<15} {'cache':<5} {'wall s':>7} {'cpu s':>6}")

@@ -201,3 +201,15 @@ def test_pretrain_then_evaluate_over_the_same_inputs_embed_nothing_again(clipart
     assert len(embedded) == prompts  # evaluating again embeds nothing at all
     assert main(argv + [f"output_dir={tmp_path / 'c'}", "train.feature_cache_dir=off"]) == 0
     assert len(embedded) == prompts + first  # the disk cache off: embedded again, in memory
+
+
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_memory_with_one_warning(rows, tmp_path, caplog):
+    texts = rows[1]
+    model = frozen_model()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING), disk_cache(blocker / "cache"):
+        got = model.encode("text", texts)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "features are kept in memory" in warned[0], warned
+    torch.testing.assert_close(got, model.encode("text", texts), atol=1e-6, rtol=0)

@@ -201,6 +201,9 @@ def _on_disk(root: Path, encoder: torch.nn.Module, transform: Callable, unique: 
     except OSError as e:
         log.warning("feature cache: cannot use %s (%s); features are kept in memory", root, e)
         return None
+    if not os.access(store.folder, os.W_OK):  # read-only: reading what is there would be fine, writing is not
+        log.warning("feature cache: %s is not writable; features are kept in memory", store.folder)
+        return None
     # A value without an identity (a missing file: its transform reports it) gets a key never looked up again.
     keys = {v: input_key(v, path_valued) or os.urandom(16) for v in unique}
     with store.locked():  # another process embedding this tower's inputs finishes first; we then read its shards
@@ -227,7 +230,7 @@ def _on_disk(root: Path, encoder: torch.nn.Module, transform: Callable, unique: 
                 flush()
         if pending:
             flush()
-    if progress:
-        log.info("%s: %d of %d inputs read from the feature cache, %d embedded; %s holds %.1f MB", desc,
-                 len(unique) - len(todo), len(unique), len(todo), store.folder, store.size_bytes() / 1e6)
+    # INFO: shown where logging is set up (a training run's main process, and its train.log)
+    log.info("%s: %d of %d inputs read from the feature cache, %d embedded; %s holds %.1f MB", desc,
+             len(unique) - len(todo), len(unique), len(todo), store.folder, store.size_bytes() / 1e6)
     return CachedFeatures({v: rows[keys[v]] for v in unique}, ShardRows(paths, counts))

@@ -189,7 +189,12 @@ class FeatureStore:
         except ImportError:  # Windows: no flock; concurrent writers just write duplicate shards
             yield
             return
-        with open(self.folder / ".lock", "a+b") as f:
+        try:
+            f = open(self.folder / ".lock", "a+b")
+        except OSError:  # a read-only cache: nothing will be written, so nothing to wait for
+            yield
+            return
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX)
             except OSError:  # a file system without locks (some NFS): as on Windows
