@@ -213,3 +213,16 @@ def test_a_cache_folder_that_cannot_be_made_falls_back_to_memory_with_one_warnin
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warned) == 1 and "features are kept in memory" in warned[0], warned
     torch.testing.assert_close(got, model.encode("text", texts), atol=1e-6, rtol=0)
+
+
+def test_a_writer_killed_mid_shard_leaves_no_temporary_for_long(rows, tmp_path):
+    model = frozen_model()
+    with disk_cache(tmp_path / "cache"):
+        model.encode("text", rows[1][:3])
+        (folder,) = (tmp_path / "cache").iterdir()
+        old, young = folder / ".dead.safetensors.1.tmp", folder / ".busy.safetensors.2.tmp"
+        for f in (old, young):
+            f.write_bytes(b"half a shard")
+        os.utime(old, (os.stat(old).st_atime, os.stat(old).st_mtime - 7200))  # a SIGKILLed writer, 2 hours ago
+        model.encode("text", rows[1][:3])
+    assert not old.exists() and young.exists()  # a young one may be another process's write in progress

@@ -201,6 +201,15 @@ class FeatureStore:
                 pass
             yield
 
+    def remove_stale_temporaries(self, older_than_s: float = 3600.0) -> None:
+        """Temporary shard files a killed writer left (SIGKILL skips the clean-up). Only old ones: where ``flock``
+        does not work, a young one may be another process's write in progress."""
+        import time
+        for tmp in self.folder.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+
     def shards(self) -> list[Path]:
         return sorted(p for p in self.folder.glob("*" + SUFFIX) if not p.name.startswith("."))
 
@@ -233,6 +242,7 @@ class FeatureStore:
     def find(self, keys: Sequence[bytes]) -> tuple[list[Path], list[int], dict[bytes, int]]:
         """Which of ``keys`` are on disk: the shards holding them, their row counts, and key → row of those shards
         taken in order (as :class:`ShardRows` numbers them). Shards holding none of the keys are not read."""
+        self.remove_stale_temporaries()
         wanted = np.frombuffer(b"".join(keys), f"S{KEY_BYTES}") if keys else np.empty(0, f"S{KEY_BYTES}")
         paths, counts, rows = [], [], {}
         for path in self.shards():
