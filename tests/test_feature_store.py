@@ -163,7 +163,7 @@ def test_two_processes_share_one_cache(tmp_path):
     assert out[0][1] == out[1][1]  # the same features
 
 
-def test_pretrain_then_evaluate_over_the_same_inputs_embed_nothing_again(clipart, tmp_path, monkeypatch):
+def test_pretrain_finetune_evaluate_over_the_same_inputs_embed_nothing_again(clipart, tmp_path, monkeypatch):
     import yaml
 
     import xmodal.feature_cache as fc
@@ -176,6 +176,14 @@ def test_pretrain_then_evaluate_over_the_same_inputs_embed_nothing_again(clipart
         embedded.extend(todo)
         return embed(encoder, transform, todo, *a, **kw)
     monkeypatch.setattr(fc, "_embed", counting)
+    from xmodal.feature_store import FeatureStore
+    found, find = [], FeatureStore.find
+
+    def finding(self, keys):
+        out = find(self, keys)
+        found.append(len(out[2]))
+        return out
+    monkeypatch.setattr(FeatureStore, "find", finding)
     towers = {"image": {"kind": "cnn", "image_size": 32, "freeze": True, "augment": False,
                         "options": {"channels": [8, 16]}},
               "text": {"kind": "lstm", "context_length": 16, "freeze": True,
@@ -192,6 +200,16 @@ def test_pretrain_then_evaluate_over_the_same_inputs_embed_nothing_again(clipart
     assert first == len({r["image"] for r in train_rows}) + len({r["text"] for r in train_rows})
     assert main(argv + [f"output_dir={tmp_path / 'b'}"]) == 0  # another run over the same inputs
     assert len(embedded) == first  # the second run embedded nothing
+    finetune = tmp_path / "f.yaml"
+    finetune.write_text(yaml.safe_dump({
+        "init_from": str(tmp_path / "a"), "output_dir": str(tmp_path / "f"), "log": {"backend": "none"},
+        "tasks": {"category": {"kind": "classification", "train": str(clipart), "modalities": ["image", "text"],
+                               "target": "label", "train_split": "train", "eval_split": None}},
+        "train": {"batch_size": 16, "max_steps": 2, "progress": False}}))
+    del found[:]
+    assert main(["finetune", "--config", str(finetune)]) == 0
+    assert len(embedded) == first  # fine-tuning over the pretrained run's frozen towers: nothing embedded either
+    assert sum(found) == first  # ... because every input was found on disk
     evaluate = ["evaluate", "--run", str(tmp_path / "a"), "--manifest", str(clipart), "--split", "train"]
     assert main(evaluate) == 0
     images = {str(clipart.parent / r["image"]) for r in train_rows}
