@@ -350,8 +350,9 @@ class XModalModel(nn.Module):
             load_model(model, str(weights), strict=True, device=map_location)
         else:
             from safetensors import safe_open
+            own = model.state_dict().keys()
             with safe_open(str(weights), framework="pt", device=map_location) as f:  # mmap: only these towers read
-                model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in model.state_dict()}, strict=True)
+                model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in own}, strict=True)
         model.card = card
         return model.eval()
 
