@@ -231,6 +231,8 @@ def _on_disk(root: Path, encoder: torch.nn.Module, transform: Callable, unique: 
         if pending:
             flush()
     # INFO: shown where logging is set up (a training run's main process, and its train.log)
-    log.info("%s: %d of %d inputs read from the feature cache, %d embedded; %s holds %.1f MB", desc,
-             len(unique) - len(todo), len(unique), len(todo), store.folder, store.size_bytes() / 1e6)
+    size = store.size_bytes()
+    log.info("%s: %d of %d inputs read from the feature cache, %d embedded; %s holds %s", desc,
+             len(unique) - len(todo), len(unique), len(todo), store.folder,
+             f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB")
     return CachedFeatures({v: rows[keys[v]] for v in unique}, ShardRows(paths, counts))
