@@ -11,6 +11,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it: no sp
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _own_feature_cache(tmp_path_factory, monkeypatch):
+    """Each test its own frozen-feature cache on disk: never the user's ~/.cache, never another test's features."""
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path_factory.mktemp("features")))
+
+
 @pytest.fixture(scope="session")
 def clipart(tmp_path_factory):
     """A small slice of the real Open Clip Art corpus (rendered SVGs with their human-written titles)."""

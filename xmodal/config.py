@@ -140,6 +140,9 @@ class TrainConfig:
     freeze_projections: bool = False  # also freeze the projections: heads learn on the fixed shared space
     unfreeze_at_step: int = 0  # > 0: towers start frozen and are unfrozen at this optimiser step
     cache_frozen: bool = True  # embed frozen, non-augmented towers' inputs once (exact; see feature_cache.py)
+    # where cached features live on disk, reused by later runs and commands: a folder; null (or true) =
+    # $XMODAL_CACHE, else ~/.cache/xmodal/features; off (false) = in memory, for this run only (docs/data.md)
+    feature_cache_dir: str | bool | None = None
     local_loss: bool = False
     gather_with_grad: bool = True
     log_every: int = 10

@@ -18,7 +18,7 @@ from torch import nn
 from .batch import FEATURES, MASK, batch_size, collate, dense
 from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
-from .feature_cache import CachedFeatures, precompute_features, reusing_features
+from .feature_cache import CachedFeatures, precompute_features, reusing_features, tower_settings
 from .modalities import load_plugins
 from .modalities.pretrained import resolve_pretrained
 from .modalities.towers import build_encoder, build_transform
@@ -267,7 +267,7 @@ class XModalModel(nn.Module):
             return None
         return precompute_features(self.towers[modality].encoder, self.transform(modality), values,
                                    batch_size=batch_size, device=device, progress=False,
-                                   memo_key=(modality, repr(self.cfg.towers[modality])))
+                                   memo_key=tower_settings(modality, self.cfg.towers[modality]))
 
     def encode_image(self, inputs, **kw) -> torch.Tensor:
         return self.encode("image", inputs, **kw)
@@ -321,8 +321,10 @@ class XModalModel(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> "XModalModel":
-        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle."""
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu",
+                        towers: Sequence[str] | None = None) -> "XModalModel":
+        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle.
+        ``towers``: build and read only these towers (a query needs one: the others' libraries are not imported)."""
         from safetensors.torch import load_model
 
         path = Path(path)
@@ -340,14 +342,24 @@ class XModalModel(nn.Module):
             if tcfg.kind != "hf":  # an HF tower needs its folder for the architecture itself
                 tcfg.pretrained = None
         tasks = {name: _from_dict(TaskConfig, t, f"tasks.{name}") for name, t in (card.get("tasks") or {}).items()}
+        if towers is not None:
+            build_cfg.towers = {m: t for m, t in build_cfg.towers.items() if m in towers}
+            cfg.towers = {m: t for m, t in cfg.towers.items() if m in towers}
+            tasks = {}
         model = cls(build_cfg, tasks)
         model.cfg = cfg
-        load_model(model, str(weights), strict=True, device=map_location)
+        if towers is None:
+            load_model(model, str(weights), strict=True, device=map_location)
+        else:
+            from safetensors import safe_open
+            own = model.state_dict().keys()
+            with safe_open(str(weights), framework="pt", device=map_location) as f:  # mmap: only these towers read
+                model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in own}, strict=True)
         model.card = card
         return model.eval()
 
 
-def load(path: str | os.PathLike, map_location: str = "cpu") -> XModalModel:
-    """``xmodal.load(run_dir)``: the trained model in eval mode."""
-    return XModalModel.from_pretrained(path, map_location=map_location)
+def load(path: str | os.PathLike, map_location: str = "cpu", towers: Sequence[str] | None = None) -> XModalModel:
+    """``xmodal.load(run_dir)``: the trained model in eval mode (``towers``: only those, and no task heads)."""
+    return XModalModel.from_pretrained(path, map_location=map_location, towers=towers)
 

@@ -75,21 +75,38 @@ def print_results(results: dict[str, float], as_json: bool) -> None:
 def run_verb(args: argparse.Namespace) -> int:
     """Run the parsed verb (``args.fn``); a user error or an environment fault ends in one line on stderr and exit
     status 2 (``XMODAL_DEBUG=1`` raises it instead, traceback and all)."""
-    # Imported here, not at the top: these pull in datasets / torch, and `xmodal --help` must stay instant.
-    from ..config import ConfigError
-    from ..data import ManifestError
-    from ..retrieval import RetrievalError
-    from ..training.checkpoint import CheckpointError
     try:
-        return args.fn(args)
-    except (ConfigError, ManifestError, RetrievalError, CheckpointError, FloatingPointError, OSError,
-            ValueError) as e:
-        if os.environ.get("XMODAL_DEBUG"):
+        with _feature_cache_for(args.verb):
+            return args.fn(args)
+    except Exception as e:
+        if not isinstance(e, _user_errors()) or os.environ.get("XMODAL_DEBUG"):
             raise
         # User errors and environment faults (disk full, permissions, a non-finite run): one clear line, no
         # traceback (the messages name the file, row and field, or the step and checkpoint).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a verb's error line reports: ConfigError, ManifestError and RetrievalError are ValueErrors; a
+    CheckpointError can only come from a verb that imported the training package. Nothing is imported for this
+    (the data and training packages pull in datasets and accelerate: seconds that `xmodal query` would pay)."""
+    checkpoint = sys.modules.get(__package__.rpartition(".")[0] + ".training.checkpoint")
+    return (ValueError, OSError, FloatingPointError) + ((checkpoint.CheckpointError,) if checkpoint else ())
+
+
+# Verbs that embed a manifest's inputs with a model's towers: frozen towers' features are read from and kept in the
+# feature cache on disk ($XMODAL_CACHE, default ~/.cache/xmodal/features; off: XMODAL_CACHE=off). Training verbs take
+# it from train.feature_cache_dir; a query embeds one new input, so hashing the weights would only slow it down.
+CACHED_VERBS = ("evaluate", "predict", "index", "evaluate-index")
+
+
+def _feature_cache_for(verb: str):
+    import contextlib
+    if verb not in CACHED_VERBS:
+        return contextlib.nullcontext()
+    from ..feature_cache import disk_cache, resolve_root
+    return disk_cache(resolve_root(None))
 
 
 def plugins_named_by(argv: list[str]) -> list[str]:

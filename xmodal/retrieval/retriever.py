@@ -319,15 +319,40 @@ class Retriever:
         if self._model is None:
             from ..model import load
 
-            run = self._run_dir
+            self._model = load(self._checked_run())
+        return self._model
+
+    def _checked_run(self) -> Path:
+        """The run folder, once its weights are checked to be the ones the index was built with."""
+        run = self._run_dir
+        if not getattr(self, "_run_checked", False):
             if not run.is_dir():
                 raise FileNotFoundError(f"run folder {run} (recorded in {self._where}) does not exist; pass the "
                                         f"model's run folder (--run / model=)")
             fp = model_fingerprint(run, self.modality or "")
             _check_fingerprint(self.index.model_info, fp, self._where)
             self._check_dim(fp["embed_dim"])
-            self._model = load(run)
-        return self._model
+            self._run_checked = True
+        return run
+
+    def _model_for(self, modality: str):
+        """The model that embeds ``modality`` queries: the whole model when it was given or loaded, else one with
+        only that tower (a text query then never builds the image tower, nor imports its libraries)."""
+        if self._model is not None:
+            return self._model
+        partial = self.__dict__.setdefault("_partial", {})
+        if modality not in partial:
+            from ..model import CARD_NAME, load
+
+            run = self._checked_run()
+            try:
+                towers = json.loads((run / CARD_NAME).read_text(encoding="utf-8"))["model"]["towers"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return self.model  # an unreadable card: the full load reports it
+            if modality not in towers:
+                return self.model  # the caller names the towers there are
+            partial[modality] = load(run, towers=[modality])
+        return partial[modality]
 
     def search(self, query: Any, modality: str, k: int = 10, filter: Filter = None,
                **search_opts: Any) -> list[Hit] | list[list[Hit]]:
@@ -340,7 +365,7 @@ class Retriever:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
         batch = isinstance(query, (list, tuple))
         items = [str(q) if isinstance(q, os.PathLike) else q for q in (query if batch else [query])]
-        model = self.model
+        model = self._model_for(modality)
         mods = _model_modalities(model)
         if modality not in mods:
             raise RetrievalError(f"this model has no {modality!r} tower, so it cannot embed {modality} queries "

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ..batch import FEATURES, collate
 from ..config import Config, ModelConfig, _from_dict, check_task_modalities, save_config
 from ..data import ManifestDataset
-from ..feature_cache import is_cacheable, precompute_features
+from ..feature_cache import is_cacheable, precompute_features, resolve_root, tower_settings
 from ..losses import build_loss
 from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
 from ..model import XModalModel
@@ -206,7 +206,8 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
                                         batch_size=t.batch_size, num_workers=cfg.data.num_workers,
                                         device=accelerator.device, desc=f"cache frozen {m} features",
                                         progress=accelerator.is_main_process and t.progress,
-                                        memo_key=(m, repr(cfg.model.towers[m])))
+                                        memo_key=tower_settings(m, cfg.model.towers[m]),
+                                        cache_dir=resolve_root(t.feature_cache_dir))
     step_batch = t.batch_size * t.grad_accum_steps  # per process; the contrastive batch is this × processes
     for r in tasks.values():
         transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
