@@ -8,7 +8,8 @@ that runs it; the flags and error handling every verb shares are in :mod:`.commo
 * :mod:`.train`: ``pretrain``, ``finetune``;
 * :mod:`.evaluate`: ``evaluate``, ``predict``, ``evaluate-index``;
 * :mod:`.search`: ``index``, ``query``, ``serve``;
-* :mod:`.prepare`: ``prepare``.
+* :mod:`.prepare`: ``prepare``;
+* :mod:`.shard`: ``shard``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .common import plugins_named_by, run_verb  # noqa: E402 - after the environ
 from .evaluate import add_evaluate_index_verb, add_evaluate_verb, add_predict_verb  # noqa: E402
 from .prepare import add_prepare_verb  # noqa: E402
 from .search import add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
+from .shard import add_shard_verb  # noqa: E402
 from .train import add_train_verbs  # noqa: E402
 
 
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_verb(sub)
     add_predict_verb(sub)
     add_prepare_verb(sub)
+    add_shard_verb(sub)
     add_index_verb(sub)
     add_query_verb(sub)
     add_serve_verb(sub)
