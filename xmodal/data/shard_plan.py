@@ -11,10 +11,10 @@ rank, the step batches ``j = 0 .. S-1`` go round-robin to the DataLoader's ``K``
 A run's ends may fall inside a shard — a *sample-level split*: two workers then read disjoint parts of one shard
 (the second skips the first's part in the stream), so any number of shards serves any number of processes.
 
-**Resampled (``resampled: true``).** Each (rank, worker) draws shards with replacement, with probability in
-proportion to their sample counts (so each sample is equally likely, whatever its shard's size), from a generator
-seeded by ``(seed, epoch, rank, worker)``, until it has its batches' samples (``train.samples_per_epoch`` over all
-processes, ``// (W × B)`` steps).
+**Resampled (``resampled: true``).** Each (rank, worker) draws shards uniformly with replacement and reads each
+whole (so every sample is equally likely, whatever its shard's size), from a generator seeded by
+``(seed, epoch, rank, worker)`` — never the same draws on two ranks — until it has its batches' samples
+(``train.samples_per_epoch`` over all processes, ``// (W × B)`` steps).
 
 **Shuffling.** Each worker's run is cut into blocks of ``shuffle_block`` samples; a block's raw samples are
 permuted by a generator seeded by ``(seed, epoch, rank, worker, block)``. To resume at batch ``c`` a worker skips
@@ -93,14 +93,18 @@ def _cut(order: Sequence[Shard], offset: int, length: int) -> list[Segment]:
 
 
 def _resampled(shards: Sequence[Shard], seed: str, length: int) -> list[Segment]:
-    weights = [s.samples for s in shards]
-    if not any(weights):
+    """Shards drawn uniformly with replacement and read whole (as open_clip's ``ResampledShards2``): a shard twice
+    the size is drawn as often and gives twice the samples, so every sample is equally likely. The last draw is cut
+    to the samples still wanted, at a random offset (not always the shard's first samples)."""
+    shards = [s for s in shards if s.samples]
+    if not shards:
         raise ShardError("data.resampled: every shard is empty")
     rng, out, have = random.Random(f"resampled/{seed}"), [], 0
     while have < length:
-        shard = rng.choices(shards, weights=weights)[0]
+        shard = rng.choice(shards)
         take = min(shard.samples, length - have)
-        out.append(Segment(shard, 0, take))
+        start = rng.randrange(shard.samples - take + 1)
+        out.append(Segment(shard, start, start + take))
         have += take
     return out
 
