@@ -175,13 +175,18 @@ def _tarwriter(clipart, folder: Path, sizes: list[int], damage=None) -> list[str
 
 
 def test_tarwriter_shards_train_unchanged(clipart, tmp_path):
+    """open_clip's layout from webdataset's TarWriter, no sizes.json; evaluated on the manifest's test split."""
     _tarwriter(clipart, tmp_path / "wds", [7, 9])
     run = tmp_path / "run"
-    save_config(shard_config(clipart, str(tmp_path / "wds" / "{00000..00001}.tar"), run), tmp_path / "c.yaml")
+    cfg = shard_config(clipart, str(tmp_path / "wds" / "{00000..00001}.tar"), run)
+    cfg.data.eval, cfg.data.eval_split = str(clipart), "test"
+    save_config(cfg, tmp_path / "c.yaml")
     assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 0
     seen = [i for rec in _records(run, 0) for i in rec["ids"]]
     assert len(seen) == len(set(seen)) == 16 and set(seen) == {f"{i:06d}" for i in range(16)}
-    assert (run / "model.safetensors").is_file()
+    card = json.loads((run / "model.json").read_text())
+    test_rows = read_manifest(clipart, split="test", check_files=False)
+    assert card["eval"]["text->image/n_queries"] == len(test_rows)
 
 
 def _bad_set(clipart, folder: Path, seed: int) -> tuple[str, str]:
