@@ -242,3 +242,21 @@ def test_bad_samples_are_skipped_named_and_bounded(clipart, tmp_path, capsys):
     assert last_good.name == "step_2" and f"the last good checkpoint is {last_good}" in err
     assert json.loads((last_good / POSITION).read_text())["step"] == 2
     assert not (stop / "model.safetensors").exists()
+
+
+def test_parquet_shards_train(clipart, tmp_path):
+    """Two Parquet shards of 8 rows (image bytes as an HF Image struct, text, id): one epoch takes each id once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = read_manifest(clipart, check_files=False).dataset.select(range(16))
+    for s in range(2):
+        part = rows.select(range(8 * s, 8 * s + 8))
+        pq.write_table(pa.table({"id": [str(i) for i in part["id"]], "text": part["text"],
+                                 "image": [{"bytes": Path(p).read_bytes(), "path": None} for p in part["image"]]}),
+                       tmp_path / f"part-{s}.parquet", row_group_size=3)
+    run = tmp_path / "run"
+    save_config(shard_config(clipart, str(tmp_path / "part-{0..1}.parquet"), run, shuffle_block=4), tmp_path / "c.yaml")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 0
+    seen = [i for rec in _records(run, 0) for i in rec["ids"]]
+    assert sorted(seen) == sorted(str(i) for i in rows["id"])

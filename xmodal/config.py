@@ -109,7 +109,7 @@ class DataConfig:
     # Image/audio paths must lie inside the data root (root, else the manifest's folder); true also accepts `..`,
     # absolute paths and symlinks leading out of it (a manifest you trust that points at files elsewhere).
     allow_outside_root: bool = False
-    shards: str | list[str] | None = None  # WebDataset tars (brace-expanded, pipe:, URLs), streamed: docs/data.md
+    shards: str | list[str] | None = None  # tar (brace-expanded, pipe:, URLs) or .parquet shards: docs/data.md
     shard_sizes: str | None = None  # open_clip's sizes.json ({"00000.tar": n}); default: the one beside the shards
     columns: dict[str, str] = field(default_factory=dict)  # column -> members: "jpg;png", "json:caption"
     resampled: bool = False  # draw shards with replacement (open_clip's --dataset-resampled); train.samples_per_epoch

@@ -1,5 +1,6 @@
 """WebDataset tar shards, the layout open_clip and img2dataset write: consecutive members ``KEY.EXT`` of one tar make
-one sample (``000123.jpg``, ``000123.txt``, ``000123.json``, ``000123.cls``, ``000123.flac``).
+one sample (``000123.jpg``, ``000123.txt``, ``000123.json``, ``000123.cls``, ``000123.flac``) — and Parquet shards
+(``.parquet``: a row is a sample, its columns the members; counts from the footer, row groups skipped unread).
 
 * :func:`shard_list`: brace-expanded local paths, ``pipe:`` commands and ``http(s)://`` URLs (webdataset's
   ``expand_urls``), each with its sample count from open_clip's ``sizes.json`` (``{"00000.tar": 1000}``), or, for
@@ -78,7 +79,7 @@ def shard_list(spec: str | Sequence[str], sizes: str | None = None) -> list[Shar
         name = os.path.basename(url.rstrip("/"))
         n = counts.get(url, counts.get(name))
         if n is None:
-            if not _is_local(url):
+            if not _is_local(url) and not is_parquet(url):
                 raise ShardError(f"{url}: no sample count: give data.shard_sizes (a sizes.json such as "
                                  f"`xmodal shard` writes, {{\"{name}\": N}})")
             n = count_samples(url)
@@ -108,9 +109,21 @@ def _read_sizes(sizes: str | None, urls: list[str]) -> dict[str, Any]:
     return counts
 
 
+def is_parquet(url: str) -> bool:
+    return url.lower().endswith(".parquet")
+
+
 def count_samples(url: str) -> int:
-    """Samples in a local shard: its distinct keys, from the tar headers (members are skipped, not read)."""
+    """Samples in a local shard: its distinct keys, from the tar headers (members are skipped, not read); a Parquet
+    shard's rows, from its footer."""
     from webdataset.tariterators import base_plus_ext
+
+    if is_parquet(url):
+        import pyarrow.parquet as pq
+        try:
+            return pq.ParquetFile(_local_path(url)).metadata.num_rows
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{url}: cannot read its Parquet footer ({type(e).__name__}: {e})") from None
 
     keys, last = 0, None
     try:
@@ -139,10 +152,30 @@ def _members(url: str) -> Iterator[tuple[str, str, bytes]]:
         stream.close()
 
 
+def _parquet_rows(url: str, start: int) -> Iterator[tuple[int, dict]]:
+    """``(row index, {column: cell})`` from ``start`` on; the row groups before it are not read."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(_local_path(url))
+    first, row = 0, 0
+    while first < pf.num_row_groups and row + pf.metadata.row_group(first).num_rows <= start:
+        row += pf.metadata.row_group(first).num_rows
+        first += 1
+    for batch in pf.iter_batches(batch_size=256, row_groups=range(first, pf.num_row_groups)):
+        for cells in batch.to_pylist():
+            yield row, cells
+            row += 1
+
+
 def read_samples(shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[dict | BadSlot]:
-    """The raw samples ``[start, stop)`` of ``shard`` (``{"__key__", "__url__", ext: bytes}``); earlier ones are
-    skipped unread beyond their headers' stream. Slots the shard does not deliver come as :class:`BadSlot`."""
+    """The raw samples ``[start, stop)`` of ``shard`` (``{"__key__", "__url__", ext: bytes}``; a Parquet shard's
+    ``{column: cell}``, keyed by its ``id`` column or row number); earlier ones are skipped unread beyond their
+    headers' stream (a Parquet shard's earlier row groups unread). Slots the shard does not deliver come as
+    :class:`BadSlot`."""
     stop = shard.samples if stop is None else stop
+    if is_parquet(shard.url):
+        yield from _read_parquet(shard, start, stop)
+        return
     index, current, last_key = 0, None, None
     try:
         for key, ext, data in _members(shard.url):
@@ -168,6 +201,24 @@ def read_samples(shard: Shard, start: int = 0, stop: int | None = None) -> Itera
         yield BadSlot(shard.url, i, reason)
 
 
+def _read_parquet(shard: Shard, start: int, stop: int) -> Iterator[dict | BadSlot]:
+    following = start  # the next row index the slice wants
+    try:
+        for index, cells in _parquet_rows(shard.url, start):
+            if index < start:
+                continue
+            if index >= stop:
+                return
+            key = cells.get("id")
+            yield {**cells, "__key__": str(key if key not in (None, "") else index), "__url__": shard.url}
+            following = index + 1
+        reason = f"the shard holds {following} rows, its count says {shard.samples}"
+    except Exception as e:  # noqa: BLE001 - a corrupt file: the rest of the slice is lost, not the run
+        reason = f"unreadable Parquet after row {following - 1} ({type(e).__name__}: {e})"
+    for i in range(following, stop):
+        yield BadSlot(shard.url, i, reason)
+
+
 @dataclass(frozen=True)
 class Column:
     """Where one column of a sample lives: the first present of ``extensions``, or ``field`` of ``KEY.json``."""
@@ -189,7 +240,7 @@ def parse_columns(columns: Mapping[str, str], modalities: Sequence[str], extra: 
             if not keys:
                 raise ShardError(f"data.columns.{name}: say which shard members hold column {name!r} "
                                  f"(e.g. data.columns.{name}=cls or json:{name})")
-            out.append(Column(name, tuple(keys)))
+            out.append(Column(name, (*keys, name)))  # a Parquet shard's column of that name
         elif spec.startswith("json:"):
             out.append(Column(name, ("json",), spec.removeprefix("json:")))
         else:
@@ -246,8 +297,16 @@ def _value(raw: dict, col: Column, meta: dict) -> Any:
     if ext is None:
         raise _Missing(f"missing member {' / '.join(key + '.' + e for e in col.extensions)} (column {col.name!r})")
     data = raw[ext]
+    if isinstance(data, dict) and "bytes" in data:  # a Parquet cell of an HF Image/Audio feature
+        data = data["bytes"] or data.get("path")
+    if data is None or data == "":
+        raise _Missing(f"{key}: column {ext!r} is empty")
     from ..modalities import get_modality, is_modality
 
+    if isinstance(data, str) and is_modality(col.name) and get_modality(col.name).value == "path":
+        return str(Path(_local_path(raw["__url__"])).parent / data)  # a path, relative to the shard's folder
+    if not isinstance(data, (bytes, bytearray, str)):
+        return data  # a Parquet cell of another type (a number, a list): the transform takes it as it is
     if is_modality(col.name) and get_modality(col.name).value == "path":
         modality = get_modality(col.name)
         if modality.read_bytes is None:
@@ -256,7 +315,7 @@ def _value(raw: dict, col: Column, meta: dict) -> Any:
             return modality.decode_bytes(data)
         except Exception as e:  # noqa: BLE001 - corrupt bytes
             raise _Missing(f"{key}.{ext}: cannot decode ({type(e).__name__}: {e})"[:300]) from None
-    text = data.decode("utf-8", errors="replace").strip()
+    text = (data if isinstance(data, str) else data.decode("utf-8", errors="replace")).strip()
     if not text:
         raise _Missing(f"{key}.{ext} is empty")
     return text
