@@ -260,3 +260,14 @@ def test_parquet_shards_train(clipart, tmp_path):
     assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 0
     seen = [i for rec in _records(run, 0) for i in rec["ids"]]
     assert sorted(seen) == sorted(str(i) for i in rows["id"])
+
+
+def test_resume_refuses_a_differently_cut_stream(clipart, shards, tmp_path, capsys):
+    """A checkpoint's position means samples only for the layout it was cut for: another worker count is refused,
+    naming what changed."""
+    run = tmp_path / "run"
+    save_config(_with(shard_config(clipart, _spec(shards), run), max_steps=2), tmp_path / "c.yaml")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--resume", "train.max_steps=4",
+                 "data.num_workers=2"]) == 2
+    assert "the checkpoint's shard stream was cut differently (workers 1 -> 2" in capsys.readouterr().err

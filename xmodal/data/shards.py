@@ -295,7 +295,8 @@ def _value(raw: dict, col: Column, meta: dict) -> Any:
         return v
     ext = next((e for e in col.extensions if e in raw), None)
     if ext is None:
-        raise _Missing(f"missing member {' / '.join(key + '.' + e for e in col.extensions)} (column {col.name!r})")
+        members = [e for e in col.extensions if e != col.name] or [col.name]  # (the name: a Parquet column)
+        raise _Missing(f"missing member {' / '.join(key + '.' + e for e in members)} (column {col.name!r})")
     data = raw[ext]
     if isinstance(data, dict) and "bytes" in data:  # a Parquet cell of an HF Image/Audio feature
         data = data["bytes"] or data.get("path")

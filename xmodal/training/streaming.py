@@ -8,6 +8,7 @@ The shard loader is never given to ``accelerator.prepare``: each rank's stream a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -135,19 +136,24 @@ def stream_position(r: TaskRun, epoch: int, batch: int) -> dict:
     (rank, worker) stands (computed here for every rank: the plan is the same function everywhere)."""
     corpus: ShardCorpus = r.dataset
     lay = corpus.layout
-    return {"world": lay.world, "workers": lay.workers, "batch_rows": lay.batch, "resampled": lay.resampled,
-            "shards": len(corpus.shards), "bad": r.monitor.state(),
+    return {**_cut(corpus), "bad": r.monitor.state(),
             "positions": [p for rank in range(lay.world) for p in position(corpus.shards, lay, epoch, batch, rank)]}
+
+
+def _cut(corpus: ShardCorpus) -> dict:
+    """What a position's meaning depends on: the layout, and the shard list (its names and counts, digested)."""
+    lay = corpus.layout
+    listing = json.dumps([[s.url, s.samples] for s in corpus.shards]).encode()
+    return {"world": lay.world, "workers": lay.workers, "batch_rows": lay.batch, "resampled": lay.resampled,
+            "shards": len(corpus.shards), "shard_list_sha1": hashlib.sha1(listing).hexdigest()}
 
 
 def restore_stream(r: TaskRun, saved: dict) -> None:
     """Check that the checkpoint's stream was cut as this run cuts it (else its position means other samples)."""
-    lay, corpus = r.dataset.layout, r.dataset
-    now = {"world": lay.world, "workers": lay.workers, "batch_rows": lay.batch, "resampled": lay.resampled,
-           "shards": len(corpus.shards)}
+    now = _cut(r.dataset)
     changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise ValueError(f"resume: the checkpoint's shard stream was cut differently ({', '.join(changed)}; "
-                         f"processes, data.num_workers, the batch and the shard list must stay as they were for "
+                         f"processes, data.num_workers, the batch and the shard list with its counts must stay as they were for "
                          f"an exact mid-epoch resume)")
     r.monitor.load(saved.get("bad", {}))
