@@ -120,6 +120,13 @@ class DataConfig:
     # Image/audio paths must lie inside the data root (root, else the manifest's folder); true also accepts `..`,
     # absolute paths and symlinks leading out of it (a manifest you trust that points at files elsewhere).
     allow_outside_root: bool = False
+    shards: str | list[str] | None = None  # tar (brace-expanded, pipe:, URLs) or .parquet shards: docs/data.md
+    shard_sizes: str | None = None  # open_clip's sizes.json ({"00000.tar": n}); default: the one beside the shards
+    columns: dict[str, str] = field(default_factory=dict)  # column -> members: "jpg;png", "json:caption"
+    resampled: bool = False  # draw shards with replacement (open_clip's --dataset-resampled); train.samples_per_epoch
+    shuffle_block: int = 1000  # samples shuffled together in one (rank, worker)'s slice (raw bytes in memory)
+    max_bad_fraction: float = 0.01  # bad samples (undecodable, missing member) skipped per epoch before a stop
+    record_ids: bool = False  # each rank appends every batch's sample ids to <output_dir>/ids/rank<R>.jsonl
 
 
 @dataclass
@@ -128,6 +135,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimiser step, joined into ONE contrastive loss (GradCache)
     epochs: int = 1
     max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    samples_per_epoch: int | None = None  # with data.resampled: the samples one epoch draws over all processes
     lr: float = 1e-3
     encoder_lr: float | None = None  # lr for unfrozen encoders; default lr
     weight_decay: float = 0.1
@@ -400,6 +408,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.max_rows is not None and d.max_rows <= 0:
         raise ConfigError(f"data.max_rows: must be positive, got {d.max_rows}")
+    from .shard_config import shard_problem
+    if (problem := shard_problem(cfg)) is not None:  # the sharded-corpus fields, checked in shard_config.py
+        raise ConfigError(problem)
     return cfg
 
 

@@ -10,6 +10,7 @@ that runs it; the flags and error handling every verb shares are in :mod:`.commo
 * :mod:`.search`: ``index``, ``query``, ``serve``;
 * :mod:`.prepare`: ``prepare``;
 * :mod:`.export`: ``export``, ``push``.
+* :mod:`.shard`: ``shard``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .export import add_export_verbs  # noqa: E402
 from .evaluate import add_evaluate_index_verb, add_evaluate_verb, add_predict_verb  # noqa: E402
 from .prepare import add_prepare_verb  # noqa: E402
 from .search import add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
+from .shard import add_shard_verb  # noqa: E402
 from .train import add_train_verbs  # noqa: E402
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_verb(sub)
     add_predict_verb(sub)
     add_prepare_verb(sub)
+    add_shard_verb(sub)
     add_index_verb(sub)
     add_query_verb(sub)
     add_serve_verb(sub)

@@ -28,7 +28,7 @@ IMAGE = Modality(
            "efficientnet_lite0": TowerKind(_I + "build_efficientnet_lite0", _I + "build_image_transform",
                                            IMAGE_OPTIONS),
            "hf_clip": TowerKind(_H + "build_hf_clip_vision", _H + "build_hf_clip_image_transform")},
-    query_help="query image file",
+    query_help="query image file", shard_keys=("jpg", "jpeg", "png", "webp"),
 )
 
 # Text transforms are deterministic (tokenisation), so a frozen text tower's features are always cacheable.
@@ -40,16 +40,16 @@ TEXT = Modality(
            "gru": TowerKind(_T + "build_rnn", _T + "build_text_transform", RNN_OPTIONS),
            "hf": TowerKind(_T + "build_hf", _T + "build_text_transform"),
            "hf_clip": TowerKind(_H + "build_hf_clip_text", _T + "build_text_transform")},
-    query_help="query text",
+    query_help="query text", shard_keys=("txt",),
 )
 
 AUDIO = Modality(
-    "audio", value="path", check_file=_A + "check_audio_file", hf_feature="Audio",
+    "audio", value="path", check_file=_A + "check_audio_file", hf_feature="Audio", read_bytes=_A + "read_audio_bytes",
     kinds={"cnn": TowerKind(_A + "build_audio_cnn", _A + "build_audio_transform", CNN_OPTIONS),
            "transformer": TowerKind(_A + "build_audio_transformer", _A + "build_audio_transform",
                                     TRANSFORMER_OPTIONS),
            "resemblyzer": TowerKind(_A + "build_resemblyzer", _A + "build_audio_transform", RESEMBLYZER_OPTIONS)},
-    query_help="query audio file",
+    query_help="query audio file", shard_keys=("flac", "wav", "mp3", "ogg"),
 )
 
 BUILTIN = (IMAGE, TEXT, AUDIO)

@@ -15,7 +15,10 @@ A :class:`Modality` says, in one place, everything the library needs to know abo
 * ``hf_feature``: the ``datasets`` feature type that stores it in a saved HF dataset (``datasets.Image``), if any;
 * ``read_bytes(data)``: how an uploaded query (HTTP body, base64) becomes a value its transform takes, if uploads
   make sense for it;
-* ``query_help``: the help line of its ``--<name>`` flag on ``xmodal query``.
+* ``query_help``: the help line of its ``--<name>`` flag on ``xmodal query``;
+* ``shard_keys``: the member extensions that hold it in a WebDataset tar shard (``KEY.jpg``, ``KEY.txt``), the
+  first one preferred; a shard member of a path-valued modality is read through ``read_bytes``, a string-valued
+  one is its UTF-8 text (:mod:`xmodal.data.shards`).
 
 Built-in: ``image``, ``text``, ``audio``. A user adds one without editing xmodal::
 
@@ -83,6 +86,7 @@ class Modality:
     hf_feature: str | None = None  # name of the ``datasets`` feature class, e.g. "Image"
     read_bytes: Callable[[bytes], Any] | str | None = None
     query_help: str = ""
+    shard_keys: tuple[str, ...] = ()
 
     def check(self, path: str) -> str | None:
         """The modality's own check of one file (after the generic ones), or None when it has none."""

@@ -17,15 +17,18 @@ from torch.utils.data import DataLoader
 from ..batch import FEATURES, collate
 from ..config import Config, ModelConfig, _from_dict, check_task_modalities, save_config
 from ..data import ManifestDataset
+from ..data.stream import StreamLoader
 from ..feature_cache import is_cacheable, precompute_features, resolve_root, tower_settings
 from ..losses import build_loss
 from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
+from ..modalities.pretrained import resolve_pretrained
 from ..model import XModalModel
 from ..tasks.head import targets
 from ..tasks.heads import RegressionHead
 from .run_log import LossWindow, MetricsLog
 from .sampling import TaskSampler
 from .state import RunState, TaskRun
+from .streaming import attach_stream, shard_task
 from .task_data import PRETRAIN_TASK, read_task_manifests, task_configs
 
 log = logging.getLogger("xmodal")
@@ -91,6 +94,7 @@ def run_config(cfg: Config) -> tuple[Config, dict | None]:
     """The config this run trains (a copy: ``init_from``'s towers when the config has none, ``train.freeze_towers``
     applied, every task's modalities checked against the towers) and ``init_from``'s weights (None without it)."""
     cfg = copy.deepcopy(cfg)
+    cfg.model = resolve_pretrained(cfg.model)  # model.pretrained → its towers (a no-op when the CLI did it already)
     towers_from = f"the init_from run {cfg.init_from}" if cfg.init_from and not cfg.model.towers else "model.towers"
     cfg.model, init_weights = _init_from(cfg)
     if cfg.train.freeze_towers is not None or cfg.train.unfreeze_at_step:
@@ -132,14 +136,19 @@ def open_run_folder(cfg: Config, out_dir: Path, main: bool) -> None:
 def build_run(cfg: Config, out_dir: Path, accelerator, init_weights: dict | None) -> RunState:
     """Tasks, model, loaders, weighting, optimiser and schedule, prepared by Accelerate; the run at step 0."""
     t, mt = cfg.train, cfg.multitask
-    tasks = read_tasks(cfg)
+    tasks = read_tasks(cfg, accelerator.num_processes)
     model = build_model(cfg, tasks, init_weights)
-    make_loaders(cfg, accelerator, model, tasks)
+    metrics = MetricsLog(out_dir / MetricsLog.NAME, accelerator.is_main_process)
+    make_loaders(cfg, accelerator, model, tasks, metrics)
     weighting = make_weighting(cfg, tasks, accelerator.device)
     optimizer = make_optimizer(cfg, model, weighting)
-    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *(r.loader for r in tasks.values()))
-    for r, loader in zip(tasks.values(), loaders):
-        r.loader, r.steps_per_epoch = loader, len(loader)
+    # A shard stream is this rank's part already: preparing it would dispatch or split it again (streaming.py).
+    prepared = [r for r in tasks.values() if not isinstance(r.loader, StreamLoader)]
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *(r.loader for r in prepared))
+    for r, loader in zip(prepared, loaders):
+        r.loader = loader
+    for r in tasks.values():
+        r.steps_per_epoch = len(r.loader)
         if r.steps_per_epoch == 0:
             raise ValueError(_too_few_rows(r, t, accelerator.num_processes))
     epoch_steps = (sum(r.steps_per_epoch for r in tasks.values()) if mt.tasks_per_step == "one"
@@ -155,16 +164,20 @@ def build_run(cfg: Config, out_dir: Path, accelerator, init_weights: dict | None
         tasks=tasks, weighting=weighting, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
         loss_fn=build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
         loss_window=LossWindow(tasks, accelerator.device),
-        metrics=MetricsLog(out_dir / MetricsLog.NAME, accelerator.is_main_process),
+        metrics=metrics,
         total=total, epoch_steps=epoch_steps,
         samples_per_step=t.batch_size * t.grad_accum_steps * accelerator.num_processes)
 
 
-def read_tasks(cfg: Config) -> dict[str, TaskRun]:
-    """Every task's train and eval rows (pretraining: the one task of ``data.train``), read and checked."""
+def read_tasks(cfg: Config, world: int = 1) -> dict[str, TaskRun]:
+    """Every task's train and eval rows (pretraining: the one task of ``data.train``), read and checked — or, with
+    ``data.shards``, the shard list with its sample counts (rows are checked as they stream)."""
     modalities = list(cfg.model.towers)
     tasks: dict[str, TaskRun] = {}
     for name, tc in task_configs(cfg, modalities).items():
+        if cfg.data.shards is not None:
+            tasks[name] = shard_task(cfg, name, tc, world)
+            continue
         train_m, eval_m = read_task_manifests(cfg, name, tc)
         tasks[name] = TaskRun(name, tc, train_m.dataset, eval_m.dataset if eval_m is not None else None,
                               source=train_m.source, row_numbers=train_m.row_numbers)
@@ -189,10 +202,16 @@ def build_model(cfg: Config, tasks: dict[str, TaskRun], init_weights: dict | Non
     return model
 
 
-def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, TaskRun]) -> None:
+def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, TaskRun],
+                 metrics: MetricsLog | None = None) -> None:
     """Each task's shuffled loader of whole step batches (``batch_size × grad_accum_steps`` rows per process), on
-    cached features for frozen, non-augmented towers (embedded once, here)."""
+    cached features for frozen, non-augmented towers (embedded once, here). A sharded task streams instead
+    (:mod:`.streaming`; its frozen towers run at each step)."""
     t, modalities = cfg.train, list(cfg.model.towers)
+    if cfg.data.shards is not None:
+        for r in tasks.values():
+            attach_stream(cfg, accelerator, model, r, metrics)
+        return
     for r in tasks.values():  # before any feature is cached: the loaders drop an incomplete last batch
         if len(r.dataset) < t.batch_size * t.grad_accum_steps * accelerator.num_processes:
             raise ValueError(_too_few_rows(r, t, accelerator.num_processes))

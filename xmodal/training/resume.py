@@ -10,6 +10,7 @@ from ..model import WEIGHTS_NAME
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .run_folder import config_changes
 from .state import RunState
+from .streaming import restore_stream, stream_position
 
 log = logging.getLogger("xmodal")
 
@@ -30,8 +31,11 @@ def position(run: RunState) -> dict:
     """What a checkpoint saves besides Accelerate's state. The loss window's state is a collective: every rank
     calls this at the same step."""
     loss_window = run.loss_window.state(run.accelerator)
-    return {"step": run.step, "tasks": {n: {"epoch": r.epoch, "batch": r.batch} for n, r in run.tasks.items()},
-            "sampler": run.sampler.state_dict(), "loss_window": loss_window}
+    tasks = {n: {"epoch": r.epoch, "batch": r.batch} for n, r in run.tasks.items()}
+    for n, r in run.tasks.items():
+        if r.monitor is not None:  # a shard stream: where every (rank, worker) stands, bad-sample counts
+            tasks[n]["stream"] = stream_position(r, r.epoch, r.batch)
+    return {"step": run.step, "tasks": tasks, "sampler": run.sampler.state_dict(), "loss_window": loss_window}
 
 
 def restore(run: RunState, ckpt: Path) -> None:
@@ -40,6 +44,8 @@ def restore(run: RunState, ckpt: Path) -> None:
     run.step = saved["step"]
     for name, p in saved["tasks"].items():
         run.tasks[name].epoch, run.tasks[name].batch = p["epoch"], p["batch"]
+        if run.tasks[name].monitor is not None:
+            restore_stream(run.tasks[name], p.get("stream", {}))
     run.sampler.load_state_dict(saved["sampler"])
     run.loss_window.load(saved.get("loss_window", {}))  # checkpoints older than the window: it restarts
     log.info("resumed from %s at step %d", ckpt, run.step)

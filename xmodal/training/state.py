@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -29,6 +29,8 @@ class TaskRun:
     seen: dict = field(default_factory=dict)
     source: str | None = None  # the train manifest, and each train row's 1-based row in it: for row errors
     row_numbers: list[int] = field(default_factory=list)
+    # a sharded task's per-batch hook (bad samples, ids, device), called with (batch, epoch, batch index)
+    monitor: Callable[[dict, int, int], dict] | None = None
 
     def next_batch(self, accelerator) -> dict:
         if self.iterator is None:
@@ -38,8 +40,15 @@ class TaskRun:
     def _batches(self, accelerator) -> Iterator[dict]:
         """Endless batches from the saved position; ``epoch``/``batch`` always name the next batch."""
         while True:
-            self.loader.set_epoch(self.epoch)
-            for batch in accelerator.skip_first_batches(self.loader, self.batch) if self.batch else self.loader:
+            if hasattr(self.loader, "set_position"):  # a shard stream: it starts where the position says
+                self.loader.set_position(self.epoch, self.batch)
+                batches = self.loader
+            else:
+                self.loader.set_epoch(self.epoch)
+                batches = accelerator.skip_first_batches(self.loader, self.batch) if self.batch else self.loader
+            for batch in batches:
+                if self.monitor is not None:
+                    batch = self.monitor(batch, self.epoch, self.batch)
                 self.batch += 1
                 if self.batch == self.steps_per_epoch:
                     self.epoch, self.batch = self.epoch + 1, 0

@@ -48,7 +48,8 @@ from .resemblyzer import (RESEMBLYZER_HOP, RESEMBLYZER_N_FFT, RESEMBLYZER_N_MELS
                           partial_starts)
 from .signal import (AUDIO_OPTIONS, CNN_OPTIONS, DEFAULT_MAX_SECONDS, DEFAULT_N_MELS, DEFAULT_SAMPLE_RATE, LOG_FLOOR,
                      RESEMBLYZER_OPTIONS, TRANSFORMER_OPTIONS, AudioError, audio_info, check_audio_file, decode_audio,
-                     fix_length, hz_to_mel, load_audio, log_mel, mel_filterbank, mel_power, mel_to_hz, resample)
+                     fix_length, hz_to_mel, load_audio, log_mel, mel_filterbank, mel_power, mel_to_hz, read_audio_bytes,
+                     resample)
 
 __all__ = ["AUDIO_OPTIONS", "AudioCNN", "AudioError", "AudioTransform", "AudioTransformer", "CNN_OPTIONS",
            "DEFAULT_MAX_SECONDS", "DEFAULT_N_MELS", "DEFAULT_SAMPLE_RATE", "LOG_FLOOR", "RESEMBLYZER_HOP",
@@ -56,4 +57,5 @@ __all__ = ["AUDIO_OPTIONS", "AudioCNN", "AudioError", "AudioTransform", "AudioTr
            "RESEMBLYZER_SAMPLE_RATE", "ResemblyzerEncoder", "ResemblyzerTransform", "TRANSFORMER_OPTIONS",
            "audio_info", "audio_settings", "build_audio_cnn", "build_audio_transform", "build_audio_transformer",
            "build_resemblyzer", "check_audio_file", "decode_audio", "fix_length", "hz_to_mel", "load_audio",
-           "log_mel", "mel_filterbank", "mel_power", "mel_to_hz", "partial_starts", "resample"]
+           "log_mel", "mel_filterbank", "mel_power", "mel_to_hz", "partial_starts", "read_audio_bytes",
+           "resample"]

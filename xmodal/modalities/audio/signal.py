@@ -293,6 +293,12 @@ def _describe(x: Any) -> str:
     return _name(x)
 
 
+def read_audio_bytes(data: bytes) -> dict:
+    """An encoded clip's bytes (a shard member, an upload) as the ``{"bytes": ...}`` value :func:`decode_audio` and
+    the audio transforms take; decoding happens in the transform, at the tower's rate."""
+    return {"bytes": bytes(data), "path": None}
+
+
 def check_audio_file(path: str) -> str | None:
     """The file's header must parse (libsndfile via soundfile: WAV incl. float/extensible, FLAC, OGG, MP3, AIFF,
     ...) and announce at least one frame. Only the header is read (O(1) per file); samples are decoded at training
