@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
-from . import IndexCorruptError, RetrievalError
+from . import IndexCorruptError, RetrievalError, exact
 from .filters import Filter, _predicate, parse_filters
 from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open_folder, read_faiss, read_metadata, \
     save_folder
@@ -141,6 +141,7 @@ class EmbeddingIndex:
         self._meta: dict[int, dict] = {}
         self._tombstones: set[int] = set()
         self._next_id = 0
+        self._norm_bound: float | None = 0.0  # >= every stored vector's norm (the batch path's error bound); None: unknown
         self._index = self._new_faiss(self.options.get("nlist") or 1)
 
     # -------------------------------------------------------------------------------------------- faiss objects
@@ -233,6 +234,8 @@ class EmbeddingIndex:
         if self.kind == "ivf" and not self._index.is_trained:
             self._train_ivf(x)
         self._index.add_with_ids(x, ids)
+        if self._norm_bound is not None:
+            self._norm_bound = max(self._norm_bound, exact.max_norm(x))
         self._next_id += n
         for i, m in zip(ids.tolist(), metas):
             self._meta[i] = m
@@ -348,6 +351,10 @@ class EmbeddingIndex:
 
         if allowed is not None and pred is not None and len(allowed) <= EXACT_SUBSET:
             scores, labels = self._exact(q, allowed, kk)
+        elif self.kind == "flat" and sel is None and exact.use_matmul(nq, self.ntotal):
+            if self._norm_bound is None:
+                self._norm_bound = exact.max_norm(exact.flat_arrays(self._index)[0])
+            scores, labels = exact.flat_search(self._index, q, kk, self._norm_bound)
         else:
             params = self._params(sel, kk, ef_search, nprobe)
             scores, labels = self._index.search(q, kk, params=params)
@@ -418,6 +425,7 @@ class EmbeddingIndex:
         elif self.kind == "ivf" and self.options.get("nprobe"):
             self._index.nprobe = int(self.options["nprobe"])
         self._meta = read_metadata(path, folder)
+        self._norm_bound = None  # computed by the first batch search that needs it
         expected = self.ntotal - len(self._tombstones)
         if len(self._meta) != expected or len(self._meta) != info.get("count", len(self._meta)):
             raise IndexCorruptError(f"index {path}: {META_NAME} has {len(self._meta)} rows but {FAISS_NAME} holds "
