@@ -75,7 +75,23 @@ def test_small_batches_and_small_indexes_stay_on_faiss(monkeypatch):
     index.search(rng.standard_normal((64, 16)).astype(np.float32), 5)
     index.add(rng.standard_normal((10, 16)).astype(np.float32))
     index.search(rng.standard_normal((exact.MATMUL_MIN_QUERIES - 1, 16)).astype(np.float32), 5)
-    assert not exact.use_matmul(exact.MATMUL_MIN_QUERIES - 1, 10 ** 6) and exact.use_matmul(256, 10 ** 6)
+    assert not exact.use_matmul(exact.MATMUL_MIN_QUERIES - 1, 10 ** 6, 256) and exact.use_matmul(256, 10 ** 6, 256)
+
+
+def test_batches_faiss_answers_with_blas_stay_with_faiss(monkeypatch):
+    """From distance_compute_blas_threshold / d queries faiss flat multiplies matrices itself (with sgemm's
+    rounding): xmodal returns faiss's result for those batches, bit for bit."""
+    monkeypatch.setattr(exact, "flat_search", lambda *a: pytest.fail("matmul path taken"))
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 64 * 16)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5000, 16)).astype(np.float32)
+    index = EmbeddingIndex(16)
+    index.add(x)
+    q = rng.standard_normal((64, 16)).astype(np.float32)
+    hits = index.search(q, 5)
+    scores, ids = index._index.search(q, 5)
+    assert [[h.id for h in row] for row in hits] == ids.tolist()
+    assert np.array_equal(np.array([[h.score for h in row] for row in hits], np.float32), scores)
 
 
 def test_norm_bound_survives_save_and_load(tmp_path, tied_index):

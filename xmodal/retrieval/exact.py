@@ -17,7 +17,8 @@ for the whole batch. :func:`flat_search` takes that path and still returns **exa
    score, nothing outside can reach it. Queries that fail the check (ties or near-ties wider than the margin) are
    answered by faiss itself.
 
-Whether a batch takes this path is decided by :func:`use_matmul` from thresholds measured by
+faiss switches to a BLAS path of its own for batches of ``distance_compute_blas_threshold / d`` queries and more;
+those batches stay with faiss (see :func:`use_matmul`). Whether a batch takes this path is decided by :func:`use_matmul` from thresholds measured by
 ``benchmarks/batch_search.py`` (figures in docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -32,9 +33,14 @@ _SCORE_BUDGET = 1 << 24     # floats in one block of the score matrix (64 MiB)
 _UNIT_ROUNDOFF = 2.0 ** -24
 
 
-def use_matmul(n_queries: int, n_rows: int) -> bool:
-    """Whether a flat search of ``n_queries`` over ``n_rows`` vectors is faster by matrix product (measured)."""
-    return n_queries >= MATMUL_MIN_QUERIES and n_rows >= MATMUL_MIN_ROWS
+def use_matmul(n_queries: int, n_rows: int, dim: int) -> bool:
+    """Whether a flat search of ``n_queries`` over ``n_rows`` vectors is faster by matrix product (measured).
+
+    Not when faiss takes its own BLAS path (``n_queries · dim >= distance_compute_blas_threshold``, 500 queries of
+    256-d with faiss 1.15's default): that path is a matrix product already, and its scores (sgemm's rounding) are
+    what faiss flat returns for such a batch, so xmodal leaves the batch to faiss."""
+    return (n_queries >= MATMUL_MIN_QUERIES and n_rows >= MATMUL_MIN_ROWS
+            and n_queries * dim < faiss.cvar.distance_compute_blas_threshold)
 
 
 def flat_arrays(index) -> tuple[np.ndarray, np.ndarray]:

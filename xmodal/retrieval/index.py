@@ -351,7 +351,7 @@ class EmbeddingIndex:
 
         if allowed is not None and pred is not None and len(allowed) <= EXACT_SUBSET:
             scores, labels = self._exact(q, allowed, kk)
-        elif self.kind == "flat" and sel is None and exact.use_matmul(nq, self.ntotal):
+        elif self.kind == "flat" and sel is None and exact.use_matmul(nq, self.ntotal, self.dim):
             if self._norm_bound is None:
                 self._norm_bound = exact.max_norm(exact.flat_arrays(self._index)[0])
             scores, labels = exact.flat_search(self._index, q, kk, self._norm_bound)
