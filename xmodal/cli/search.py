@@ -21,8 +21,10 @@ def add_index_verb(sub) -> None:
     s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.jsonl, index.json)")
     s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
     s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
-    s.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default=None,
-                   help="flat = exact (default); hnsw / ivf = approximate, for large collections")
+    s.add_argument("--kind", choices=["flat", "hnsw", "ivf", "int8", "binary", "ivfpq"], default=None,
+                   help="flat = exact (default); hnsw / ivf = approximate, for large collections; int8 (1 byte per "
+                        "dimension), binary (1 bit, re-ranked by the float query), ivfpq (IVF + product "
+                        "quantisation) = compressed")
     s.add_argument("--append", action="store_true",
                    help="add the manifest rows whose id is not yet in the existing index at --out")
     s.add_argument("--overwrite", action="store_true", help="replace an existing index (or a corrupt one) at --out")
@@ -30,7 +32,19 @@ def add_index_verb(sub) -> None:
     s.add_argument("--hnsw-m", type=int, default=None, help="hnsw: graph degree M (default 32)")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
     s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
-    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists probed per query (default nlist/8)")
+    s.add_argument("--pq-m", type=int, default=None, help="ivfpq: sub-vectors, bytes per vector at 8 bits (default "
+                                                         "dim/8)")
+    s.add_argument("--pq-nbits", type=int, default=None, help="ivfpq: bits per sub-vector code (default 8)")
+    s.add_argument("--rescore", type=int, default=None,
+                   help="binary: candidates re-ranked by the float query, per hit (default 10)")
+    s.add_argument("--tune", type=float, default=None, metavar="RECALL",
+                   help="set the search setting (ef-search / nprobe / rescore) to the smallest reaching this "
+                        "recall@10 against exact search, on the held-out queries of --tune-split")
+    s.add_argument("--tune-split", default=None, help="--tune: the manifest split whose rows are the held-out "
+                                                      "queries (not indexed; must differ from --split)")
+    s.add_argument("--tune-modality", default=None, help="--tune: the queries' modality (default --modality)")
+    s.add_argument("--tune-queries", type=int, default=500, help="--tune: at most this many queries (default 500)")
     add_manifest_flags(s)
     s.set_defaults(fn=run_index)
 
@@ -77,11 +91,41 @@ def run_index(args) -> int:
         raise RetrievalError(f"the model in {args.run} has no {args.modality!r} tower "
                              f"(towers: {', '.join(model.towers)})")
     manifest = read_manifest_for(args, split=args.split, modalities=[args.modality], require_all=False)
-    opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe}
+    opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe,
+            "m": args.pq_m, "nbits": args.pq_nbits, "rescore": args.rescore}
+    tune = _tune_queries(args, model) if args.tune is not None else None
     index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
-                        run_dir=args.run, append=args.append, overwrite=args.overwrite, **opts)
+                        run_dir=args.run, append=args.append, overwrite=args.overwrite, tune=tune, **opts)
     print(f"index: {args.out} ({len(index)} {args.modality} rows, {index.kind}, dim {index.dim})")
+    if tune is not None:
+        t = index.tuning
+        setting = f"{t['knob']}={t['value']}" if t["knob"] else f"{index.kind} has no search setting"
+        print(f"tuned on {t['queries']} held-out {tune['modality']} queries: {setting}, recall@{t['k']} "
+              f"{t['recall']:.3f} (target {t['target']}{'' if t['reached'] else ', NOT reached'})")
     return 0
+
+
+def _tune_queries(args, model) -> dict:
+    """``--tune``'s held-out queries: up to ``--tune-queries`` rows of ``--tune-split`` (a fixed random sample)."""
+    from ..retrieval import RetrievalError
+
+    if not 0 < args.tune <= 1:
+        raise RetrievalError(f"--tune takes a recall in (0, 1], got {args.tune}")
+    if args.append:
+        raise RetrievalError("--tune needs the vectors of the whole index: build it without --append")
+    if args.tune_split is None or args.tune_split == args.split:
+        raise RetrievalError("--tune needs held-out queries: name a --tune-split other than --split (e.g. val)")
+    modality = args.tune_modality or args.modality
+    if modality not in model.towers:
+        raise RetrievalError(f"--tune-modality {modality!r}: the model in {args.run} has no such tower "
+                             f"(towers: {', '.join(model.towers)})")
+    held = read_manifest_for(args, split=args.tune_split, modalities=[modality], require_all=True)
+    values = [v for v in getattr(held, "dataset", held)[modality] if v not in (None, "")]
+    if not values:
+        raise RetrievalError(f"--tune-split {args.tune_split!r}: no rows with a {modality!r} value")
+    import random
+    values = random.Random(0).sample(values, min(len(values), args.tune_queries))
+    return {"target": args.tune, "modality": modality, "values": values}
 
 
 def run_query(args) -> int:

@@ -155,7 +155,8 @@ def _scalar(v: Any) -> bool:
 
 def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.PathLike, kind: str | None = None,
                 batch_size: int = 64, run_dir: str | os.PathLike | None = None, *, append: bool = False,
-                overwrite: bool = False, progress: bool = True, **opts: Any) -> EmbeddingIndex:
+                overwrite: bool = False, progress: bool = True, tune: dict | None = None,
+                **opts: Any) -> EmbeddingIndex:
     """Embed the ``modality`` column of ``manifest`` (a :class:`xmodal.data.Manifest` or a ``datasets.Dataset``)
     with ``model`` and save the index atomically to ``out_dir``.
 
@@ -169,7 +170,11 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
     are embedded and added (the model must have the index's fingerprint; the rows skipped as already present are
     logged as a warning, with their first ids); with ``overwrite=True`` it is replaced;
     otherwise ``FileExistsError``. ``kind`` (default ``"flat"``) and ``opts`` (``M``, ``ef_construction``,
-    ``ef_search``, ``nlist``, ``nprobe``) apply to a new index.
+    ``ef_search``, ``nlist``, ``nprobe``, ``m``, ``nbits``, ``rescore``) apply to a new index.
+
+    ``tune={"target": 0.95, "modality": "text", "values": [...]}``: held-out queries (embedded with the model) on
+    which the index's search setting is set to the smallest reaching that recall@10 against exact search over the
+    new vectors (:func:`~xmodal.retrieval.tuning.tune`; the result is ``index.tuning``, saved with the index).
     """
     opts = {k: v for k, v in opts.items() if v is not None}
     ds = getattr(manifest, "dataset", manifest)
@@ -260,7 +265,13 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
             return index
         raise RetrievalError(f"no rows with a non-empty {modality!r} value to index")
     emb = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
-    index.add(emb, metas)
+    new_ids = index.add(emb, metas)
+    if tune is not None:
+        if len(new_ids) != len(index):
+            raise RetrievalError("tune: the index holds rows whose float vectors are not at hand; build it anew")
+        from .tuning import tune as tune_index
+        queries = model.encode(tune["modality"], tune["values"], batch_size=batch_size, progress=progress)
+        tune_index(index, emb, queries, float(tune["target"]), ids=new_ids)
     index.save(out)
     return index
 
