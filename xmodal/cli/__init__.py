@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .common import plugins_named_by, run_verb  # noqa: E402 - after the environment above
 from .evaluate import add_evaluate_index_verb, add_evaluate_verb, add_predict_verb  # noqa: E402
 from .prepare import add_prepare_verb  # noqa: E402
-from .search import add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
+from .search import add_index_verb, add_query_verb, add_serve_verb, add_shard_verb  # noqa: E402
 from .train import add_train_verbs  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_verb(sub)
     add_prepare_verb(sub)
     add_index_verb(sub)
+    add_shard_verb(sub)
     add_query_verb(sub)
     add_serve_verb(sub)
     add_evaluate_index_verb(sub)

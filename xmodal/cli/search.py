@@ -49,9 +49,46 @@ def add_index_verb(sub) -> None:
     s.set_defaults(fn=run_index)
 
 
+def add_shard_verb(sub) -> None:
+    s = sub.add_parser("shard", help="join indexes built apart into one sharded index, or replace / remove a shard")
+    s.add_argument("--index", required=True, help="sharded index folder (created when it does not exist)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--add", nargs="+", metavar="PART", help="index folders (from `xmodal index`) to add as shards")
+    g.add_argument("--replace", nargs=2, metavar=("SLOT", "PART"), help="replace shard SLOT by the index PART")
+    g.add_argument("--remove", type=int, metavar="SLOT", help="remove shard SLOT")
+    s.set_defaults(fn=run_shard)
+
+
+def run_shard(args) -> int:
+    from pathlib import Path
+
+    from ..retrieval import RetrievalError
+    from ..retrieval.sharded import ShardedIndex, is_sharded
+
+    path = Path(args.index)
+    if is_sharded(path):
+        sharded = ShardedIndex.load(path)
+    elif args.add:
+        sharded = ShardedIndex.create(path)
+    else:
+        raise RetrievalError(f"no sharded index at {path} (create one with --add)")
+    if args.add:
+        for part in args.add:
+            print(f"shard {sharded.add_shard(part)}: {part}")
+    elif args.replace:
+        if not args.replace[0].isdigit():
+            raise RetrievalError(f"--replace SLOT PART: SLOT must be a shard number, got {args.replace[0]!r}")
+        sharded.replace_shard(int(args.replace[0]), args.replace[1])
+    else:
+        sharded.remove_shard(args.remove)
+    print(f"sharded index: {path} ({len(sharded.shards)} shards, {len(sharded)} rows; slots "
+          f"{', '.join(map(str, sorted(sharded.shards))) or 'none'})")
+    return 0
+
+
 def add_query_verb(sub) -> None:
     s = sub.add_parser("query", help="search an index with a text, image or audio query")
-    s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    s.add_argument("--index", required=True, help="index folder written by `xmodal index` (or `xmodal shard`)")
     q = s.add_mutually_exclusive_group(required=True)
     for modality, text in query_flags().items():
         q.add_argument(f"--{modality}", default=None, help=text)

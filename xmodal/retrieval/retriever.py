@@ -22,6 +22,7 @@ from . import FingerprintMismatchError, IndexCorruptError, RetrievalError
 from .filters import Filter
 from ..modalities.registry import path_modalities
 from .index import EmbeddingIndex, Hit
+from .sharded import ShardedIndex, open_index
 from .index_files import _looks_like_index
 
 log = logging.getLogger(__name__)
@@ -287,12 +288,13 @@ class Retriever:
     Queries may be any modality the model has a tower for (text → images, image → images, audio → images, ...).
     """
 
-    def __init__(self, index_dir: str | os.PathLike | EmbeddingIndex, model: Any = None, *, batch_size: int = 64):
-        if isinstance(index_dir, EmbeddingIndex):
+    def __init__(self, index_dir: str | os.PathLike | EmbeddingIndex | ShardedIndex, model: Any = None, *,
+                 batch_size: int = 64):
+        if isinstance(index_dir, (EmbeddingIndex, ShardedIndex)):
             self.index, self.index_dir = index_dir, None
         else:
             self.index_dir = Path(index_dir).absolute()
-            self.index = EmbeddingIndex.load(self.index_dir)
+            self.index = open_index(self.index_dir)  # one index folder, or a sharded one (shards.json)
         self.batch_size = batch_size
         self._model = None
         self._run_dir: Path | None = None
