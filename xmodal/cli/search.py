@@ -38,6 +38,9 @@ def add_index_verb(sub) -> None:
     s.add_argument("--pq-nbits", type=int, default=None, help="ivfpq: bits per sub-vector code (default 8)")
     s.add_argument("--rescore", type=int, default=None,
                    help="binary: candidates re-ranked by the float query, per hit (default 10)")
+    s.add_argument("--dim", type=int, default=None,
+                   help="index the first DIM coordinates of each embedding, renormalised (a model trained with "
+                        "model.matryoshka_dims); queries are embedded the same way")
     s.add_argument("--tune", type=float, default=None, metavar="RECALL",
                    help="set the search setting (ef-search / nprobe / rescore) to the smallest reaching this "
                         "recall@10 against exact search, on the held-out queries of --tune-split")
@@ -132,7 +135,8 @@ def run_index(args) -> int:
             "m": args.pq_m, "nbits": args.pq_nbits, "rescore": args.rescore}
     tune = _tune_queries(args, model) if args.tune is not None else None
     index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
-                        run_dir=args.run, append=args.append, overwrite=args.overwrite, tune=tune, **opts)
+                        run_dir=args.run, append=args.append, overwrite=args.overwrite, tune=tune, dim=args.dim,
+                        **opts)
     print(f"index: {args.out} ({len(index)} {args.modality} rows, {index.kind}, dim {index.dim})")
     if tune is not None:
         t = index.tuning

@@ -19,6 +19,7 @@ from ..config import Config, ModelConfig, _from_dict, check_task_modalities, sav
 from ..data import ManifestDataset
 from ..feature_cache import is_cacheable, precompute_features
 from ..losses import build_loss
+from ..losses.matryoshka import with_matryoshka
 from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
 from ..model import XModalModel
 from ..tasks.head import targets
@@ -153,7 +154,8 @@ def build_run(cfg: Config, out_dir: Path, accelerator, init_weights: dict | None
     return RunState(
         cfg=cfg, out_dir=out_dir, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
         tasks=tasks, weighting=weighting, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
-        loss_fn=build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
+        loss_fn=with_matryoshka(build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
+                                cfg.model.matryoshka_dims),
         loss_window=LossWindow(tasks, accelerator.device),
         metrics=MetricsLog(out_dir / MetricsLog.NAME, accelerator.is_main_process),
         total=total, epoch_steps=epoch_steps,
