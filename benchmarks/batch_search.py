@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"batch search benchmark: {platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__}, torch "
           f"{torch.__version__}; threads {args.threads}, k={args.k}, d={args.dim}; xmodal takes the matmul path "
-          f"from {exact.MATMUL_MIN_QUERIES} queries and {exact.MATMUL_MIN_ROWS} rows", flush=True)
+          f"from {exact.MATMUL_MIN_QUERIES} queries and {exact.MATMUL_MIN_WORK:,} rows x dim", flush=True)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     rng = np.random.default_rng(args.seed)
     rows = [r for n in args.sizes for r in run_size(n, args, rng)]

@@ -9,13 +9,14 @@ for the whole batch. :func:`flat_search` takes that path and still returns **exa
    the score matrix stays small);
 2. exact scores: the candidates are re-scored with faiss's own inner-product kernel
    (``fvec_inner_products_by_idx``, the one its flat scan uses), so scores are bit-for-bit faiss's;
-3. selection as faiss does it: top ``k`` by (score descending, id ascending) — among equal scores faiss keeps the
-   smallest ids — and listed by (score descending, id descending), the order faiss's heap returns ties in;
-4. a check per query that no row outside the candidates can belong in the top ``k``: a matrix product's float32
-   error is at most ``d · 2^-24 · |q| · max|x|`` (each of ``d`` products and sums rounds once, Cauchy–Schwarz
-   bounds the sum), so if the weakest candidate's product score plus that bound stays below the ``k``-th exact
-   score, nothing outside can reach it. Queries that fail the check (ties or near-ties wider than the margin) are
-   answered by faiss itself.
+3. the top ``k`` by exact score, listed by (score descending, id descending): the order faiss's heap returns
+   equal scores in (it pops them smallest id first and fills the list from its end);
+4. checks per query, and faiss itself answers any query failing one: (a) no row outside the candidates can belong
+   in the top ``k`` — a matrix product's float32 error is at most ``d · 2^-24 · |q| · max|x|`` (each of ``d``
+   products and sums rounds once, Cauchy–Schwarz bounds the sum), so the weakest candidate's product score plus
+   twice that bound must stay below the ``k``-th exact score; (b) no tie straddles the ``k``-th place (equal
+   scores inside and outside the top ``k``): which of those rows faiss keeps depends on the order its scan meets
+   them, so only faiss can say.
 
 faiss switches to a BLAS path of its own for batches of ``distance_compute_blas_threshold / d`` queries and more;
 those batches stay with faiss (see :func:`use_matmul`). Whether a batch takes this path is decided by :func:`use_matmul` from thresholds measured by
@@ -28,7 +29,7 @@ import numpy as np
 
 MARGIN = 16                 # candidates beyond k kept per query: room for near-ties before falling back to faiss
 MATMUL_MIN_QUERIES = 32     # measured crossover (benchmarks/batch_search.py, docs/benchmarks.md): below it faiss wins
-MATMUL_MIN_ROWS = 4096      # on smaller indexes faiss's scan is a few microseconds a query; the matmul gains nothing
+MATMUL_MIN_WORK = 1 << 20   # rows x dim: below ~4096 rows of 256-d faiss's scan takes microseconds; no gain (measured)
 _SCORE_BUDGET = 1 << 24     # floats in one block of the score matrix (64 MiB)
 _UNIT_ROUNDOFF = 2.0 ** -24
 
@@ -39,7 +40,7 @@ def use_matmul(n_queries: int, n_rows: int, dim: int) -> bool:
     Not when faiss takes its own BLAS path (``n_queries · dim >= distance_compute_blas_threshold``, 500 queries of
     256-d with faiss 1.15's default): that path is a matrix product already, and its scores (sgemm's rounding) are
     what faiss flat returns for such a batch, so xmodal leaves the batch to faiss."""
-    return (n_queries >= MATMUL_MIN_QUERIES and n_rows >= MATMUL_MIN_ROWS
+    return (n_queries >= MATMUL_MIN_QUERIES and n_rows * dim >= MATMUL_MIN_WORK
             and n_queries * dim < faiss.cvar.distance_compute_blas_threshold)
 
 
@@ -83,7 +84,8 @@ def _exact_scores(q: np.ndarray, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def _select(exact: np.ndarray, pos: np.ndarray, ids: np.ndarray, k: int):
-    """faiss's top-k of each row's candidates: kept by (score desc, id asc), listed by (score desc, id desc)."""
+    """The top-k of each row's candidates, listed by (score desc, id desc); among equal scores at the k-th place
+    the smallest ids are kept here (:func:`flat_search` then asks faiss which it keeps)."""
     cid = ids[pos]
     keep = np.lexsort((cid, -exact), axis=1)[:, :k]
     s, i = np.take_along_axis(exact, keep, 1), np.take_along_axis(cid, keep, 1)
@@ -102,11 +104,13 @@ def flat_search(index, q: np.ndarray, k: int, norm_bound: float) -> tuple[np.nda
     approx, pos = _candidates(q, x, c)
     exact = _exact_scores(q, x, pos)
     scores, labels = _select(exact, pos, ids, k)
-    if c < n:  # rows outside the candidates: provably below the k-th score, or faiss answers the query
+    kth = scores[:, k - 1:k]
+    unsure = (exact == kth).sum(axis=1) > (scores == kth).sum(axis=1)  # (b) a tie across the k-th place
+    if c < n:  # (a) rows outside the candidates: provably below the k-th score
         bound = 2.0 * d * _UNIT_ROUNDOFF * np.linalg.norm(q, axis=1) * norm_bound
-        unsure = ~(approx.min(axis=1) + bound < scores[:, k - 1])
-        if unsure.any():
-            scores[unsure], labels[unsure] = index.search(q[unsure], k)
+        unsure |= ~(approx.min(axis=1) + bound < scores[:, k - 1])
+    if unsure.any():
+        scores[unsure], labels[unsure] = index.search(q[unsure], k)
     return scores, labels
 
 

@@ -15,9 +15,11 @@ the old set (the half-written folder is an orphan, removed by the next change), 
 
 Ids: a hit's id is ``slot · 2^40 + the shard's own row id`` (:data:`SLOT_BITS`): stable while the shard stays, and
 never reused, since slots are not. Search asks every shard for its top ``k`` (in threads: faiss releases the GIL)
-and merges them exactly: the overall top ``k`` by score is among the shards' top ``k``'s. Ties are resolved as a
-single faiss flat index over the shards' rows in slot order resolves them (the smallest ids kept, listed
-largest first), so a sharded flat index returns exactly the single index's hits.
+and merges them exactly: the overall top ``k`` by score is among the shards' top ``k``'s, so a sharded flat index
+returns the single index's hits and scores. Equal scores are listed as faiss lists them (largest id first). One
+case has no fixed answer: exact ties straddling the ``k``-th place (identical vectors in several shards, some
+inside the top ``k`` and some not) — faiss keeps whichever its scan meets in a given order, and the merge keeps the
+smallest ids.
 """
 from __future__ import annotations
 
@@ -208,7 +210,7 @@ class ShardedIndex:
 
 
 def _merge(rows: list[list[Hit]], k: int) -> list[Hit]:
-    """The top ``k`` of the shards' hits: kept by (score desc, id asc), listed by (score desc, id desc) — faiss
-    flat's rule for ties over the concatenated rows (see :mod:`~xmodal.retrieval.exact`)."""
+    """The top ``k`` of the shards' hits: kept by (score desc, id asc), listed by (score desc, id desc) — the order
+    faiss flat lists ties in (see :mod:`~xmodal.retrieval.exact`)."""
     hits = sorted((h for row in rows for h in row), key=lambda h: (-h.score, h.id))[:k]
     return sorted(hits, key=lambda h: (-h.score, -h.id))
