@@ -156,18 +156,35 @@ def search_params(kind: str, index, options: dict, sel, k: int, ef_search: int |
     return faiss.SearchParameters(**kw) if kw else None
 
 
+_RESCORE_BUDGET = 1 << 24  # floats of sign vectors unpacked at once (64 MiB): queries are re-ranked in chunks
+
+
 def binary_search(index, q: np.ndarray, k: int, rescore: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of a binary index: ``rescore · k`` candidates by Hamming distance, re-ranked by ``q · sign / √d``
-    (ties by id, ascending). Missing candidates are id ``-1`` with score ``-inf``, as faiss pads."""
-    c = int(min(n_rows, max(k, rescore * k)))
-    _, cand = index.search(q, c)
-    valid = cand >= 0
-    signs = index.reconstruct_batch(np.where(valid, cand, cand.max(initial=0)).reshape(-1))
-    signs = np.asarray(signs, np.float32).reshape(len(q), c, -1)
-    scores = np.einsum("qd,qcd->qc", q, signs) / np.float32(math.sqrt(q.shape[1]))
-    scores[~valid] = -np.inf
-    order = np.lexsort((np.where(valid, cand, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, 1).astype(np.float32), np.take_along_axis(cand, order, 1)
+    (ties by id, ascending). Missing candidates are id ``-1`` with score ``-inf``, as faiss pads.
+
+    The candidates' codes are read from the ``IndexLSH``'s code array by position (no id look-up per row) and
+    unpacked to ±1, a chunk of queries at a time so the unpacked signs stay within ``_RESCORE_BUDGET`` floats."""
+    lsh = faiss.downcast_index(index.index)
+    n, d, size = int(lsh.ntotal), q.shape[1], int(lsh.code_size)
+    codes = faiss.rev_swig_ptr(lsh.codes.data(), n * size).reshape(n, size)
+    id_map = faiss.rev_swig_ptr(index.id_map.data(), n)
+    c = int(min(n, max(k, rescore * k)))
+    step = max(1, _RESCORE_BUDGET // (c * d))
+    scores, labels = [], []
+    for s in range(0, len(q), step):
+        qq = q[s:s + step]
+        _, pos = lsh.search(qq, c)
+        valid = pos >= 0
+        bits = np.unpackbits(codes[np.where(valid, pos, 0)], axis=-1, bitorder="little")[..., :d]
+        sc = (2.0 * np.einsum("qd,qcd->qc", qq, bits, dtype=np.float32) - qq.sum(1, keepdims=True))
+        sc = (sc / np.float32(math.sqrt(d))).astype(np.float32)
+        cand = np.where(valid, id_map[np.where(valid, pos, 0)], -1)
+        sc[~valid] = -np.inf
+        order = np.lexsort((np.where(valid, cand, np.iinfo(np.int64).max), -sc), axis=1)[:, :k]
+        scores.append(np.take_along_axis(sc, order, 1))
+        labels.append(np.take_along_axis(cand, order, 1))
+    return np.concatenate(scores), np.concatenate(labels)
 
 
 def code_bytes(kind: str, dim: int, options: dict) -> float:

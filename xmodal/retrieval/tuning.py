@@ -50,7 +50,7 @@ def _values(index) -> list[int]:
         return grid(int(index.options["nlist"]))
     if knob == "ef_search":
         return grid(max(16384, 2 * len(index)), start=16)
-    return grid(max(1, len(index) // 10))  # rescore: up to every row a candidate
+    return grid(max(1, min(len(index) // 10, 1000)))  # rescore: up to every row (or 10,000 rows) a candidate
 
 
 def tune(index, vectors: Any, queries: Any, target: float, k: int = 10, ids: Any = None) -> dict:
