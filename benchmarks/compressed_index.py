@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--clusters", type=int, default=1000)
-    p.add_argument("--spread", type=float, default=0.08, help="noise around each centre (per coordinate)")
+    p.add_argument("--spread", type=float, default=0.5, help="noise around each centre (per coordinate)")
     p.add_argument("--vectors", default=None, help=".npy of your own embeddings (rows)")
     p.add_argument("--queries", default=None, help=".npy of held-out query embeddings (default: synthetic)")
     p.add_argument("--kinds", nargs="+", default=["flat", "int8", "binary", "ivfpq"], choices=list(K.KINDS))
