@@ -112,6 +112,9 @@ def add_serve_verb(sub) -> None:
     s.add_argument("--max-concurrency", type=int, default=4, help="searches at once; more get 503 (default 4)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
+    s.add_argument("--max-batch", type=int, default=32,
+                   help="concurrent searches answered together, one model call and one index search (default 32; "
+                        "1 = each on its own)")
     s.set_defaults(fn=run_serve)
 
 
@@ -192,10 +195,11 @@ def run_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise RetrievalError(f"--port must be in 0..65535, got {args.port}")
     for flag, value in (("--max-concurrency", args.max_concurrency), ("--timeout", args.timeout),
-                        ("--max-upload-mb", args.max_upload_mb)):
+                        ("--max-upload-mb", args.max_upload_mb), ("--max-batch", args.max_batch)):
         if not value > 0:
             raise RetrievalError(f"{flag} must be positive, got {value}")
     # The web page and JSON API read their own query inputs (text, image upload): xmodal.retrieval.service.
     serve(args.index, args.host, args.port, model=args.run, max_concurrency=args.max_concurrency,
-          search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)))
+          search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)),
+          max_batch=args.max_batch)
     return 0
