@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrency", type=int, default=None, help="server search slots (default --clients)")
     p.add_argument("--max-upload-mb", type=float, default=1.0)
     p.add_argument("--max-batch", type=int, default=None,
-                   help="serve's --max-batch (default: its own, 32; 1 = every search on its own, as before batching)")
+                   help="serve's --max-batch (default: its own, 1 = every search on its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)

@@ -112,9 +112,10 @@ def add_serve_verb(sub) -> None:
     s.add_argument("--max-concurrency", type=int, default=4, help="searches at once; more get 503 (default 4)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
-    s.add_argument("--max-batch", type=int, default=32,
-                   help="concurrent searches answered together, one model call and one index search (default 32; "
-                        "1 = each on its own)")
+    s.add_argument("--max-batch", type=int, default=1,
+                   help="answer up to this many concurrent searches together, one model call and one index search "
+                        "(default 1: each on its own; batching measured no faster on a small model, see "
+                        "docs/benchmarks.md)")
     s.set_defaults(fn=run_serve)
 
 
