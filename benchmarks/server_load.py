@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=500, help="rows of --manifest in the tiny index")
     p.add_argument("--max-concurrency", type=int, default=None, help="server search slots (default --clients)")
     p.add_argument("--max-upload-mb", type=float, default=1.0)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="serve's --max-batch (default: its own, 1 = every search on its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="xmodal-load-") as tmp:
         index = Path(args.index) if args.index else build_tiny_index(args.manifest, args.rows, Path(tmp))
         max_body = int(args.max_upload_mb * 1024 * 1024)
-        server = Server(index, args.max_concurrency or args.clients, args.max_upload_mb)
+        server = Server(index, args.max_concurrency or args.clients, args.max_upload_mb,
+                        ["--max-batch", str(args.max_batch)] if args.max_batch else [])
         try:
             run_load(server.host, server.port, make_requests(args.warmup, args.seed + 1, max_body), args.clients)
             before = rss_kib(server.pid)

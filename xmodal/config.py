@@ -102,6 +102,9 @@ class ModelConfig:
     init_logit_bias: float | None = None  # siglip only; default -10
     max_logit_scale: float = 100.0  # clamp exp(logit_scale) to [1, max] as open_clip does
     anchor: str | None = None  # bind every modality to this one (ImageBind); None: every pair of modalities
+    # Matryoshka (Kusupati et al. 2022): also train these prefixes of the embedding as embeddings of their own
+    # (e.g. [32, 64, 128]; the full embed_dim is always trained too); encode(..., dim=64) then truncates usefully
+    matryoshka_dims: list[int] = field(default_factory=list)
     # modules that register modalities or tower kinds (xmodal.modalities.register_modality), imported before the
     # model is built; saved in the model card, so every command on the run imports them again (docs/modalities.md)
     plugins: list[str] = field(default_factory=list)
@@ -356,6 +359,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+    dims = m.matryoshka_dims
+    if dims and (any(not 0 < x <= m.embed_dim for x in dims) or list(dims) != sorted(set(dims))):
+        raise ConfigError(f"model.matryoshka_dims: must be increasing sizes between 1 and model.embed_dim "
+                          f"({m.embed_dim}), got {list(dims)}")
     if m.anchor is not None and m.towers and m.anchor not in m.towers:
         raise ConfigError(f"model.anchor: {m.anchor!r} is not a tower ({', '.join(m.towers)})")
     if t.max_nonfinite_skips < 1:

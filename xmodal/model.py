@@ -165,11 +165,14 @@ class XModalModel(nn.Module):
     # ------------------------------------------------------------------------------------------------- inference
     @torch.inference_mode()
     def encode(self, modality: str, inputs: Sequence[Any] | torch.Tensor, batch_size: int = 64,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, dim: int | None = None) -> torch.Tensor:
         """Embed raw inputs of one modality: image paths or PIL images, strings, or an already-preprocessed tensor.
 
-        Returns L2-normalised float32 ``[n, embed_dim]`` on the CPU.
+        Returns L2-normalised float32 ``[n, embed_dim]`` on the CPU; with ``dim``, the first ``dim`` coordinates
+        renormalised, ``[n, dim]`` (meant for models trained with ``model.matryoshka_dims``).
         """
+        if dim is not None and not (isinstance(dim, int) and 0 < dim <= self.cfg.embed_dim):
+            raise ValueError(f"dim must be an integer between 1 and embed_dim ({self.cfg.embed_dim}), got {dim!r}")
         if modality not in self.towers:
             raise ValueError(f"no {modality!r} tower in this model (towers: {', '.join(self.towers)})")
         if isinstance(inputs, str):
@@ -203,10 +206,12 @@ class XModalModel(nn.Module):
             if was_training:
                 self.train()
         if not out:
-            return torch.empty(0, self.cfg.embed_dim)
+            return torch.empty(0, dim or self.cfg.embed_dim)
         result = (out[0] if len(out) == 1 else torch.cat(out)).cpu()  # one device→host copy, not one per chunk
         if order is not None:
             result[torch.tensor(order)] = result.clone()
+        if dim is not None and dim < result.shape[1]:
+            result = torch.nn.functional.normalize(result[:, :dim], dim=-1)
         return result
 
     @torch.inference_mode()

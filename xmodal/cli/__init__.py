@@ -29,7 +29,7 @@ from .common import plugins_named_by, run_verb  # noqa: E402 - after the environ
 from .export import add_export_verbs  # noqa: E402
 from .evaluate import add_evaluate_index_verb, add_evaluate_verb, add_predict_verb  # noqa: E402
 from .prepare import add_prepare_verb  # noqa: E402
-from .search import add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
+from .search import add_index_shards_verb, add_index_verb, add_query_verb, add_serve_verb  # noqa: E402
 from .shard import add_shard_verb  # noqa: E402
 from .train import add_train_verbs  # noqa: E402
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_verb(sub)
     add_shard_verb(sub)
     add_index_verb(sub)
+    add_index_shards_verb(sub)
     add_query_verb(sub)
     add_serve_verb(sub)
     add_evaluate_index_verb(sub)

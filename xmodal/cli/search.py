@@ -21,8 +21,10 @@ def add_index_verb(sub) -> None:
     s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.jsonl, index.json)")
     s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
     s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
-    s.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default=None,
-                   help="flat = exact (default); hnsw / ivf = approximate, for large collections")
+    s.add_argument("--kind", choices=["flat", "hnsw", "ivf", "int8", "binary", "ivfpq"], default=None,
+                   help="flat = exact (default); hnsw / ivf = approximate, for large collections; int8 (1 byte per "
+                        "dimension), binary (1 bit, re-ranked by the float query), ivfpq (IVF + product "
+                        "quantisation) = compressed")
     s.add_argument("--append", action="store_true",
                    help="add the manifest rows whose id is not yet in the existing index at --out")
     s.add_argument("--overwrite", action="store_true", help="replace an existing index (or a corrupt one) at --out")
@@ -30,14 +32,66 @@ def add_index_verb(sub) -> None:
     s.add_argument("--hnsw-m", type=int, default=None, help="hnsw: graph degree M (default 32)")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: efSearch (default 128)")
     s.add_argument("--nlist", type=int, default=None, help="ivf: inverted lists (default ~4*sqrt(n))")
-    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (default nlist/8)")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists probed per query (default nlist/8)")
+    s.add_argument("--pq-m", type=int, default=None, help="ivfpq: sub-vectors, bytes per vector at 8 bits (default "
+                                                         "dim/8)")
+    s.add_argument("--pq-nbits", type=int, default=None, help="ivfpq: bits per sub-vector code (default 8)")
+    s.add_argument("--rescore", type=int, default=None,
+                   help="binary: candidates re-ranked by the float query, per hit (default 10)")
+    s.add_argument("--dim", type=int, default=None,
+                   help="index the first DIM coordinates of each embedding, renormalised (a model trained with "
+                        "model.matryoshka_dims); queries are embedded the same way")
+    s.add_argument("--tune", type=float, default=None, metavar="RECALL",
+                   help="set the search setting (ef-search / nprobe / rescore) to the smallest reaching this "
+                        "recall@10 against exact search, on the held-out queries of --tune-split")
+    s.add_argument("--tune-split", default=None, help="--tune: the manifest split whose rows are the held-out "
+                                                      "queries (not indexed; must differ from --split)")
+    s.add_argument("--tune-modality", default=None, help="--tune: the queries' modality (default --modality)")
+    s.add_argument("--tune-queries", type=int, default=500, help="--tune: at most this many queries (default 500)")
     add_manifest_flags(s)
     s.set_defaults(fn=run_index)
 
 
+def add_index_shards_verb(sub) -> None:
+    s = sub.add_parser("index-shards", help="join indexes built apart into one sharded index, or replace / remove a shard")
+    s.add_argument("--index", required=True, help="sharded index folder (created when it does not exist)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--add", nargs="+", metavar="PART", help="index folders (from `xmodal index`) to add as shards")
+    g.add_argument("--replace", nargs=2, metavar=("SLOT", "PART"), help="replace shard SLOT by the index PART")
+    g.add_argument("--remove", type=int, metavar="SLOT", help="remove shard SLOT")
+    s.set_defaults(fn=run_index_shards)
+
+
+def run_index_shards(args) -> int:
+    from pathlib import Path
+
+    from ..retrieval import RetrievalError
+    from ..retrieval.sharded import ShardedIndex, is_sharded
+
+    path = Path(args.index)
+    if is_sharded(path):
+        sharded = ShardedIndex.load(path)
+    elif args.add:
+        sharded = ShardedIndex.create(path)
+    else:
+        raise RetrievalError(f"no sharded index at {path} (create one with --add)")
+    if args.add:
+        for part in args.add:
+            print(f"shard {sharded.add_shard(part)}: {part}")
+    elif args.replace:
+        if not args.replace[0].isdigit():
+            raise RetrievalError(f"--replace SLOT PART: SLOT must be a shard number, got {args.replace[0]!r}")
+        sharded.replace_shard(int(args.replace[0]), args.replace[1])
+    else:
+        sharded.remove_shard(args.remove)
+    print(f"sharded index: {path} ({len(sharded.shards)} shards, {len(sharded)} rows; slots "
+          f"{', '.join(map(str, sorted(sharded.shards))) or 'none'})")
+    return 0
+
+
 def add_query_verb(sub) -> None:
     s = sub.add_parser("query", help="search an index with a text, image or audio query")
-    s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
+    s.add_argument("--index", required=True, help="index folder written by `xmodal index` (or `xmodal index-shards`)")
     q = s.add_mutually_exclusive_group(required=True)
     for modality, text in query_flags().items():
         q.add_argument(f"--{modality}", default=None, help=text)
@@ -58,6 +112,10 @@ def add_serve_verb(sub) -> None:
     s.add_argument("--max-concurrency", type=int, default=4, help="searches at once; more get 503 (default 4)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
+    s.add_argument("--max-batch", type=int, default=1,
+                   help="answer up to this many concurrent searches together, one model call and one index search "
+                        "(default 1: each on its own; batching measured no faster on a small model, see "
+                        "docs/benchmarks.md)")
     s.set_defaults(fn=run_serve)
 
 
@@ -77,11 +135,42 @@ def run_index(args) -> int:
         raise RetrievalError(f"the model in {args.run} has no {args.modality!r} tower "
                              f"(towers: {', '.join(model.towers)})")
     manifest = read_manifest_for(args, split=args.split, modalities=[args.modality], require_all=False)
-    opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe}
+    opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe,
+            "m": args.pq_m, "nbits": args.pq_nbits, "rescore": args.rescore}
+    tune = _tune_queries(args, model) if args.tune is not None else None
     index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
-                        run_dir=args.run, append=args.append, overwrite=args.overwrite, **opts)
+                        run_dir=args.run, append=args.append, overwrite=args.overwrite, tune=tune, dim=args.dim,
+                        **opts)
     print(f"index: {args.out} ({len(index)} {args.modality} rows, {index.kind}, dim {index.dim})")
+    if tune is not None:
+        t = index.tuning
+        setting = f"{t['knob']}={t['value']}" if t["knob"] else f"{index.kind} has no search setting"
+        print(f"tuned on {t['queries']} held-out {tune['modality']} queries: {setting}, recall@{t['k']} "
+              f"{t['recall']:.3f} (target {t['target']}{'' if t['reached'] else ', NOT reached'})")
     return 0
+
+
+def _tune_queries(args, model) -> dict:
+    """``--tune``'s held-out queries: up to ``--tune-queries`` rows of ``--tune-split`` (a fixed random sample)."""
+    from ..retrieval import RetrievalError
+
+    if not 0 < args.tune <= 1:
+        raise RetrievalError(f"--tune takes a recall in (0, 1], got {args.tune}")
+    if args.append:
+        raise RetrievalError("--tune needs the vectors of the whole index: build it without --append")
+    if args.tune_split is None or args.tune_split == args.split:
+        raise RetrievalError("--tune needs held-out queries: name a --tune-split other than --split (e.g. val)")
+    modality = args.tune_modality or args.modality
+    if modality not in model.towers:
+        raise RetrievalError(f"--tune-modality {modality!r}: the model in {args.run} has no such tower "
+                             f"(towers: {', '.join(model.towers)})")
+    held = read_manifest_for(args, split=args.tune_split, modalities=[modality], require_all=True)
+    values = [v for v in getattr(held, "dataset", held)[modality] if v not in (None, "")]
+    if not values:
+        raise RetrievalError(f"--tune-split {args.tune_split!r}: no rows with a {modality!r} value")
+    import random
+    values = random.Random(0).sample(values, min(len(values), args.tune_queries))
+    return {"target": args.tune, "modality": modality, "values": values}
 
 
 def run_query(args) -> int:
@@ -107,10 +196,11 @@ def run_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise RetrievalError(f"--port must be in 0..65535, got {args.port}")
     for flag, value in (("--max-concurrency", args.max_concurrency), ("--timeout", args.timeout),
-                        ("--max-upload-mb", args.max_upload_mb)):
+                        ("--max-upload-mb", args.max_upload_mb), ("--max-batch", args.max_batch)):
         if not value > 0:
             raise RetrievalError(f"{flag} must be positive, got {value}")
     # The web page and JSON API read their own query inputs (text, image upload): xmodal.retrieval.service.
     serve(args.index, args.host, args.port, model=args.run, max_concurrency=args.max_concurrency,
-          search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)))
+          search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)),
+          max_batch=args.max_batch)
     return 0

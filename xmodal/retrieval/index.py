@@ -1,8 +1,8 @@
 """A faiss index of shared-space embeddings with one metadata record per row: add, remove, rebuild, search.
 
 * :class:`EmbeddingIndex` — exact inner product (``kind="flat"``: ``IndexIDMap2(IndexFlatIP)``, the default),
-  ``kind="hnsw"`` (``IndexHNSWFlat``, inner-product metric) or ``kind="ivf"`` (``IndexIVFFlat``, trained on the first
-  vectors added). Embeddings are L2-normalised, so inner product = cosine similarity. Every row gets an ``int64`` id
+  ``kind="hnsw"`` (``IndexHNSWFlat``, inner-product metric), ``kind="ivf"`` (``IndexIVFFlat``, trained on the first
+  vectors added) or a compressed kind, ``"int8"``, ``"binary"``, ``"ivfpq"`` (:mod:`~xmodal.retrieval.kinds`). Embeddings are L2-normalised, so inner product = cosine similarity. Every row gets an ``int64`` id
   from the index (``0, 1, 2, ...``, never reused, stable across add / remove / save / load) and a JSON metadata record
   (for an index built from a manifest: the row's ``id``, ``modality``, ``value`` (path or text), ``label`` and any
   other scalar columns).
@@ -27,14 +27,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
-from . import IndexCorruptError, RetrievalError
+from . import IndexCorruptError, RetrievalError, exact, kinds
 from .filters import Filter, _predicate, parse_filters
 from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open_folder, read_faiss, read_metadata, \
     save_folder
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "hnsw", "ivf")
+KINDS = kinds.KINDS
 
 
 def __getattr__(name):  # PATH_MODALITIES, as before 0.2: now a live view of the modality registry
@@ -89,11 +89,6 @@ def _as_matrix(x: Any, dim: int | None, what: str = "embeddings") -> np.ndarray:
 
 
 
-def _auto_nlist(n: int) -> int:
-    """~4·sqrt(n) inverted lists, but at least 39 training points per list (faiss's k-means guideline)."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
-
-
 # ---------------------------------------------------------------------------------------------------------- index
 
 class EmbeddingIndex:
@@ -110,70 +105,43 @@ class EmbeddingIndex:
       the index is trained, ``min(4·sqrt(n), n/39)``) and ``nprobe`` (default ``max(1, nlist // 8)``). The coarse
       quantizer is trained on the vectors of the **first** :meth:`add`; later adds reuse those centroids (call
       :meth:`rebuild` to retrain after the collection has grown a lot). ``remove`` deletes physically.
+    * compressed: ``"int8"`` (one byte per dimension), ``"binary"`` (one bit per dimension, Hamming candidates
+      re-ranked by the float query, option ``rescore``, default 10 candidates per hit) and ``"ivfpq"`` (IVF with
+      product quantisation, options ``nlist``, ``nprobe``, ``m``, ``nbits``): see :mod:`~xmodal.retrieval.kinds`.
+      ``int8`` and ``ivfpq`` store decoded approximations only, so they cannot :meth:`rebuild`; a binary hit's score
+      is ``q · sign(x) / sqrt(dim)``.
+
+    A flat index answers a batch of queries by a blocked matrix product where that is faster (measured), with
+    exactly faiss's result: :mod:`~xmodal.retrieval.exact`.
 
     Filtered search (``filter={"label": "animals"}`` or a callable on the metadata) searches only the matching rows
     through a faiss ``IDSelectorBatch``; a query for which an approximate index (HNSW / IVF) then finds fewer than
     ``min(k, matching rows)`` hits is re-answered by exact search over the matching rows, and filters matching at
-    most ``EXACT_SUBSET`` rows are always answered exactly, so a filtered search returns ``k`` hits whenever ``k``
+    most ``EXACT_SUBSET`` rows (any number on a binary index, whose codes faiss cannot filter) are always answered
+    exactly over the stored vectors, so a filtered search returns ``k`` hits whenever ``k``
     rows match.
     """
 
-    def __init__(self, dim: int, kind: str = "flat", *, M: int = 32, ef_construction: int = 200,
-                 ef_search: int = 128, nlist: int | None = None, nprobe: int | None = None,
+    def __init__(self, dim: int, kind: str = "flat", *, M: int | None = None, ef_construction: int | None = None,
+                 ef_search: int | None = None, nlist: int | None = None, nprobe: int | None = None,
+                 m: int | None = None, nbits: int | None = None, rescore: int | None = None,
                  model_info: dict | None = None):
-        if kind not in KINDS:
-            raise RetrievalError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not isinstance(dim, (int, np.integer)) or dim < 1:
+            if kind not in KINDS:
+                raise RetrievalError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
         self.kind = kind
-        if kind == "hnsw":
-            self.options: dict[str, Any] = {"M": int(M), "ef_construction": int(ef_construction),
-                                            "ef_search": int(ef_search)}
-        elif kind == "ivf":
-            for name, v in (("nlist", nlist), ("nprobe", nprobe)):
-                if v is not None and v < 1:
-                    raise RetrievalError(f"{name} must be at least 1, got {v}")
-            self.options = {"nlist": nlist, "nprobe": nprobe}
-        else:
-            self.options = {}
+        self.options: dict[str, Any] = kinds.check_options(kind, self.dim, {
+            "M": M, "ef_construction": ef_construction, "ef_search": ef_search, "nlist": nlist, "nprobe": nprobe,
+            "m": m, "nbits": nbits, "rescore": rescore})
         self.model_info = dict(model_info) if model_info else None
+        self.tuning: dict | None = None  # what `--tune` measured (index.json's "tuning"), None if never tuned
         self._meta: dict[int, dict] = {}
         self._tombstones: set[int] = set()
         self._next_id = 0
-        self._index = self._new_faiss(self.options.get("nlist") or 1)
-
-    # -------------------------------------------------------------------------------------------- faiss objects
-    def _new_faiss(self, nlist: int = 1):
-        d = self.dim
-        if self.kind == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-        if self.kind == "hnsw":
-            h = faiss.IndexHNSWFlat(d, self.options["M"], faiss.METRIC_INNER_PRODUCT)
-            h.hnsw.efConstruction = self.options["ef_construction"]
-            h.hnsw.efSearch = self.options["ef_search"]
-            return faiss.IndexIDMap2(h)
-        quantizer = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) for arbitrary ids, with removal
-        ivf.nprobe = self._nprobe(int(nlist))
-        return ivf
-
-    def _nprobe(self, nlist: int) -> int:
-        nprobe = self.options.get("nprobe")
-        return int(min(nlist, nprobe if nprobe else max(1, nlist // 8)))
-
-    def _train_ivf(self, x: np.ndarray) -> None:
-        nlist = self.options.get("nlist") or _auto_nlist(len(x))
-        if nlist > len(x):
-            log.warning("ivf index: %d inverted lists requested but only %d vectors to train on; using %d",
-                        nlist, len(x), len(x))
-            nlist = len(x)
-        self._index = self._new_faiss(nlist)
-        self._index.train(x)
-        self.options["nlist"] = int(nlist)
-        self.options["nprobe"] = self._nprobe(nlist)
-        self._index.nprobe = self.options["nprobe"]
+        self._norm_bound: float | None = 0.0  # >= every stored vector's norm (the batch path's error bound); None: unknown
+        self._index = kinds.new_faiss(kind, self.dim, self.options, self.options.get("nlist") or 1)
 
     # ------------------------------------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -205,7 +173,8 @@ class EmbeddingIndex:
             raise KeyError(f"no rows with ids {missing[:10]}")
         if not len(ids):
             return np.empty((0, self.dim), np.float32)
-        return np.asarray(self._index.reconstruct_batch(ids), dtype=np.float32).reshape(len(ids), self.dim)
+        x = np.asarray(self._index.reconstruct_batch(ids), dtype=np.float32).reshape(len(ids), self.dim)
+        return x / np.float32(math.sqrt(self.dim)) if self.kind == "binary" else x  # the unit sign vectors it scores
 
     # ------------------------------------------------------------------------------------------------- mutation
     def add(self, embeddings: Any, metadata: Sequence[Mapping[str, Any]] | None = None) -> np.ndarray:
@@ -230,9 +199,11 @@ class EmbeddingIndex:
         if n == 0:
             return np.empty(0, np.int64)
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        if self.kind == "ivf" and not self._index.is_trained:
-            self._train_ivf(x)
+        if self.kind in kinds.TRAINED and not self._index.is_trained:
+            self._index = kinds.train(self.kind, self.dim, self.options, x)
         self._index.add_with_ids(x, ids)
+        if self._norm_bound is not None:
+            self._norm_bound = max(self._norm_bound, exact.max_norm(x))
         self._next_id += n
         for i, m in zip(ids.tolist(), metas):
             self._meta[i] = m
@@ -268,29 +239,26 @@ class EmbeddingIndex:
         unknown = set(options) - set(self.options)
         if unknown:
             raise TypeError(f"rebuild: options {sorted(unknown)} do not apply to a {self.kind!r} index")
+        if self.kind in kinds.LOSSY:
+            raise RetrievalError(f"rebuild: a {self.kind!r} index keeps only compressed vectors, so rebuilding it "
+                                 f"would compress them twice; build it again from the manifest (`xmodal index "
+                                 f"--overwrite`)")
         ids = self.ids()
         x = self.reconstruct(ids)
         if self.kind == "ivf":
-            self.options = {"nlist": options.get("nlist"), "nprobe": options.get("nprobe")}
+            self.options = kinds.check_options("ivf", self.dim, options)
         else:
-            self.options.update(options)
-        self._index = self._new_faiss(self.options.get("nlist") or 1)
+            self.options.update(kinds.check_options(self.kind, self.dim, {**self.options, **options}))
+        self._index = kinds.new_faiss(self.kind, self.dim, self.options, self.options.get("nlist") or 1)
         self._tombstones = set()
         if len(ids):
-            if self.kind == "ivf":
-                self._train_ivf(x)
+            if self.kind in kinds.TRAINED:
+                self._index = kinds.train(self.kind, self.dim, self.options, x)
             self._index.add_with_ids(x, ids)
 
     # --------------------------------------------------------------------------------------------------- search
     def _params(self, sel, k: int, ef_search: int | None, nprobe: int | None):
-        kw: dict[str, Any] = {}
-        if sel is not None:
-            kw["sel"] = sel
-        if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=max(int(ef_search or self.options["ef_search"]), k), **kw)
-        if self.kind == "ivf":
-            return faiss.SearchParametersIVF(nprobe=int(nprobe or self._index.nprobe), **kw)
-        return faiss.SearchParameters(**kw) if kw else None
+        return kinds.search_params(self.kind, self._index, self.options, sel, k, ef_search, nprobe)
 
     def _exact(self, q: np.ndarray, ids: np.ndarray, k: int, vectors: np.ndarray | None = None):
         """Exact top-k of ``q`` over the rows ``ids`` (ties broken by id): ``(scores, ids)`` each ``[nq, k]``."""
@@ -316,14 +284,14 @@ class EmbeddingIndex:
                                  f"{', '.join(known) or 'none'})")
 
     def search(self, queries: Any, k: int = 10, filter: Filter = None, *, ef_search: int | None = None,
-               nprobe: int | None = None) -> list[list[Hit]]:
+               nprobe: int | None = None, rescore: int | None = None) -> list[list[Hit]]:
         """Top-``k`` rows by inner product for each query ``[nq, dim]`` → ``nq`` lists of :class:`Hit`, best first.
 
         ``filter``: ``{"label": "animals"}`` (all keys must match; a list value matches any of its items; values
         also match by their string form, so ``"3"`` matches ``3``) or a callable ``metadata -> bool``. Returns
         ``min(k, matching rows)`` hits per query; a dict filter naming a key that no row has raises
-        :class:`RetrievalError` (listing the keys there are) instead of returning nothing. ``ef_search`` (HNSW) and
-        ``nprobe`` (IVF) override the stored settings for this call.
+        :class:`RetrievalError` (listing the keys there are) instead of returning nothing. ``ef_search`` (HNSW),
+        ``nprobe`` (IVF, IVF-PQ) and ``rescore`` (binary) override the stored settings for this call.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
@@ -346,8 +314,15 @@ class EmbeddingIndex:
             sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64)))
         kk = int(min(k, len(self._meta) if allowed is None else len(allowed)))
 
-        if allowed is not None and pred is not None and len(allowed) <= EXACT_SUBSET:
+        if allowed is not None and pred is not None and (len(allowed) <= EXACT_SUBSET or self.kind == "binary"):
             scores, labels = self._exact(q, allowed, kk)
+        elif self.kind == "flat" and sel is None and exact.use_matmul(nq, self.ntotal, self.dim):
+            if self._norm_bound is None:
+                self._norm_bound = exact.max_norm(exact.flat_arrays(self._index)[0])
+            scores, labels = exact.flat_search(self._index, q, kk, self._norm_bound)
+        elif self.kind == "binary":  # Hamming candidates, re-ranked by the float query (no filter: see above)
+            scores, labels = kinds.binary_search(self._index, q, kk, int(rescore or self.options["rescore"]),
+                                                 self.ntotal)
         else:
             params = self._params(sel, kk, ef_search, nprobe)
             scores, labels = self._index.search(q, kk, params=params)
@@ -372,7 +347,7 @@ class EmbeddingIndex:
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "dim": self.dim,
                 "metric": "inner_product", "count": len(self._meta), "ntotal": self.ntotal,
                 "next_id": self._next_id, "options": self.options, "tombstones": sorted(self._tombstones),
-                "model": self.model_info, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "model": self.model_info, **({"tuning": self.tuning} if self.tuning else {}), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save into the folder ``path``, atomically: a crash at any moment leaves the previous index or this one.
@@ -410,14 +385,13 @@ class EmbeddingIndex:
             self.options.update(info.get("options") or {})
             self._next_id = int(info["next_id"])
             self._tombstones = {int(i) for i in info.get("tombstones") or []}
+            self.tuning = info.get("tuning")
         except (KeyError, TypeError, ValueError) as e:
             raise IndexCorruptError(f"index {path}: bad {INFO_NAME}: {e}") from None
         self._index = read_faiss(path, folder, self.dim)
-        if self.kind == "hnsw":
-            faiss.downcast_index(self._index.index).hnsw.efSearch = self.options["ef_search"]
-        elif self.kind == "ivf" and self.options.get("nprobe"):
-            self._index.nprobe = int(self.options["nprobe"])
+        kinds.configure_loaded(self.kind, self._index, self.options)
         self._meta = read_metadata(path, folder)
+        self._norm_bound = None  # computed by the first batch search that needs it
         expected = self.ntotal - len(self._tombstones)
         if len(self._meta) != expected or len(self._meta) != info.get("count", len(self._meta)):
             raise IndexCorruptError(f"index {path}: {META_NAME} has {len(self._meta)} rows but {FAISS_NAME} holds "

@@ -22,6 +22,7 @@ from . import FingerprintMismatchError, IndexCorruptError, RetrievalError
 from .filters import Filter
 from ..modalities.registry import path_modalities
 from .index import EmbeddingIndex, Hit
+from .sharded import ShardedIndex, open_index
 from .index_files import _looks_like_index
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ def _scalar(v: Any) -> bool:
 
 def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.PathLike, kind: str | None = None,
                 batch_size: int = 64, run_dir: str | os.PathLike | None = None, *, append: bool = False,
-                overwrite: bool = False, progress: bool = True, **opts: Any) -> EmbeddingIndex:
+                overwrite: bool = False, progress: bool = True, tune: dict | None = None,
+                dim: int | None = None, **opts: Any) -> EmbeddingIndex:
     """Embed the ``modality`` column of ``manifest`` (a :class:`xmodal.data.Manifest` or a ``datasets.Dataset``)
     with ``model`` and save the index atomically to ``out_dir``.
 
@@ -169,7 +171,15 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
     are embedded and added (the model must have the index's fingerprint; the rows skipped as already present are
     logged as a warning, with their first ids); with ``overwrite=True`` it is replaced;
     otherwise ``FileExistsError``. ``kind`` (default ``"flat"``) and ``opts`` (``M``, ``ef_construction``,
-    ``ef_search``, ``nlist``, ``nprobe``) apply to a new index.
+    ``ef_search``, ``nlist``, ``nprobe``, ``m``, ``nbits``, ``rescore``) apply to a new index.
+
+    ``dim``: index the first ``dim`` coordinates of each embedding, renormalised (``model.encode(..., dim=)``; for
+    models trained with ``model.matryoshka_dims``); recorded as the fingerprint's ``"dim"``, and queries through
+    :class:`Retriever` are embedded the same way.
+
+    ``tune={"target": 0.95, "modality": "text", "values": [...]}``: held-out queries (embedded with the model) on
+    which the index's search setting is set to the smallest reaching that recall@10 against exact search over the
+    new vectors (:func:`~xmodal.retrieval.tuning.tune`; the result is ``index.tuning``, saved with the index).
     """
     opts = {k: v for k, v in opts.items() if v is not None}
     ds = getattr(manifest, "dataset", manifest)
@@ -181,6 +191,12 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
         raise RetrievalError(f"the model has no {modality!r} tower (towers: {', '.join(mods)})")
     out = Path(out_dir).absolute()
     fp = model_fingerprint(model, modality, run_dir=run_dir)
+    if dim is not None:
+        if not 0 < int(dim) <= fp["embed_dim"]:
+            raise RetrievalError(f"dim must be between 1 and the model's embed_dim {fp['embed_dim']}, got {dim}")
+        fp["dim"] = int(dim)
+    width = fp.get("dim") or fp["embed_dim"]
+    as_prefix = {"dim": fp["dim"]} if dim is not None else {}
 
     index: EmbeddingIndex | None = None
     existing = None
@@ -210,9 +226,9 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
             raise FileExistsError(f"{out} already holds an index ({len(existing)} rows); append to it with --append "
                                   f"(append=True) or replace it with --overwrite (overwrite=True)")
     if index is None:
-        index = EmbeddingIndex(fp["embed_dim"], kind or "flat", model_info=fp, **opts)
-    if fp["embed_dim"] != index.dim:
-        raise FingerprintMismatchError(f"the model embeds into {fp['embed_dim']} dimensions, index {out} holds "
+        index = EmbeddingIndex(width, kind or "flat", model_info=fp, **opts)
+    if width != index.dim:
+        raise FingerprintMismatchError(f"the model embeds into {width} dimensions, index {out} holds "
                                        f"{index.dim}")
 
     present = {str(m.get("id")) for m in index._meta.values()} if append else set()
@@ -259,8 +275,15 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
         if existing is not None and append:
             return index
         raise RetrievalError(f"no rows with a non-empty {modality!r} value to index")
-    emb = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
-    index.add(emb, metas)
+    emb = model.encode(modality, inputs, batch_size=batch_size, progress=progress, **as_prefix)
+    new_ids = index.add(emb, metas)
+    if tune is not None:
+        if len(new_ids) != len(index):
+            raise RetrievalError("tune: the index holds rows whose float vectors are not at hand; build it anew")
+        from .tuning import tune as tune_index
+        queries = model.encode(tune["modality"], tune["values"], batch_size=batch_size, progress=progress,
+                               **as_prefix)
+        tune_index(index, emb, queries, float(tune["target"]), ids=new_ids)
     index.save(out)
     return index
 
@@ -276,12 +299,13 @@ class Retriever:
     Queries may be any modality the model has a tower for (text → images, image → images, audio → images, ...).
     """
 
-    def __init__(self, index_dir: str | os.PathLike | EmbeddingIndex, model: Any = None, *, batch_size: int = 64):
-        if isinstance(index_dir, EmbeddingIndex):
+    def __init__(self, index_dir: str | os.PathLike | EmbeddingIndex | ShardedIndex, model: Any = None, *,
+                 batch_size: int = 64):
+        if isinstance(index_dir, (EmbeddingIndex, ShardedIndex)):
             self.index, self.index_dir = index_dir, None
         else:
             self.index_dir = Path(index_dir).absolute()
-            self.index = EmbeddingIndex.load(self.index_dir)
+            self.index = open_index(self.index_dir)  # one index folder, or a sharded one (shards.json)
         self.batch_size = batch_size
         self._model = None
         self._run_dir: Path | None = None
@@ -310,7 +334,8 @@ class Retriever:
         return (self.index.model_info or {}).get("modality")
 
     def _check_dim(self, embed_dim: int) -> None:
-        if embed_dim != self.index.dim:
+        prefix = (self.index.model_info or {}).get("dim")  # an index of embedding prefixes (Matryoshka)
+        if (prefix or embed_dim) != self.index.dim or (prefix or 0) > embed_dim:
             raise FingerprintMismatchError(f"{self._where} holds {self.index.dim}-d vectors but the model embeds into "
                                            f"{embed_dim} dimensions")
 
@@ -377,7 +402,9 @@ class Retriever:
             items = [str(Path(q).expanduser()) if isinstance(q, str) else q for q in items]
         if not items:
             return []
-        emb = model.encode(modality, items, batch_size=self.batch_size, progress=False)
+        prefix = (self.index.model_info or {}).get("dim")
+        emb = model.encode(modality, items, batch_size=self.batch_size, progress=False,
+                           **({"dim": prefix} if prefix else {}))
         results = self.index.search(emb, k, filter, **search_opts)
         return results if batch else results[0]
 

@@ -32,6 +32,7 @@ from urllib.parse import parse_qs
 
 from ..modalities.registry import get_modality, modality_names, path_modalities
 from . import RetrievalError
+from .batcher import SearchBatcher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ServiceLimits:
     thumb_cache_bytes: int = 32 * 1024 * 1024  # in-memory thumbnail cache (LRU)
     max_filter_keys: int = 32
     max_filter_values: int = 1000             # items of one list value in a filter
+    max_batch: int = 1                        # > 1: concurrent searches joined into one (batcher.py); 1 = each alone
+    batch_window: float = 0.002               # seconds a search waits for others to join its batch
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -196,6 +199,8 @@ class SearchService:
             self._warmup()
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.limits.max_concurrency, thread_name_prefix="xmodal-search")
+        self._batcher = SearchBatcher(retriever, self.limits.batch_window, self.limits.max_batch) \
+            if self.limits.max_batch > 1 else None
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumb_bytes = 0
         self._thumb_lock = threading.Lock()
@@ -216,6 +221,8 @@ class SearchService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._batcher is not None:
+            self._batcher.close()
 
     # ------------------------------------------------------------------------------------------------------ info
     def info(self) -> dict:
@@ -312,7 +319,8 @@ class SearchService:
             raise ApiError(503, f"the server is busy ({self.limits.max_concurrency} searches running); try again",
                            {"Retry-After": "1"})
         try:
-            future = self._pool.submit(self.retriever.search, value, modality, k=k, filter=filt)
+            future = self._batcher.submit(value, modality, k, filt) if self._batcher is not None else \
+                self._pool.submit(self.retriever.search, value, modality, k=k, filter=filt)
         except BaseException:
             self._slots.release()
             raise

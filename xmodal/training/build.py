@@ -20,6 +20,7 @@ from ..data import ManifestDataset
 from ..data.stream import StreamLoader
 from ..feature_cache import is_cacheable, precompute_features, resolve_root, tower_settings
 from ..losses import build_loss
+from ..losses.matryoshka import with_matryoshka
 from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
 from ..modalities.pretrained import resolve_pretrained
 from ..model import XModalModel
@@ -162,7 +163,8 @@ def build_run(cfg: Config, out_dir: Path, accelerator, init_weights: dict | None
     return RunState(
         cfg=cfg, out_dir=out_dir, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
         tasks=tasks, weighting=weighting, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
-        loss_fn=build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
+        loss_fn=with_matryoshka(build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
+                                cfg.model.matryoshka_dims),
         loss_window=LossWindow(tasks, accelerator.device),
         metrics=metrics,
         total=total, epoch_steps=epoch_steps,
