@@ -139,6 +139,7 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss or gradient: skip that step, or stop the run
     max_nonfinite_skips: int = 10  # consecutive skipped steps after which the run stops anyway
     progress: bool = True
+    stop_grace_s: float = 120.0  # after SIGINT/SIGTERM: the most seconds to finish the step and save a checkpoint
 
 
 @dataclass
@@ -332,6 +333,8 @@ def validate(cfg: Config) -> Config:
     for key in ("warmup_steps", "eval_every", "save_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if t.stop_grace_s <= 0:
+        raise ConfigError(f"train.stop_grace_s: must be positive, got {t.stop_grace_s}")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if m.anchor is not None and m.towers and m.anchor not in m.towers:
