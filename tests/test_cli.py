@@ -220,10 +220,20 @@ def test_on_bad_row_flag_and_hints_name_this_commands_flags(clipart, runs, tmp_p
     outside = tmp_path / "outside.png"
     Image.new("RGB", (8, 8), "red").save(outside)
     far = _write(clipart, "outside.csv", [{**rows[0], "image": str(outside)}] + rows[1:])
-    assert main(["evaluate", "--run", str(space), "--manifest", str(far)]) == 2
+    # An index is what `xmodal serve` shows: building one confines the manifest's paths by default...
+    assert main(["index", "--run", str(space), "--manifest", str(far), "--out", str(tmp_path / "far")]) == 2
     err = capsys.readouterr().err
     assert "outside the data root" in err and "--allow-outside-root permits it" in err
-    assert "allow_outside_root" not in err
+    assert "allow_outside_root" not in err and not (tmp_path / "far").exists()
+    # ... evaluating the user's own model on it does not (an absolute path is the common case); the flag's negation
+    # confines it there too
+    assert main(["evaluate", "--run", str(space), "--manifest", str(far), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text->image/n_items"] == len(rows)
+    assert main(["evaluate", "--run", str(space), "--manifest", str(far), "--no-allow-outside-root"]) == 2
+    assert "outside the data root" in capsys.readouterr().err
+    assert main(["index", "--run", str(space), "--manifest", str(far), "--out", str(tmp_path / "far"),
+                 "--allow-outside-root"]) == 0
+    assert len(EmbeddingIndex.load(tmp_path / "far")) == len(rows)
 
 
 def test_predict_on_a_pretrained_space_says_it_has_no_heads(clipart, runs, capsys):

@@ -108,7 +108,7 @@ class DataConfig:
     max_rows: int | None = None  # cap rows per split (quick runs)
     # Image/audio paths must lie inside the data root (root, else the manifest's folder); true also accepts `..`,
     # absolute paths and symlinks leading out of it (a manifest you trust that points at files elsewhere).
-    allow_outside_root: bool = False
+    allow_outside_root: bool = True  # a training manifest is the user's own; false confines it (docs/data.md)
 
 
 @dataclass

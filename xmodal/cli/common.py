@@ -15,13 +15,26 @@ def add_manifest_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, metavar="DIR",
                    help="the folder the manifest's relative image/audio paths are read from (default: the "
                         "manifest's folder), as data.root in a config")
-    p.add_argument("--allow-outside-root", action="store_true",
+    p.add_argument("--allow-outside-root", action=argparse.BooleanOptionalAction, default=None,
                    help="accept image/audio paths outside the data root (--root, default the manifest's folder): "
-                        "'..', absolute paths, symlinks; only for a manifest you trust")
+                        "'..', absolute paths, symlinks. Default: accepted, except by `index` (an index is what "
+                        "`serve` shows: there only for a manifest you trust); --no-allow-outside-root confines them")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
                    help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
                         "and field; skip drops it with a warning")
     return p
+
+
+# Verbs whose manifest paths stay inside the data root unless --allow-outside-root: what they write is served
+# (`xmodal serve` shows an index's images), so a manifest from elsewhere must not make it name any file. The other
+# verbs only read the files into the user's own model, as the peers' readers do with any path.
+CONFINED_VERBS = ("index",)
+
+
+def outside_root_allowed(args) -> bool:
+    """``--allow-outside-root`` / ``--no-allow-outside-root`` as given, else the verb's default."""
+    flag = getattr(args, "allow_outside_root", None)
+    return flag if flag is not None else getattr(args, "verb", None) not in CONFINED_VERBS
 
 
 def read_manifest_for(args, **kw):
@@ -33,7 +46,7 @@ def read_manifest_for(args, **kw):
     root = getattr(args, "root", None)
     try:
         return read_manifest(args.manifest, root=root, on_bad_row=args.on_bad_row,
-                             allow_outside_root=args.allow_outside_root, **kw)
+                             allow_outside_root=outside_root_allowed(args), **kw)
     except ManifestError as e:
         message = name_options(str(e), args.on_bad_row, skip="--on-bad-row skip", allow="--allow-outside-root")
         first, nl, rest = message.partition("\n")
