@@ -24,6 +24,7 @@ from .modalities.towers import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model.json"
+PREDICT_OUTPUTS = ("logits", "probs", "labels")  # what XModalModel.predict can return
 
 
 def _projection(kind: str, feat_dim: int, embed_dim: int, where: str = "tower") -> nn.Module:
@@ -209,11 +210,16 @@ class XModalModel(nn.Module):
 
     @torch.inference_mode()
     def predict(self, task: str, inputs: dict[str, Sequence[Any]], batch_size: int = 64,
-                progress: bool = False) -> torch.Tensor:
-        """A task head's outputs (logits or scores) for rows given as ``{modality: [raw values]}`` (equal lengths;
-        ``None`` or ``""`` where a row lacks a modality — fusion uses what is there)."""
+                progress: bool = False, output: str = "logits") -> torch.Tensor | list:
+        """A task head's outputs for rows given as ``{modality: [raw values]}`` (equal lengths; ``None`` or ``""``
+        where a row lacks a modality — fusion uses what is there). ``output``: ``"logits"`` (default: the raw
+        logits, or scores for regression, ``[N, ...]``), ``"probs"`` (``[N, classes]`` softmax, or sigmoid for
+        multilabel; columns in the order of ``self.tasks[task].classes``) or ``"labels"`` (a list: each row's class
+        name, its list of class names for multilabel, its score for regression)."""
         if task not in self.heads:
             raise ValueError(f"no task head {task!r} in this model (heads: {', '.join(self.heads) or 'none'})")
+        if output not in PREDICT_OUTPUTS:
+            raise ValueError(f"predict: output={output!r}: expected one of {', '.join(map(repr, PREDICT_OUTPUTS))}")
         head = self.heads[task]
         reads = ", ".join(head.modalities)
         unknown = [m for m in inputs if m not in self.towers]
@@ -255,7 +261,10 @@ class XModalModel(nn.Module):
                 out.append(self(batch, task=task)["head"].float().cpu())
         finally:
             self.train(was_training)
-        return torch.cat(out) if out else torch.empty(0)
+        logits = torch.cat(out) if out else torch.empty(0)
+        if output == "probs":
+            return head.probabilities(logits)
+        return head.labels(logits) if output == "labels" else logits
 
     def _frozen_features(self, modality: str, values: list, batch_size: int, device) -> CachedFeatures | None:
         """Inside ``reuse_frozen_features()``: a frozen tower's encoder features of ``values`` (computed once per

@@ -258,6 +258,7 @@ def run_predict(args) -> int:
                          f"applies to a multilabel head; {task} is {cfg.kind}"))
     pred = head.predict(outputs, args.threshold)
     ids = data["id"] if "id" in data.column_names else list(range(len(data)))
+    truth = data[cfg.target] if cfg.target in data.column_names else None  # the manifest's answer, to compare with
     lines = []
     for i, row_id in enumerate(ids):
         rec: dict = {"id": row_id}
@@ -269,6 +270,8 @@ def run_predict(args) -> int:
         else:
             rec["label"] = cfg.classes[int(pred[i])]
             rec["probabilities"] = dict(zip(cfg.classes, outputs[i].softmax(-1).tolist()))
+        if truth is not None and truth[i] not in (None, ""):
+            rec[_TRUE_KEY[cfg.kind]] = _true_value(cfg.kind, truth[i])
         lines.append(json.dumps(rec))
     text = "\n".join(lines) + "\n"
     if args.out:
@@ -278,6 +281,24 @@ def run_predict(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+# ``xmodal predict``'s JSON key for the manifest's own target, beside the prediction's key (label, labels, score).
+_TRUE_KEY = {"classification": "true_label", "multilabel": "true_labels", "regression": "true_score"}
+
+
+def _true_value(kind: str, value):
+    """A manifest target cell as ``predict`` writes it: a class name, a list of class names (``a|b`` or a list
+    cell), or a number (left as written when it is not one: the row is still predicted)."""
+    if kind == "multilabel":
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [
+            v for v in str(value).split("|") if v]
+    if kind == "regression":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+    return str(value)
 
 
 def run_evaluate_index(args) -> int:
