@@ -38,8 +38,12 @@ def test_pretrain_evaluate_index_query(clipart, tmp_path, capsys):
     capsys.readouterr()
 
     assert main(["evaluate", "--run", str(run), "--manifest", str(clipart), "--split", "test", "--json"]) == 0
-    results = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    results = json.loads(out)
     assert 0 <= results["text->image/R@10"] <= 1 and results["text->image/n_queries"] > 0
+    # a zero-shot top-1 below the majority rate gets one line saying so (and only then)
+    below = results["zero_shot/image/top1"] < results["zero_shot/image/majority_top1"]
+    assert ("note: zero_shot/image/top1 = " in err) == below and err.count("is below") == below, err
 
     assert main(["index", "--run", str(run), "--manifest", str(clipart), "--split", "test",
                  "--out", str(tmp_path / "index")]) == 0
@@ -498,3 +502,13 @@ def test_a_fine_tuned_run_gets_text_zero_shot_only_when_asked(tmp_path, capsys):
     assert opts({"sentiment": None}, templates=["a {} review."])["templates"] == ["a {} review."]
     assert opts({"sentiment": None}, zero_shot_modality=["text"])["zero_shot_modalities"] == ["text"]
     assert opts({})["templates"] == PROMPT_TEMPLATES
+
+
+def test_a_top1_below_the_majority_rate_is_named():
+    from xmodal.cli.common import below_majority
+
+    results = {"zero_shot/image/top1": 0.12, "zero_shot/image/majority_top1": 0.31, "zero_shot/image/chance_top1": 0.05,
+               "zero_shot/text/top1": 0.40, "zero_shot/text/majority_top1": 0.31, "text->image/R@1": 0.01}
+    (line,) = below_majority(results)  # the text one beats its majority rate; R@1 has no majority rate
+    assert line.startswith("note: zero_shot/image/top1 = 0.1200 is below zero_shot/image/majority_top1 = 0.3100")
+    assert below_majority({"sentiment/top1": 0.5, "sentiment/majority_top1": 0.5}) == []  # equal is not below

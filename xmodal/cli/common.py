@@ -85,6 +85,23 @@ def print_results(results: dict[str, float], as_json: bool) -> None:
     print(json.dumps(results, indent=2) if as_json else format_table(results))
 
 
+def below_majority(results: dict[str, float]) -> list[str]:
+    """One line per top-1 figure that is below its ``majority_top1`` (always answering the most frequent label),
+    e.g. a zero-shot top-1 whose prompts do not separate the labels: a number that is worse than a constant guess
+    should not pass without a word."""
+    lines = []
+    for key, majority in results.items():
+        if not key.endswith("/majority_top1"):
+            continue
+        prefix = key.removesuffix("majority_top1")
+        top1 = results.get(prefix + "top1")
+        if top1 is not None and top1 < majority:
+            lines.append(f"note: {prefix}top1 = {top1:.4f} is below {key} = {majority:.4f}, the rate of always "
+                         f"answering the most frequent label: on these labels it does worse than that constant "
+                         f"guess")
+    return lines
+
+
 def run_verb(args: argparse.Namespace) -> int:
     """Run the parsed verb (``args.fn``); a user error or an environment fault ends in one line on stderr and exit
     status 2 (``XMODAL_DEBUG=1`` raises it instead, traceback and all)."""

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_manifest_flags, print_results, read_manifest_for
+from .common import add_manifest_flags, below_majority, print_results, read_manifest_for
 
 
 def add_evaluate_verb(sub) -> None:
@@ -213,6 +213,8 @@ def run_evaluate(args) -> int:
         raise ValueError(_nothing_to_evaluate(args, model, data))
     # The metrics first: a figure that fails to draw must not cost the numbers.
     print_results(results, args.json)
+    for line in below_majority(results):
+        print(f"xmodal evaluate: {line}", file=sys.stderr)
     sys.stdout.flush()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
