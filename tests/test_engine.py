@@ -163,10 +163,16 @@ def test_gradcache_on_two_processes_equals_one_process_full_batch(clipart, tmp_p
 
 
 @pytest.mark.parametrize("backend, pattern", [("wandb", "wandb/offline-run-*"), ("tensorboard", "**/events.out.tfevents.*")])
-def test_logging_backends_write_locally(clipart, tmp_path, monkeypatch, backend, pattern):
+def test_logging_backends_write_locally(clipart, tmp_path, monkeypatch, capfd, backend, pattern):
     monkeypatch.setenv("WANDB_MODE", "offline")  # what xmodal's default (log.wandb_mode: offline) sets
     cfg = tiny(clipart, tmp_path / backend, max_steps=2)
     cfg.log.backend = backend
     run = pretrain(cfg)
     assert list(run.glob(pattern)), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     assert len(losses(run)) == 2
+    if backend == "wandb":  # no banner, run history or summary from wandb (~40 lines a run); one line of ours
+        printed = capfd.readouterr()
+        assert "wandb:" not in printed.out + printed.err + (run / "train.log").read_text(), printed.err[-2000:]
+        (line,) = [ln for ln in (run / "train.log").read_text().splitlines() if "wandb offline run" in ln]
+        folder = line.split("wandb offline run: ")[1].split(" ")[0]
+        assert Path(folder).parent == run / "wandb" and f"(upload it: wandb sync {folder})" in line

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +26,12 @@ def start_reporting(run: RunState) -> None:
     """Trackers (with the config as hyperparameters), and the run's one-line summary in the log."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
     if acc.is_main_process and cfg.log.backend != "none":
-        acc.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()),
-                          init_kwargs={"wandb": {"dir": str(run.out_dir), "name": run.out_dir.name}})
+        acc.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()), init_kwargs={"wandb": _wandb_kwargs(run)})
+        if cfg.log.backend == "wandb":  # its own banner is silenced: one line says where the run is
+            wb = acc.get_tracker("wandb", unwrap=True)
+            mode, folder = getattr(wb.settings, "mode", ""), Path(wb.dir).parent
+            log.info("wandb %s run: %s%s", mode, folder, f" (upload it: wandb sync {folder})" if mode == "offline"
+                     else "")
     log.info("%s: %s; %d steps, batch %d × %d process(es), device %s", "finetune" if cfg.tasks else "pretrain",
              ", ".join(f"{n} ({r.cfg.kind}, {len(r.dataset)} rows)" for n, r in run.tasks.items()), run.total,
              t.batch_size * t.grad_accum_steps, acc.num_processes, acc.device)
@@ -35,6 +40,16 @@ def start_reporting(run: RunState) -> None:
         # users of a pretrained space often expect it to stay put: say that it will move, and how to keep it
         log.info("the pretrained projections train with the heads, so the shared space moves (retrieval in it "
                  "changes); train.freeze_projections=true keeps it fixed")
+
+
+def _wandb_kwargs(run: RunState) -> dict:
+    """wandb.init's arguments: the run folder, and ``silent`` — without it wandb prints ~40 lines per run (a banner,
+    then every metric's history and summary) into the console and train.log. Built only when wandb is the backend."""
+    kwargs: dict = {"dir": str(run.out_dir), "name": run.out_dir.name}
+    if run.cfg.log.backend == "wandb":
+        import wandb
+        kwargs["settings"] = wandb.Settings(silent=True)
+    return kwargs
 
 
 def progress_bar(run: RunState):
