@@ -192,7 +192,7 @@ class XModalModel(nn.Module):
                 chunks = (torch.stack([tf(x) for x in inputs[i:i + batch_size]])
                           for i in range(0, len(inputs), batch_size))
             if progress:
-                from tqdm.auto import tqdm
+                from .progress import tqdm
                 n = len(inputs)
                 chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
             run = tower.project if isinstance(tf, CachedFeatures) else tower
@@ -249,7 +249,7 @@ class XModalModel(nn.Module):
         rename = {m: m + FEATURES for m, tf in tfs.items() if isinstance(tf, CachedFeatures)}
         starts = range(0, n, batch_size)
         if progress:
-            from tqdm.auto import tqdm
+            from .progress import tqdm
             starts = tqdm(starts, desc=f"predict {task}", unit="batch")
         out = []
         try:

@@ -56,7 +56,7 @@ def progress_bar(run: RunState):
     """A tqdm bar over the run's steps (None when off, or on processes other than the main one)."""
     if not (run.accelerator.is_main_process and run.cfg.train.progress):
         return None
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
     return tqdm(total=run.total, initial=run.step, desc="finetune" if run.cfg.tasks else "pretrain", unit="step",
                 dynamic_ncols=True)
 
