@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -264,9 +265,12 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted((k for k in data if k not in fields), key=str)  # YAML keys may be ints, None, ...
     if unknown:
+        import difflib
+
         where = f"{path}." if path else ""
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys{' of ' + path if path else ''}: "
-                          f"{', '.join(sorted(fields))})")
+                          f"{', '.join(sorted(fields))})" + (f"; did you mean {where}{close[0]}?" if close else ""))
     kwargs = {}
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
@@ -429,14 +433,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    if overrides:
-        source += " + overrides"
-        try:
-            apply_overrides(data, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    return config_from_dict(data, source)
+    if not overrides:
+        return config_from_dict(data, source)
+    try:
+        apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{source} + overrides: {e}") from None
+    try:
+        return validate(_from_dict(Config, data, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{_error_source(str(e), source, overrides)}: {e}") from None
 
+
+_ERROR_KEY = re.compile(r"^(?:unknown key )?([\w.-]+)[: ]")
+
+
+def _error_source(message: str, source: str, overrides: list[str]) -> str:
+    """Where the field an error names was set: ``FILE + override KEY=VALUE`` when an override set it (or a mapping
+    above or below it), else the file alone; ``FILE + overrides`` when the message names no field."""
+    m = _ERROR_KEY.match(message)
+    if m is None:
+        return f"{source} + overrides"
+    key = m.group(1)
+    for item in reversed(overrides):  # the last override of a key is the one that holds
+        set_key = item.split("=", 1)[0].strip()
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return f"{source} + override {item}"
+    return source
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
