@@ -1,5 +1,5 @@
-"""Open Clip Art (Debian ``openclipart-svg``): 8,121 public-domain SVG drawings with human-written titles,
-keywords and (some) descriptions → PNGs + an image-text manifest.
+"""Open Clip Art (Debian ``openclipart-svg``): 8,121 public-domain SVG files with human-written titles,
+keywords and (some) descriptions → PNGs + an image-text manifest (7,326 rows, 22 labels: docs/data.md).
 
     from xmodal.data.corpora.openclipart import prepare_openclipart
     manifest = prepare_openclipart("data/openclipart")      # data/openclipart/manifest.csv
