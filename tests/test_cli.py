@@ -512,3 +512,23 @@ def test_a_top1_below_the_majority_rate_is_named():
     (line,) = below_majority(results)  # the text one beats its majority rate; R@1 has no majority rate
     assert line.startswith("note: zero_shot/image/top1 = 0.1200 is below zero_shot/image/majority_top1 = 0.3100")
     assert below_majority({"sentiment/top1": 0.5, "sentiment/majority_top1": 0.5}) == []  # equal is not below
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(clipart, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a run is being built (reading data, embedding frozen features): no traceback, exit 130, one line
+    naming the newest checkpoint (none yet) and the command that resumes; in any other verb, one line too."""
+    import xmodal.cli.evaluate
+    import xmodal.training.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = write_config(tmp_path / "c.yaml", clipart, tmp_path / "run")
+    monkeypatch.setattr(xmodal.training.engine, "build_run", interrupted)
+    assert main(["pretrain", "--config", str(config), "train.max_steps=2"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"xmodal pretrain: interrupted outside the training loop; no checkpoint was saved; resume with: "
+        f"xmodal pretrain --config {config} train.max_steps=2 --resume")
+    monkeypatch.setattr(xmodal.cli.evaluate, "run_evaluate", interrupted)
+    assert main(["evaluate", "--run", str(tmp_path), "--manifest", str(clipart)]) == 130
+    assert capsys.readouterr().err == "xmodal evaluate: interrupted\n"

@@ -120,6 +120,11 @@ def run_verb(args: argparse.Namespace) -> int:
         # traceback (the messages name the file, row and field, or the step and checkpoint).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in any verb: one line, the shell's exit status for SIGINT, no traceback
+        if os.environ.get("XMODAL_DEBUG"):
+            raise
+        print(f"xmodal {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 def plugins_named_by(argv: list[str]) -> list[str]:

@@ -125,7 +125,7 @@ def _stop(run: RunState, signum: int, saved_at: int) -> None:
     :class:`TrainingInterrupted` for the CLI to report."""
     acc = run.accelerator
     ckpt = run.out_dir / "checkpoints" / f"step_{run.step}"
-    if saved_at != run.step or not ckpt.is_dir():
+    if saved_at != run.step:  # the same decision on every rank (no file-system look-up: a collective follows)
         ckpt = save_checkpoint(acc, run.out_dir, position(run), keep=run.cfg.train.keep_checkpoints)
     acc.end_training()
     raise TrainingInterrupted(signum, run.step, ckpt, acc.is_main_process, acc.num_processes)
