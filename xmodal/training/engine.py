@@ -8,11 +8,13 @@ loop over optimiser steps (:mod:`.step`), reporting (:mod:`.report`) and saving 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 
 from ..config import Config
+from ..feature_cache import reuse_frozen_features
 from ..model import WEIGHTS_NAME, XModalModel
 from .build import build_run, make_accelerator, open_run_folder, param_groups, run_config, warmup_cosine
 from .checkpoint import save_checkpoint
@@ -62,8 +64,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if cfg.train.unfreeze_at_step and run.step >= cfg.train.unfreeze_at_step:  # resumed after the unfreezing
         _unfreeze(run.unwrapped)
     start_reporting(run)
-    _loop(run)
-    _finish(run)
+    # Evaluations during training (train.eval_every) embed the eval rows through the frozen towers once, then only
+    # project them. Not under FSDP: a sharded encoder has no whole weights on one rank to key the memo with.
+    with contextlib.nullcontext() if sharded(accelerator) else reuse_frozen_features():
+        _loop(run)
+        _finish(run)
     return out_dir
 
 
