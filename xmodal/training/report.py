@@ -26,7 +26,8 @@ def start_reporting(run: RunState) -> None:
     """Trackers (with the config as hyperparameters), and the run's one-line summary in the log."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
     if acc.is_main_process and cfg.log.backend != "none":
-        acc.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()), init_kwargs={"wandb": _wandb_kwargs(run)})
+        acc.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()),
+                          init_kwargs={"wandb": _wandb_kwargs(run)})
         if cfg.log.backend == "wandb":  # its own banner is silenced: one line says where the run is
             wb = acc.get_tracker("wandb", unwrap=True)
             mode, folder = getattr(wb.settings, "mode", ""), Path(wb.dir).parent
