@@ -88,7 +88,8 @@ def log_training(run: RunState, step_losses: dict, grad_norm, steps: int, since:
     if progress is not None:
         shown = record["loss"] if "loss" in record else next(
             (v for k, v in record.items() if k.startswith("loss/")), math.nan)  # nan: all steps skipped
-        progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+        # refresh=False: shown with the next redraw (a log file gets one line per 30 s, not one per record)
+        progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
 
 
 def evaluate_and_log(run: RunState) -> dict:
