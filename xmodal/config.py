@@ -6,6 +6,7 @@ Every error names the offending field by its full dotted path (and the file it c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -241,8 +242,6 @@ def _check_entry_names(entries: dict, path: str, what: str) -> None:
     """A tower or task entry without ``kind`` next to entries that have one is almost always a misspelled name in an
     override (``model.towers.imag.freeze=false``, ``tasks.star.target=rating``): say so, rather than ask for the
     ``kind`` of a new one."""
-    import difflib
-
     known = [str(k) for k, v in entries.items()
              if isinstance(v, (TowerConfig, TaskConfig)) or (isinstance(v, dict) and "kind" in v)]
     for name, v in entries.items():
@@ -265,8 +264,6 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted((k for k in data if k not in fields), key=str)  # YAML keys may be ints, None, ...
     if unknown:
-        import difflib
-
         where = f"{path}." if path else ""
         close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys{' of ' + path if path else ''}: "
@@ -325,7 +322,7 @@ def validate(cfg: Config) -> Config:
         for key in ("image_size", "context_length"):  # one message per field: each names its full path
             if getattr(tower, key) <= 0:
                 raise ConfigError(f"model.towers.{name}.{key}: must be positive, got {getattr(tower, key)}")
-    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
+    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every", "stop_grace_s"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.max_steps is not None and t.max_steps <= 0:
@@ -337,8 +334,6 @@ def validate(cfg: Config) -> Config:
     for key in ("warmup_steps", "eval_every", "save_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-    if t.stop_grace_s <= 0:
-        raise ConfigError(f"train.stop_grace_s: must be positive, got {t.stop_grace_s}")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if m.anchor is not None and m.towers and m.anchor not in m.towers:
@@ -401,8 +396,6 @@ def check_task_modalities(name: str, task: TaskConfig, towers: list[str], source
     the config, or an ``init_from`` run). No towers (yet): nothing to check."""
     unknown = [mod for mod in task.modalities if towers and mod not in towers]
     if unknown:
-        import difflib
-
         close = difflib.get_close_matches(str(unknown[0]), towers, n=1)
         raise ConfigError(f"tasks.{name}.modalities: {unknown[0]!r} is not a tower of the model (towers: "
                           f"{', '.join(towers)}, from {source})" + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -433,8 +426,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    if not overrides:
-        return config_from_dict(data, source)
+    overrides = overrides or []
     try:
         apply_overrides(data, overrides)
     except ConfigError as e:
@@ -445,21 +437,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{_error_source(str(e), source, overrides)}: {e}") from None
 
 
-_ERROR_KEY = re.compile(r"^(?:unknown key )?([\w.-]+)[: ]")
-
-
 def _error_source(message: str, source: str, overrides: list[str]) -> str:
-    """Where the field an error names was set: ``FILE + override KEY=VALUE`` when an override set it (or a mapping
-    above or below it), else the file alone; ``FILE + overrides`` when the message names no field."""
-    m = _ERROR_KEY.match(message)
-    if m is None:
-        return f"{source} + overrides"
-    key = m.group(1)
-    for item in reversed(overrides):  # the last override of a key is the one that holds
-        set_key = item.split("=", 1)[0].strip()
-        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
-            return f"{source} + override {item}"
-    return source
+    """``FILE + override KEY=VALUE`` when an override set the field an error names (or a mapping above or below
+    it; the last such override holds), else ``FILE``; ``FILE + overrides`` when the message names no field."""
+    m = re.match(r"^(?:unknown key )?([\w.-]+)[: ]", message)
+    hits = [o for o in overrides for k in [o.split("=", 1)[0].strip()]
+            if m and (f"{m.group(1)}.".startswith(f"{k}.") or k.startswith(f"{m.group(1)}."))]
+    return f"{source} + override {hits[-1]}" if hits else source if m or not overrides else f"{source} + overrides"
+
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
