@@ -16,7 +16,7 @@ from PIL import Image
 
 import xmodal
 from xmodal.config import ConfigError, config_from_dict, load_config
-from xmodal.data import ManifestError
+from xmodal.data import ManifestError, read_manifest
 from xmodal.training.engine import train
 from xmodal.training.task_data import read_task_data, task_configs
 
@@ -265,6 +265,29 @@ def test_pretraining_leaves_out_rows_that_cannot_form_a_pair_but_refuses_bad_cel
     with pytest.raises(ManifestError, match=rf"^{manifest}: row {number} \(id 'dig0014'\): field 'image': file not "
                                             rf"found"):
         train(config(tmp_path / "run2", manifest))
+
+
+def test_empty_and_whitespace_captions_mean_no_text_and_their_rows_are_left_out(tmp_path, caplog):
+    """An empty or whitespace-only caption is a missing text, as an empty cell is (a CSV cannot tell "" from an
+    empty cell): in two-tower pretraining its row cannot form a pair, so it is left out with one warning naming it;
+    the run goes on. Reading the manifest strictly (every modality required: read_manifest's default) still refuses
+    it, naming the row."""
+    from xmodal.training.task_data import read_task_data, task_configs
+
+    manifest = make_manifest(tmp_path / "data")
+    blank = {"dig0002": "", "dig0005": "   ", "dig0009": "\t \t"}  # all in the train split (every 4th is test)
+    numbers = {r: edit(manifest, r, text=t) for r, t in blank.items()}
+    cfg = config(tmp_path / "run", manifest)
+    (name, task), = task_configs(cfg, ["image", "text"]).items()
+    with caplog.at_level(logging.WARNING, logger="xmodal"):
+        train_rows, _ = read_task_data(cfg, name, task)
+    expected = [r["id"] for r in csv_rows(manifest) if r["split"] == "train" and r["text"].strip()]
+    assert train_rows["id"] == expected and not set(blank) & set(train_rows["id"])
+    (warning,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert warning.startswith(f"task contrastive: left out 3 of {len(expected) + 3} rows (split 'train')")
+    assert warning.endswith(", ".join(f"row {n} (id '{r}')" for r, n in numbers.items()))
+    with pytest.raises(ManifestError, match=rf"row {numbers['dig0002']} \(id 'dig0002'\): field 'text': "):
+        read_manifest(manifest, split="train")
 
 
 # ------------------------------------------------------------------------------------ 6-7: run folders and resume

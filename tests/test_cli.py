@@ -38,8 +38,12 @@ def test_pretrain_evaluate_index_query(clipart, tmp_path, capsys):
     capsys.readouterr()
 
     assert main(["evaluate", "--run", str(run), "--manifest", str(clipart), "--split", "test", "--json"]) == 0
-    results = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    results = json.loads(out)
     assert 0 <= results["text->image/R@10"] <= 1 and results["text->image/n_queries"] > 0
+    # a zero-shot top-1 below the majority rate gets one line saying so (and only then)
+    below = results["zero_shot/image/top1"] < results["zero_shot/image/majority_top1"]
+    assert ("note: zero_shot/image/top1 = " in err) == below and err.count("is below") == below, err
 
     assert main(["index", "--run", str(run), "--manifest", str(clipart), "--split", "test",
                  "--out", str(tmp_path / "index")]) == 0
@@ -220,10 +224,20 @@ def test_on_bad_row_flag_and_hints_name_this_commands_flags(clipart, runs, tmp_p
     outside = tmp_path / "outside.png"
     Image.new("RGB", (8, 8), "red").save(outside)
     far = _write(clipart, "outside.csv", [{**rows[0], "image": str(outside)}] + rows[1:])
-    assert main(["evaluate", "--run", str(space), "--manifest", str(far)]) == 2
+    # An index is what `xmodal serve` shows: building one confines the manifest's paths by default...
+    assert main(["index", "--run", str(space), "--manifest", str(far), "--out", str(tmp_path / "far")]) == 2
     err = capsys.readouterr().err
     assert "outside the data root" in err and "--allow-outside-root permits it" in err
-    assert "allow_outside_root" not in err
+    assert "allow_outside_root" not in err and not (tmp_path / "far").exists()
+    # ... evaluating the user's own model on it does not (an absolute path is the common case); the flag's negation
+    # confines it there too
+    assert main(["evaluate", "--run", str(space), "--manifest", str(far), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text->image/n_items"] == len(rows)
+    assert main(["evaluate", "--run", str(space), "--manifest", str(far), "--no-allow-outside-root"]) == 2
+    assert "outside the data root" in capsys.readouterr().err
+    assert main(["index", "--run", str(space), "--manifest", str(far), "--out", str(tmp_path / "far"),
+                 "--allow-outside-root"]) == 0
+    assert len(EmbeddingIndex.load(tmp_path / "far")) == len(rows)
 
 
 def test_predict_on_a_pretrained_space_says_it_has_no_heads(clipart, runs, capsys):
@@ -488,3 +502,33 @@ def test_a_fine_tuned_run_gets_text_zero_shot_only_when_asked(tmp_path, capsys):
     assert opts({"sentiment": None}, templates=["a {} review."])["templates"] == ["a {} review."]
     assert opts({"sentiment": None}, zero_shot_modality=["text"])["zero_shot_modalities"] == ["text"]
     assert opts({})["templates"] == PROMPT_TEMPLATES
+
+
+def test_a_top1_below_the_majority_rate_is_named():
+    from xmodal.cli.common import below_majority
+
+    results = {"zero_shot/image/top1": 0.12, "zero_shot/image/majority_top1": 0.31, "zero_shot/image/chance_top1": 0.05,
+               "zero_shot/text/top1": 0.40, "zero_shot/text/majority_top1": 0.31, "text->image/R@1": 0.01}
+    (line,) = below_majority(results)  # the text one beats its majority rate; R@1 has no majority rate
+    assert line.startswith("note: zero_shot/image/top1 = 0.1200 is below zero_shot/image/majority_top1 = 0.3100")
+    assert below_majority({"sentiment/top1": 0.5, "sentiment/majority_top1": 0.5}) == []  # equal is not below
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(clipart, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a run is being built (reading data, embedding frozen features): no traceback, exit 130, one line
+    naming the newest checkpoint (none yet) and the command that resumes; in any other verb, one line too."""
+    import xmodal.cli.evaluate
+    import xmodal.training.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = write_config(tmp_path / "c.yaml", clipart, tmp_path / "run")
+    monkeypatch.setattr(xmodal.training.engine, "build_run", interrupted)
+    assert main(["pretrain", "--config", str(config), "train.max_steps=2"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"xmodal pretrain: interrupted outside the training loop; no checkpoint was saved; resume with: "
+        f"xmodal pretrain --config {config} train.max_steps=2 --resume")
+    monkeypatch.setattr(xmodal.cli.evaluate, "run_evaluate", interrupted)
+    assert main(["evaluate", "--run", str(tmp_path), "--manifest", str(clipart)]) == 130
+    assert capsys.readouterr().err == "xmodal evaluate: interrupted\n"

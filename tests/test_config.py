@@ -75,3 +75,22 @@ def test_every_shipped_config_loads():
     assert configs, "configs/ is empty"
     for path in configs:
         load_config(path)
+
+
+def test_a_key_typo_suggests_the_key_and_names_where_it_was_written(tmp_path):
+    p = write(tmp_path, "train:\n  epoch: 5\n")
+    with pytest.raises(ConfigError) as e:  # the typo is in the file: the file is named, not "+ overrides"
+        load_config(p, ["train.lr=0.01", "output_dir=runs/x"])
+    assert str(e.value).startswith(f"{p}: unknown key train.epoch (valid keys of train: ")
+    assert str(e.value).endswith("; did you mean train.epochs?") and "overrides" not in str(e.value)
+    ok = write(tmp_path, "train: {epochs: 5}\n")
+    with pytest.raises(ConfigError) as e:  # the typo is in an override: that override is named
+        load_config(ok, ["train.lr=0.01", "train.warmup_step=3"])
+    assert str(e.value).startswith(f"{ok} + override train.warmup_step=3: unknown key train.warmup_step")
+    assert str(e.value).endswith("; did you mean train.warmup_steps?")
+    with pytest.raises(ConfigError) as e:  # a bad value from an override: that override
+        load_config(ok, ["train.epochs=-1"])
+    assert str(e.value) == f"{ok} + override train.epochs=-1: train.epochs: must be positive, got -1"
+    with pytest.raises(ConfigError) as e:  # nothing close: no guess
+        load_config(write(tmp_path, "train: {zzzz: 1}\n"))
+    assert "did you mean" not in str(e.value)

@@ -166,6 +166,12 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(clipart, tmp
 
     assert not torn[0].exists()  # the torn save's folder was removed by the next save
 
+    # metrics.jsonl: each step once, with the uninterrupted run's values (each resume dropped the records its
+    # killed launch wrote after the checkpoint it resumed from)
+    got, want = ([(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (run / "metrics.jsonl").read_text(
+        ).splitlines()) if "loss" in r] for run in (out, reference))
+    assert [s for s, _, _ in got] == list(range(1, STEPS + 1)) and got == want
+
     # Bit for bit (train.deterministic, 1 thread in every run): not merely close.
     final, ref = weights(out), weights(reference)
     assert final.keys() == ref.keys()

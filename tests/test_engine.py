@@ -163,10 +163,48 @@ def test_gradcache_on_two_processes_equals_one_process_full_batch(clipart, tmp_p
 
 
 @pytest.mark.parametrize("backend, pattern", [("wandb", "wandb/offline-run-*"), ("tensorboard", "**/events.out.tfevents.*")])
-def test_logging_backends_write_locally(clipart, tmp_path, monkeypatch, backend, pattern):
+def test_logging_backends_write_locally(clipart, tmp_path, monkeypatch, capfd, backend, pattern):
     monkeypatch.setenv("WANDB_MODE", "offline")  # what xmodal's default (log.wandb_mode: offline) sets
     cfg = tiny(clipart, tmp_path / backend, max_steps=2)
     cfg.log.backend = backend
     run = pretrain(cfg)
     assert list(run.glob(pattern)), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     assert len(losses(run)) == 2
+    if backend == "wandb":  # no banner, run history or summary from wandb (~40 lines a run); one line of ours
+        printed = capfd.readouterr()
+        assert "wandb:" not in printed.out + printed.err + (run / "train.log").read_text(), printed.err[-2000:]
+        (line,) = [ln for ln in (run / "train.log").read_text().splitlines() if "wandb offline run" in ln]
+        folder = line.split("wandb offline run: ")[1].split(" ")[0]
+        assert Path(folder).parent == run / "wandb" and f"(upload it: wandb sync {folder})" in line
+
+
+def test_evaluations_during_training_embed_frozen_eval_inputs_once(clipart, tmp_path, monkeypatch):
+    """train.eval_every with a frozen image tower: the held-out images go through the encoder once for all the
+    run's evaluations (4 here), the rest is projections; the weights are those of a run that never evaluates."""
+    import xmodal.training.build as build
+
+    seen = []
+    real_build_model = build.build_model
+
+    def counting_build_model(*args, **kwargs):
+        model = real_build_model(*args, **kwargs)
+        model.towers["image"].encoder.register_forward_hook(lambda m, inp, out: seen.append(len(out)))
+        return model
+
+    monkeypatch.setattr(build, "build_model", counting_build_model)
+    runs = {}
+    for every in (0, 1):
+        cfg = tiny(clipart, tmp_path / f"every{every}", max_steps=4, eval_every=every)
+        cfg.model.towers["image"].freeze = True
+        cfg.data.eval_split = "test"
+        seen.clear()
+        runs[every] = pretrain(cfg)
+        encoded = sum(seen)
+        evals = [r for r in map(json.loads, (runs[every] / "metrics.jsonl").read_text().splitlines())
+                 if "eval/text->image/n_items" in r]
+        assert [r["step"] for r in evals] == ([1, 2, 3, 4] if every else [4])
+        n_eval = int(evals[-1]["eval/text->image/n_items"])
+        n_train = json.loads((runs[every] / "model.json").read_text())["train_rows"]["contrastive"]
+        assert encoded == n_train + n_eval, (encoded, n_train, n_eval)  # each image once, however many evaluations
+    for k, v in weights(runs[0]).items():
+        assert torch.equal(weights(runs[1])[k], v), k

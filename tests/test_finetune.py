@@ -1,4 +1,5 @@
 """Fine-tuning on real data through the one training loop: heads, fusion, multi-task, missing modalities, resume."""
+import csv
 import json
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def test_classification_learns_fashion_mnist_and_predicts(fashion, tmp_path, cap
     assert main(["predict", "--run", str(run), "--manifest", str(fashion), "--split", "test", "--max-rows", "5"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 5 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in lines)
+    # the manifest's own label beside each prediction, to compare with
+    test_rows = [r for r in csv.DictReader(open(fashion)) if r["split"] == "test"][:5]
+    assert [(r["id"], r["true_label"]) for r in lines] == [(r["id"], r["label"]) for r in test_rows]
+    # Python: raw logits by default (as before); class probabilities and class names on request
+    images = [str(fashion.parent / r["image"]) for r in test_rows]
+    logits = model.predict("fashion", {"image": images})
+    assert logits.shape == (5, 10)
+    probs = model.predict("fashion", {"image": images}, output="probs")
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+    names = model.predict("fashion", {"image": images}, output="labels")
+    assert names == [model.tasks["fashion"].classes[i] for i in logits.argmax(-1).tolist()] == [
+        r["label"] for r in lines]
+    assert [r["probabilities"][n] for r, n in zip(lines, names)] == pytest.approx(probs.max(-1).values.tolist())
+    with pytest.raises(ValueError, match="output='scores': expected one of 'logits', 'probs', 'labels'"):
+        model.predict("fashion", {"image": images}, output="scores")
     assert main(["evaluate", "--run", str(run), "--manifest", str(fashion), "--split", "test", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["fashion/accuracy"] == pytest.approx(final["eval/fashion/accuracy"])

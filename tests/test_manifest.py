@@ -82,7 +82,7 @@ def test_relative_paths_resolve_against_the_manifest_folder(images: Path, tmp_pa
     rows = [{**r, "image": "../" + r["image"]} for r in ROWS]
     p = _write_all_formats(sub, rows)["csv"]
     monkeypatch.chdir(tmp_path.parent)  # the working directory must not matter
-    # ("../" leads out of the manifest's folder: allowed here, refused by default — see test_paths_outside_root_*)
+    # ("../" leads out of the manifest's folder: read by default; refused when confined, see test_paths_outside_*)
     assert read_manifest(p, allow_outside_root=True).dataset["image"] == [str(images / r["image"]) for r in ROWS]
     # root= overrides the manifest folder; ~ is expanded; absolute paths stay
     p2 = _write_all_formats(images, ROWS)["csv"]
@@ -285,14 +285,17 @@ def outside(tmp_path: Path) -> Path:
 
 
 def test_paths_outside_root_are_refused_naming_file_row_id_field(outside: Path):
+    """Confined (``allow_outside_root=False``: what ``xmodal index`` reads with), paths leaving the data root are
+    bad rows. By default they are read: a user's own manifest names files anywhere, absolute paths most of all."""
     m, secret, root = outside / "m.csv", outside.parent / "secret.png", outside
+    assert read_manifest(m).dataset["image"][:3] == [str(root / "imgs" / "a.png"), str(secret), str(secret)]
     with pytest.raises(ManifestError) as exc:
-        read_manifest(m)
+        read_manifest(m, allow_outside_root=False)
     msg = str(exc.value)
     assert msg.startswith(f"{m}: row 2 (id 'b'): field 'image': path '../secret.png' resolves to {secret}, outside "
                           f"the data root {root}; allow_outside_root=True (data.allow_outside_root: true) permits it")
     assert "3 more bad row(s)" in msg
-    skipped = read_manifest(m, on_bad_row="skip")
+    skipped = read_manifest(m, on_bad_row="skip", allow_outside_root=False)
     assert skipped.dataset["id"] == ["a", "f", "g"] and skipped.skipped == 4
     assert [p.split(": field 'image': ")[0] for p in skipped.problems] == [
         f"{m}: row {n} (id '{i}')" for n, i in ((2, "b"), (3, "c"), (4, "d"), (5, "e"))]
@@ -303,9 +306,9 @@ def test_paths_outside_root_are_refused_naming_file_row_id_field(outside: Path):
     # an explicit root is the data root too; a Dataset with an Image feature holding paths is confined the same way
     rel = datasets.Dataset.from_dict({"image": ["../secret.png"], "text": ["x"]})
     with pytest.raises(ManifestError, match=r"row 1 \(id '1'\): field 'image': path '\.\./secret\.png' resolves to"):
-        read_manifest(rel.cast_column("image", datasets.Image(decode=False)), root=root)
+        read_manifest(rel.cast_column("image", datasets.Image(decode=False)), root=root, allow_outside_root=False)
     with pytest.raises(ManifestError, match=r"row 1 \(id '1'\): field 'image': path '\.\./secret\.png' resolves to"):
-        read_manifest(rel, root=root)
+        read_manifest(rel, root=root, allow_outside_root=False)
     # an in-memory dataset without root has no data root (the caller's own code built it)
     assert read_manifest(datasets.Dataset.from_dict({"image": [str(secret)], "text": ["x"]})).dataset["image"] == [
         str(secret)]
@@ -318,6 +321,8 @@ def test_data_allow_outside_root_reaches_the_training_reader(outside: Path):
     def cfg(allow: bool):
         return config_from_dict({"data": {"train": str(outside / "m.csv"), "allow_outside_root": allow}})
 
+    default = config_from_dict({"data": {"train": str(outside / "m.csv")}})
+    assert default.data.allow_outside_root is True  # a training manifest is the user's own
     for allow in (False, True):
         c = cfg(allow)
         (name, t), = task_configs(c, ["image", "text"]).items()

@@ -120,3 +120,29 @@ def test_write_plots_draws_only_the_heads_it_is_given(tmp_path):
     warm = data.map(lambda r: {"label": "warm"})
     written = write_plots(tmp_path, model, data, tmp_path / "plots", tasks={"colour": warm}, shared_space=False)
     assert [p.name for p in written] == ["confusion_colour.png"]
+
+
+def test_space_map_names_every_one_of_22_labels_in_its_own_colour(tmp_path, monkeypatch):
+    """Open Clip Art has 22 labels: the label panel's legend lists each (sorted), each entry in the colour of that
+    label's points, no two labels sharing one."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from xmodal.evaluation.plots import space_map
+
+    saved = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: (saved.append(self), real_savefig(self, *a, **kw)))
+    names = [f"category {i:02d}" for i in range(22)]
+    g = torch.Generator().manual_seed(0)
+    emb = {m: torch.nn.functional.normalize(torch.randn(88, 8, generator=g), dim=1) for m in ("image", "text")}
+    labels = {m: [names[i % 22] for i in range(88)] for m in emb}
+    space_map(emb, labels, tmp_path / "map.png")
+    panel = saved[0].axes[1]
+    legend = panel.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == names
+    entry_colours = [tuple(h.get_facecolor()[0]) for h in legend.legend_handles]
+    assert len(set(entry_colours)) == 22
+    image_points = panel.collections[0]  # the image modality's points, in row order
+    for row in range(22):  # row i has label i: its point is drawn in the legend colour of label i
+        assert tuple(image_points.get_facecolors()[row][:3]) == pytest.approx(to_rgba(entry_colours[row])[:3])

@@ -144,3 +144,24 @@ def test_type_a_query_then_upload_and_drop_an_image(browser, server, built):  # 
     # nothing was blocked by the page's Content-Security-Policy and no script failed
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "status of 400" not in e["message"]]
     assert not severe, severe
+
+
+def test_a_text_search_lives_in_the_address_and_a_link_runs_it(browser, server, built):  # noqa: F811
+    from urllib.parse import parse_qs, quote, urlsplit
+
+    index_dir, _, _ = built
+    retriever = Retriever(index_dir)
+    # a shared link: the page opens with the query typed in, k chosen, and its results shown
+    browser.get(server.url + "/?q=" + quote("a drawing of a cat") + "&k=5")
+    expected = [h.id for h in retriever.search("a drawing of a cat", "text", k=5)]
+    assert wait_for_results(browser, expected)["n"] == 5
+    assert browser.find_element(By.ID, "q").get_attribute("value") == "a drawing of a cat"
+    assert Select(browser.find_element(By.ID, "k")).first_selected_option.text == "5"
+    # a typed search puts itself in the address, ready to share
+    box = browser.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys("a red car & a bus")
+    Select(browser.find_element(By.ID, "k")).select_by_visible_text("10")
+    browser.find_element(By.ID, "search").click()
+    wait_for_results(browser, [h.id for h in retriever.search("a red car & a bus", "text", k=10)])
+    assert parse_qs(urlsplit(browser.current_url).query) == {"q": ["a red car & a bus"], "k": ["10"]}

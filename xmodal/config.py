@@ -6,7 +6,9 @@ Every error names the offending field by its full dotted path (and the file it c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,7 +124,7 @@ class DataConfig:
     max_rows: int | None = None  # cap rows per split (quick runs)
     # Image/audio paths must lie inside the data root (root, else the manifest's folder); true also accepts `..`,
     # absolute paths and symlinks leading out of it (a manifest you trust that points at files elsewhere).
-    allow_outside_root: bool = False
+    allow_outside_root: bool = True  # a training manifest is the user's own; false confines it (docs/data.md)
     shards: str | list[str] | None = None  # tar (brace-expanded, pipe:, URLs) or .parquet shards: docs/data.md
     shard_sizes: str | None = None  # open_clip's sizes.json ({"00000.tar": n}); default: the one beside the shards
     columns: dict[str, str] = field(default_factory=dict)  # column -> members: "jpg;png", "json:caption"
@@ -164,6 +166,7 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss or gradient: skip that step, or stop the run
     max_nonfinite_skips: int = 10  # consecutive skipped steps after which the run stops anyway
     progress: bool = True
+    stop_grace_s: float = 120.0  # after SIGINT/SIGTERM: the most seconds to finish the step and save a checkpoint
 
 
 @dataclass
@@ -264,8 +267,6 @@ def _check_entry_names(entries: dict, path: str, what: str) -> None:
     """A tower or task entry without ``kind`` next to entries that have one is almost always a misspelled name in an
     override (``model.towers.imag.freeze=false``, ``tasks.star.target=rating``): say so, rather than ask for the
     ``kind`` of a new one."""
-    import difflib
-
     known = [str(k) for k, v in entries.items()
              if isinstance(v, (TowerConfig, TaskConfig)) or (isinstance(v, dict) and "kind" in v)]
     for name, v in entries.items():
@@ -289,8 +290,9 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     unknown = sorted((k for k in data if k not in fields), key=str)  # YAML keys may be ints, None, ...
     if unknown:
         where = f"{path}." if path else ""
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys{' of ' + path if path else ''}: "
-                          f"{', '.join(sorted(fields))})")
+                          f"{', '.join(sorted(fields))})" + (f"; did you mean {where}{close[0]}?" if close else ""))
     kwargs = {}
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
@@ -345,7 +347,7 @@ def validate(cfg: Config) -> Config:
         for key in ("image_size", "context_length"):  # one message per field: each names its full path
             if getattr(tower, key) <= 0:
                 raise ConfigError(f"model.towers.{name}.{key}: must be positive, got {getattr(tower, key)}")
-    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
+    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every", "stop_grace_s"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.max_steps is not None and t.max_steps <= 0:
@@ -426,8 +428,6 @@ def check_task_modalities(name: str, task: TaskConfig, towers: list[str], source
     the config, or an ``init_from`` run). No towers (yet): nothing to check."""
     unknown = [mod for mod in task.modalities if towers and mod not in towers]
     if unknown:
-        import difflib
-
         close = difflib.get_close_matches(str(unknown[0]), towers, n=1)
         raise ConfigError(f"tasks.{name}.modalities: {unknown[0]!r} is not a tower of the model (towers: "
                           f"{', '.join(towers)}, from {source})" + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -458,13 +458,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    if overrides:
-        source += " + overrides"
-        try:
-            apply_overrides(data, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    return config_from_dict(data, source)
+    overrides = overrides or []
+    try:
+        apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{source} + overrides: {e}") from None
+    try:
+        return validate(_from_dict(Config, data, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{_error_source(str(e), source, overrides)}: {e}") from None
+
+
+def _error_source(message: str, source: str, overrides: list[str]) -> str:
+    """``FILE + override KEY=VALUE`` when an override set the field an error names (or a mapping above or below
+    it; the last such override holds), else ``FILE``; ``FILE + overrides`` when the message names no field."""
+    m = re.match(r"^(?:unknown key )?([\w.-]+)[: ]", message)
+    hits = [o for o in overrides for k in [o.split("=", 1)[0].strip()]
+            if m and (f"{m.group(1)}.".startswith(f"{k}.") or k.startswith(f"{m.group(1)}."))]
+    return f"{source} + override {hits[-1]}" if hits else source if m or not overrides else f"{source} + overrides"
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

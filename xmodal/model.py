@@ -25,6 +25,7 @@ from .modalities.towers import build_encoder, build_transform
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model.json"
+PREDICT_OUTPUTS = ("logits", "probs", "labels")  # what XModalModel.predict can return
 
 
 def _projection(kind: str, feat_dim: int, embed_dim: int, where: str = "tower") -> nn.Module:
@@ -196,7 +197,7 @@ class XModalModel(nn.Module):
                 chunks = (torch.stack([tf(x) for x in inputs[i:i + batch_size]])
                           for i in range(0, len(inputs), batch_size))
             if progress:
-                from tqdm.auto import tqdm
+                from .progress import tqdm
                 n = len(inputs)
                 chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
             run = tower.project if isinstance(tf, CachedFeatures) else tower
@@ -216,11 +217,16 @@ class XModalModel(nn.Module):
 
     @torch.inference_mode()
     def predict(self, task: str, inputs: dict[str, Sequence[Any]], batch_size: int = 64,
-                progress: bool = False) -> torch.Tensor:
-        """A task head's outputs (logits or scores) for rows given as ``{modality: [raw values]}`` (equal lengths;
-        ``None`` or ``""`` where a row lacks a modality — fusion uses what is there)."""
+                progress: bool = False, output: str = "logits") -> torch.Tensor | list:
+        """A task head's outputs for rows given as ``{modality: [raw values]}`` (equal lengths; ``None`` or ``""``
+        where a row lacks a modality — fusion uses what is there). ``output``: ``"logits"`` (default: the raw
+        logits, or scores for regression, ``[N, ...]``), ``"probs"`` (``[N, classes]`` softmax, or sigmoid for
+        multilabel; columns in the order of ``self.tasks[task].classes``) or ``"labels"`` (a list: each row's class
+        name, its list of class names for multilabel, its score for regression)."""
         if task not in self.heads:
             raise ValueError(f"no task head {task!r} in this model (heads: {', '.join(self.heads) or 'none'})")
+        if output not in PREDICT_OUTPUTS:
+            raise ValueError(f"predict: output={output!r}: expected one of {', '.join(map(repr, PREDICT_OUTPUTS))}")
         head = self.heads[task]
         reads = ", ".join(head.modalities)
         unknown = [m for m in inputs if m not in self.towers]
@@ -250,7 +256,7 @@ class XModalModel(nn.Module):
         rename = {m: m + FEATURES for m, tf in tfs.items() if isinstance(tf, CachedFeatures)}
         starts = range(0, n, batch_size)
         if progress:
-            from tqdm.auto import tqdm
+            from .progress import tqdm
             starts = tqdm(starts, desc=f"predict {task}", unit="batch")
         out = []
         try:
@@ -262,7 +268,10 @@ class XModalModel(nn.Module):
                 out.append(self(batch, task=task)["head"].float().cpu())
         finally:
             self.train(was_training)
-        return torch.cat(out) if out else torch.empty(0)
+        logits = torch.cat(out) if out else torch.empty(0)
+        if output == "probs":
+            return head.probabilities(logits)
+        return head.labels(logits) if output == "labels" else logits
 
     def _frozen_features(self, modality: str, values: list, batch_size: int, device) -> CachedFeatures | None:
         """Inside ``reuse_frozen_features()``: a frozen tower's encoder features of ``values`` (computed once per

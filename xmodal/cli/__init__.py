@@ -65,4 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"xmodal: error: {e}", file=sys.stderr)
             return 2
-    return run_verb(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given: what `pretrain` repeats, with --resume, after an interruption
+    return run_verb(args)

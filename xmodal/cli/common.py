@@ -15,13 +15,26 @@ def add_manifest_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, metavar="DIR",
                    help="the folder the manifest's relative image/audio paths are read from (default: the "
                         "manifest's folder), as data.root in a config")
-    p.add_argument("--allow-outside-root", action="store_true",
+    p.add_argument("--allow-outside-root", action=argparse.BooleanOptionalAction, default=None,
                    help="accept image/audio paths outside the data root (--root, default the manifest's folder): "
-                        "'..', absolute paths, symlinks; only for a manifest you trust")
+                        "'..', absolute paths, symlinks. Default: accepted, except by `index` (an index is what "
+                        "`serve` shows: there only for a manifest you trust); --no-allow-outside-root confines them")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
                    help="a manifest row with a missing file or empty id, ...: error (default) stops with its row "
                         "and field; skip drops it with a warning")
     return p
+
+
+# Verbs whose manifest paths stay inside the data root unless --allow-outside-root: what they write is served
+# (`xmodal serve` shows an index's images), so a manifest from elsewhere must not make it name any file. The other
+# verbs only read the files into the user's own model, as the peers' readers do with any path.
+CONFINED_VERBS = ("index",)
+
+
+def outside_root_allowed(args) -> bool:
+    """``--allow-outside-root`` / ``--no-allow-outside-root`` as given, else the verb's default."""
+    flag = getattr(args, "allow_outside_root", None)
+    return flag if flag is not None else getattr(args, "verb", None) not in CONFINED_VERBS
 
 
 def read_manifest_for(args, **kw):
@@ -33,7 +46,7 @@ def read_manifest_for(args, **kw):
     root = getattr(args, "root", None)
     try:
         return read_manifest(args.manifest, root=root, on_bad_row=args.on_bad_row,
-                             allow_outside_root=args.allow_outside_root, **kw)
+                             allow_outside_root=outside_root_allowed(args), **kw)
     except ManifestError as e:
         message = name_options(str(e), args.on_bad_row, skip="--on-bad-row skip", allow="--allow-outside-root")
         first, nl, rest = message.partition("\n")
@@ -72,6 +85,23 @@ def print_results(results: dict[str, float], as_json: bool) -> None:
     print(json.dumps(results, indent=2) if as_json else format_table(results))
 
 
+def below_majority(results: dict[str, float]) -> list[str]:
+    """One line per top-1 figure that is below its ``majority_top1`` (always answering the most frequent label),
+    e.g. a zero-shot top-1 whose prompts do not separate the labels: a number that is worse than a constant guess
+    should not pass without a word."""
+    lines = []
+    for key, majority in results.items():
+        if not key.endswith("/majority_top1"):
+            continue
+        prefix = key.removesuffix("majority_top1")
+        top1 = results.get(prefix + "top1")
+        if top1 is not None and top1 < majority:
+            lines.append(f"note: {prefix}top1 = {top1:.4f} is below {key} = {majority:.4f}, the rate of always "
+                         f"answering the most frequent label: on these labels it does worse than that constant "
+                         f"guess")
+    return lines
+
+
 def run_verb(args: argparse.Namespace) -> int:
     """Run the parsed verb (``args.fn``); a user error or an environment fault ends in one line on stderr and exit
     status 2 (``XMODAL_DEBUG=1`` raises it instead, traceback and all)."""
@@ -85,6 +115,11 @@ def run_verb(args: argparse.Namespace) -> int:
         # traceback (the messages name the file, row and field, or the step and checkpoint).
         print(f"xmodal {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in any verb: one line, the shell's exit status for SIGINT, no traceback
+        if os.environ.get("XMODAL_DEBUG"):
+            raise
+        print(f"xmodal {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_manifest_flags, print_results, read_manifest_for
+from .common import add_manifest_flags, below_majority, print_results, read_manifest_for
 
 
 def add_evaluate_verb(sub) -> None:
@@ -213,6 +213,8 @@ def run_evaluate(args) -> int:
         raise ValueError(_nothing_to_evaluate(args, model, data))
     # The metrics first: a figure that fails to draw must not cost the numbers.
     print_results(results, args.json)
+    for line in below_majority(results):
+        print(f"xmodal evaluate: {line}", file=sys.stderr)
     sys.stdout.flush()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -258,6 +260,7 @@ def run_predict(args) -> int:
                          f"applies to a multilabel head; {task} is {cfg.kind}"))
     pred = head.predict(outputs, args.threshold)
     ids = data["id"] if "id" in data.column_names else list(range(len(data)))
+    truth = data[cfg.target] if cfg.target in data.column_names else None  # the manifest's answer, to compare with
     lines = []
     for i, row_id in enumerate(ids):
         rec: dict = {"id": row_id}
@@ -269,6 +272,8 @@ def run_predict(args) -> int:
         else:
             rec["label"] = cfg.classes[int(pred[i])]
             rec["probabilities"] = dict(zip(cfg.classes, outputs[i].softmax(-1).tolist()))
+        if truth is not None and truth[i] not in (None, ""):
+            rec[_TRUE_KEY[cfg.kind]] = _true_value(cfg.kind, truth[i])
         lines.append(json.dumps(rec))
     text = "\n".join(lines) + "\n"
     if args.out:
@@ -278,6 +283,24 @@ def run_predict(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+# ``xmodal predict``'s JSON key for the manifest's own target, beside the prediction's key (label, labels, score).
+_TRUE_KEY = {"classification": "true_label", "multilabel": "true_labels", "regression": "true_score"}
+
+
+def _true_value(kind: str, value):
+    """A manifest target cell as ``predict`` writes it: a class name, a list of class names (``a|b`` or a list
+    cell), or a number (left as written when it is not one: the row is still predicted)."""
+    if kind == "multilabel":
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [
+            v for v in str(value).split("|") if v]
+    if kind == "regression":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+    return str(value)
 
 
 def run_evaluate_index(args) -> int:

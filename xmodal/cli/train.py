@@ -1,6 +1,10 @@
 """``xmodal pretrain`` and ``xmodal finetune``: train from a YAML config (the engine is :mod:`xmodal.training`)."""
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+
 
 def add_train_verbs(sub) -> None:
     for verb, text in (("pretrain", "contrastive pretraining of the shared space"),
@@ -16,6 +20,7 @@ def run_train(args) -> int:
     from ..config import ConfigError, load_config
     from ..modalities.pretrained import resolve_pretrained
     from ..training.engine import train
+    from ..training.interrupt import TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
     cfg.model = resolve_pretrained(cfg.model)  # model.pretrained: the source's towers, before tasks read them
@@ -24,6 +29,28 @@ def run_train(args) -> int:
         raise ConfigError(f"{args.config}: finetune needs a `tasks:` section (pretraining is `xmodal pretrain`)")
     if args.verb == "pretrain" and cfg.tasks:
         raise ConfigError(f"{args.config}: has `tasks:`; run it with `xmodal finetune`")
-    run = train(cfg, resume=args.resume)
+    try:
+        run = train(cfg, resume=args.resume)
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM in the loop: a checkpoint at the step it stopped
+        if e.main_process:
+            launcher = " (through the same launcher)" if e.num_processes > 1 else ""
+            print(f"xmodal {args.verb}: {e}; resume with{launcher}: {resume_command(args)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (reading data, building, the final save): nothing new
+        from ..training.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(cfg.output_dir)
+        saved = f"the newest checkpoint is {ckpt}" if ckpt is not None else "no checkpoint was saved"
+        print(f"xmodal {args.verb}: interrupted outside the training loop; {saved}; resume with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        return 130
     print(f"run folder: {run}")
     return 0
+
+
+def resume_command(args) -> str:
+    """The command line that started this run, with ``--resume``: ``xmodal VERB ...`` (``python train.py VERB ...``
+    when it came through train.py)."""
+    argv = list(getattr(args, "argv", None) or [args.verb, "--config", args.config, *args.overrides])
+    prog = "python train.py" if Path(sys.argv[0]).name == "train.py" else "xmodal"
+    return " ".join([prog, shlex.join(argv)] + ([] if "--resume" in argv else ["--resume"]))

@@ -7,9 +7,10 @@ in-memory ``datasets.Dataset``. Columns:
 * modality columns (:data:`MODALITY_COLUMNS`): ``image`` and ``audio`` hold file paths (relative paths resolve
   against ``root``, default the folder the manifest file — or the saved dataset folder — lies in; ``~`` is
   expanded), ``text`` holds a string. A saved HF dataset
-  may also carry ``datasets.Image`` / ``datasets.Audio`` features (embedded bytes or paths). A path whose file lies
-  outside that data root (``..``, an absolute path elsewhere, a symlink pointing out) is a bad row unless
-  ``allow_outside_root=True``: a manifest from elsewhere cannot make training read arbitrary files.
+  may also carry ``datasets.Image`` / ``datasets.Audio`` features (embedded bytes or paths). With
+  ``allow_outside_root=False`` a path whose file lies outside that data root (``..``, an absolute path elsewhere,
+  a symlink pointing out) is a bad row: a manifest from elsewhere cannot make an index (which ``xmodal serve``
+  shows) name arbitrary files. By default paths may lie anywhere (absolute paths are the common case).
 * optional ``id`` (made from the 1-based data row number when absent; always strings, so ``"007"`` stays ``"007"``),
   ``label`` (kept, as a string), ``split`` (filtered with ``split=``) and any other columns (kept untouched).
 
@@ -96,7 +97,7 @@ def read_manifest(
     check_files: bool = True,
     require_all: bool = True,
     workers: int = 8,
-    allow_outside_root: bool = False,
+    allow_outside_root: bool = True,
 ) -> Manifest:
     """Read and validate a manifest; see the module docstring for formats and checks.
 
@@ -112,9 +113,11 @@ def read_manifest(
         require_all: every requested modality must be present in every row; with ``False`` empty cells are
             accepted (stored as ``None``) but non-empty values are still validated.
         allow_outside_root: accept path values whose file lies outside the data root (``root``, default the
-            manifest's folder) — through ``..``, an absolute path or a symlink. By default such a row is bad (an
-            error, or skipped under ``on_bad_row="skip"``). An in-memory dataset without ``root`` has no data root:
-            its paths are not confined.
+            manifest's folder) — through ``..``, an absolute path or a symlink (the default: your own manifest may
+            name files anywhere, as the peers' readers allow). ``False`` confines them: such a row is bad (an
+            error, or skipped under ``on_bad_row="skip"``) and its file is never opened — for a manifest someone
+            else wrote whose files end up served (``xmodal index`` confines by default; see docs/data.md). An
+            in-memory dataset without ``root`` has no data root: its paths are never confined.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")

@@ -148,7 +148,7 @@ def manifest_queries(dataset, query_modality: str, item_modality: str, relevance
 def evaluate_index_manifest(retriever, manifest: Any, query_modality: str, *, split: str | None = None,
                             relevance: str = "pair", ks: Sequence[int] = KS, depth: int | None = None,
                             filter: Any = None, batch_size: int = 64, max_rows: int | None = None,
-                            allow_outside_root: bool = False, on_bad_row: str = "error",
+                            allow_outside_root: bool = True, on_bad_row: str = "error",
                             root: str | os.PathLike | None = None) -> dict[str, float]:
     """:func:`evaluate_index` with the queries and relevance of a manifest (see :func:`manifest_queries`).
 

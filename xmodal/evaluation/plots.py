@@ -102,29 +102,54 @@ def space_map(embeddings: dict[str, torch.Tensor], labels: dict[str, list] | Non
     all_x = torch.cat([embeddings[m] for m in names])
     mean = all_x.mean(0, keepdim=True)
     _, _, v = torch.pca_lowrank(all_x - mean, q=2, center=False)
-    fig, axes = plt.subplots(1, 2 if labels else 1, figsize=(12 if labels else 6, 5), squeeze=False)
+    classes = sorted({str(y) for ys in labels.values() for y in ys}) if labels else []
+    legend_cols = -(-len(classes) // LEGEND_ROWS) if len(classes) <= len(label_colours()) else 0
+    fig, axes = plt.subplots(1, 2 if labels else 1, figsize=(12 + 1.6 * legend_cols if labels else 6, 5),
+                             squeeze=False)
     for m in names:
         xy = (embeddings[m] - mean) @ v
         axes[0, 0].scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5, label=m)
     axes[0, 0].set(title="shared space (PCA) by modality")
     axes[0, 0].legend(markerscale=3)
     if labels:
-        classes = sorted({str(y) for ys in labels.values() for y in ys})
-        cmap = plt.get_cmap("tab20", max(len(classes), 1))
-        markers = "os^D"
-        for i, m in enumerate(names):
-            xy = (embeddings[m] - mean) @ v
-            colours = [cmap(classes.index(str(y))) for y in labels[m]]
-            axes[0, 1].scatter(xy[:, 0], xy[:, 1], s=5, alpha=0.6, c=colours, marker=markers[i % len(markers)])
-        axes[0, 1].set(title="by label (marker = modality)")
-        if len(classes) <= 20:
-            for j, c in enumerate(classes):
-                axes[0, 1].scatter([], [], color=cmap(j), label=c, s=10)
-            axes[0, 1].legend(fontsize=7, ncol=2)
+        _label_panel(axes[0, 1], {m: (embeddings[m] - mean) @ v for m in names}, labels, classes, legend_cols)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+LEGEND_ROWS = 20  # legend entries per column, beside the panel
+
+
+def label_colours() -> list:
+    """60 distinct colours (matplotlib's tab20, tab20b, tab20c): one per label up to 60 labels."""
+    plt = _pyplot()
+    return [plt.get_cmap(name)(i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)]
+
+
+def _label_panel(ax, xy: dict[str, torch.Tensor], labels: dict[str, list], classes: list[str], legend_cols: int):
+    """Points coloured by label, marker by modality. Up to 60 labels each has its own colour and a legend entry
+    (beside the panel, 20 a column); with more, colours repeat, so the 20 largest labels are written at their
+    points' centroid instead."""
+    colours = label_colours()
+    markers = "os^D"
+    for i, (m, points) in enumerate(xy.items()):
+        c = [colours[classes.index(str(y)) % len(colours)] for y in labels[m]]
+        ax.scatter(points[:, 0], points[:, 1], s=5, alpha=0.6, c=c, marker=markers[i % len(markers)])
+    ax.set(title=f"by label ({len(classes)}; marker = modality)")
+    if legend_cols:
+        for j, c in enumerate(classes):
+            ax.scatter([], [], color=colours[j], label=c, s=10)
+        ax.legend(fontsize=7, ncol=legend_cols, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  markerscale=1.5)
+        return
+    everything = torch.cat(list(xy.values()))
+    every_label = [str(y) for m in xy for y in labels[m]]
+    for c in sorted(classes, key=every_label.count, reverse=True)[:LEGEND_ROWS]:
+        centre = everything[[i for i, y in enumerate(every_label) if y == c]].mean(0)
+        ax.annotate(c, (float(centre[0]), float(centre[1])), fontsize=7, ha="center",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
 
 
 def recall_matrix(results: dict[str, float], out: Path, k: int = 10) -> Path | None:

@@ -1,5 +1,6 @@
 """The search page `xmodal serve` shows at ``/``: one HTML document with its CSS and script inline (no build step,
-no external requests; the server sends hashes of both in its Content-Security-Policy)."""
+no external requests; the server sends hashes of both in its Content-Security-Policy). A text search is kept in the
+address (``/?q=a+red+car&k=5``), so a link to it runs the same search."""
 
 PAGE_CSS = """
 *{box-sizing:border-box}
@@ -108,8 +109,22 @@ $("form").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("q").value.trim();
   if (!text) { setStatus("type a query first", true); return; }
+  shareable(text);
   search({text: text, k: k()});
 });
+
+// The address bar holds a text query (?q=...&k=...): a link to this page with it runs the same search.
+function shareable(text) {
+  history.replaceState(null, "", text ? "?" + new URLSearchParams({q: text, k: k()}) : location.pathname);
+}
+
+function fromAddress() {
+  const params = new URLSearchParams(location.search);
+  const text = (params.get("q") || "").trim();
+  const kOption = Array.from($("k").options).find((o) => o.text === params.get("k"));
+  if (kOption) $("k").value = kOption.text;
+  if (text && !$("q").disabled) { $("q").value = text; search({text: text, k: k()}); }
+}
 
 function searchFile(file) {
   if (!file) return;
@@ -123,6 +138,7 @@ function searchFile(file) {
     const url = reader.result;
     $("preview").src = url;
     $("preview").hidden = false;
+    shareable("");  // an image query has no address
     search({image_base64: url.slice(url.indexOf(",") + 1), k: k()});
   };
   reader.onerror = () => setStatus("cannot read " + file.name, true);
@@ -138,7 +154,7 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   searchFile(e.dataTransfer.files[0]);
 });
-loadInfo();
+loadInfo().then(fromAddress);
 """
 
 PAGE = f"""<!doctype html>

@@ -104,6 +104,27 @@ class TaskHead(nn.Module):
             return self._leaf_head().predict(output, self.cfg.threshold if threshold is None else threshold)
         return self._leaf_head().predict(output)
 
+    def probabilities(self, output: Tensor) -> Tensor:
+        """``[N, classes]``: softmax over the classes (classification), each class's sigmoid (multilabel); columns
+        in the order of the task's ``classes``. A regression head has none."""
+        if self.cfg.kind == "multilabel":
+            return output.sigmoid()
+        if self.cfg.kind == "classification":
+            return output.softmax(-1)
+        raise ValueError(f"task {self.name!r} is {self.cfg.kind}: it has scores, not class probabilities "
+                         f"(output='labels' or 'logits' gives them)")
+
+    def labels(self, output: Tensor, threshold: float | None = None) -> list:
+        """Per row: the class name (classification), the list of class names (multilabel; sigmoid above
+        ``threshold``, default the task's), or the score (regression)."""
+        pred = self.predict(output, threshold)
+        if self.cfg.kind == "regression":
+            return [float(s) for s in pred]
+        classes = self.cfg.classes
+        if self.cfg.kind == "multilabel":
+            return [[c for c, on in zip(classes, row.tolist()) if on] for row in pred]
+        return [classes[int(i)] for i in pred]
+
 
 def targets(cfg: TaskConfig, values: Sequence[Any], where: str = "") -> Tensor:
     """Target column values of a batch → a tensor: class indices, multi-hot rows (``a|b``) or float scores."""

@@ -8,14 +8,17 @@ loop over optimiser steps (:mod:`.step`), reporting (:mod:`.report`) and saving 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 
 from ..config import Config
+from ..feature_cache import reuse_frozen_features
 from ..model import WEIGHTS_NAME, XModalModel
 from .build import build_run, make_accelerator, open_run_folder, param_groups, run_config, warmup_cosine
 from .checkpoint import save_checkpoint
+from .interrupt import StopSignals, TrainingInterrupted
 from .report import evaluate_and_log, log_training, progress_bar, sharded, start_reporting
 from .resume import checkpoint_to_resume, position, restore
 from .run_folder import finished, refuse_existing_run
@@ -55,11 +58,17 @@ def train(cfg: Config, resume: bool = False) -> Path:
         return out_dir
     if ckpt is not None:
         restore(run, ckpt)
+        # Records past the checkpoint come from steps this run does again (a crash or a kill after it): dropped, so
+        # metrics.jsonl holds each step once. The final evaluation is done again when resuming at the last step.
+        run.metrics.drop_after(run.step, drop_eval_at_step=run.step >= run.total)
     if cfg.train.unfreeze_at_step and run.step >= cfg.train.unfreeze_at_step:  # resumed after the unfreezing
         _unfreeze(run.unwrapped)
     start_reporting(run)
-    _loop(run)
-    _finish(run)
+    # Evaluations during training (train.eval_every) embed the eval rows through the frozen towers once, then only
+    # project them. Not under FSDP: a sharded encoder has no whole weights on one rank to key the memo with.
+    with contextlib.nullcontext() if sharded(accelerator) else reuse_frozen_features():
+        _loop(run)
+        _finish(run)
     return out_dir
 
 
@@ -67,10 +76,19 @@ pretrain = train  # `xmodal pretrain` and `xmodal finetune` are the same loop; t
 
 
 def _loop(run: RunState) -> None:
-    """Optimiser steps until ``run.total``: a step, then (on schedule) a record, a checkpoint, an evaluation."""
+    """Optimiser steps until ``run.total``; SIGINT/SIGTERM stop the run after the step in flight, with a checkpoint
+    at that step (:mod:`.interrupt`)."""
+    with StopSignals(run.cfg.train.stop_grace_s) as stop:
+        _steps(run, stop)
+
+
+def _steps(run: RunState, stop: StopSignals) -> None:
+    """Optimiser steps until ``run.total``: a step, then (on schedule) a record, a checkpoint, an evaluation; then
+    whether a signal asks every process to stop."""
     t = run.cfg.train
     progress = progress_bar(run)
     window_start, window_steps = time.perf_counter(), 0
+    saved_at = run.step  # the step of the newest checkpoint (the one resumed from; at step 0, none)
     run.model.train()
     while run.step < run.total:
         if t.unfreeze_at_step and run.step == t.unfreeze_at_step:
@@ -94,11 +112,28 @@ def _loop(run: RunState) -> None:
             progress.update(1)
         if t.save_every and step % t.save_every == 0 and step < run.total:
             save_checkpoint(run.accelerator, run.out_dir, position(run), keep=t.keep_checkpoints)
+            saved_at = step
         if t.eval_every and step % t.eval_every == 0 and step < run.total:
             evaluate_and_log(run)
             run.model.train()
+        signum = stop.agreed(run.accelerator)
+        if signum is not None:
+            if progress is not None:
+                progress.close()
+            _stop(run, signum, saved_at)
     if progress is not None:
         progress.close()
+
+
+def _stop(run: RunState, signum: int, saved_at: int) -> None:
+    """Every process, at the same step: a checkpoint at this step (unless one was just saved), then
+    :class:`TrainingInterrupted` for the CLI to report."""
+    acc = run.accelerator
+    ckpt = run.out_dir / "checkpoints" / f"step_{run.step}"
+    if saved_at != run.step:  # the same decision on every rank (no file-system look-up: a collective follows)
+        ckpt = save_checkpoint(acc, run.out_dir, position(run), keep=run.cfg.train.keep_checkpoints)
+    acc.end_training()
+    raise TrainingInterrupted(signum, run.step, ckpt, acc.is_main_process, acc.num_processes)
 
 
 def _finish(run: RunState) -> None:

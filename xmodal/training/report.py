@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,12 @@ def start_reporting(run: RunState) -> None:
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
     if acc.is_main_process and cfg.log.backend != "none":
         acc.init_trackers(cfg.log.project, config=_flat_config(cfg.to_dict()),
-                          init_kwargs={"wandb": {"dir": str(run.out_dir), "name": run.out_dir.name}})
+                          init_kwargs={"wandb": _wandb_kwargs(run)})
+        if cfg.log.backend == "wandb":  # its own banner is silenced: one line says where the run is
+            wb = acc.get_tracker("wandb", unwrap=True)
+            mode, folder = getattr(wb.settings, "mode", ""), Path(wb.dir).parent
+            log.info("wandb %s run: %s%s", mode, folder, f" (upload it: wandb sync {folder})" if mode == "offline"
+                     else "")
     log.info("%s: %s; %d steps, batch %d × %d process(es), device %s", "finetune" if cfg.tasks else "pretrain",
              ", ".join(f"{n} ({r.cfg.kind}, {len(r.dataset)} rows)" for n, r in run.tasks.items()), run.total,
              t.batch_size * t.grad_accum_steps, acc.num_processes, acc.device)
@@ -37,11 +43,21 @@ def start_reporting(run: RunState) -> None:
                  "changes); train.freeze_projections=true keeps it fixed")
 
 
+def _wandb_kwargs(run: RunState) -> dict:
+    """wandb.init's arguments: the run folder, and ``silent`` — without it wandb prints ~40 lines per run (a banner,
+    then every metric's history and summary) into the console and train.log. Built only when wandb is the backend."""
+    kwargs: dict = {"dir": str(run.out_dir), "name": run.out_dir.name}
+    if run.cfg.log.backend == "wandb":
+        import wandb
+        kwargs["settings"] = wandb.Settings(silent=True)
+    return kwargs
+
+
 def progress_bar(run: RunState):
     """A tqdm bar over the run's steps (None when off, or on processes other than the main one)."""
     if not (run.accelerator.is_main_process and run.cfg.train.progress):
         return None
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
     return tqdm(total=run.total, initial=run.step, desc="finetune" if run.cfg.tasks else "pretrain", unit="step",
                 dynamic_ncols=True)
 
@@ -72,7 +88,8 @@ def log_training(run: RunState, step_losses: dict, grad_norm, steps: int, since:
     if progress is not None:
         shown = record["loss"] if "loss" in record else next(
             (v for k, v in record.items() if k.startswith("loss/")), math.nan)  # nan: all steps skipped
-        progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+        # refresh=False: shown with the next redraw (a log file gets one line per 30 s, not one per record)
+        progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
 
 
 def evaluate_and_log(run: RunState) -> dict:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text
 from .run_folder import METRICS_NAME
 
 
 class MetricsLog:
-    """Append-only JSON lines (``metrics.jsonl``) on the main process; one object per record."""
+    """Append-only JSON lines (``metrics.jsonl``) on the main process; one object per record. A resumed run first
+    drops the records a crashed launch wrote after its checkpoint (:meth:`drop_after`): it writes them again."""
 
     NAME = METRICS_NAME
 
@@ -22,6 +24,30 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int, drop_eval_at_step: bool = False) -> int:
+        """Rewrite the file (atomically) without the records of steps after ``step`` — and, with
+        ``drop_eval_at_step``, without the evaluation records at ``step`` — and without a torn last line (a kill
+        in mid-write). Returns how many lines were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        text = self.path.read_text(encoding="utf-8")
+        kept, dropped = [], 0
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                at = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            evaluation = any(k.startswith("eval/") for k in record)
+            if at > step or (drop_eval_at_step and at == step and evaluation):
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped or not text.endswith("\n"):
+            write_text(self.path, "".join(kept))
+        return dropped
 
 
 class LossWindow:

@@ -119,7 +119,7 @@ def prepare_fashion_mnist(
         "test": ("test", np.arange(len(data["test"][1]))),
     }
     from PIL import Image
-    from tqdm.auto import tqdm
+    from ...progress import tqdm
 
     rows, written, reused = [], 0, 0
     total = sum(min(len(ix), max_per_split or len(ix)) for _, ix in selection.values())

@@ -1,5 +1,5 @@
-"""Open Clip Art (Debian ``openclipart-svg``): 8,121 public-domain SVG drawings with human-written titles,
-keywords and (some) descriptions → PNGs + an image-text manifest.
+"""Open Clip Art (Debian ``openclipart-svg``): 8,121 public-domain SVG files with human-written titles,
+keywords and (some) descriptions → PNGs + an image-text manifest (7,326 rows, 22 labels: docs/data.md).
 
     from xmodal.data.corpora.openclipart import prepare_openclipart
     manifest = prepare_openclipart("data/openclipart")      # data/openclipart/manifest.csv
@@ -398,7 +398,7 @@ def _run(tasks: list[tuple], workers: int, progress: bool, stall_timeout: float,
     """Run ``_process`` over the tasks in a process pool (``chunksize`` files per task) with a progress bar. If no
     chunk finishes for ``stall_timeout`` s (a renderer stuck in C code despite the per-file timeouts), the pool is
     killed and the unfinished files count as failed."""
-    from tqdm.auto import tqdm
+    from ...progress import tqdm
 
     bar = tqdm(total=len(tasks), desc="open clip art", unit="svg", disable=not progress, smoothing=0.05)
     results: list[dict[str, Any]] = []

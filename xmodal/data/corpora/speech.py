@@ -313,7 +313,7 @@ def prepare_spoken_captions(
 
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from ...progress import tqdm
 
         bar = tqdm(total=len(todo), desc=f"{engine}", unit="clip")
     t_synth = time.time()
