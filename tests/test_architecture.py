@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "xmodal"
 
 # Lowest first. A module may import from its own layer (never in a circle) or from a lower one, never upwards.
 LAYERS = [
-    ["xmodal.config", "xmodal.shard_config", "xmodal._scalar", "xmodal.batch", "xmodal.atomic", "xmodal.progress"],
+    ["xmodal.config", "xmodal._scalar", "xmodal.batch", "xmodal.atomic", "xmodal.progress"],
     ["xmodal.modalities", "xmodal.losses", "xmodal.feature_cache", "xmodal.feature_store"],
     ["xmodal.data"],
     ["xmodal.tasks"],
