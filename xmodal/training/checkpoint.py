@@ -22,6 +22,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from ..integrity import IntegrityError
+from .checkpoint_files import SlimSave, check_frozen, damaged_remedy, unwrapped_model, verify_files, write_manifest
+
 POSITION = "position.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ASIDE_DIR = re.compile(r"^\.old_step_(\d+)$")
@@ -52,6 +55,10 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
         if m and int(m.group(1)) not in found and (p / POSITION).is_file():
             found[int(m.group(1))] = p
     return [found[step] for step in sorted(found)]
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name.rsplit("_", 1)[1])
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -94,10 +101,14 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
         _clean_leftovers(root)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    slim = SlimSave(accelerator)
+    hook = (accelerator.register_save_state_pre_hook(slim)
+            if hasattr(accelerator, "register_save_state_pre_hook") else None)
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             (tmp / POSITION).write_text(json.dumps(position), encoding="utf-8")
+            write_manifest(tmp, slim.frozen)  # last: it records every other file
     except BaseException as e:  # also KeyboardInterrupt: never leave a half-written folder behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +119,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
                 else "no earlier checkpoint exists")
         raise CheckpointError(f"saving checkpoint step {step} to {final} failed: {type(e).__name__}: {e}; "
                               f"{kept}") from e
+    finally:
+        if hook is not None:
+            hook.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -174,9 +188,23 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
     """Restore Accelerate state from ``path`` and return its data position. Every pickled file is checked with
     ``weights_only=True`` first (see :func:`check_checkpoint_files`)."""
     path = Path(path)
-    check_checkpoint_files(path)
     try:
-        accelerator.load_state(str(path))
+        check_checkpoint_files(path)  # first: a planted pickle is named as what it is, not as a changed file
+        manifest = verify_files(path, "")
+    except (IntegrityError, CheckpointError) as e:  # one line, and the older checkpoint to fall back on
+        older = [p for p in checkpoint_dirs(path.parent.parent) if _step(p) < _step(path)]
+        where = "" if str(path) in str(e) else f"checkpoint {path}: "
+        raise CheckpointError(f"{where}{str(e).rstrip('; ')}; {damaged_remedy(path, older)}") from None
+    frozen = (manifest or {}).get("frozen")
+    model = unwrapped_model(accelerator)
+    if model is not None:
+        try:
+            check_frozen(path, model, frozen)
+        except IntegrityError as e:
+            raise CheckpointError(str(e)) from None
+    try:
+        # a slim checkpoint holds all but the frozen tensors just checked to be in the model already
+        accelerator.load_state(str(path), **({"strict": False} if frozen else {}))
     except RuntimeError as e:  # "Error(s) in loading state_dict ... size mismatch": a model of another shape
         if "state_dict" not in str(e) and "size mismatch" not in str(e):
             raise
