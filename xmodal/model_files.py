@@ -139,6 +139,9 @@ def open_files(folder: Path) -> tuple[Path, dict[str, Any]]:
         log.warning("model %s: a save was interrupted before it completed; loading the previous model (%s)",
                     folder, weights.name)
     if not card_path.is_file():
+        if weights.is_file():
+            raise FileNotFoundError(f"{card_path} is missing: {folder} is not an xmodal model folder without it "
+                                    f"(needs {CARD_NAME} and {WEIGHTS_NAME}); {REMEDY}")
         raise FileNotFoundError(f"{folder}: not an xmodal model folder (needs {CARD_NAME} and {WEIGHTS_NAME})")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (the model card {card_path} needs it); {REMEDY}")

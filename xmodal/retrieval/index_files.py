@@ -183,7 +183,7 @@ def open_folder(path: Path, repair: bool) -> tuple[Path, dict]:
     try:
         info = json.loads((folder / INFO_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise IndexCorruptError(f"index {path}: unreadable {INFO_NAME}: {e}") from None
+        raise IndexCorruptError(f"index {path}: unreadable {INFO_NAME}: {e} ({REBUILD})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise IndexCorruptError(f"index {path}: {INFO_NAME} is not an xmodal index description")
     try:

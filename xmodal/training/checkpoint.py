@@ -62,8 +62,17 @@ def _step(folder: Path) -> int:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint. A newer ``step_N`` without ``position.json`` (deleted, or damaged by hand: a
+    save never leaves one) is passed over with a warning naming it."""
     dirs = checkpoint_dirs(output_dir)
-    return dirs[-1] if dirs else None
+    found = dirs[-1] if dirs else None
+    root = Path(output_dir) / "checkpoints"
+    for p in sorted(root.glob("step_*")) if root.is_dir() else []:
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and not (p / POSITION).is_file() and (found is None or int(m.group(1)) > _step(found)):
+            log.warning("checkpoints: %s has no %s (incomplete or damaged); %s", p, POSITION,
+                        f"using the older {found}" if found else "no complete checkpoint is left")
+    return found
 
 
 def _clean_leftovers(root: Path) -> None:
@@ -178,6 +187,9 @@ def check_checkpoint_files(path: str | os.PathLike) -> None:
                 # mmap: only the pickle stream is parsed; tensor data is not read into memory twice
                 torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
             except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+                if "WeightsUnpickler" not in str(e):  # not a refused pickle: a file cut short or garbled
+                    raise CheckpointError(f"checkpoint {path}: {f.name} is damaged (torch.load: {_reason(e).split('. ')[0]})") \
+                        from None
                 raise CheckpointError(
                     f"refusing to load checkpoint {path}: {f.name} does not load as plain tensors/values "
                     f"(torch.load weights_only=True: {_reason(e)}). A pickle that needs more could run code when "
