@@ -306,7 +306,7 @@ class XModalModel(nn.Module):
 
         from .model_files import open_files, unreadable
         path = Path(path)
-        weights, card = open_files(path)
+        weights, card, weights_verified = open_files(path)
         cfg = _from_dict(ModelConfig, card.get("model"), "model")
         # The saved weights replace whatever the tower config would load; don't re-read packaged checkpoints.
         build_cfg = copy.deepcopy(cfg)
@@ -316,6 +316,7 @@ class XModalModel(nn.Module):
         tasks = {name: _from_dict(TaskConfig, t, f"tasks.{name}") for name, t in (card.get("tasks") or {}).items()}
         model = cls(build_cfg, tasks)
         model.cfg = cfg
+        weights_verified()  # checked against the card while the model was built; raises on a mismatch
         try:
             load_model(model, str(weights), strict=True, device=map_location)
         except (SafetensorError, RuntimeError) as e:  # a header cut short, keys or shapes of another model

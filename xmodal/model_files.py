@@ -1,7 +1,7 @@
 """A model folder's two files — ``model.safetensors`` and its card ``model.json`` — saved as one unit and checked
 before they are used.
 
-**The card is the manifest, written last.** It records the size and sha256 of the weights it was saved with
+**The card is the manifest, written last.** It records the size and XXH3-128 checksum of the weights it was saved with
 (``"files"``) and its own checksum (``"checksum"``, see :mod:`xmodal.integrity`). Loading checks both before the
 weights are read, so a truncated, bit-flipped, empty or foreign ``model.safetensors`` is refused in one line naming
 the file, never loaded as something else and never a safetensors traceback. Cards written before checksums
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,10 +129,12 @@ def save_files(folder: Path, write_weights: Callable[[Path], None], card: dict[s
     return folder
 
 
-def open_files(folder: Path) -> tuple[Path, dict[str, Any]]:
-    """``(weights file to read, card)`` of a model folder, both checked: the card against its own checksum, the
-    weights against the card's record (where the card has them). After a save interrupted before its commit, the
-    previous pair (see the module's docstring)."""
+def open_files(folder: Path) -> tuple[Path, dict[str, Any], Callable[[], None]]:
+    """``(weights file to read, card, wait)`` of a model folder. The card is checked against its own checksum here;
+    the weights against the card's record (where the card has one) in a background thread, as hashing 100 MB takes
+    a few tens of ms that building the model can hide: ``wait()`` joins it and raises :class:`IntegrityError` on a
+    mismatch — call it before the weights are read. After a save interrupted before its commit, the previous pair
+    (see the module's docstring)."""
     folder = Path(folder)
     card_path, weights = folder / CARD_NAME, folder / WEIGHTS_NAME
     if _interrupted(folder):
@@ -147,9 +150,26 @@ def open_files(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise FileNotFoundError(f"{weights} is missing (the model card {card_path} needs it); {REMEDY}")
     card = read_sealed_json(card_path, REMEDY)
     record = (card.get("files") or {}).get(WEIGHTS_NAME)
-    if isinstance(record, dict):
+    if not isinstance(record, dict):  # a card written before checksums: nothing to check
+        return weights, card, lambda: None
+    if record.get("size") != weights.stat().st_size:  # cut short or empty: said at once, no hashing needed
         check_file(weights, record, recorded_in=card_path, remedy=REMEDY)
-    return weights, card
+    outcome: list[BaseException | None] = []
+
+    def verify() -> None:
+        try:
+            check_file(weights, record, recorded_in=card_path, remedy=REMEDY)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to wait(), raised in the loading thread
+            outcome.append(e)
+    thread = threading.Thread(target=verify, name="xmodal-verify-weights", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+    return weights, card, wait
 
 
 def unreadable(weights: Path, card_path: Path, error: Exception) -> IntegrityError:

@@ -4,7 +4,7 @@ On disk an index is a folder of three files::
 
     index.faiss      the faiss index (faiss.write_index)
     metadata.jsonl   one line per live row: {"index_id": 12, "meta": {...}}, in id order
-    index.json       kind, dim, options, next_id, counts, file sizes and sha256s, HNSW tombstones and the model
+    index.json       kind, dim, options, next_id, counts, file sizes and checksums, HNSW tombstones and the model
                      fingerprint {"run_dir", "sha256" (of model.safetensors), "embed_dim", "modality"}; sealed
                      with its own "checksum" (xmodal.integrity), so a flipped bit that still parses is noticed
 
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import faiss
 
 from ..atomic import fsync_dir, fsync_file
-from ..integrity import IntegrityError, check_file, check_seal, file_record, seal
+from ..integrity import ALGORITHM, IntegrityError, check_file, check_seal, file_record, seal
 from . import IndexCorruptError
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _write_into(folder: Path, index, meta: Mapping[int, dict], info: dict) -> No
         os.fsync(f.fileno())
     records = {name: file_record(folder / name) for name in (FAISS_NAME, META_NAME)}
     info = seal({**info, "files": {name: r["size"] for name, r in records.items()},
-                 "sha256": {name: r["sha256"] for name, r in records.items()}})
+                 "checksums": {name: {ALGORITHM: r[ALGORITHM]} for name, r in records.items()}})
     with open(folder / INFO_NAME, "w", encoding="utf-8") as f:  # written last
         f.write(json.dumps(info, indent=2))
         f.flush()
@@ -168,7 +168,7 @@ def save_folder(path: Path, index, meta: Mapping[int, dict], info: dict) -> Path
 def open_folder(path: Path, repair: bool) -> tuple[Path, dict]:
     """Recover, then ``(folder to read, index.json)`` once the files are all there, ``index.json`` is an xmodal index
     description this version understands (and matches its own checksum) and the other two files have the sizes and
-    sha256s it recorded (indexes saved before checksums: sizes only).
+    checksums it recorded (indexes saved before checksums: sizes only).
 
     ``path`` names the index in every error; ``folder`` is where it is read (``.NAME.old`` with ``repair=False``
     after a crash between the swap's renames).
@@ -198,9 +198,9 @@ def open_folder(path: Path, repair: bool) -> tuple[Path, dict]:
         if actual != size:
             raise IndexCorruptError(f"index {path}: {name} has {actual} bytes, {INFO_NAME} recorded {size} "
                                     f"(truncated or replaced; {REBUILD})")
-    for name, digest in (info.get("sha256") or {}).items():  # indexes saved before checksums have none
+    for name, record in (info.get("checksums") or {}).items():  # indexes saved before checksums have none
         try:
-            check_file(folder / name, {"sha256": digest}, recorded_in=folder / INFO_NAME, remedy=REBUILD)
+            check_file(folder / name, record, recorded_in=folder / INFO_NAME, remedy=REBUILD)
         except IntegrityError as e:
             raise IndexCorruptError(f"index {path}: {e}") from None
     return folder, info

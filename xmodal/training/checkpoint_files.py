@@ -1,10 +1,10 @@
 """What a checkpoint folder holds and how a load knows it is whole: a sealed ``manifest.json`` written last (size and
-sha256 of every file), and slim checkpoints that reference frozen weights instead of copying them.
+XXH3-128 checksum of every file), and slim checkpoints that reference frozen weights instead of copying them.
 
 **Slim.** A frozen tower's encoder never changes during a run (no gradient, no optimiser update, eval mode), and a
 resumed run rebuilds it from the same source (a packaged or pretrained file, or ``init_from``'s model) before the
 checkpoint is read. So a checkpoint leaves those tensors out of its ``model.safetensors`` and records, in
-``manifest.json``, their names, the towers' sources and one sha256 over the tensors (names, dtypes, shapes, bytes).
+``manifest.json``, their names, the towers' sources and one XXH3-128 checksum over the tensors (names, dtypes, shapes, bytes).
 Loading recomputes that digest from the freshly built model and refuses to resume if it differs (a changed
 pretrained file, another ``init_from``), naming the tower. What trains — projections, heads, unfrozen encoders,
 the temperature — the optimiser state, the schedule, RNG states and the data position stay in the checkpoint as
@@ -12,7 +12,7 @@ before. The finished model (``model.safetensors`` in the run folder) always hold
 share. Under FSDP, Accelerate writes sharded model files without passing them through the hook, so those
 checkpoints stay whole.
 
-**Manifest.** ``manifest.json`` = ``{"files": {name: {"size", "sha256"}}, "frozen": {...} | null, "checksum"}``,
+**Manifest.** ``manifest.json`` = ``{"files": {name: {"size", "xxh3_128"}}, "frozen": {...} | null, "checksum"}``,
 written (atomically, fsynced) into the temporary folder after every other file and before the folder's rename.
 A load checks every file against it first: a truncated, flipped, empty, missing or foreign file is one line naming
 it. Checkpoints saved before manifests existed load unchecked, as before.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from ..integrity import IntegrityError, check_file, file_record, read_sealed_json, seal, tensors_digest
+from ..integrity import ALGORITHM, IntegrityError, check_file, file_record, read_sealed_json, seal, tensors_digest
 
 MANIFEST = "manifest.json"
 _WRAPPED = "module."  # DDP's prefix on state-dict keys
@@ -70,11 +70,11 @@ class SlimSave:
             del weights[0][k]
         if self.accelerator.is_main_process:
             self.frozen = {"keys": sorted(_bare(k) for k in dropped), "sources": _sources(model, list(keys)),
-                           "sha256": tensors_digest((_bare(k), v) for k, v in dropped.items())}
+                           ALGORITHM: tensors_digest((_bare(k), v) for k, v in dropped.items())}
 
 
 def write_manifest(folder: Path, frozen: dict | None) -> None:
-    """``manifest.json`` for every file now in ``folder`` (sizes, sha256), plus the frozen weights' reference."""
+    """``manifest.json`` for every file now in ``folder`` (sizes, checksums), plus the frozen weights' reference."""
     files = {str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     write_text(folder / MANIFEST, json.dumps(seal({"format": "xmodal-checkpoint", "version": 1,
@@ -122,10 +122,10 @@ def check_frozen(folder: Path, model, frozen: dict | None) -> None:
         return
     absent = [k for k in frozen["keys"] if k not in state]
     found = tensors_digest((k, state[k]) for k in frozen["keys"]) if not absent else None
-    if absent or found != frozen["sha256"]:
+    if absent or found != frozen.get(ALGORITHM):
         towers = "; ".join(f"{m} ({src})" for m, src in (frozen.get("sources") or {}).items())
         detail = (f"this model has no {absent[0]}" if absent
-                  else f"sha256 {found[:12]}…, expected {frozen['sha256'][:12]}…")
+                  else f"{ALGORITHM} {found[:12]}…, expected {str(frozen.get(ALGORITHM))[:12]}…")
         raise IntegrityError(f"checkpoint {folder} references the frozen weights of tower(s) {towers}, and the "
                              f"model built for this run differs ({detail}): resume needs the same pretrained "
                              f"weights (restore the file the tower loads, or the init_from model)")
