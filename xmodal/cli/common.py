@@ -80,10 +80,11 @@ def run_verb(args: argparse.Namespace) -> int:
     from ..data import ManifestError
     from ..retrieval import RetrievalError
     from ..training.checkpoint import CheckpointError
+    from ..training.failures import RunFailed
     try:
         return args.fn(args)
     except (ConfigError, ManifestError, RetrievalError, CheckpointError, FloatingPointError, OSError,
-            ValueError) as e:
+            ValueError, RunFailed) as e:
         if os.environ.get("XMODAL_DEBUG"):
             raise
         # User errors and environment faults (disk full, permissions, a non-finite run): one clear line, no

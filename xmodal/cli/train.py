@@ -22,6 +22,29 @@ def run_train(args) -> int:
         raise ConfigError(f"{args.config}: finetune needs a `tasks:` section (pretraining is `xmodal pretrain`)")
     if args.verb == "pretrain" and cfg.tasks:
         raise ConfigError(f"{args.config}: has `tasks:`; run it with `xmodal finetune`")
-    run = train(cfg, resume=args.resume)
+    run = _train_reporting_failures(train, cfg, args.resume)
     print(f"run folder: {run}")
     return 0
+
+
+def _train_reporting_failures(train, cfg, resume: bool):
+    """``train``; on several processes, a failure on any rank stops them all and rank 0 names it (one line each:
+    :mod:`xmodal.training.failures`)."""
+    import time
+
+    from ..training import failures
+
+    rank, world_size = failures.world()
+    started = time.time()
+    try:
+        return train(cfg, resume=resume)
+    except Exception as e:  # not KeyboardInterrupt / SystemExit: interruption is the engine's to handle
+        if world_size <= 1:
+            raise
+        failed_at = time.time()
+        failures.record(cfg.output_dir, rank, e)
+        failures.stop_peers()
+        if rank != 0:
+            raise failures.RunFailed(failures.other_rank_line(cfg.output_dir, e, rank, started, failed_at,
+                                                              world_size)) from e
+        raise failures.RunFailed(failures.explain(cfg.output_dir, e, started, failed_at, world_size)) from e
