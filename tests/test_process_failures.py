@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,16 @@ def launch_failing(tmp_path: Path, clipart, fault: str, timeout_s: int = 20, res
     cmd = [str(accelerate_launcher(sys.executable)), "launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", "0", "-m", "xmodal.cli", "pretrain", "--config", str(tmp_path / "two.yaml")] + ["--resume"] * resume
     t = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    # a session of its own: if the launch overruns, its workers are killed with it rather than left running
+    popen = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.communicate()
+        raise
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     print(f"{fault}: exit status {proc.returncode} after {time.monotonic() - t:.0f} s")
     return out, proc, time.monotonic() - t
 

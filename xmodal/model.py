@@ -279,7 +279,7 @@ class XModalModel(nn.Module):
         """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``. ``state_dict``: the weights to
         write instead of this module's own (under FSDP, the whole weights gathered from the shards).
 
-        The two files are replaced as one unit and the card records the weights' size and sha256
+        The two files are replaced as one unit and the card records the weights' size and checksum
         (:mod:`xmodal.model_files`): a write that fails (a full disk, a read-only folder) raises ``OSError`` and
         leaves a previous model there unchanged, and a crash at any point leaves the old model or the new one.
         """
