@@ -15,10 +15,10 @@ safetensors / torch / faiss, or worse, loading as something it is not.
 * :func:`tensors_digest` — XXH3-128 of named tensors (names, dtypes, shapes, bytes): what a slim checkpoint
   records of the frozen weights it does not hold.
 
-Why XXH3-128 and not sha256: loading the quickstart model (108 MiB of weights) takes about 0.45 s, and sha256 over
-its file took 0.18 s of that on the shared build machine (31%); XXH3-128 is 10x faster (6-8 GiB/s against
-0.55-0.65 GiB/s, measured side by side: docs/benchmarks.md, "Verifying files on load"). A 128-bit checksum misses
-a random corruption or another run's file with probability 2^-128; what it does not resist is a deliberate
+Why XXH3-128 and not sha256: hashing the quickstart model's 108 MiB of weights with sha256 costs 20-48% of its
+load, with XXH3-128 3-11% (5-7x less, measured side by side: docs/benchmarks.md, "Verifying files on load"), and
+the model's weights are hashed in a thread while the model is built, which hides most of that. A 128-bit checksum
+misses a random corruption or another run's file with probability 2^-128; what it does not resist is a deliberate
 forgery — and neither would sha256 here, since whoever can replace the weights can rewrite the card beside them
 (nothing is signed). ``xxhash`` is already installed with ``datasets``.
 """
