@@ -90,6 +90,7 @@ def _to_0d_scalars(ckpt: Path) -> None:
             if key != "step" and value.shape == (1,):
                 state[key], moments = value.reshape(()), moments + 1
     torch.save(opt, ckpt / "optimizer.bin")
+    (ckpt / "manifest.json").unlink()  # checkpoints of then had no manifest (it would name both files as changed)
     assert names and moments  # the rewrite found what it rewrites
 
 

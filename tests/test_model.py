@@ -1,3 +1,4 @@
+import json
 import math
 import os
 
@@ -75,10 +76,18 @@ def test_load_reads_0d_scalars_of_older_files(tmp_path):
     assert w["logit_scale"].shape == (1,) and w["logit_bias"].shape == (1,)
     save_file({k: v.reshape(()) if k.startswith("logit_") else v for k, v in w.items()},
               str(tmp_path / "run" / "model.safetensors"))
+    _card_without_checksums(tmp_path / "run")
     loaded = xmodal.load(tmp_path / "run")
     assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == pytest.approx(model.logit_scale.item())
     assert loaded.logit_bias.item() == -10.0
     assert loaded(dict(text=torch.zeros(1, 8, dtype=torch.long)))["logit_scale"].shape == ()
+
+
+def _card_without_checksums(run):
+    """The card as versions before checksums wrote it (no "files", no "checksum"), to go with weights of then."""
+    card = json.loads((run / "model.json").read_text())
+    del card["files"], card["checksum"]
+    (run / "model.json").write_text(json.dumps(card))
 
 
 def test_load_refuses_a_folder_without_weights(tmp_path):
@@ -128,6 +137,7 @@ def test_an_index_of_an_older_format_run_accepts_the_model_loaded_from_it(tmp_pa
     run = XModalModel(small()).save(tmp_path / "run")
     w = load_file(str(run / "model.safetensors"))
     save_file({k: v.reshape(()) if k.startswith("logit_") else v for k, v in w.items()}, str(run / "model.safetensors"))
+    _card_without_checksums(run)
     ds = datasets.Dataset.from_dict({"id": ["a", "b", "c"], "text": ["a red square", "a green one", "blue"]})
     model = xmodal.load(run)
     build_index(model, ds, "text", tmp_path / "idx", run_dir=run, progress=False)
@@ -175,6 +185,7 @@ def test_regression_head_saved_before_target_scaling_loads_unscaled(tmp_path, im
     w = load_file(str(path))
     assert sum(k.endswith(("target_mean", "target_std")) for k in w) == 6
     save_file({k: v for k, v in w.items() if not k.endswith(("target_mean", "target_std"))}, str(path))
+    _card_without_checksums(tmp_path / "run")
     loaded = xmodal.load(tmp_path / "run")
     from xmodal.tasks.heads import RegressionHead
     assert all((h.target_mean.item(), h.target_std.item()) == (0.0, 1.0)

@@ -5,7 +5,6 @@ Everything downstream of the towers sees ``{modality: Tensor[batch, embed_dim]}`
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from pathlib import Path
@@ -22,9 +21,8 @@ from .feature_cache import CachedFeatures, precompute_features, reusing_features
 from .modalities import load_plugins
 from .modalities.pretrained import resolve_pretrained
 from .modalities.towers import build_encoder, build_transform
+from .model_files import CARD_NAME, WEIGHTS_NAME  # noqa: F401 - imported from here by the rest of xmodal
 
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "model.json"
 PREDICT_OUTPUTS = ("logits", "probs", "labels")  # what XModalModel.predict can return
 
 
@@ -298,57 +296,36 @@ class XModalModel(nn.Module):
         """Write ``model.safetensors`` and the JSON card ``model.json`` into ``path``. ``state_dict``: the weights to
         write instead of this module's own (under FSDP, the whole weights gathered from the shards).
 
-        Both are written to temporary files in ``path`` and fsynced before either replaces its old copy, so a write
-        that fails (a full disk, a read-only folder) raises ``OSError`` and leaves a previous model there unchanged.
+        The two files are replaced as one unit and the card records the weights' size and checksum
+        (:mod:`xmodal.model_files`): a write that fails (a full disk, a read-only folder) raises ``OSError`` and
+        leaves a previous model there unchanged, and a crash at any point leaves the old model or the new one.
         """
-        from safetensors import SafetensorError
         from safetensors.torch import save_file, save_model
 
-        from .atomic import fsync_file
         from .config import _to_plain
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        from .model_files import save_files
         card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg),
                 "tasks": {name: _to_plain(t) for name, t in self.tasks.items()}, **(extra or {})}
-        tmp_weights, tmp_card = path / f".{WEIGHTS_NAME}.tmp", path / f".{CARD_NAME}.tmp"
-        try:
+
+        def write_weights(tmp: Path) -> None:
             if state_dict is None:
-                save_model(self, str(tmp_weights))
+                save_model(self, str(tmp))
             else:
-                save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp_weights))
-            with open(tmp_card, "w", encoding="utf-8") as f:
-                f.write(json.dumps(card, indent=2))
-            # safetensors creates its file owner-only (0600); give the weights the card's mode, i.e. the user's umask
-            os.chmod(tmp_weights, os.stat(tmp_card).st_mode & 0o777)
-            for tmp in (tmp_weights, tmp_card):  # on disk before the renames: a power cut cannot leave them empty
-                fsync_file(tmp)
-        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
-            for tmp in (tmp_weights, tmp_card):
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-            message = f"saving the model to {path} failed ({e}); the files already there are unchanged"
-            raise (OSError(e.errno, message) if isinstance(e, OSError) else OSError(message)) from e
-        os.replace(tmp_weights, path / WEIGHTS_NAME)
-        os.replace(tmp_card, path / CARD_NAME)
-        return path
+                save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+        return save_files(Path(path), write_weights, card)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu",
                         towers: Sequence[str] | None = None) -> "XModalModel":
-        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle.
+        """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle. The card
+        and the weights are checked against the sizes and checksums the card records before either is used.
         ``towers``: build and read only these towers (a query needs one: the others' libraries are not imported)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
+        from .model_files import open_files, unreadable
         path = Path(path)
-        card_path, weights = path / CARD_NAME, path / WEIGHTS_NAME
-        if not card_path.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"{path}: not an xmodal model folder (needs {CARD_NAME} and {WEIGHTS_NAME})")
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{card_path}: corrupt model card: {e}") from None
+        weights, card, weights_verified = open_files(path)
         cfg = _from_dict(ModelConfig, card.get("model"), "model")
         # The saved weights replace whatever the tower config would load; don't re-read packaged checkpoints.
         build_cfg = copy.deepcopy(cfg)
@@ -362,13 +339,17 @@ class XModalModel(nn.Module):
             tasks = {}
         model = cls(build_cfg, tasks)
         model.cfg = cfg
-        if towers is None:
-            load_model(model, str(weights), strict=True, device=map_location)
-        else:
-            from safetensors import safe_open
-            own = model.state_dict().keys()
-            with safe_open(str(weights), framework="pt", device=map_location) as f:  # mmap: only these towers read
-                model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in own}, strict=True)
+        weights_verified()  # checked against the card while the model was built; raises on a mismatch
+        try:
+            if towers is None:
+                load_model(model, str(weights), strict=True, device=map_location)
+            else:
+                from safetensors import safe_open
+                own = model.state_dict().keys()
+                with safe_open(str(weights), framework="pt", device=map_location) as f:  # mmap: only these towers
+                    model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in own}, strict=True)
+        except (SafetensorError, RuntimeError) as e:  # a header cut short, keys or shapes of another model
+            raise unreadable(weights, path / CARD_NAME, e) from None
         model.card = card
         return model.eval()
 

@@ -124,10 +124,13 @@ def run_verb(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a verb's error line reports: ConfigError, ManifestError and RetrievalError are ValueErrors; a
-    CheckpointError can only come from a verb that imported the training package. Nothing is imported for this
+    CheckpointError or a RunFailed (another rank's failure) can only come from a verb that imported the training
+    package. Nothing is imported for this
     (the data and training packages pull in datasets and accelerate: seconds that `xmodal query` would pay)."""
-    checkpoint = sys.modules.get(__package__.rpartition(".")[0] + ".training.checkpoint")
-    return (ValueError, OSError, FloatingPointError) + ((checkpoint.CheckpointError,) if checkpoint else ())
+    training = __package__.rpartition(".")[0] + ".training"
+    checkpoint, failures = sys.modules.get(training + ".checkpoint"), sys.modules.get(training + ".failures")
+    return (ValueError, OSError, FloatingPointError) + ((checkpoint.CheckpointError,) if checkpoint else ()) + (
+        (failures.RunFailed,) if failures else ())
 
 
 # Verbs that embed a manifest's inputs with a model's towers: frozen towers' features are read from and kept in the

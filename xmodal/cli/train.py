@@ -30,7 +30,7 @@ def run_train(args) -> int:
     if args.verb == "pretrain" and cfg.tasks:
         raise ConfigError(f"{args.config}: has `tasks:`; run it with `xmodal finetune`")
     try:
-        run = train(cfg, resume=args.resume)
+        run = _train_reporting_failures(train, cfg, args.resume)
     except TrainingInterrupted as e:  # SIGINT/SIGTERM in the loop: a checkpoint at the step it stopped
         if e.main_process:
             launcher = " (through the same launcher)" if e.num_processes > 1 else ""
@@ -54,3 +54,28 @@ def resume_command(args) -> str:
     argv = list(getattr(args, "argv", None) or [args.verb, "--config", args.config, *args.overrides])
     prog = "python train.py" if Path(sys.argv[0]).name == "train.py" else "xmodal"
     return " ".join([prog, shlex.join(argv)] + ([] if "--resume" in argv else ["--resume"]))
+
+
+def _train_reporting_failures(train, cfg, resume: bool):
+    """``train``; on several processes, a failure on any rank stops them all and rank 0 names it (one line each:
+    :mod:`xmodal.training.failures`)."""
+    import time
+
+    from ..training import failures
+
+    rank, world_size = failures.world()
+    started = time.time()
+    try:
+        return train(cfg, resume=resume)
+    except Exception as e:  # not KeyboardInterrupt / SystemExit: interruption is the engine's to handle
+        from ..training.interrupt import TrainingInterrupted
+
+        if world_size <= 1 or isinstance(e, TrainingInterrupted):  # a signal is a stop every rank agreed on
+            raise
+        failed_at = time.time()
+        failures.record(cfg.output_dir, rank, e)
+        failures.stop_peers()
+        if rank != 0:
+            raise failures.RunFailed(failures.other_rank_line(cfg.output_dir, e, rank, started, failed_at,
+                                                              world_size)) from e
+        raise failures.RunFailed(failures.explain(cfg.output_dir, e, started, failed_at, world_size)) from e

@@ -4,8 +4,9 @@ On disk an index is a folder of three files::
 
     index.faiss      the faiss index (faiss.write_index)
     metadata.jsonl   one line per live row: {"index_id": 12, "meta": {...}}, in id order
-    index.json       kind, dim, options, next_id, counts, file sizes, HNSW tombstones and the model fingerprint
-                     {"run_dir", "sha256" (of model.safetensors), "embed_dim", "modality"}
+    index.json       kind, dim, options, next_id, counts, file sizes and checksums, HNSW tombstones and the model
+                     fingerprint {"run_dir", "sha256" (of model.safetensors), "embed_dim", "modality"}; sealed
+                     with its own "checksum" (xmodal.integrity), so a flipped bit that still parses is noticed
 
 A save writes a complete new folder beside the old one and swaps it in by renames (:func:`save_folder`); a load
 first resolves whatever an interrupted save left (:func:`recover`), then checks the files against each other before
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 import faiss
 
 from ..atomic import fsync_dir, fsync_file
+from ..integrity import ALGORITHM, IntegrityError, check_file, check_seal, file_record, seal
 from . import IndexCorruptError
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ INFO_NAME = "index.json"
 FILES = (FAISS_NAME, META_NAME, INFO_NAME)
 FORMAT = "xmodal-index"
 VERSION = 1
+REBUILD = "rebuild it with `xmodal index`"
 
 
 def _siblings(path: Path) -> tuple[Path, Path]:
@@ -102,7 +105,9 @@ def _write_into(folder: Path, index, meta: Mapping[int, dict], info: dict) -> No
             f.write(json.dumps({"index_id": i, "meta": meta[i]}, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    info = {**info, "files": {name: (folder / name).stat().st_size for name in (FAISS_NAME, META_NAME)}}
+    records = {name: file_record(folder / name) for name in (FAISS_NAME, META_NAME)}
+    info = seal({**info, "files": {name: r["size"] for name, r in records.items()},
+                 "checksums": {name: {ALGORITHM: r[ALGORITHM]} for name, r in records.items()}})
     with open(folder / INFO_NAME, "w", encoding="utf-8") as f:  # written last
         f.write(json.dumps(info, indent=2))
         f.flush()
@@ -162,7 +167,8 @@ def save_folder(path: Path, index, meta: Mapping[int, dict], info: dict) -> Path
 
 def open_folder(path: Path, repair: bool) -> tuple[Path, dict]:
     """Recover, then ``(folder to read, index.json)`` once the files are all there, ``index.json`` is an xmodal index
-    description this version understands and the other two files have the sizes it recorded.
+    description this version understands (and matches its own checksum) and the other two files have the sizes and
+    checksums it recorded (indexes saved before checksums: sizes only).
 
     ``path`` names the index in every error; ``folder`` is where it is read (``.NAME.old`` with ``repair=False``
     after a crash between the swap's renames).
@@ -177,9 +183,13 @@ def open_folder(path: Path, repair: bool) -> tuple[Path, dict]:
     try:
         info = json.loads((folder / INFO_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise IndexCorruptError(f"index {path}: unreadable {INFO_NAME}: {e}") from None
+        raise IndexCorruptError(f"index {path}: unreadable {INFO_NAME}: {e} ({REBUILD})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise IndexCorruptError(f"index {path}: {INFO_NAME} is not an xmodal index description")
+    try:
+        check_seal(info, folder / INFO_NAME, REBUILD)
+    except IntegrityError as e:
+        raise IndexCorruptError(f"index {path}: {e}") from None
     if info.get("version", 0) > VERSION:
         raise IndexCorruptError(f"index {path}: format version {info.get('version')} is newer than this xmodal "
                                 f"understands ({VERSION})")
@@ -187,7 +197,12 @@ def open_folder(path: Path, repair: bool) -> tuple[Path, dict]:
         actual = (folder / name).stat().st_size
         if actual != size:
             raise IndexCorruptError(f"index {path}: {name} has {actual} bytes, {INFO_NAME} recorded {size} "
-                                    f"(truncated or replaced)")
+                                    f"(truncated or replaced; {REBUILD})")
+    for name, record in (info.get("checksums") or {}).items():  # indexes saved before checksums have none
+        try:
+            check_file(folder / name, record, recorded_in=folder / INFO_NAME, remedy=REBUILD)
+        except IntegrityError as e:
+            raise IndexCorruptError(f"index {path}: {e}") from None
     return folder, info
 
 

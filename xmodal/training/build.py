@@ -67,6 +67,8 @@ def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Param
 
 def make_accelerator(cfg: Config, find_unused: bool = False):
     from accelerate import Accelerator
+
+    from .failures import process_group_kwargs
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     trackers = None if cfg.log.backend == "none" else cfg.log.backend
@@ -80,7 +82,8 @@ def make_accelerator(cfg: Config, find_unused: bool = False):
         # A sampler seeded by (seed, epoch) makes the data order a function of the position, which exact resume
         # (skip the batches already seen) relies on.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+        # collectives time out (XMODAL_COLLECTIVE_TIMEOUT_S): a hung process stops the others (failures.py)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused), process_group_kwargs()],
     )
 
 

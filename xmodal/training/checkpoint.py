@@ -22,6 +22,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from ..integrity import IntegrityError
+from .checkpoint_files import SlimSave, check_frozen, damaged_remedy, unwrapped_model, verify_files, write_manifest
+
 POSITION = "position.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ASIDE_DIR = re.compile(r"^\.old_step_(\d+)$")
@@ -54,9 +57,22 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     return [found[step] for step in sorted(found)]
 
 
+def _step(folder: Path) -> int:
+    return int(folder.name.rsplit("_", 1)[1])
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint. A newer ``step_N`` without ``position.json`` (deleted, or damaged by hand: a
+    save never leaves one) is passed over with a warning naming it."""
     dirs = checkpoint_dirs(output_dir)
-    return dirs[-1] if dirs else None
+    found = dirs[-1] if dirs else None
+    root = Path(output_dir) / "checkpoints"
+    for p in sorted(root.glob("step_*")) if root.is_dir() else []:
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and not (p / POSITION).is_file() and (found is None or int(m.group(1)) > _step(found)):
+            log.warning("checkpoints: %s has no %s (incomplete or damaged); %s", p, POSITION,
+                        f"using the older {found}" if found else "no complete checkpoint is left")
+    return found
 
 
 def _clean_leftovers(root: Path) -> None:
@@ -94,10 +110,14 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
         _clean_leftovers(root)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    slim = SlimSave(accelerator)
+    hook = (accelerator.register_save_state_pre_hook(slim)
+            if hasattr(accelerator, "register_save_state_pre_hook") else None)
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             (tmp / POSITION).write_text(json.dumps(position), encoding="utf-8")
+            write_manifest(tmp, slim.frozen)  # last: it records every other file
     except BaseException as e:  # also KeyboardInterrupt: never leave a half-written folder behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +128,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
                 else "no earlier checkpoint exists")
         raise CheckpointError(f"saving checkpoint step {step} to {final} failed: {type(e).__name__}: {e}; "
                               f"{kept}") from e
+    finally:
+        if hook is not None:
+            hook.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -164,6 +187,9 @@ def check_checkpoint_files(path: str | os.PathLike) -> None:
                 # mmap: only the pickle stream is parsed; tensor data is not read into memory twice
                 torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
             except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+                if "WeightsUnpickler" not in str(e):  # not a refused pickle: a file cut short or garbled
+                    raise CheckpointError(f"checkpoint {path}: {f.name} is damaged (torch.load: {_reason(e).split('. ')[0]})") \
+                        from None
                 raise CheckpointError(
                     f"refusing to load checkpoint {path}: {f.name} does not load as plain tensors/values "
                     f"(torch.load weights_only=True: {_reason(e)}). A pickle that needs more could run code when "
@@ -174,9 +200,23 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
     """Restore Accelerate state from ``path`` and return its data position. Every pickled file is checked with
     ``weights_only=True`` first (see :func:`check_checkpoint_files`)."""
     path = Path(path)
-    check_checkpoint_files(path)
     try:
-        accelerator.load_state(str(path))
+        check_checkpoint_files(path)  # first: a planted pickle is named as what it is, not as a changed file
+        manifest = verify_files(path, "")
+    except (IntegrityError, CheckpointError) as e:  # one line, and the older checkpoint to fall back on
+        older = [p for p in checkpoint_dirs(path.parent.parent) if _step(p) < _step(path)]
+        where = "" if str(path) in str(e) else f"checkpoint {path}: "
+        raise CheckpointError(f"{where}{str(e).rstrip('; ')}; {damaged_remedy(path, older)}") from None
+    frozen = (manifest or {}).get("frozen")
+    model = unwrapped_model(accelerator)
+    if model is not None:
+        try:
+            check_frozen(path, model, frozen)
+        except IntegrityError as e:
+            raise CheckpointError(str(e)) from None
+    try:
+        # a slim checkpoint holds all but the frozen tensors just checked to be in the model already
+        accelerator.load_state(str(path), **({"strict": False} if frozen else {}))
     except RuntimeError as e:  # "Error(s) in loading state_dict ... size mismatch": a model of another shape
         if "state_dict" not in str(e) and "size mismatch" not in str(e):
             raise

@@ -1,0 +1,180 @@
+"""A model folder's two files — ``model.safetensors`` and its card ``model.json`` — saved as one unit and checked
+before they are used.
+
+**The card is the manifest, written last.** It records the size and XXH3-128 checksum of the weights it was saved with
+(``"files"``) and its own checksum (``"checksum"``, see :mod:`xmodal.integrity`). Loading checks both before the
+weights are read, so a truncated, bit-flipped, empty or foreign ``model.safetensors`` is refused in one line naming
+the file, never loaded as something else and never a safetensors traceback. Cards written before checksums
+existed carry neither field and load as before.
+
+**Save** (``.model.safetensors.tmp``, ``.model.json.tmp`` and ``.model.safetensors.old`` are hidden siblings):
+
+1. finish what an interrupted save left (as below), delete stale temporary files;
+2. write the new weights into ``.model.safetensors.tmp`` and fsync it;
+3. write the new card (recording step 2's file) into ``.model.json.tmp`` and fsync it;
+4. keep the old weights as ``.model.safetensors.old`` (a hard link; a rename where links are not supported);
+5. rename the new weights onto ``model.safetensors``;
+6. rename the new card onto ``model.json`` — **the commit point**; fsync the folder;
+7. delete ``.model.safetensors.old``.
+
+**Load after a crash.** ``.model.safetensors.old`` *and* ``.model.json.tmp`` both present means the save stopped
+between steps 4 and 6: ``model.json`` is still the old card, and ``.model.safetensors.old`` its weights, so that
+pair is loaded (the previous model, complete). A crash at any other point leaves ``model.json`` with the weights it
+describes. Loading never changes the folder; the next save tidies it (step 1). So no crash point pairs new weights
+with the old card, which the two plain renames of earlier versions could.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from .integrity import IntegrityError, check_file, file_record, read_sealed_json, seal
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "model.json"
+REMEDY = "copy the model folder again from where it came (or train it again)"
+
+
+def _hidden(folder: Path) -> tuple[Path, Path, Path]:
+    """``(new weights, new card, old weights)`` of a save in progress."""
+    return (folder / f".{WEIGHTS_NAME}.tmp", folder / f".{CARD_NAME}.tmp", folder / f".{WEIGHTS_NAME}.old")
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _interrupted(folder: Path) -> bool:
+    """A save stopped between keeping the old weights aside and committing the new card (steps 4-6)."""
+    _, new_card, old_weights = _hidden(folder)
+    return old_weights.is_file() and new_card.is_file()
+
+
+def _tidy(folder: Path) -> None:
+    """Step 1 of a save: an interrupted save is rolled back to the old pair, or (after its commit) finished."""
+    new_weights, new_card, old_weights = _hidden(folder)
+    if _interrupted(folder):
+        log.warning("model %s: a save was interrupted before it completed; restoring the previous weights", folder)
+        os.replace(old_weights, folder / WEIGHTS_NAME)
+    _remove(new_weights, new_card, old_weights)
+
+
+def save_files(folder: Path, write_weights: Callable[[Path], None], card: dict[str, Any]) -> Path:
+    """Save a model folder as one unit (see the module's docstring). ``write_weights(path)`` writes the safetensors
+    file. A failure (a full disk, a read-only folder) removes what this save wrote, leaves the previous model as it
+    was and raises ``OSError`` saying so."""
+    from safetensors import SafetensorError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _tidy(folder)
+    new_weights, new_card, old_weights = _hidden(folder)
+    weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
+    try:
+        write_weights(new_weights)
+        _fsync(new_weights)  # on disk before any rename: a power cut cannot leave the name on an empty file
+        sealed = seal({**card, "files": {WEIGHTS_NAME: file_record(new_weights)}})
+        with open(new_card, "w", encoding="utf-8") as f:
+            f.write(json.dumps(sealed, indent=2))
+        _fsync(new_card)
+        # safetensors creates its file owner-only (0600); give the weights the card's mode, i.e. the user's umask
+        os.chmod(new_weights, os.stat(new_card).st_mode & 0o777)
+        if weights.is_file():
+            try:
+                os.link(weights, old_weights)
+            except OSError:  # no hard links here (some network / FAT file systems): move it aside instead
+                os.replace(weights, old_weights)
+            _fsync_dir(folder)
+        os.replace(new_weights, weights)
+        os.replace(new_card, card_path)  # the commit point
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        if old_weights.is_file():
+            os.replace(old_weights, weights)
+        _remove(new_weights, new_card)
+        message = f"saving the model to {folder} failed ({e}); the files already there are unchanged"
+        raise (OSError(e.errno, message) if isinstance(e, OSError) else OSError(message)) from e
+    _fsync_dir(folder)
+    _remove(old_weights)
+    return folder
+
+
+def open_files(folder: Path) -> tuple[Path, dict[str, Any], Callable[[], None]]:
+    """``(weights file to read, card, wait)`` of a model folder. The card is checked against its own checksum here;
+    the weights against the card's record (where the card has one) in a background thread, as hashing 100 MB takes
+    a few tens of ms that building the model can hide: ``wait()`` joins it and raises :class:`IntegrityError` on a
+    mismatch — call it before the weights are read. After a save interrupted before its commit, the previous pair
+    (see the module's docstring)."""
+    folder = Path(folder)
+    card_path, weights = folder / CARD_NAME, folder / WEIGHTS_NAME
+    if _interrupted(folder):
+        weights = _hidden(folder)[2]
+        log.warning("model %s: a save was interrupted before it completed; loading the previous model (%s)",
+                    folder, weights.name)
+    if not card_path.is_file():
+        if weights.is_file():
+            raise FileNotFoundError(f"{card_path} is missing: {folder} is not an xmodal model folder without it "
+                                    f"(needs {CARD_NAME} and {WEIGHTS_NAME}); {REMEDY}")
+        raise FileNotFoundError(f"{folder}: not an xmodal model folder (needs {CARD_NAME} and {WEIGHTS_NAME})")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing (the model card {card_path} needs it); {REMEDY}")
+    card = read_sealed_json(card_path, REMEDY)
+    record = (card.get("files") or {}).get(WEIGHTS_NAME)
+    if not isinstance(record, dict):  # a card written before checksums: nothing to check
+        return weights, card, lambda: None
+    if record.get("size") != weights.stat().st_size:  # cut short or empty: said at once, no hashing needed
+        check_file(weights, record, recorded_in=card_path, remedy=REMEDY)
+    outcome: list[BaseException | None] = []
+
+    def verify() -> None:
+        try:
+            check_file(weights, record, recorded_in=card_path, remedy=REMEDY)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to wait(), raised in the loading thread
+            outcome.append(e)
+    thread = threading.Thread(target=verify, name="xmodal-verify-weights", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+    return weights, card, wait
+
+
+def unreadable(weights: Path, card_path: Path, error: Exception) -> IntegrityError:
+    """One line for weights that passed the card's checks (or had none) but do not load into the card's model."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    detail = "; ".join(lines[:3]) or type(error).__name__
+    return IntegrityError(f"{weights} does not load as the model {card_path} describes ({detail}): the file is "
+                          f"damaged or not the one saved with this card; {REMEDY}")
