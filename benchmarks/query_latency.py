@@ -1,5 +1,6 @@
 """How long one text query takes: ``xmodal query`` (a fresh process: imports, model load, search) with the page
-cache cold and warm, and ``xmodal serve``'s per-request latency (the model loaded once, kept warm).
+cache cold and warm, ``xmodal serve``'s per-request latency (the model loaded once, kept warm), and a fresh
+``xmodal query --server URL`` process asking that server (no torch imported).
 
 ``--baseline PATH`` also times ``xmodal query`` from another checkout (``PYTHONPATH=PATH``, e.g. the main branch)
 interleaved with this one, in random order each round, so both meet the same machine load.
@@ -68,8 +69,9 @@ def time_query(pythonpath: Path, index: str, text: str) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def serve_latency(index: str, requests: int) -> list[float]:
-    """Seconds per ``POST /api/search`` of a text query against a running ``xmodal serve`` (after one warm-up)."""
+def serve_latency(index: str, requests: int, cli_queries: int = 0) -> tuple[list[float], list[tuple[float, float]]]:
+    """Seconds per ``POST /api/search`` of a text query against a running ``xmodal serve`` (after one warm-up), and
+    (wall, CPU) seconds of ``cli_queries`` fresh ``xmodal query --server`` processes asking it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -92,7 +94,20 @@ def serve_latency(index: str, requests: int) -> list[float]:
                 raise SystemExit(f"serve answered {resp.status}: {data[:300]!r}")
             if i:  # the first request warms the tokenizer and allocator
                 times.append(time.perf_counter() - t)
-        return times
+        cli = []
+        for i in range(cli_queries):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "xmodal.cli", "query", "--server", f"http://127.0.0.1:{port}",
+                                  "--text", QUERIES[i % len(QUERIES)], "-k", "5", "--json"], env=env,
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if out.returncode != 0:
+                raise SystemExit(f"xmodal query --server failed: {out.stderr.strip()[-500:]}")
+            json.loads(out.stdout)
+            cli.append((wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)))
+        return times, cli
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -104,6 +119,7 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to time side by side")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--serve-requests", type=int, default=100)
+    p.add_argument("--server-queries", type=int, default=10, help="fresh `xmodal query --server` processes timed")
     p.add_argument("--cold-packages", action="store_true", help="also evict site-packages (your own machine only)")
     a = p.parse_args()
     info = json.loads((Path(a.index) / "index.json").read_text())
@@ -130,9 +146,14 @@ def main() -> None:
         print(f"{name:<15} {cache:<5} {statistics.median(w for w, _ in v):>7.2f} "
               f"{statistics.median(c for _, c in v):>6.2f}")
     if a.serve_requests:
-        t = sorted(serve_latency(a.index, a.serve_requests))
+        times, cli = serve_latency(a.index, a.serve_requests, a.server_queries)
+        t = sorted(times)
         print(f"xmodal serve, {len(t)} text queries one after another: median {statistics.median(t) * 1e3:.1f} ms, "
               f"p90 {t[int(0.9 * (len(t) - 1))] * 1e3:.1f} ms, max {t[-1] * 1e3:.1f} ms")
+        if cli:
+            print(f"xmodal query --server (a fresh process asking it), {len(cli)} queries: median wall "
+                  f"{statistics.median(w for w, _ in cli):.3f} s, max {max(w for w, _ in cli):.3f} s, median CPU "
+                  f"{statistics.median(c for _, c in cli):.3f} s")
 
 
 if __name__ == "__main__":

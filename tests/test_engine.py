@@ -198,6 +198,7 @@ def test_evaluations_during_training_embed_frozen_eval_inputs_once(clipart, tmp_
         cfg = tiny(clipart, tmp_path / f"every{every}", max_steps=4, eval_every=every)
         cfg.model.towers["image"].freeze = True
         cfg.data.eval_split = "test"
+        cfg.train.feature_cache_dir = "off"  # this run's own encoder passes (the disk cache would serve the 2nd run)
         seen.clear()
         runs[every] = pretrain(cfg)
         encoded = sum(seen)

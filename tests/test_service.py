@@ -502,3 +502,43 @@ def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(built, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_query_asks_a_running_server_and_loads_no_model(server, retriever, built, tmp_path):
+    """`xmodal query --server URL`: the running server's hits, printed by a process that imports no torch, faiss or
+    numpy (so it answers in the time of one HTTP request); an image file travels as image_base64."""
+    def query(*flags):
+        code = ("import sys; from xmodal.cli import main; rc = main(sys.argv[1:]); "
+                "print([m for m in ('torch', 'faiss', 'numpy') if m in sys.modules], file=sys.stderr); sys.exit(rc)")
+        return subprocess.run([sys.executable, "-c", code, "query", "--server", server.url, *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    proc = query("--text", "a red car", "-k", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+    answer = json.loads(proc.stdout)
+    assert answer["query"] == {"modality": "text", "value": "a red car"}
+    same_hits(answer["hits"], retriever.search("a red car", "text", k=5))
+
+    image = Path(built[2][3]["image"])
+    proc = query("--image", str(image), "-k", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    same_hits(json.loads(proc.stdout)["hits"], retriever.search(str(image), "image", k=3))
+
+    table = query("--text", "a red car", "-k", "2")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split() == ["rank", "score", "id", "label", "value"]
+    assert len(table.stdout.splitlines()) == 3
+
+    srv_error = query("--text", " ", "-k", "2")  # the server's 400, as one line
+    assert srv_error.returncode == 2 and "answered 400: empty query" in srv_error.stderr
+    assert "Traceback" not in srv_error.stderr
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = subprocess.run([sys.executable, "-m", "xmodal.cli", "query", "--server", f"http://127.0.0.1:{port}",
+                           "--text", "a red car"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2 and "cannot reach an xmodal server" in down.stderr and "Traceback" not in down.stderr
+    neither = subprocess.run([sys.executable, "-m", "xmodal.cli", "query", "--text", "x"], capture_output=True,
+                             text=True, timeout=120)
+    assert neither.returncode == 2 and "--index DIR, or --server URL" in neither.stderr

@@ -91,7 +91,11 @@ def run_index_shards(args) -> int:
 
 def add_query_verb(sub) -> None:
     s = sub.add_parser("query", help="search an index with a text, image or audio query")
-    s.add_argument("--index", required=True, help="index folder written by `xmodal index` (or `xmodal index-shards`)")
+    s.add_argument("--index", default=None,
+                   help="index folder written by `xmodal index` (or `xmodal index-shards`); or give --server")
+    s.add_argument("--server", default=None, metavar="URL",
+                   help="ask a running `xmodal serve` (e.g. http://127.0.0.1:8000) instead: its model is already "
+                        "loaded, so the answer takes milliseconds, not the seconds of loading torch and the model")
     q = s.add_mutually_exclusive_group(required=True)
     for modality, text in query_flags().items():
         q.add_argument(f"--{modality}", default=None, help=text)
@@ -174,11 +178,25 @@ def _tune_queries(args, model) -> dict:
 
 
 def run_query(args) -> int:
-    from ..retrieval import RetrievalError, Retriever, format_hits, parse_filters
+    from ..retrieval import RetrievalError, format_hits, parse_filters
 
     if args.k < 1:
         raise RetrievalError(f"-k must be at least 1, got {args.k}")
+    if (args.index is None) == (args.server is None):
+        raise RetrievalError("give the index to search: --index DIR, or --server URL of a running `xmodal serve`")
     modality, value = query_input(args)
+    if args.server is not None:
+        if args.run is not None:
+            raise RetrievalError("--run goes with --index: a server answers with the model it loaded")
+        answer = ask_server(args.server, modality, value, args.k, parse_filters(args.filter))
+        if args.json:
+            print(json.dumps({"server": args.server, "query": {"modality": modality, "value": value},
+                              "hits": answer["hits"]}, indent=2))
+        else:
+            print(format_hits(answer["hits"]))
+        return 0
+    from ..retrieval import Retriever
+
     retriever = Retriever(args.index, model=args.run)
     hits = retriever.search(value, modality, k=args.k, filter=parse_filters(args.filter))
     if args.json:
@@ -204,3 +222,40 @@ def run_serve(args) -> int:
           search_timeout=args.timeout, max_body_bytes=max(1, int(args.max_upload_mb * 1024 * 1024)),
           max_batch=args.max_batch)
     return 0
+
+
+def ask_server(url: str, modality: str, value: str, k: int, filt: dict | None, timeout: float = 60.0) -> dict:
+    """``POST URL/api/search`` of a running ``xmodal serve``: a string-valued modality's query as itself, a file as
+    ``<modality>_base64``. Imports no torch or faiss; an unreachable server or an error answer is one line."""
+    import base64
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    from ..retrieval import RetrievalError
+
+    if get_modality(modality).value == "string":
+        body: dict = {modality: value}
+    else:
+        try:
+            body = {f"{modality}_base64": base64.b64encode(Path(value).expanduser().read_bytes()).decode("ascii")}
+        except OSError as e:
+            raise RetrievalError(f"{modality} query file {value}: {e.strerror or e}") from None
+    body["k"] = k
+    if filt:
+        body["filter"] = filt
+    request = urllib.request.Request(url.rstrip("/") + "/api/search", data=json.dumps(body).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:  # the server's own one-line JSON error
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise RetrievalError(f"{url} answered {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RetrievalError(f"cannot reach an xmodal server at {url} ({reason}); start one with `xmodal serve "
+                             f"--index DIR`") from None

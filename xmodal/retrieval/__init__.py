@@ -30,7 +30,10 @@ __all__ = ["EmbeddingIndex", "Hit", "ShardedIndex", "open_index", "Retriever", "
 
 
 def __getattr__(name):  # lazy: faiss / numpy load on first use
-    if name in ("EmbeddingIndex", "Hit"):
+    if name in ("Hit", "format_hits"):  # light: what `xmodal query --server` prints
+        from . import hits
+        return getattr(hits, name)
+    if name == "EmbeddingIndex":
         from . import index
         return getattr(index, name)
     if name in ("ShardedIndex", "open_index"):
@@ -39,7 +42,7 @@ def __getattr__(name):  # lazy: faiss / numpy load on first use
     if name == "parse_filters":  # no faiss needed to read --filter flags
         from .filters import parse_filters
         return parse_filters
-    if name in ("Retriever", "build_index", "model_fingerprint", "format_hits"):
+    if name in ("Retriever", "build_index", "model_fingerprint"):
         from . import retriever
         return getattr(retriever, name)
     raise AttributeError(f"module 'xmodal.retrieval' has no attribute {name!r}")

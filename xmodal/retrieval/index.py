@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -28,6 +27,7 @@ import faiss
 import numpy as np
 
 from . import IndexCorruptError, RetrievalError, exact, kinds
+from .hits import RESERVED_HIT_KEYS, Hit  # noqa: F401 (xmodal.retrieval.index.Hit, as before)
 from .filters import Filter, _predicate, parse_filters
 from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open_folder, read_faiss, read_metadata, \
     save_folder
@@ -43,33 +43,6 @@ def __getattr__(name):  # PATH_MODALITIES, as before 0.2: now a live view of the
         return tuple(path_modalities())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 EXACT_SUBSET = 2048  # a filter that leaves at most this many rows is answered by exact search over those rows
-
-# Keys of a hit's dict (:meth:`Hit.to_dict`, the CLI's ``query --json``, ``POST /api/search``) that xmodal itself
-# fills; a metadata field of the same name (a manifest column called ``score``, ``rank``, ...) never replaces them.
-RESERVED_HIT_KEYS = ("rank", "index_id", "score", "thumb", "metadata")
-
-
-@dataclass
-class Hit:
-    """One search result: the index's row id, the inner-product score (cosine for normalised vectors), metadata."""
-
-    id: int
-    score: float
-    metadata: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """``{"index_id", "score", ...metadata, "metadata": {...}}``.
-
-        ``index_id`` and ``score`` are always the row id and the similarity. The metadata fields are copied to the
-        top level for convenience, except those named like a reserved key (:data:`RESERVED_HIT_KEYS`: ``rank``,
-        ``index_id``, ``score``, ``thumb``, ``metadata``); ``"metadata"`` holds the row's complete metadata record
-        as stored, so a manifest column called ``score`` is ``hit["metadata"]["score"]``.
-        """
-        out: dict = {"index_id": self.id, "score": self.score}
-        out.update((k, v) for k, v in self.metadata.items() if k not in RESERVED_HIT_KEYS)
-        out["metadata"] = dict(self.metadata)
-        return out
-
 
 # ------------------------------------------------------------------------------------------------------- helpers
 

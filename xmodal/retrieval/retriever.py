@@ -14,14 +14,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import FingerprintMismatchError, IndexCorruptError, RetrievalError
 from .filters import Filter
 from ..modalities.registry import path_modalities
-from .index import EmbeddingIndex, Hit
+from .hits import Hit, format_hits  # noqa: F401 (xmodal.retrieval.retriever.format_hits, as before)
+from .index import EmbeddingIndex
 from .sharded import ShardedIndex, open_index
 from .index_files import _looks_like_index
 
@@ -412,21 +413,3 @@ class Retriever:
                           **search_opts: Any) -> list[list[Hit]]:
         """Search with already-computed query embeddings ``[nq, dim]``."""
         return self.index.search(embeddings, k, filter, **search_opts)
-
-
-def format_hits(hits: Sequence[Hit], width: int = 80) -> str:
-    """A text table of hits: rank, score, id (the manifest id), label, value (path or text, shortened)."""
-    if not hits:
-        return "no results"
-    rows = [("rank", "score", "id", "label", "value")]
-    for r, h in enumerate(hits, 1):
-        value = "" if h.metadata.get("value") is None else str(h.metadata.get("value")).replace("\n", " ")
-        if len(value) > width:
-            value = "…" + value[-(width - 1):] if h.metadata.get("modality") in path_modalities() \
-                else value[:width - 1] + "…"
-        label = h.metadata.get("label")
-        rows.append((str(r), f"{h.score:.4f}", str(h.metadata.get("id", h.id)), "" if label is None else str(label),
-                     value))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join([row[0].rjust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2]),
-                                row[3].ljust(widths[3]), row[4]]).rstrip() for row in rows)
