@@ -32,6 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from .atomic import fsync_dir, fsync_file
 from .integrity import IntegrityError, check_file, file_record, read_sealed_json, seal
 
 log = logging.getLogger(__name__)
@@ -52,27 +53,6 @@ def _remove(*paths: Path) -> None:
             os.unlink(p)
         except FileNotFoundError:
             pass
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _interrupted(folder: Path) -> bool:
@@ -103,11 +83,11 @@ def save_files(folder: Path, write_weights: Callable[[Path], None], card: dict[s
     weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
     try:
         write_weights(new_weights)
-        _fsync(new_weights)  # on disk before any rename: a power cut cannot leave the name on an empty file
+        fsync_file(new_weights)  # on disk before any rename: a power cut cannot leave the name on an empty file
         sealed = seal({**card, "files": {WEIGHTS_NAME: file_record(new_weights)}})
         with open(new_card, "w", encoding="utf-8") as f:
             f.write(json.dumps(sealed, indent=2))
-        _fsync(new_card)
+        fsync_file(new_card)
         # safetensors creates its file owner-only (0600); give the weights the card's mode, i.e. the user's umask
         os.chmod(new_weights, os.stat(new_card).st_mode & 0o777)
         if weights.is_file():
@@ -115,7 +95,7 @@ def save_files(folder: Path, write_weights: Callable[[Path], None], card: dict[s
                 os.link(weights, old_weights)
             except OSError:  # no hard links here (some network / FAT file systems): move it aside instead
                 os.replace(weights, old_weights)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         os.replace(new_weights, weights)
         os.replace(new_card, card_path)  # the commit point
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
@@ -124,7 +104,7 @@ def save_files(folder: Path, write_weights: Callable[[Path], None], card: dict[s
         _remove(new_weights, new_card)
         message = f"saving the model to {folder} failed ({e}); the files already there are unchanged"
         raise (OSError(e.errno, message) if isinstance(e, OSError) else OSError(message)) from e
-    _fsync_dir(folder)
+    fsync_dir(folder)
     _remove(old_weights)
     return folder
 
