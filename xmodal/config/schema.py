@@ -115,12 +115,21 @@ class DataConfig:
     # absolute paths and symlinks leading out of it (a manifest you trust that points at files elsewhere).
     allow_outside_root: bool = True  # a training manifest is the user's own; false confines it (docs/data.md)
     shards: str | list[str] | None = None  # tar (brace-expanded, pipe:, URLs) or .parquet shards: docs/data.md
+    hf_dataset: str | None = None  # streamed with Hugging Face datasets: a folder, a builder ("json") or a hub id
+    hf_config: str | None = None  # the dataset's config name, if it has several
+    hf_split: str = "train"
+    hf_data_files: str | list[str] | None = None  # data files for hf_dataset (e.g. hf_dataset: parquet)
     shard_sizes: str | None = None  # open_clip's sizes.json ({"00000.tar": n}); default: the one beside the shards
     columns: dict[str, str] = field(default_factory=dict)  # column -> members: "jpg;png", "json:caption"
     resampled: bool = False  # draw shards with replacement (open_clip's --dataset-resampled); train.samples_per_epoch
     shuffle_block: int = 1000  # samples shuffled together in one (rank, worker)'s slice (raw bytes in memory)
     max_bad_fraction: float = 0.01  # bad samples (undecodable, missing member) skipped per epoch before a stop
     record_ids: bool = False  # each rank appends every batch's sample ids to <output_dir>/ids/rank<R>.jsonl
+
+    @property
+    def streamed(self) -> bool:
+        """Training streams (tar/Parquet shards or a Hugging Face streaming dataset) instead of reading a manifest."""
+        return self.shards is not None or self.hf_dataset is not None
 
 
 @dataclass

@@ -32,6 +32,8 @@ class ShardError(ValueError):
 class Shard:
     url: str
     samples: int
+    source: Any = None  # a Hugging Face streaming source (:class:`.hf_source.HFSource`) whose shard ``part`` this is
+    part: int = 0
 
 
 @dataclass(frozen=True)

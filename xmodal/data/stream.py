@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..batch import collate
 from .shard_plan import Layout, block_order, epoch_steps, skip, worker_batches, worker_segments
+from .hf_source import read_hf
 from .shards import BadSample, SampleDecoder, Shard, read_samples
 
 BAD = "__bad__"  # batch key: the skipped samples of the batch's slots, as "shard: sample 'key': reason"
@@ -63,7 +64,7 @@ class ShardStream(IterableDataset):
         """The worker's raw samples from position ``done`` on, block by block, each block permuted."""
         size = self.shuffle_block
         first = done // size
-        raws = (raw for seg in skip(segments, first * size) for raw in read_samples(seg.shard, seg.start, seg.stop))
+        raws = (raw for seg in skip(segments, first * size) for raw in read_segment(seg.shard, seg.start, seg.stop))
         for block in range(first, -(-length // size)):
             n = min(size, length - block * size)
             chunk = [next(raws) for _ in range(n)]
@@ -71,6 +72,11 @@ class ShardStream(IterableDataset):
             drop = done - block * size if block == first else 0
             for i in order[drop:]:
                 yield chunk[i]
+
+
+def read_segment(shard: Shard, start: int, stop: int) -> Iterator[Any]:
+    """The raw samples ``[start, stop)`` of a tar or Parquet shard, or of a Hugging Face streaming dataset's shard."""
+    return read_hf(shard, start, stop) if shard.source is not None else read_samples(shard, start, stop)
 
 
 def batch_of(items: list) -> dict:

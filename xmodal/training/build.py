@@ -180,7 +180,7 @@ def read_tasks(cfg: Config, world: int = 1) -> dict[str, TaskRun]:
     modalities = list(cfg.model.towers)
     tasks: dict[str, TaskRun] = {}
     for name, tc in task_configs(cfg, modalities).items():
-        if cfg.data.shards is not None:
+        if cfg.data.streamed:
             tasks[name] = shard_task(cfg, name, tc, world)
             continue
         train_m, eval_m = read_task_manifests(cfg, name, tc)
@@ -213,7 +213,7 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
     cached features for frozen, non-augmented towers (embedded once, here). A sharded task streams instead
     (:mod:`.streaming`; its frozen towers run at each step)."""
     t, modalities = cfg.train, list(cfg.model.towers)
-    if cfg.data.shards is not None:
+    if cfg.data.streamed:
         for r in tasks.values():
             attach_stream(cfg, accelerator, model, r, metrics)
         return

@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config, TaskConfig
 from ..data.shard_plan import Layout, epoch_steps, position
+from ..data.hf_source import HFSource, hf_shards
 from ..data.shards import SampleDecoder, parse_columns, shard_list
 from ..data.stream import BAD, ShardCorpus, ShardStream, StreamLoader
 from .checkpoint import latest_checkpoint
@@ -39,13 +40,23 @@ def shard_corpus(cfg: Config, world: int) -> ShardCorpus:
     d, t = cfg.data, cfg.train
     layout = Layout(world=world, workers=max(1, d.num_workers), batch=t.batch_size * t.grad_accum_steps,
                     seed=cfg.seed, resampled=d.resampled, samples_per_epoch=t.samples_per_epoch)
-    corpus = ShardCorpus(shard_list(d.shards, d.shard_sizes), layout)
+    corpus = ShardCorpus(stream_shards(cfg), layout)
     if epoch_steps(corpus.shards, layout) == 0:
         per_step = layout.batch * world
         raise ValueError(f"data.shards: {len(corpus)} samples {'per epoch ' if d.resampled else ''}is less than one "
                          f"step's batch of {per_step} (train.batch_size × train.grad_accum_steps × {world} "
                          f"process(es)): lower train.batch_size or give more samples")
     return corpus
+
+
+def stream_shards(cfg: Config) -> list:
+    """``data.shards`` with their counts, or the shards of ``data.hf_dataset`` (its columns checked first)."""
+    d = cfg.data
+    if d.hf_dataset is None:
+        return shard_list(d.shards, d.shard_sizes)
+    files = [d.hf_data_files] if isinstance(d.hf_data_files, str) else d.hf_data_files
+    src = HFSource(d.hf_dataset, d.hf_split, d.hf_config, tuple(files) if files else None)
+    return hf_shards(src, parse_columns(d.columns, list(cfg.model.towers)), d.shard_sizes)
 
 
 def shard_task(cfg: Config, name: str, tc: TaskConfig, world: int) -> TaskRun:
@@ -59,7 +70,7 @@ def shard_task(cfg: Config, name: str, tc: TaskConfig, world: int) -> TaskRun:
         eval_data = (usable_rows(m, name, tc, d.eval_split) if len(tc.modalities) == 2 else m).dataset
     log.info("data.shards: %d shards, %d samples; %d steps per epoch on each of %d process(es)", len(corpus.shards),
              len(corpus), epoch_steps(corpus.shards, corpus.layout), world)
-    return TaskRun(name, tc, corpus, eval_data, source=str(d.shards))
+    return TaskRun(name, tc, corpus, eval_data, source=str(d.shards if d.hf_dataset is None else d.hf_dataset))
 
 
 def attach_stream(cfg: Config, accelerator, model, r: TaskRun, metrics: MetricsLog) -> None:
