@@ -181,3 +181,23 @@ def clipart_hf_large(clipart, tmp_path_factory) -> tuple[Path, int]:
     for s in range(4):
         ds.shard(4, s, contiguous=True).to_parquet(str(out / "data" / f"train-{s:05d}-of-00004.parquet"))
     return out, len(rows)
+
+
+def test_a_corrupt_image_is_one_bad_sample_named_by_file_and_id(clipart, tmp_path):
+    """datasets' decoding is off: a corrupt image cell is one BadSample (file and id named); the rows after it in the
+    same file still come."""
+    from xmodal.data.shards import BadSample
+
+    rows = read_manifest(clipart, check_files=False).dataset.select(range(5))
+    ds = _embedded(rows)
+    bad_id = ds[2]["id"]
+    table = ds.data.table.to_pylist()
+    table[2]["img"] = {"bytes": b"\xff\xd8 not a jpeg", "path": None}
+    datasets.Dataset.from_list(table, features=ds.features).to_parquet(str(tmp_path / "part.parquet"))
+    src = HFSource("parquet", data_files=(str(tmp_path / "part.parquet"),))
+    [shard] = hf_shards(src, parse_columns(COLUMNS, ["image", "text"]))
+    decode = SampleDecoder(parse_columns(COLUMNS, ["image", "text"]), {})
+    out = [decode(raw) for raw in read_segment(shard, 1, 5)]
+    assert [isinstance(o, BadSample) for o in out] == [False, True, False, False]
+    assert str(out[1]).startswith(f"{shard.url}: sample '{bad_id}': ") and "cannot decode" in str(out[1])
+    assert [o["id"] for o in out if not isinstance(o, BadSample)] == [ds[i]["id"] for i in (1, 3, 4)]
