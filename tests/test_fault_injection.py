@@ -313,18 +313,19 @@ def test_another_corpus_shard_past_max_bad_fraction_stops_in_one_line(data_shard
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_damaged_sizes_json_is_one_line_or_counted_from_the_shards(data_shards, clipart, tmp_path, capfd, fault):
-    """sizes.json unreadable or disagreeing with checksums.json (another corpus's: its 00004.tar has 25 samples,
-    ours 20) → one line naming it; missing → documented fallback, counts read from the tar headers: the clean
-    run's weights exactly."""
+@pytest.mark.parametrize("name", ["sizes.json", "checksums.json"])
+def test_damaged_shard_index_is_one_line_or_a_fallback(data_shards, clipart, tmp_path, capfd, name, fault):
+    """sizes.json / checksums.json unreadable, or from another corpus (whose 00003.tar has 25 samples, ours 19: the
+    two disagree) → one line naming it; missing → documented fallback (sizes.json: counts read from the tar
+    headers; checksums.json: shards read unchecked, as those of other tools): the clean run's weights exactly."""
     folder = tmp_path / "shards"
     shutil.copytree(data_shards["clipart"], folder)
-    assert damage(folder / "sizes.json", fault, data_shards["fashion"] / "sizes.json")
+    assert damage(folder / name, fault, data_shards["fashion"] / name)
     run = tmp_path / "run"
     rc, err = cli(["pretrain", "--config", str(_stream_config(clipart, folder, run, data_shards["spec"]))], capfd)
     if fault == "missing":
         assert rc == 0 and "Traceback" not in err, err
         assert_same_weights(run, data_shards["clean"])
         return
-    assert_one_line_error(rc, err, "pretrain", str(folder / "sizes.json"))
+    assert_one_line_error(rc, err, "pretrain", str(folder / name))
     assert not (run / "checkpoints").exists()

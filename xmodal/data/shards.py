@@ -90,8 +90,8 @@ def shard_list(spec: str | Sequence[str], sizes: str | None = None) -> list[Shar
         if n is not None and record is not None and n != record.get("samples"):
             source = sizes or str(Path(_local_path(url)).parent / SIZES_NAME)
             raise ShardError(f"{source}: {name}: {n!r} samples, but {recorded_in} recorded {record.get('samples')} "
-                             f"when the shard was written: {SIZES_NAME} is damaged or belongs to other shards; "
-                             f"delete it (counts are then read from the shards) or write the shards again")
+                             f"when the shard was written: one of the two is damaged or belongs to other shards; "
+                             f"write the shards again (or delete {SIZES_NAME}: counts are then read from the shards)")
         if n is None:
             if not _is_local(url) and not is_parquet(url):
                 raise ShardError(f"{url}: no sample count: give data.shard_sizes (a sizes.json such as "
