@@ -54,6 +54,22 @@ def test_xmodal_shard_round_trips_through_webdataset_and_open_clip(clipart, shar
     assert json.loads(seen[0]["json"])["label"] == rows[0]["label"]
 
 
+def test_xmodal_shard_records_each_tar_as_the_reader_checks_it(shards):
+    """checksums.json: each tar's size and XXH3-128 (computed here with xxhash directly) and its count (= sizes.json,
+    = the samples webdataset reads); shard_list hands each shard its record."""
+    import xxhash
+
+    from xmodal.data.shards import shard_list
+    records = json.loads((shards / "checksums.json").read_text())["shards"]
+    sizes = json.loads((shards / "sizes.json").read_text())
+    assert records.keys() == sizes.keys()
+    for name, rec in records.items():
+        data = (shards / name).read_bytes()
+        assert rec == {"samples": sizes[name], "size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+        assert rec["samples"] == len(list(wds.WebDataset(str(shards / name), shardshuffle=False)))
+    assert [s.record for s in shard_list(_spec(shards))] == [records[n] for n in sorted(records)]
+
+
 def test_xmodal_shard_reports_bad_rows_by_row_and_field(clipart, tmp_path, capsys):
     """Row 2's image is replaced by an empty file: found while its shard is written, named by row, id and field."""
     import csv

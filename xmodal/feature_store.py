@@ -9,7 +9,9 @@ is a new input), a string's content. A shard holds ``features`` (``[rows, ...]``
 * written once and atomically (temporary sibling, fsync, rename: :mod:`xmodal.atomic`), so a reader sees a whole
   shard or none, and a pass killed half-way keeps every shard it finished;
 * checked before its rows are used: its size against its header (always), its bytes against its name (once per
-  process); a damaged shard is reported in one warning line, removed, and its inputs are embedded again;
+  process), the tower it was written for (its metadata) against its folder — the inputs' keys do not depend on the
+  tower, so another tower's shard copied in would otherwise serve that tower's features; a damaged or foreign shard
+  is reported in one warning line, removed, and its inputs are embedded again;
 * read through ``np.memmap`` of its data region: features live in the page cache, not in each process's heap
   (safetensors for a self-describing file a peer library reads, and no pickle; benchmarks/feature_cache_formats.py
   measured ``safe_open().get_slice`` per row 6x slower than a memmap of the same bytes).
@@ -113,6 +115,9 @@ def _header(path: Path) -> tuple[dict, int]:
         raise ValueError(f"{size} bytes where the header describes {start + end}")
     if header["features"]["shape"][0] != header["keys"]["shape"][0]:
         raise ValueError("features and keys differ in rows")
+    tower = header.get("__metadata__", {}).get("tower")
+    if tower is not None and tower != path.parent.name:  # (shards written before this was recorded: unchecked)
+        raise ValueError(f"written for tower {tower}, not this folder's {path.parent.name}")
     return header, start
 
 
@@ -267,7 +272,7 @@ class FeatureStore:
 
         data = save({"features": np.ascontiguousarray(features, dtype=np.float32),
                      "keys": np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), KEY_BYTES)},
-                    metadata={"format": str(FORMAT)})
+                    metadata={"format": str(FORMAT), "tower": self.folder.name})
         path = self.folder / (hashlib.sha256(data).hexdigest()[:32] + SUFFIX)
         with replacing(path, path.with_name(f".{path.name}.{os.getpid()}.tmp")) as tmp:
             tmp.write_bytes(data)

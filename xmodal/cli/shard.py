@@ -11,7 +11,7 @@ _SHOWN = 10  # bad rows printed in full
 def add_shard_verb(sub) -> None:
     s = sub.add_parser("shard", help="write a manifest's rows as WebDataset tar shards (+ sizes.json)")
     s.add_argument("--manifest", required=True, help="CSV, JSONL, Parquet or a saved HF dataset")
-    s.add_argument("--out", required=True, help="folder for 00000.tar, 00001.tar, ... and sizes.json")
+    s.add_argument("--out", required=True, help="folder for 00000.tar, 00001.tar, ..., checksums.json and sizes.json")
     s.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="samples per shard (1000)")
     s.add_argument("--split", default=None, help="only the rows whose split column equals this")
     s.add_argument("--modalities", nargs="+", default=None, metavar="NAME",
@@ -41,5 +41,5 @@ def run_shard(args) -> int:
     if not report.shards:
         raise ManifestError(f"{manifest.source}: no row could be written; nothing to shard")
     print(f"wrote {report.samples} samples in {len(report.shards)} shard(s) to {args.out} "
-          f"({report.shards[0].name} .. {report.shards[-1].name}, sizes.json)")
+          f"({report.shards[0].name} .. {report.shards[-1].name}, checksums.json, sizes.json)")
     return 0

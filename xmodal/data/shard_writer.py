@@ -5,7 +5,9 @@ a file-valued modality's file as it is, under its own extension (``.jpg``, ``.pn
 of the modality's registered ``shard_keys``), a string-valued one as UTF-8 under its first shard key (``.txt``) —
 and ``KEY.json`` holding the row's ``id`` and its other columns (``label``, ``split``, ...). Shards are
 ``00000.tar``, ``00001.tar``, ... of ``samples_per_shard`` samples, each written to a temporary name and renamed
-when complete; ``sizes.json`` (open_clip's sample-count index, ``{"00000.tar": n}``) is written last.
+when complete; ``checksums.json`` (each tar's size, XXH3-128 and sample count, sealed: what readers check a shard
+against, :func:`xmodal.data.shards.shard_list`) next, and ``sizes.json`` (open_clip's sample-count index,
+``{"00000.tar": n}``) last.
 
 Rows are checked as they are written (the file still there, not empty, its modality's check): a bad row is left
 out and reported with the manifest row and field; nothing is read twice.
@@ -22,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..atomic import fsync_dir, replacing, write_text
+from ..integrity import file_record, seal
 from .errors import ManifestError
 from .manifest import Manifest
-from .shards import SIZES_NAME
+from .shards import CHECKSUMS_NAME, SIZES_NAME
 
 
 @dataclass
@@ -93,6 +96,8 @@ def write_shards(manifest: Manifest, out_dir: str | os.PathLike, samples_per_sha
                     _add(tar, name, blob)
         report.shards.append(path)
         report.sizes[path.name] = len(chunk)
+    records = {p.name: {"samples": report.sizes[p.name], **file_record(p)} for p in report.shards}
+    write_text(out / CHECKSUMS_NAME, json.dumps(seal({"format": 1, "shards": records}), indent=1) + "\n")
     write_text(out / SIZES_NAME, json.dumps(report.sizes, indent=1) + "\n")
     fsync_dir(out)
     return report

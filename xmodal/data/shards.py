@@ -4,10 +4,14 @@ one sample (``000123.jpg``, ``000123.txt``, ``000123.json``, ``000123.cls``, ``0
 
 * :func:`shard_list`: brace-expanded local paths, ``pipe:`` commands and ``http(s)://`` URLs (webdataset's
   ``expand_urls``), each with its sample count from open_clip's ``sizes.json`` (``{"00000.tar": 1000}``), or, for
-  local shards without one, counted once from the tar headers (no member is decoded);
+  local shards without one, counted once from the tar headers (no member is decoded); where ``xmodal shard``'s
+  ``checksums.json`` lies beside local shards, each shard carries its record (size, XXH3-128, sample count) and a
+  ``sizes.json`` count that disagrees with it stops the run in one line;
 * :func:`read_samples`: the raw samples ``[start, stop)`` of one shard, opened through webdataset's ``gopen`` (files,
   ``pipe:``, curl for URLs) and its streaming tar reader; a shard that ends early (truncated, or fewer samples than
-  its count) yields a :class:`BadSlot` for each missing sample, so every (rank, worker) keeps its place;
+  its count) yields a :class:`BadSlot` for each missing sample, so every (rank, worker) keeps its place; a shard
+  with a record is checked against it before its first sample (once per process): a damaged shard, or another
+  corpus's shard of the same name, gives a :class:`BadSlot` for each of its samples, never its samples;
 * :class:`SampleDecoder`: raw members → ``{column: value}`` through the modality registry: a path-valued modality's
   member goes through its ``read_bytes`` (image → PIL, audio → encoded bytes), a string-valued one is its UTF-8
   text, then the tower's transform. A sample that fails is a :class:`BadSample` naming shard, key and reason.
@@ -17,11 +21,12 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 SIZES_NAME = "sizes.json"  # open_clip_train.data.get_dataset_size reads the same file
+CHECKSUMS_NAME = "checksums.json"  # xmodal shard's record of each tar (sizes.json stays as open_clip reads it)
 
 
 class ShardError(ValueError):
@@ -34,6 +39,9 @@ class Shard:
     samples: int
     source: Any = None  # a Hugging Face streaming source (:class:`.hf_source.HFSource`) whose shard ``part`` this is
     part: int = 0
+    # what `xmodal shard` recorded of the file ({"size", "xxh3_128", "samples"}) and where; None: nothing recorded
+    record: dict | None = field(default=None, compare=False, hash=False, repr=False)
+    recorded_in: str | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -76,10 +84,16 @@ def shard_list(spec: str | Sequence[str], sizes: str | None = None) -> list[Shar
     if not urls:
         raise ShardError(f"data.shards: {spec!r} names no shard")
     counts = _read_sizes(sizes, urls)
-    out = []
+    out, records = [], {}
     for url in urls:
         name = os.path.basename(url.rstrip("/"))
         n = counts.get(url, counts.get(name))
+        record, recorded_in = _record(url, records)
+        if n is not None and record is not None and n != record.get("samples"):
+            source = sizes or str(Path(_local_path(url)).parent / SIZES_NAME)
+            raise ShardError(f"{source}: {name}: {n!r} samples, but {recorded_in} recorded {record.get('samples')} "
+                             f"when the shard was written: one of the two is damaged or belongs to other shards; "
+                             f"write the shards again (or delete {SIZES_NAME}: counts are then read from the shards)")
         if n is None:
             if not _is_local(url) and not is_parquet(url):
                 raise ShardError(f"{url}: no sample count: give data.shard_sizes (a sizes.json such as "
@@ -87,8 +101,53 @@ def shard_list(spec: str | Sequence[str], sizes: str | None = None) -> list[Shar
             n = count_samples(url)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ShardError(f"{sizes or SIZES_NAME}: {name}: expected a sample count, got {n!r}")
-        out.append(Shard(url, n))
+        out.append(Shard(url, n, record, recorded_in))
     return out
+
+
+def _record(url: str, read: dict[str, dict]) -> tuple[dict | None, str | None]:
+    """What ``checksums.json`` beside a local tar shard recorded of it; (None, None) where there is none. ``read``:
+    the files read so far (path → records), so a shard list reads each once."""
+    if not _is_local(url) or is_parquet(url):
+        return None, None
+    from ..integrity import read_sealed_json
+
+    path = str(Path(_local_path(url)).parent / CHECKSUMS_NAME)
+    if not os.path.isfile(path):
+        return None, None
+    records = read.get(path)
+    if records is None:
+        data = read_sealed_json(path, "write the shards again with `xmodal shard` (or delete it: shards are then "
+                                      "read unchecked)")
+        records = read[path] = data.get("shards", {}) if isinstance(data.get("shards"), dict) else {}
+    record = records.get(os.path.basename(url))
+    return (record, path) if isinstance(record, dict) else (None, None)
+
+
+_verified: set = set()  # (path, size, mtime_ns) of shards that matched their record in this process
+
+
+def _unverified(shard: Shard) -> str | None:
+    """Why ``shard`` does not match its record (damaged, cut short, missing, another corpus's), or None."""
+    if shard.record is None:
+        return None
+    from ..integrity import mismatch
+
+    path = _local_path(shard.url)
+    try:
+        st = os.stat(path)
+        stamp = (path, st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None
+    if stamp is not None and stamp in _verified:
+        return None
+    problem = mismatch(path, shard.record)
+    if problem is None:
+        if stamp is not None:
+            _verified.add(stamp)
+        return None
+    return (f"the shard {problem} (as recorded in {shard.recorded_in}): damaged or not the shard written there; "
+            f"none of its samples is used")
 
 
 def _read_sizes(sizes: str | None, urls: list[str]) -> dict[str, Any]:
@@ -177,6 +236,11 @@ def read_samples(shard: Shard, start: int = 0, stop: int | None = None) -> Itera
     stop = shard.samples if stop is None else stop
     if is_parquet(shard.url):
         yield from _read_parquet(shard, start, stop)
+        return
+    problem = _unverified(shard)
+    if problem is not None:
+        for i in range(start, stop):
+            yield BadSlot(shard.url, i, problem)
         return
     index, current, last_key = 0, None, None
     try:
