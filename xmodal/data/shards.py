@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -37,6 +37,7 @@ class ShardError(ValueError):
 class Shard:
     url: str
     samples: int
+    _: KW_ONLY  # the rest by name: two sources (tar/Parquet records, HF streaming) add their own fields
     source: Any = None  # a Hugging Face streaming source (:class:`.hf_source.HFSource`) whose shard ``part`` this is
     part: int = 0
     # what `xmodal shard` recorded of the file ({"size", "xxh3_128", "samples"}) and where; None: nothing recorded
@@ -101,7 +102,7 @@ def shard_list(spec: str | Sequence[str], sizes: str | None = None) -> list[Shar
             n = count_samples(url)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ShardError(f"{sizes or SIZES_NAME}: {name}: expected a sample count, got {n!r}")
-        out.append(Shard(url, n, record, recorded_in))
+        out.append(Shard(url, n, record=record, recorded_in=recorded_in))
     return out
 
 
