@@ -118,3 +118,27 @@ def test_cli_shard_verb(tmp_path, corpus, capsys):
     rows = np.vstack([x[:50], x[120:130]])  # what the shards now hold, in slot order
     assert as_rows(ShardedIndex.load(out).search(q[5:6], 60), {0: 0, 1: 50})[0] == np.lexsort(
         (-np.arange(60), -(rows @ q[5]))).tolist()  # rows 2 and 10 tie: listed as faiss lists ties
+
+
+def test_cli_shard_changes_are_all_or_nothing_and_refuse_a_row_in_two_shards(tmp_path, corpus, capsys):
+    """A missing part, or an index whose manifest ids another shard holds (the same index added twice), changes
+    nothing: shards.json and the rows stay as they were, and no half of the parts is added."""
+    from xmodal.cli import main
+
+    x, _, _ = corpus
+    meta = [{"id": f"row-{i}"} for i in range(len(x))]
+    for name, (lo, hi) in {"p0": (0, 40), "p1": (40, 70), "p1copy": (40, 70), "p2": (65, 90)}.items():
+        part = EmbeddingIndex(24)
+        part.add(x[lo:hi], meta[lo:hi])
+        part.save(tmp_path / name)
+    out = tmp_path / "all"
+    assert main(["index-shards", "--index", str(out), "--add", str(tmp_path / "p0"), str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err and not out.exists()  # nothing created, p0 not half-added
+    assert main(["index-shards", "--index", str(out), "--add", str(tmp_path / "p0"), str(tmp_path / "p1")]) == 0
+    capsys.readouterr()
+    before = (out / "shards.json").read_bytes()
+    for again in (["p1copy"], ["p2"], ["nope"]):  # p1 twice; p2 overlaps p1 on rows 65-69; a missing folder
+        assert main(["index-shards", "--index", str(out), "--add", *(str(tmp_path / p) for p in again)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and (again == ["nope"] or "each item belongs to one shard" in err), err
+    assert (out / "shards.json").read_bytes() == before and len(ShardedIndex.load(out)) == 70

@@ -68,16 +68,22 @@ def run_index_shards(args) -> int:
     from ..retrieval import RetrievalError
     from ..retrieval.sharded import ShardedIndex, is_sharded
 
+    from ..retrieval.index import EmbeddingIndex
+
     path = Path(args.index)
+    # every part read and checked first: a missing or clashing one changes nothing, not the parts before it
+    parts = [(part, EmbeddingIndex.load(part)) for part in args.add or ()]
     if is_sharded(path):
         sharded = ShardedIndex.load(path)
     elif args.add:
+        ShardedIndex(path, {}, {}, 0).check_additions(*(index for _, index in parts))
         sharded = ShardedIndex.create(path)
     else:
         raise RetrievalError(f"no sharded index at {path} (create one with --add)")
     if args.add:
-        for part in args.add:
-            print(f"shard {sharded.add_shard(part)}: {part}")
+        sharded.check_additions(*(index for _, index in parts))
+        for part, index in parts:
+            print(f"shard {sharded.add_shard(index)}: {part}")
     elif args.replace:
         if not args.replace[0].isdigit():
             raise RetrievalError(f"--replace SLOT PART: SLOT must be a shard number, got {args.replace[0]!r}")

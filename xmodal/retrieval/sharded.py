@@ -89,19 +89,33 @@ class ShardedIndex:
         self._check()
         return self
 
-    def _check(self, extra: EmbeddingIndex | None = None) -> None:
-        every = list(self.shards.values()) + ([extra] if extra is not None else [])
+    def _check(self, *extra: EmbeddingIndex) -> None:
+        every = list(self.shards.values()) + list(extra)
         dims = {s.dim for s in every}
         models = {(s.model_info or {}).get("sha256") for s in every}
         if len(dims) > 1 or len(models) > 1:
             raise RetrievalError(f"sharded index {self.path}: shards disagree (dimensions {sorted(dims)}, "
                                  f"{len(models)} different models); every shard must come from one model")
 
+    def check_additions(self, *extra: EmbeddingIndex) -> None:
+        """Refuse, before anything is written, shards that disagree with the others (dimension, model) or hold a row
+        whose manifest ``id`` another shard holds too: the same item twice in the hits, most often the same index
+        added twice. Costs one pass over the shards' metadata."""
+        self._check(*extra)
+        owner: dict = {}
+        for where, index in [(f"shard {s}", x) for s, x in self.shards.items()] + [
+                (f"new part {i + 1}", x) for i, x in enumerate(extra)]:
+            for row in index.ids():
+                rid = index.metadata(int(row)).get("id")
+                if rid is not None and owner.setdefault(rid, where) != where:
+                    raise RetrievalError(f"sharded index {self.path}: row id {rid!r} is in {owner[rid]} and in "
+                                         f"{where}; each item belongs to one shard (the same index added twice?)")
+
     # ------------------------------------------------------------------------------------------------ changes
     def add_shard(self, index: EmbeddingIndex | str | Path) -> int:
         """Add a shard (an index or its folder, copied in); return its slot."""
         index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex.load(index)
-        self._check(index)
+        self.check_additions(index)
         slot = self._next_slot
         self._next_slot += 1
         self._install(slot, index)
@@ -113,7 +127,7 @@ class ShardedIndex:
             raise RetrievalError(f"sharded index {self.path} has no shard {slot} (slots: {sorted(self.shards)})")
         index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex.load(index)
         others = {s: x for s, x in self.shards.items() if s != slot}
-        ShardedIndex(self.path, others, {}, 0)._check(index)
+        ShardedIndex(self.path, others, {}, 0).check_additions(index)
         self._install(slot, index)
 
     def remove_shard(self, slot: int) -> None:
