@@ -138,7 +138,7 @@ class _Apply(torch.utils.data.Dataset):
 def _embed(encoder: torch.nn.Module, transform: Callable, todo: list, batch_size: int, num_workers: int, device,
            desc: str, progress: bool) -> Iterator[torch.Tensor]:
     """The encoder's eval-mode features of ``todo``, one batch at a time, in order (float32, on the CPU)."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain line every 30 s without a terminal
 
     loader = DataLoader(_Apply(todo, transform), batch_size=batch_size, num_workers=num_workers)
     was_training = encoder.training
