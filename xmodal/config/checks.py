@@ -104,6 +104,7 @@ def shard_problem(cfg) -> str | None:
     """What is wrong with the sharded-corpus fields, naming the field, or None when they agree."""
     d, n = cfg.data, cfg.train.samples_per_epoch
     bad_column = next((k for k, v in d.columns.items() if not all(p.strip() for p in v.split(";"))), None)
+    source = "data.shards" if d.shards is not None else "data.hf_dataset"  # the streamed source the user set
     for wrong, message in [
         (d.shards is not None and d.train is not None, "data.shards and data.train: give one training source"),
         (d.shards is not None and d.hf_dataset is not None, "data.shards and data.hf_dataset: give one training "
@@ -112,8 +113,8 @@ def shard_problem(cfg) -> str | None:
                                                            "source"),
         (d.hf_data_files is not None and d.hf_dataset is None, "data.hf_data_files: goes with data.hf_dataset "
                                                                "(e.g. parquet, json, csv)"),
-        (d.streamed and bool(cfg.tasks), "data.shards: sharded corpora train pretraining; fine-tuning "
-                                         "tasks read manifests (tasks.<name>.train)"),
+        (d.streamed and bool(cfg.tasks), f"{source}: sharded corpora train pretraining; fine-tuning "
+                                         f"tasks read manifests (tasks.<name>.train)"),
         (d.resampled and not d.streamed, "data.resampled: applies to data.shards"),
         (d.resampled and n is None, "data.resampled: needs train.samples_per_epoch (no natural epoch)"),
         (n is not None and (n <= 0 or not d.resampled), f"train.samples_per_epoch: must be positive and goes "
