@@ -20,6 +20,7 @@ text tokens; it replaces the towers instead of following them).
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -254,7 +255,7 @@ class EarlyFusionEncoder(nn.Module):
             pixels = inputs["image"]
             pixels = torch.where(has_image[:, None, None, None], pixels, torch.zeros((), dtype=pixels.dtype,
                                                                                      device=pixels.device))
-            patches = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+            patches = rearrange(self.patch_embed(pixels), "b c h w -> b (h w) c")  # one token per patch, row-major
             if patches.shape[1] != self.image_pos.shape[1]:
                 raise ValueError(f"image: expected {self.image_size}x{self.image_size} pixels, got "
                                  f"{tuple(inputs['image'].shape[-2:])}")

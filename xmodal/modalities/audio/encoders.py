@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .resemblyzer import ResemblyzerTransform
@@ -184,7 +185,7 @@ class AudioTransformer(nn.Module):
                              f"n_mels / max_seconds differ from the config?")
         x = self.proj(self.bn0(x).unsqueeze(1))  # [B, W, gf, gt]
         gt = x.shape[-1]
-        x = (x + self.pos[..., :gt]).flatten(2).transpose(1, 2)  # [B, gf*gt, W]
+        x = rearrange(x + self.pos[..., :gt], "b w f t -> b (f t) w")  # one token per patch, frequency-major
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         return self.norm(self._blocks(x)[:, 0])
 
