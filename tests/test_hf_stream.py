@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from test_streaming_train import _launch_two, _records, _with, shard_config
+from test_streaming_train import _kill_after_a_checkpoint, _launch_two, _records, _with, shard_config
 from xmodal.cli import main
 from xmodal.config import save_config
 from xmodal.data import read_manifest
@@ -142,22 +140,7 @@ def test_sigkill_mid_epoch_then_resume_sees_exactly_the_unseen_rows(clipart, cli
     run = tmp_path / "run"
     save_config(_with(hf_config(clipart, folder, run, num_workers=2, shuffle_block=7), save_every=3),
                 tmp_path / "c.yaml")
-    proc = _launch_two(tmp_path / "c.yaml", wait=False)
-    deadline = time.monotonic() + 300
-    try:
-        while not (latest_checkpoint(run) is not None and (run / "ids" / "rank1.jsonl").is_file()
-                   and len(_records(run, 1)) >= 5):
-            assert proc.poll() is None, "training ended before the kill"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
-    finally:  # kill the launcher's tree, by id
-        import psutil
-        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
+    _kill_after_a_checkpoint(tmp_path / "c.yaml", run)
     resumed_at = json.loads((latest_checkpoint(run) / POSITION).read_text())["tasks"]["contrastive"]["batch"]
     before = {r: [rec for rec in _records(run, r) if rec["batch"] < resumed_at] for r in (0, 1)}
     lines = {r: len(_records(run, r)) for r in (0, 1)}

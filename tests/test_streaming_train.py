@@ -121,22 +121,7 @@ def test_sigkill_mid_epoch_then_resume_sees_exactly_one_epoch(clipart, shards, t
     run = tmp_path / "run"
     save_config(_with(shard_config(clipart, _spec(shards), run, num_workers=2, shuffle_block=7), save_every=3),
                 tmp_path / "c.yaml")
-    proc = _launch_two(tmp_path / "c.yaml", wait=False)
-    deadline = time.monotonic() + 300
-    try:
-        while not (latest_checkpoint(run) is not None and (run / "ids" / "rank1.jsonl").is_file()
-                   and len(_records(run, 1)) >= 5):
-            assert proc.poll() is None, "training ended before the kill"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
-    finally:  # torch's launcher starts each training process in a session of its own: kill the tree, by id
-        import psutil
-        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
+    _kill_after_a_checkpoint(tmp_path / "c.yaml", run)
     ckpt = latest_checkpoint(run)
     resumed_at = json.loads((ckpt / POSITION).read_text())["tasks"]["contrastive"]["batch"]
     before = {r: [rec for rec in _records(run, r) if rec["batch"] < resumed_at] for r in (0, 1)}
@@ -271,3 +256,23 @@ def test_resume_refuses_a_differently_cut_stream(clipart, shards, tmp_path, caps
     assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--resume", "train.max_steps=4",
                  "data.num_workers=2"]) == 2
     assert "the checkpoint's shard stream was cut differently (workers 1 -> 2" in capsys.readouterr().err
+
+
+def _kill_after_a_checkpoint(config: Path, run: Path) -> None:
+    """Launch 2 processes and SIGKILL them mid-epoch, once a checkpoint exists and rank 1 has logged 5 batches."""
+    proc = _launch_two(config, wait=False)
+    deadline = time.monotonic() + 300
+    try:
+        while not (latest_checkpoint(run) is not None and (run / "ids" / "rank1.jsonl").is_file()
+                   and len(_records(run, 1)) >= 5):
+            assert proc.poll() is None, "training ended before the kill"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:  # torch's launcher starts each training process in a session of its own: kill the tree, by id
+        import psutil
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
