@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,11 @@ def _export_tower(model: XModalModel, modality: str, path: Path) -> None:
     x = _example(model, modality)
     name = INPUT_NAMES[modality]
     try:
-        with torch.no_grad():
+        # The tracer warns about every Python branch and deprecated option it meets (TracerWarning, UserWarning,
+        # DeprecationWarning). Those say "the graph may differ from the module"; we check exactly that below, on
+        # inputs of another batch size, so the warnings are noise to a user and are silenced here.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(tower, (x[:2],), str(path), input_names=[name], output_names=["embedding"],
                               dynamic_axes={name: {0: "batch"}, "embedding": {0: "batch"}}, opset_version=OPSET,
                               dynamo=False)
