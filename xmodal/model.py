@@ -324,7 +324,9 @@ class XModalModel(nn.Module):
         weights are read on the CPU whatever it says, where their checksum is computed."""
         from safetensors import SafetensorError
 
+        from .integrity import IntegrityError
         from .model_files import load_into, open_files, read_weights, unreadable
+        from .run_identity import other_run
         path = Path(path)
         weights, card, record = open_files(path)
         cfg = _from_dict(ModelConfig, card.get("model"), "model")
@@ -341,6 +343,10 @@ class XModalModel(nn.Module):
         model = cls(build_cfg, tasks)
         model.cfg = cfg
         tensors = read_weights(weights, path / CARD_NAME, record)  # checked against the card before use
+        stray = other_run(card.get("run"), path)  # a whole model folder copied over a run folder's own
+        if stray is not None:
+            raise IntegrityError(f"{path / CARD_NAME} {stray}: this model was copied in from that run folder; load "
+                                 f"it from there, or put this run's own model back (or train it again)")
         try:
             load_into(model, tensors, partial=towers is not None)
         except (SafetensorError, RuntimeError) as e:  # keys or shapes of another model
