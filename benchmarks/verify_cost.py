@@ -41,12 +41,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads): on a shared machine the CPU time is the steadier
+    measure of the work a variant adds, the wall time what a user waits."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
 def spread(xs: list[float]) -> str:
     q = statistics.quantiles(xs, n=4)
     return f"median {statistics.median(xs):.3f} s (quartiles {q[0]:.3f}-{q[2]:.3f}, min {min(xs):.3f})"
 
 
-def load_variants(run: Path, rounds: int) -> dict[str, list[float]]:
+def load_variants(run: Path, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per round, in a rotating order: ``on`` (the default), ``off`` (no check), ``thread`` (the previous way: a
     separate pass hashing the file in a thread while the model is built and loaded, joined at the end)."""
     real_check = model_files.check_file
@@ -66,11 +74,14 @@ def load_variants(run: Path, rounds: int) -> dict[str, list[float]]:
         t.join()
     variants = {"on": lambda: xmodal.load(run), "off": unchecked, "thread": threaded}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for i in range(rounds):
         for name in names[i % 3:] + names[:i % 3]:
-            times[name].append(timed(variants[name]))
-    return times
+            wall, used = timed_both(variants[name])
+            times[name].append(wall)
+            cpu[name].append(used)
+    return times, cpu
 
 
 def hash_times(weights: Path, rounds: int) -> dict[str, float]:
@@ -95,7 +106,7 @@ def main() -> None:
         run = Path(args.run) if args.run else quickstart_model(Path(tmp) / "run")
         weights = run / model_files.WEIGHTS_NAME
         xmodal.load(run)  # warm: page cache, imports, lazy module set-up
-        times = load_variants(run, args.rounds)
+        times, cpu = load_variants(run, args.rounds)
         hashes = hash_times(weights, args.rounds)
         size = weights.stat().st_size
     on, off, thread = times["on"], times["off"], times["thread"]
@@ -111,6 +122,13 @@ def main() -> None:
         print(f"{name} - off: medians {statistics.median(xs) - med_off:+.3f} s = "
               f"{100 * (statistics.median(xs) - med_off) / med_off:+.1f}%; per round: median "
               f"{statistics.median(diffs):+.3f} s, quartiles {q[0]:+.3f} to {q[2]:+.3f}")
+    cpu_off = statistics.median(cpu["off"])
+    for name in ("on", "thread"):
+        diffs = [a - b for a, b in zip(cpu[name], cpu["off"])]
+        q = statistics.quantiles(diffs, n=4)
+        print(f"CPU time, {name} - off: medians {statistics.median(cpu[name]) - cpu_off:+.3f} s = "
+              f"{100 * (statistics.median(cpu[name]) - cpu_off) / cpu_off:+.1f}% of {cpu_off:.3f} s; per round: "
+              f"median {statistics.median(diffs):+.3f} s, quartiles {q[0]:+.3f} to {q[2]:+.3f}")
     for name, label in (("mapped", "xxh3_128 of the mapped tensors"), ("file", "xxh3_128, a pass over the file"),
                         ("sha256", "sha256, a pass over the file")):
         t = hashes[name]
