@@ -5,7 +5,11 @@ status 2, no traceback) or in the documented recovery — never in a wrong resul
 outcomes is in docs/reliability.md ("Damaged files").
 
 Two real runs of a small model on the bundled Open Clip Art slice (a frozen CNN image tower, so the checkpoints are
-slim; an LSTM text tower), seeds 1 and 2, each with its index: the second one is "another run". For the feature
+slim; an LSTM text tower), seeds 1 and 2 (the second also with another learning rate, as another run of a user's
+would differ), each with its index: the second one is "another run". A file that is still byte-identical in both
+runs does not depend on the run: copying it changes nothing, and the case checks that resuming or querying then
+works as with the clean folder. A whole checkpoint or model folder from another run passes its own manifest; the
+run id (``run.json``) tells it apart. For the feature
 cache, two such runs each with its own cache folder; for data shards, `xmodal shard` of the slice and of another
 corpus (Fashion-MNIST, same shard names and sizes) and one clean streaming run over the slice's shards.
 """
@@ -64,22 +68,31 @@ def deadline(seconds: int = 180):
         signal.signal(signal.SIGALRM, old)
 
 
-def cli(argv: list[str], capfd) -> tuple[int, str]:
+def cli_out(argv: list[str], capfd) -> tuple[int, str, str]:
+    """``(exit status, stdout, stderr)`` of the CLI run in this process."""
     capfd.readouterr()
     # as in a fresh process: log to this stderr (a training earlier in this process left handlers on its streams)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     with deadline():
         rc = main(argv)
-    return rc, capfd.readouterr().err
+    captured = capfd.readouterr()
+    return rc, captured.out, captured.err
+
+
+def cli(argv: list[str], capfd) -> tuple[int, str]:
+    rc, _, err = cli_out(argv, capfd)
+    return rc, err
 
 
 @pytest.fixture(scope="module")
 def runs(clipart, tmp_path_factory):
-    """{seed: (run folder, index folder)} for seeds 1 and 2 (2 steps each, checkpoints step_1 and step_2)."""
+    """{seed: (run folder, index folder)} for seeds 1 and 2 (2 steps each, checkpoints step_1 and step_2; the
+    seed-2 run also with another learning rate)."""
     out = {}
     for seed in (1, 2):
         folder = tmp_path_factory.mktemp(f"run{seed}")
-        assert main(["pretrain", "--config", str(_config(clipart, folder / "run", seed, 2))]) == 0
+        train = {"lr": 1e-3 if seed == 1 else 2e-3}
+        assert main(["pretrain", "--config", str(_config(clipart, folder / "run", seed, 2, train))]) == 0
         assert main(["index", "--run", str(folder / "run"), "--manifest", str(clipart), "--out",
                      str(folder / "index"), "--modality", "image"]) == 0
         out[seed] = (folder / "run", folder / "index")
@@ -139,9 +152,13 @@ def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint(runs, clipar
     run = tmp_path / "run"
     shutil.copytree(runs[1][0], run)
     newest = run / "checkpoints" / "step_2"
-    if not damage(newest / name, fault, runs[2][0] / "checkpoints" / "step_2" / name):
-        pytest.skip(f"{name} is byte-identical in both runs: nothing to tell apart")
+    same = not damage(newest / name, fault, runs[2][0] / "checkpoints" / "step_2" / name)
     rc, err = cli(["pretrain", "--config", str(_config(clipart, run, 1, 3)), "--resume"], capfd)
+    if same:  # the file does not depend on the run (e.g. the loss weighting's state): nothing changed
+        assert rc == 0 and "Traceback" not in err, err
+        assert f"resumed from {newest} at step 2" in err and (run / "checkpoints" / "step_3").is_dir(), err
+        print("outcome: byte-identical in both runs; resumed from step_2")
+        return
     if (name, fault) == ("position.json", "missing"):
         # documented recovery: a step_N without position.json is not a checkpoint; resume takes the one before
         assert rc == 0 and "Traceback" not in err, err
@@ -161,9 +178,14 @@ def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint(runs, clipar
 def test_damaged_index_file_is_one_line_naming_it(runs, tmp_path, capfd, name, fault):
     index = tmp_path / "index"
     shutil.copytree(runs[1][1], index)
-    if not damage(index / name, fault, runs[2][1] / name):
-        pytest.skip(f"{name} is byte-identical in both indexes: nothing to tell apart")
-    rc, err = cli(["query", "--index", str(index), "--run", str(runs[1][0]), "--text", "a red car"], capfd)
+    same = not damage(index / name, fault, runs[2][1] / name)
+    rc, out, err = cli_out(["query", "--index", str(index), "--run", str(runs[1][0]), "--text", "a red car"], capfd)
+    if same:  # the rows of the same manifest, whichever model indexed them: the same answer as the clean index
+        assert rc == 0 and "Traceback" not in err, err
+        clean = cli_out(["query", "--index", str(runs[1][1]), "--run", str(runs[1][0]), "--text", "a red car"], capfd)
+        assert clean[0] == 0 and out.strip() and out == clean[1], (out, clean)
+        print("outcome: byte-identical in both indexes; the same hits as the clean index")
+        return
     line = assert_one_line_error(rc, err, "query", name)
     assert str(index) in line, line
 
@@ -329,3 +351,74 @@ def test_damaged_shard_index_is_one_line_or_a_fallback(data_shards, clipart, tmp
         return
     assert_one_line_error(rc, err, "pretrain", str(folder / name))
     assert not (run / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------- whole folders, run identity
+
+def test_a_checkpoint_folder_from_another_run_is_refused_naming_that_run(runs, clipart, tmp_path, capfd):
+    """step_2 of the seed-2 run copied over this run's step_2: every file matches the manifest beside it, but the
+    manifest names the other run; resume names that run's folder and the older checkpoint of this run."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1][0], run)
+    newest = run / "checkpoints" / "step_2"
+    shutil.rmtree(newest)
+    shutil.copytree(runs[2][0] / "checkpoints" / "step_2", newest)
+    rc, err = cli(["pretrain", "--config", str(_config(clipart, run, 1, 3)), "--resume"], capfd)
+    line = assert_one_line_error(rc, err, "pretrain", str(newest))
+    other_id = json.loads((runs[2][0] / "run.json").read_text())["id"]
+    assert f"comes from another run (run {other_id[:12]}…, saved in {runs[2][0].resolve()})" in line, line
+    assert f"in {run / 'run.json'}" in line, line
+    assert f"the previous checkpoint {run / 'checkpoints' / 'step_1'} is intact" in line, line
+    assert not (run / "checkpoints" / "step_3").exists()
+
+
+def test_a_model_folder_from_another_run_is_refused_naming_that_run(runs, clipart, tmp_path, capfd):
+    """model.safetensors and model.json of the seed-2 run copied into this run folder: a whole, consistent pair,
+    but another run's model."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1][0], run, ignore=shutil.ignore_patterns("checkpoints"))
+    for name in ("model.safetensors", "model.json"):
+        shutil.copyfile(runs[2][0] / name, run / name)
+    rc, err = cli(["evaluate", "--run", str(run), "--manifest", str(clipart), "--max-rows", "8"], capfd)
+    line = assert_one_line_error(rc, err, "evaluate", str(run / "model.json"))
+    assert f"comes from another run (run " in line and f"saved in {runs[2][0].resolve()})" in line, line
+
+
+def _as_before_run_ids(run: Path) -> None:
+    """Make ``run`` a folder as saved before run ids: no run.json, no "run" in the card or the manifests (each
+    sealed again, as those versions sealed them)."""
+    from xmodal.integrity import seal
+    (run / "run.json").unlink()
+    for path in [run / "model.json", *sorted(run.glob("checkpoints/step_*/manifest.json"))]:
+        obj = json.loads(path.read_text())
+        assert "run" in obj
+        del obj["run"]
+        path.write_text(json.dumps(seal(obj), indent=2))
+
+
+def test_a_run_folder_from_before_run_ids_loads_and_resumes(runs, clipart, tmp_path, capfd):
+    """A run folder written before run ids: its model loads and it resumes; the resume gives it a run id, which
+    the new checkpoint and the model record."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1][0], run)
+    _as_before_run_ids(run)
+    rc, err = cli(["evaluate", "--run", str(run), "--manifest", str(clipart), "--max-rows", "8"], capfd)
+    assert rc == 0 and "Traceback" not in err, err
+    rc, err = cli(["pretrain", "--config", str(_config(clipart, run, 1, 3)), "--resume"], capfd)
+    assert rc == 0 and f"resumed from {run / 'checkpoints' / 'step_2'} at step 2" in err, err
+    new_id = json.loads((run / "run.json").read_text())["id"]
+    assert new_id != json.loads((runs[1][0] / "run.json").read_text())["id"]
+    manifest = json.loads((run / "checkpoints" / "step_3" / "manifest.json").read_text())
+    assert manifest["run"] == {"id": new_id, "folder": str(run.resolve())}
+    assert json.loads((run / "model.json").read_text())["run"]["id"] == new_id
+
+
+def test_a_run_folder_that_lost_its_run_json_keeps_its_identity(runs, clipart, tmp_path, capfd):
+    """run.json deleted (or not copied): resume takes the id its checkpoint records, so its own checkpoints are not
+    refused as another run's."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1][0], run)
+    (run / "run.json").unlink()
+    rc, err = cli(["pretrain", "--config", str(_config(clipart, run, 1, 3)), "--resume"], capfd)
+    assert rc == 0 and f"resumed from {run / 'checkpoints' / 'step_2'} at step 2" in err, err
+    assert json.loads((run / "run.json").read_text())["id"] == json.loads((runs[1][0] / "run.json").read_text())["id"]

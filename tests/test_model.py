@@ -193,3 +193,32 @@ def test_regression_head_saved_before_target_scaling_loads_unscaled(tmp_path, im
     texts = ["a red square", "green"]
     scaled = model.predict("score", {"text": texts})
     torch.testing.assert_close(loaded.predict("score", {"text": texts}), (scaled - 60.0) / 20.0)
+
+
+def test_the_weights_are_hashed_from_the_tensors_loaded_not_read_twice(tmp_path, monkeypatch):
+    """Loading checks the weights' XXH3-128 from the tensors safetensors mapped (the file read once): that digest is
+    the file's own (xxhash over its bytes), anything not mapped from the file gets None (the file is hashed
+    instead), and a normal load never hashes the file separately."""
+    import xxhash
+    from safetensors.torch import load_file
+
+    from xmodal import integrity
+    torch.manual_seed(0)
+    model = XModalModel(small(loss="siglip"))
+    model.save(tmp_path / "run")
+    weights = tmp_path / "run" / "model.safetensors"
+    tensors = load_file(str(weights))
+    assert integrity.mapped_safetensors_digest(weights, tensors) == xxhash.xxh3_128(weights.read_bytes()).hexdigest()
+    assert integrity.mapped_safetensors_digest(weights, {k: v.clone() for k, v in tensors.items()}) is None
+    del tensors
+
+    def no_second_read(*a, **k):
+        raise AssertionError("the weights were hashed in a second pass over the file")
+    monkeypatch.setattr(integrity, "digest_file", no_second_read)
+    loaded = xmodal.load(tmp_path / "run")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    one_tower = XModalModel.from_pretrained(tmp_path / "run", towers=["text"]).state_dict()
+    assert one_tower and all(k.startswith("towers.text.") or "towers." not in k for k in one_tower)
+    for k, v in one_tower.items():
+        assert torch.equal(v, model.state_dict()[k]), k

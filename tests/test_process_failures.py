@@ -1,6 +1,6 @@
 """A process failing in a 2-process run (real gloo processes launched through Accelerate, as a user launches
 them): an exception on rank 1 in a step, a failing checkpoint write on rank 1, an exception in rank 0's evaluation,
-and rank 1 hanging in a step. Every process must stop within a bounded time, rank 0 must name the failing rank and
+rank 1 hanging in a step, rank 1 killed with SIGKILL in a step, and rank 0 hanging in a step. Every process must stop within a bounded time, rank 0 must name the failing rank and
 its error in one line with the last good checkpoint, no xmodal traceback may be printed, and the last good
 checkpoint must be intact (its manifest verifies). The fault is injected by a plugin module (XMODAL_PLUGINS) that
 each process imports at start-up."""
@@ -25,18 +25,20 @@ from xmodal.training.checkpoint_files import verify_files
 ROOT = Path(__file__).resolve().parent.parent
 
 PLUGIN = '''
-import os, time
+import os, signal, time
 import torch
 import xmodal.training.engine as engine
 kind, rank, at = os.environ["XMODAL_TEST_FAULT"].split(":")
 rank, at = int(rank), int(at)
 if int(os.environ.get("RANK", 0)) == rank:
-    if kind in ("step", "hang"):
+    if kind in ("step", "hang", "kill"):
         real_apply = engine.apply_gradients
         def apply_gradients(run, *args, **kwargs):
             if run.step + 1 == at:
                 if kind == "hang":
                     time.sleep(3600)
+                if kind == "kill":  # no handler, no finally, no record: as the out-of-memory killer does
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure in step {at}")
             return real_apply(run, *args, **kwargs)
         engine.apply_gradients = apply_gradients
@@ -145,3 +147,39 @@ def test_a_hung_rank_stops_every_process_after_the_collective_timeout(clipart, t
     assert_last_good(out, 2)
     assert "no answer from rank 1 within 15 s (XMODAL_COLLECTIVE_TIMEOUT_S): it hung or was killed" in line, line
     assert seconds < 300, seconds  # the hung rank sleeps for an hour: it was stopped, not waited for
+
+
+@pytest.mark.slow
+def test_a_rank_killed_with_sigkill_is_named_on_rank_0_and_the_run_resumes(clipart, tmp_path):
+    out, proc, seconds = launch_failing(tmp_path, clipart, "kill:1:3")
+    line = rank0_line(proc)
+    ckpt = assert_last_good(out, 2)
+    assert "rank 1 stopped without reporting an error: it was killed (SIGKILL, out of memory) or crashed" in line, line
+    assert f"last good checkpoint: {ckpt} (continue with --resume)" in line, line
+    assert seconds < 300, seconds
+    _, again, _ = launch_failing(tmp_path, clipart, "none:9:0", resume=True)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resumed from {ckpt} at step 2" in again.stderr
+    assert latest_checkpoint(out).name == "step_4" and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_0_is_named_by_the_surviving_rank_and_the_run_resumes(clipart, tmp_path):
+    out, proc, seconds = launch_failing(tmp_path, clipart, "hang:0:3", timeout_s=10)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert "2 process(es)" in text, text[-3000:]
+    assert not re.search(r'File ".*/xmodal/', text), text[-4000:]
+    lines = [ln for ln in text.splitlines() if ln.startswith("xmodal pretrain: error: ")]
+    print("error lines:", *lines, sep="\n  ")
+    ckpt = assert_last_good(out, 2)
+    # rank 0 sleeps (an hour) and never speaks; rank 1 times out in its next collective and names rank 0
+    assert len(lines) == 1 and lines[0].startswith(
+        "xmodal pretrain: error: rank 1 stopped: no answer from rank 0 within 10 s (XMODAL_COLLECTIVE_TIMEOUT_S): "
+        "it hung or was killed"), lines
+    assert f"last good checkpoint: {ckpt} (continue with --resume)" in lines[0], lines
+    assert seconds < 300, seconds  # the launcher stopped the hung rank 0 once rank 1 had exited
+    _, again, _ = launch_failing(tmp_path, clipart, "none:9:0", resume=True)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resumed from {ckpt} at step 2" in again.stderr
+    assert latest_checkpoint(out).name == "step_4"

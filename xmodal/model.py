@@ -319,13 +319,16 @@ class XModalModel(nn.Module):
                         towers: Sequence[str] | None = None) -> "XModalModel":
         """Load a model saved by :meth:`save` (a run folder). Weights come only from safetensors: no pickle. The card
         and the weights are checked against the sizes and checksums the card records before either is used.
-        ``towers``: build and read only these towers (a query needs one: the others' libraries are not imported)."""
+        ``towers``: build and read only these towers (a query needs one: the others' libraries are not imported).
+        The model is built on the CPU (move it with ``.to()``); ``map_location`` is accepted as before, and the
+        weights are read on the CPU whatever it says, where their checksum is computed."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_model
 
-        from .model_files import open_files, unreadable
+        from .integrity import IntegrityError
+        from .model_files import load_into, open_files, read_weights, unreadable
+        from .run_identity import other_run
         path = Path(path)
-        weights, card, weights_verified = open_files(path)
+        weights, card, record = open_files(path)
         cfg = _from_dict(ModelConfig, card.get("model"), "model")
         # The saved weights replace whatever the tower config would load; don't re-read packaged checkpoints.
         build_cfg = copy.deepcopy(cfg)
@@ -339,17 +342,16 @@ class XModalModel(nn.Module):
             tasks = {}
         model = cls(build_cfg, tasks)
         model.cfg = cfg
-        weights_verified()  # checked against the card while the model was built; raises on a mismatch
+        tensors = read_weights(weights, path / CARD_NAME, record)  # checked against the card before use
+        stray = other_run(card.get("run"), path)  # a whole model folder copied over a run folder's own
+        if stray is not None:
+            raise IntegrityError(f"{path / CARD_NAME} {stray}: this model was copied in from that run folder; load "
+                                 f"it from there, or put this run's own model back (or train it again)")
         try:
-            if towers is None:
-                load_model(model, str(weights), strict=True, device=map_location)
-            else:
-                from safetensors import safe_open
-                own = model.state_dict().keys()
-                with safe_open(str(weights), framework="pt", device=map_location) as f:  # mmap: only these towers
-                    model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k in own}, strict=True)
-        except (SafetensorError, RuntimeError) as e:  # a header cut short, keys or shapes of another model
+            load_into(model, tensors, partial=towers is not None)
+        except (SafetensorError, RuntimeError) as e:  # keys or shapes of another model
             raise unreadable(weights, path / CARD_NAME, e) from None
+        del tensors  # the file's mapping closes with them
         model.card = card
         return model.eval()
 

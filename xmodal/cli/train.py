@@ -73,9 +73,11 @@ def _train_reporting_failures(train, cfg, resume: bool):
         if world_size <= 1 or isinstance(e, TrainingInterrupted):  # a signal is a stop every rank agreed on
             raise
         failed_at = time.time()
-        failures.record(cfg.output_dir, rank, e)
-        failures.stop_peers()
-        if rank != 0:
-            raise failures.RunFailed(failures.other_rank_line(cfg.output_dir, e, rank, started, failed_at,
-                                                              world_size)) from e
-        raise failures.RunFailed(failures.explain(cfg.output_dir, e, started, failed_at, world_size)) from e
+        with failures.sigterm_deferred():  # the launcher's SIGTERM must not cut the line short
+            failures.record(cfg.output_dir, rank, e)
+            failures.stop_peers()
+            if rank != 0:
+                line = failures.other_rank_line(cfg.output_dir, e, rank, started, failed_at, world_size)
+            else:
+                line = failures.explain(cfg.output_dir, e, started, failed_at, world_size)
+        raise failures.RunFailed(line) from e

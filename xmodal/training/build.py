@@ -24,8 +24,10 @@ from ..losses.matryoshka import with_matryoshka
 from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
 from ..modalities.pretrained import resolve_pretrained
 from ..model import XModalModel
+from ..run_identity import start_run
 from ..tasks.head import targets
 from ..tasks.heads import RegressionHead
+from .checkpoint_files import recorded_run
 from .run_log import LossWindow, MetricsLog
 from .sampling import TaskSampler
 from .state import RunState, TaskRun
@@ -123,12 +125,15 @@ def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
     return model_cfg, load_file(str(run / "model.safetensors"))
 
 
-def open_run_folder(cfg: Config, out_dir: Path, main: bool) -> None:
-    """On the main process: the folder, its ``config.yaml``, and logging to the console and ``train.log``."""
+def open_run_folder(cfg: Config, out_dir: Path, main: bool, ckpt: Path | None = None) -> None:
+    """On the main process: the folder, its ``config.yaml``, its run id (``run.json``: a new one for a fresh run,
+    else kept, or taken from the checkpoint ``ckpt`` resumed from; what checkpoints and the model record, see
+    :mod:`xmodal.run_identity`), and logging to the console and ``train.log``."""
     if not main:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    start_run(out_dir, fresh=ckpt is None, recorded=recorded_run(ckpt) if ckpt is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
                         handlers=[logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")])
     # Accelerate logs ~7 INFO lines per checkpoint (each file it writes); xmodal logs one line per save.

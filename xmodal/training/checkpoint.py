@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from ..integrity import IntegrityError
+from ..run_identity import other_run, run_record
 from .checkpoint_files import SlimSave, check_frozen, damaged_remedy, unwrapped_model, verify_files, write_manifest
 
 POSITION = "position.json"
@@ -117,7 +118,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             (tmp / POSITION).write_text(json.dumps(position), encoding="utf-8")
-            write_manifest(tmp, slim.frozen)  # last: it records every other file
+            write_manifest(tmp, slim.frozen, run_record(output_dir))  # last: it records every other file
     except BaseException as e:  # also KeyboardInterrupt: never leave a half-written folder behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +204,9 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
     try:
         check_checkpoint_files(path)  # first: a planted pickle is named as what it is, not as a changed file
         manifest = verify_files(path, "")
+        stray = other_run((manifest or {}).get("run"), path.parent.parent)
+        if stray is not None:  # whole and consistent, but another run's: its weights would continue the wrong run
+            raise CheckpointError(f"checkpoint {path} {stray}: it was copied in from that run folder")
     except (IntegrityError, CheckpointError) as e:  # one line, and the older checkpoint to fall back on
         older = [p for p in checkpoint_dirs(path.parent.parent) if _step(p) < _step(path)]
         where = "" if str(path) in str(e) else f"checkpoint {path}: "

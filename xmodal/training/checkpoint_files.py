@@ -12,10 +12,12 @@ before. The finished model (``model.safetensors`` in the run folder) always hold
 share. Under FSDP, Accelerate writes sharded model files without passing them through the hook, so those
 checkpoints stay whole.
 
-**Manifest.** ``manifest.json`` = ``{"files": {name: {"size", "xxh3_128"}}, "frozen": {...} | null, "checksum"}``,
-written (atomically, fsynced) into the temporary folder after every other file and before the folder's rename.
-A load checks every file against it first: a truncated, flipped, empty, missing or foreign file is one line naming
-it. Checkpoints saved before manifests existed load unchecked, as before.
+**Manifest.** ``manifest.json`` = ``{"files": {name: {"size", "xxh3_128"}}, "frozen": {...} | null, "run": {"id",
+"folder"} | null, "checksum"}``, written (atomically, fsynced) into the temporary folder after every other file and
+before the folder's rename. A load checks every file against it first: a truncated, flipped, empty, missing or
+foreign file is one line naming it; then the run (:mod:`xmodal.run_identity`): a whole checkpoint copied in from
+another run folder passes its own manifest, but not this one. Checkpoints saved before manifests (or run ids)
+existed load unchecked, as before.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any
 
 from ..atomic import write_text
 from ..integrity import ALGORITHM, IntegrityError, check_file, file_record, read_sealed_json, seal, tensors_digest
+from ..run_identity import other_run
 
 MANIFEST = "manifest.json"
 _WRAPPED = "module."  # DDP's prefix on state-dict keys
@@ -73,21 +76,33 @@ class SlimSave:
                            ALGORITHM: tensors_digest((_bare(k), v) for k, v in dropped.items())}
 
 
-def write_manifest(folder: Path, frozen: dict | None) -> None:
-    """``manifest.json`` for every file now in ``folder`` (sizes, checksums), plus the frozen weights' reference."""
+def write_manifest(folder: Path, frozen: dict | None, run: dict | None = None) -> None:
+    """``manifest.json`` for every file now in ``folder`` (sizes, checksums), plus the frozen weights' reference
+    and the run it was saved by (``{"id", "folder"}``, :mod:`xmodal.run_identity`; None without a run id)."""
     files = {str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     write_text(folder / MANIFEST, json.dumps(seal({"format": "xmodal-checkpoint", "version": 1,
-                                                   "files": files, "frozen": frozen}), indent=2))
+                                                   "files": files, "frozen": frozen, "run": run}), indent=2))
+
+
+def recorded_run(folder: Path) -> dict | None:
+    """The run a checkpoint's manifest records (``{"id", "folder"}``), read without checking anything (resume checks
+    the whole checkpoint later); None where it records none or cannot be read."""
+    try:
+        run = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, dict) else None
 
 
 def _files_ok(folder: Path) -> bool:
-    """Whether ``folder``'s files match its manifest (True for a checkpoint without one: nothing to check)."""
+    """Whether ``folder``'s files match its manifest (True for a checkpoint without one: nothing to check), and
+    the manifest names this run folder's run (or none)."""
     try:
-        verify_files(folder, "")
+        manifest = verify_files(folder, "")
     except IntegrityError:
         return False
-    return True
+    return other_run((manifest or {}).get("run"), folder.parent.parent) is None
 
 
 def verify_files(folder: Path, remedy: str) -> dict[str, Any] | None:
@@ -148,5 +163,5 @@ def unwrapped_model(accelerator):
     return accelerator.unwrap_model(models[0]) if models else None
 
 
-__all__ = ["MANIFEST", "SlimSave", "check_frozen", "damaged_remedy", "frozen_keys", "unwrapped_model",
-           "verify_files", "write_manifest"]
+__all__ = ["MANIFEST", "SlimSave", "check_frozen", "damaged_remedy", "frozen_keys", "recorded_run",
+           "unwrapped_model", "verify_files", "write_manifest"]

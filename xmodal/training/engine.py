@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import Config
 from ..feature_cache import reuse_frozen_features
 from ..model import WEIGHTS_NAME, XModalModel
+from ..run_identity import run_record
 from .build import build_run, make_accelerator, open_run_folder, param_groups, run_config, warmup_cosine
 from .checkpoint import save_checkpoint
 from .interrupt import StopSignals, TrainingInterrupted
@@ -42,7 +43,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     # Fine-tuning may leave parameters out of a step (other tasks' heads, towers a task does not read); so may
     # binding 3+ modalities, when no row of a process's batch has one of them.
     accelerator = make_accelerator(cfg, find_unused=bool(cfg.tasks) or len(cfg.model.towers) > 2)
-    open_run_folder(cfg, out_dir, accelerator.is_main_process)
+    open_run_folder(cfg, out_dir, accelerator.is_main_process, ckpt)
     if changed:
         log.warning("resuming with changed %s", "; ".join(changed))
     if resume and ckpt is None:
@@ -145,7 +146,7 @@ def _finish(run: RunState) -> None:
     state = acc.get_state_dict(run.model) if sharded(acc) else None
     if acc.is_main_process:
         run.unwrapped.save(run.out_dir, extra={"step": run.step, "eval": results, "train_rows": {
-            n: len(r.dataset) for n, r in run.tasks.items()}}, state_dict=state)
+            n: len(r.dataset) for n, r in run.tasks.items()}, "run": run_record(run.out_dir)}, state_dict=state)
     # The ranks leave together: a rank tearing its process group down while the main one still saves aborted now
     # and then ("terminate called without an active exception", seen under FSDP on gloo).
     acc.wait_for_everyone()
