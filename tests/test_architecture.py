@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "xmodal"
 # Lowest first. A module may import from its own layer (never in a circle) or from a lower one, never upwards.
 LAYERS = [
     ["xmodal.config", "xmodal._scalar", "xmodal.batch", "xmodal.atomic", "xmodal.progress", "xmodal.integrity"],
-    ["xmodal.modalities", "xmodal.losses", "xmodal.feature_cache", "xmodal.feature_store"],
+    ["xmodal.modalities", "xmodal.losses", "xmodal.feature_cache", "xmodal.feature_store", "xmodal.feature_index"],
     ["xmodal.data"],
     ["xmodal.tasks"],
     ["xmodal.model", "xmodal.model_files"],
