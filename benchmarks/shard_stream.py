@@ -17,7 +17,9 @@ Sections (``--sections``):
               workers, batch ``--batch``: xmodal's ``StreamLoader`` (its epoch plan, block shuffle, decode through the
               modality registry, collate) vs ``open_clip_train.data.get_wds_dataset`` (ResampledShards2 off:
               SimpleShardList + detshuffle2 + split_by_node/worker + tarfile_to_samples_nothrow + shuffle + decode +
-              batched). Interleaved rounds (seeded order); the ratio is the median of per-round ratios.
+              batched). Both timed over the same number of samples, workers' start-up included: open_clip's pass
+              (whole batches per worker). Interleaved rounds (seeded order); the ratio is the median of per-round
+              ratios, printed with its quartiles and range.
 
     python benchmarks/shard_stream.py --sections scale --sizes 10000 1000000
     python benchmarks/shard_stream.py --sections throughput --workers 2 --rounds 3
@@ -178,17 +180,47 @@ def open_clip_loader(spec: str, workers: int, batch: int, samples: int):
     return get_wds_dataset(args, image, is_train=True, epoch=0, floor=True, tokenizer=lambda t: text(t)[None])
 
 
-def _rate(loader, epoch_samples: int) -> tuple[float, int]:
-    start, n = time.perf_counter(), 0
-    for batch in loader:
+def _cpu_s() -> float:
+    """CPU seconds (user + sys) of this process and of its children, running (psutil) or ended (rusage): the
+    DataLoader workers, whether a loader shuts them down (xmodal) or keeps them (open_clip: persistent_workers)."""
+    import psutil
+
+    own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    running = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            running += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return own.ru_utime + own.ru_stime + ended.ru_utime + ended.ru_stime + running
+
+
+def _rate(loader, limit: int) -> tuple[float, int, float]:
+    """samples/s over the first ``limit`` samples (workers' start-up included), the count, and samples per CPU
+    second of the main process and its workers (steadier than wall time on a loaded machine)."""
+    cpu, start, n = _cpu_s(), time.perf_counter(), 0
+    batches = iter(loader)
+    for batch in batches:
         n += len(batch["id"]) if isinstance(batch, dict) else len(batch[0])
-    return n / (time.perf_counter() - start), n
+        if n >= limit:
+            break
+    rate, cpu = n / (time.perf_counter() - start), _cpu_s() - cpu
+    if hasattr(batches, "_shutdown_workers"):  # untimed: no worker of this pass runs into the next one
+        batches._shutdown_workers()
+    return rate, n, n / cpu
 
 
 def section_throughput(args, base: list[str]) -> None:
     spec = f"{Path(base[0]).parent}/{{00000..{len(base) - 1:05d}}}.tar"
     samples = 1000 * len(base)
-    rng, ratios = random.Random(0), []
+    # Both timed over the same samples: open_clip's pass (whole batches per worker: its `with_epoch` floors to
+    # 7 × 2 batches of 128), which is also xmodal's first 14 batches, 7 from each worker. xmodal's epoch has a 15th
+    # batch (2000 // 128), which worker 0 would read alone: timed to the end of the epoch, the pass would charge
+    # xmodal for an uneven last round of a 15-batch epoch, not for its pipeline (6.7% of the samples, 1/8 of a
+    # worker's time).
+    per_pass = samples // (args.batch * max(1, args.workers)) * args.batch * max(1, args.workers)
+    rng, ratios, cpu_ratios, rates = random.Random(0), [], [], {}
     for r in range(args.rounds):
         peers = ["xmodal", "open_clip"]
         rng.shuffle(peers)
@@ -199,12 +231,25 @@ def section_throughput(args, base: list[str]) -> None:
                 loader.set_position(r, 0)
             else:
                 loader = open_clip_loader(spec, args.workers, args.batch, samples).dataloader
-            got[peer] = _rate(loader, samples)
+            got[peer] = _rate(loader, per_pass)
         ratios.append(got["xmodal"][0] / got["open_clip"][0])
-        print(f"round {r}: xmodal {got['xmodal'][0]:.0f} samples/s ({got['xmodal'][1]} samples), open_clip "
-              f"{got['open_clip'][0]:.0f} samples/s ({got['open_clip'][1]} samples), ratio {ratios[-1]:.3f}",
-              flush=True)
-    print(f"throughput ratio xmodal/open_clip (median of {len(ratios)} rounds): {statistics.median(ratios):.3f}")
+        cpu_ratios.append(got["xmodal"][2] / got["open_clip"][2])
+        for peer in got:
+            rates.setdefault(peer, []).append(got[peer][0])
+        print(f"round {r}: xmodal {got['xmodal'][0]:.0f} samples/s ({got['xmodal'][1]} samples, "
+              f"{got['xmodal'][2]:.0f} per CPU-s), open_clip {got['open_clip'][0]:.0f} samples/s "
+              f"({got['open_clip'][1]} samples, {got['open_clip'][2]:.0f} per CPU-s), ratio {ratios[-1]:.3f}, "
+              f"per CPU-s {cpu_ratios[-1]:.3f}", flush=True)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    print(f"throughput ratio xmodal/open_clip (median of {len(ratios)} rounds): {statistics.median(ratios):.3f}; "
+          f"quartiles {q[0]:.3f}-{q[2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}; rounds with xmodal ahead: "
+          f"{sum(r > 1 for r in ratios)} of {len(ratios)}")
+    cq = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) > 1 else [cpu_ratios[0]] * 3
+    print(f"samples per CPU-second ratio xmodal/open_clip: median {statistics.median(cpu_ratios):.3f}; quartiles "
+          f"{cq[0]:.3f}-{cq[2]:.3f}, range {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f}")
+    for peer in ("xmodal", "open_clip"):
+        print(f"{peer}: median {statistics.median(rates[peer]):.0f} samples/s "
+              f"(range {min(rates[peer]):.0f}-{max(rates[peer]):.0f})")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "xmodal"
 LAYERS = [
     ["xmodal.config", "xmodal._scalar", "xmodal.batch", "xmodal.atomic", "xmodal.progress", "xmodal.integrity",
      "xmodal.run_identity"],
-    ["xmodal.modalities", "xmodal.losses", "xmodal.feature_cache", "xmodal.feature_store"],
+    ["xmodal.modalities", "xmodal.losses", "xmodal.feature_cache", "xmodal.feature_store", "xmodal.feature_index"],
     ["xmodal.data"],
     ["xmodal.tasks"],
     ["xmodal.model", "xmodal.model_files"],

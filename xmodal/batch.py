@@ -7,6 +7,11 @@ A collated batch is a ``dict[str, Tensor | list]``:
 * ``"<modality>:mask"``: bool ``[B]``, which rows hold the modality; absent when every row does;
 * any other column (``id``, targets, ...) as a list of length ``B``.
 
+A shard stream's batch, between its DataLoader worker and the training process, may also carry ``"<m>:cached"``
+(bool ``[B]``: the rows whose ``"<m>:features"`` came from the disk cache; ``"<m>"`` then holds the others) and
+``"<m>:key"`` (those others' cache keys); the training process turns them into ``"<m>:features"`` for every row
+before the model sees the batch (:mod:`xmodal.data.stream_features`).
+
 Tower outputs follow the same convention: ``{modality: [n_present, D]}`` plus the masks; :func:`dense` turns them
 into ``[B, D]`` tensors and presence masks for fusion and heads.
 """
@@ -19,6 +24,8 @@ from torch import Tensor
 
 MASK = ":mask"
 FEATURES = ":features"  # ``"image:features"`` holds cached encoder outputs, not raw inputs
+CACHED = ":cached"  # a stream batch's ``"image:cached"``: which rows' features came from the disk cache
+CACHE_KEY = ":key"  # a stream batch's ``"image:key"``: the cache keys of the rows whose features did not
 
 
 def mask_key(modality: str) -> str:

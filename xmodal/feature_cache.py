@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import TowerConfig
-from .feature_store import FeatureStore, ShardRows, input_key, resolve_root, tower_key
+from .feature_store import FeatureStore, ShardRows, input_key, key_order, resolve_root, tower_key
 from .modalities.registry import get_modality
 
-__all__ = ["CachedFeatures", "disk_cache", "is_cacheable", "precompute_features", "resolve_root",
-           "reuse_frozen_features", "reusing_features", "tower_settings", "weights_fingerprint"]
+__all__ = ["CachedFeatures", "cached_towers", "disk_cache", "is_cacheable", "precompute_features", "resolve_root",
+           "reuse_frozen_features", "reusing_features", "tower_settings", "tower_store", "weights_fingerprint"]
 log = logging.getLogger(__name__)
 SHARD_BYTES = 64 << 20  # a shard is written once this much is embedded ...
 SHARD_SECONDS = 60.0  # ... or this long after the last one, whichever comes first (a crash loses at most that)
@@ -38,6 +38,14 @@ def is_cacheable(modality: str, cfg: TowerConfig) -> bool:
     """Frozen and deterministic: no augmentation (a modality whose transforms never augment, like text, always
     is)."""
     return cfg.freeze and (not get_modality(modality).augments or not cfg.augment)
+
+
+def cached_towers(cfg, modalities) -> list[str]:
+    """Which of ``modalities`` a training run (``cfg``: a :class:`~xmodal.config.Config`) reads from the cache:
+    frozen, deterministic towers, with ``train.cache_frozen`` and no ``train.unfreeze_at_step``."""
+    t = cfg.train
+    return [m for m in modalities
+            if t.cache_frozen and not t.unfreeze_at_step and is_cacheable(m, cfg.model.towers[m])]
 
 
 def tower_settings(modality: str, cfg: TowerConfig) -> tuple[str, str]:
@@ -185,6 +193,23 @@ def precompute_features(encoder: torch.nn.Module, transform: Callable, values: S
     return CachedFeatures({v: i for i, v in enumerate(unique)}, torch.stack([store[v] for v in unique]))
 
 
+def tower_store(root: Path, encoder: torch.nn.Module, memo_key: Hashable, otherwise: str) -> FeatureStore | None:
+    """The folder of a tower's features under ``root`` (keyed by its weights and ``memo_key``, its settings:
+    :func:`tower_settings`) — the same for a manifest and a shard stream; None, with a warning ending in
+    ``otherwise``, where it cannot be written."""
+    fingerprint = weights_fingerprint(encoder)
+    try:
+        store = FeatureStore(root / tower_key(fingerprint, repr(memo_key)),
+                             describe={"settings": repr(memo_key), "weights_sha1": fingerprint})
+    except OSError as e:
+        log.warning("feature cache: cannot use %s (%s); %s", root, e, otherwise)
+        return None
+    if not os.access(store.folder, os.W_OK):  # read-only: reading what is there would be fine, writing is not
+        log.warning("feature cache: %s is not writable; %s", store.folder, otherwise)
+        return None
+    return store
+
+
 def _on_disk(root: Path, encoder: torch.nn.Module, transform: Callable, unique: list, memo_key: Hashable,
              batch_size: int, num_workers: int, device, desc: str, progress: bool) -> CachedFeatures | None:
     """:func:`precompute_features` over a folder of shards: inputs found there are read, the rest embedded and
@@ -194,15 +219,8 @@ def _on_disk(root: Path, encoder: torch.nn.Module, transform: Callable, unique: 
         path_valued = get_modality(modality).value == "path" if modality is not None else None
     except (KeyError, ValueError):
         path_valued = None
-    fingerprint = weights_fingerprint(encoder)
-    try:
-        store = FeatureStore(root / tower_key(fingerprint, repr(memo_key)),
-                             describe={"settings": repr(memo_key), "weights_sha1": fingerprint})
-    except OSError as e:
-        log.warning("feature cache: cannot use %s (%s); features are kept in memory", root, e)
-        return None
-    if not os.access(store.folder, os.W_OK):  # read-only: reading what is there would be fine, writing is not
-        log.warning("feature cache: %s is not writable; features are kept in memory", store.folder)
+    store = tower_store(root, encoder, memo_key, "features are kept in memory")
+    if store is None:
         return None
     # A value without an identity (a missing file: its transform reports it) gets a key never looked up again.
     keys = {v: input_key(v, path_valued) or os.urandom(16) for v in unique}
@@ -217,7 +235,7 @@ def _on_disk(root: Path, encoder: torch.nn.Module, transform: Callable, unique: 
             feats = torch.cat(pending).numpy()
             written = [keys[v] for v in todo[done:done + len(feats)]]
             paths.append(store.write(written, feats))
-            rows.update((k, sum(counts) + r) for r, k in enumerate(written))
+            rows.update((written[i], sum(counts) + r) for r, i in enumerate(key_order(written)))  # its row order
             counts.append(len(written))
             done, last = done + len(written), time.monotonic()
             pending.clear()

@@ -138,6 +138,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def key_order(keys: Sequence[bytes]) -> np.ndarray:
+    """The row order :meth:`FeatureStore.write` stores ``keys`` in: byte-wise ascending."""
+    return np.argsort(np.frombuffer(b"".join(keys), f"S{KEY_BYTES}"), kind="stable")
+
+
 class ShardRows:
     """Rows of several shards as one sequence (``rows[i]`` → a float32 tensor). Picklable: data-loader workers
     get the shard paths and map them again, never a copy of the features."""
@@ -267,12 +272,14 @@ class FeatureStore:
         return paths, counts, rows
 
     def write(self, keys: Sequence[bytes], features: np.ndarray) -> Path:
-        """One new shard, atomically; its name is the SHA-256 of its bytes."""
+        """One new shard, atomically; its name is the SHA-256 of its bytes. Its rows are stored in key order
+        (:func:`key_order`), so the shard is its own on-disk index (:mod:`xmodal.feature_index`)."""
         from safetensors.numpy import save
 
-        data = save({"features": np.ascontiguousarray(features, dtype=np.float32),
-                     "keys": np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), KEY_BYTES)},
-                    metadata={"format": str(FORMAT), "tower": self.folder.name})
+        order = key_order(keys)
+        data = save({"features": np.ascontiguousarray(np.asarray(features, dtype=np.float32)[order]),
+                     "keys": np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), KEY_BYTES)[order]},
+                    metadata={"format": str(FORMAT), "tower": self.folder.name, "order": "key"})
         path = self.folder / (hashlib.sha256(data).hexdigest()[:32] + SUFFIX)
         with replacing(path, path.with_name(f".{path.name}.{os.getpid()}.tmp")) as tmp:
             tmp.write_bytes(data)

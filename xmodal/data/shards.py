@@ -25,6 +25,8 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from ..batch import CACHE_KEY, FEATURES
+
 SIZES_NAME = "sizes.json"  # open_clip_train.data.get_dataset_size reads the same file
 CHECKSUMS_NAME = "checksums.json"  # xmodal shard's record of each tar (sizes.json stays as open_clip reads it)
 
@@ -323,10 +325,19 @@ class SampleDecoder:
     manifest's ids there), else the key.
     """
 
-    def __init__(self, columns: Sequence[Column], transforms: Mapping[str, Callable[[Any], Any]]):
+    def __init__(self, columns: Sequence[Column], transforms: Mapping[str, Callable[[Any], Any]],
+                 features: Mapping[str, Any] | None = None):
         self.columns, self.transforms = list(columns), dict(transforms)
+        # column → its frozen tower's StreamFeatures (.stream_features): cached features instead of the member
+        self.features = dict(features or {})
 
-    def __call__(self, raw: dict | BadSlot) -> dict | BadSample:
+    def decode(self, raws: Sequence[dict | BadSlot]) -> list[dict | BadSample]:
+        """A batch's raw samples, their cached columns looked up in the disk cache first (one look-up a batch)."""
+        found = {name: f.lookup(raws) for name, f in self.features.items()}
+        return [self(raw, {name: hits[i] for name, hits in found.items()}) for i, raw in enumerate(raws)]
+
+    def __call__(self, raw: dict | BadSlot, cached: Mapping[str, tuple] | None = None) -> dict | BadSample:
+        """One raw sample; ``cached``: a cached column's ``(cache key, features or None)``."""
         if isinstance(raw, BadSlot):
             return BadSample(raw.url, f"#{raw.index}", raw.reason)
         key, url = raw["__key__"], raw["__url__"]
@@ -338,6 +349,13 @@ class SampleDecoder:
         item: dict[str, Any] = {"id": str(meta.get("id", key))}
         for col in self.columns:
             transform = self.transforms.get(col.name)
+            if cached and col.name in cached:
+                cache_key, features = cached[col.name]
+                if features is not None:  # the member is not even decoded
+                    import torch
+                    item[col.name + FEATURES] = torch.from_numpy(features)
+                    continue
+                item[col.name + CACHE_KEY] = cache_key
             try:
                 value = _value(raw, col, meta)
                 item[col.name] = transform(value) if transform is not None else value

@@ -13,7 +13,7 @@ each worker's place for the checkpoint.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -21,6 +21,7 @@ from ..batch import collate
 from .shard_plan import Layout, block_order, epoch_steps, skip, worker_batches, worker_segments
 from .hf_source import read_hf
 from .shards import BadSample, SampleDecoder, Shard, read_samples
+from .stream_features import pack, shard_identity
 
 BAD = "__bad__"  # batch key: the skipped samples of the batch's slots, as "shard: sample 'key': reason"
 
@@ -53,18 +54,20 @@ class ShardStream(IterableDataset):
         done = worker_batches(self.start, k, worker) * layout.batch
         length = worker_batches(self.steps, k, worker) * layout.batch
         segments = worker_segments(self.corpus.shards, layout, self.epoch, self.rank, worker)
-        items: list = []
+        for cached in self.decoder.features.values():
+            cached.index.refresh()  # the frozen features cached when this epoch's workers start
+        raws: list = []
         for raw in self._shuffled(segments, worker, done, length):
-            items.append(self.decoder(raw))
-            if len(items) == layout.batch:
-                yield batch_of(items)
-                items = []
+            raws.append(raw)
+            if len(raws) == layout.batch:
+                yield batch_of(self.decoder.decode(raws), self.decoder.features)
+                raws = []
 
     def _shuffled(self, segments: list, worker: int, done: int, length: int) -> Iterator[Any]:
         """The worker's raw samples from position ``done`` on, block by block, each block permuted."""
         size = self.shuffle_block
         first = done // size
-        raws = (raw for seg in skip(segments, first * size) for raw in read_segment(seg.shard, seg.start, seg.stop))
+        raws = (raw for seg in skip(segments, first * size) for raw in _named(seg.shard, seg.start, seg.stop))
         for block in range(first, -(-length // size)):
             n = min(size, length - block * size)
             chunk = [next(raws) for _ in range(n)]
@@ -79,10 +82,22 @@ def read_segment(shard: Shard, start: int, stop: int) -> Iterator[Any]:
     return read_hf(shard, start, stop) if shard.source is not None else read_samples(shard, start, stop)
 
 
-def batch_of(items: list) -> dict:
-    """Collate the good samples of a batch's slots; name the bad ones under ``"__bad__"``."""
+def _named(shard: Shard, start: int, stop: int) -> Iterator[Any]:
+    """:func:`read_segment`, each sample tagged with its shard's identity (the frozen-feature cache's key)."""
+    ident = None
+    for raw in read_segment(shard, start, stop):
+        if isinstance(raw, dict):
+            ident = ident or shard_identity(shard)
+            raw["__shard__"] = ident
+        yield raw
+
+
+def batch_of(items: list, cached: Mapping[str, Any] = {}) -> dict:  # noqa: B006 - read only
+    """Collate the good samples of a batch's slots; name the bad ones under ``"__bad__"``; a cached column's rows
+    packed as :func:`.stream_features.pack` says."""
     good = [it for it in items if not isinstance(it, BadSample)]
-    out: dict[str, Any] = collate(good) if good else {"id": []}
+    packed = {k: v for m in cached for k, v in pack(good, m).items()} if good else {}
+    out: dict[str, Any] = {**collate(good), **packed} if good else {"id": []}
     out[BAD] = [str(it) for it in items if isinstance(it, BadSample)]
     return out
 
@@ -104,5 +119,7 @@ class StreamLoader:
         self.stream.epoch, self.stream.start = epoch, batch
 
     def __iter__(self) -> Iterator[dict]:
+        for cached in self.stream.decoder.features.values():  # before the workers fork: see StreamFeatures
+            cached.start_epoch()
         return iter(self.loader)
 

@@ -416,7 +416,7 @@ def read_image_bytes(data: bytes) -> Image.Image:
     """An uploaded image (HTTP body, base64) as a PIL image the transform takes."""
     import io
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.copy()
+    im = Image.open(io.BytesIO(data))
+    im.load()  # decoded now (a corrupt image fails here, named by its caller); no second copy of the pixels
+    return im
 

@@ -49,6 +49,10 @@ class BPETokenize:
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (SOT + EOT), got {context_length}")
         self.context_length = int(context_length)
+        # Loaded here, in the process that builds the transform: DataLoader workers forked from it inherit it
+        # instead of each importing open_clip (an import that deep in a forked worker met CPython 3.11.7's
+        # "AST constructor recursion depth mismatch" in pydantic, via timm → wandb).
+        bpe_tokenizer()
 
     def __call__(self, text: Any) -> torch.Tensor:
         return bpe_tokenizer()(_check_text(text), context_length=self.context_length)[0]

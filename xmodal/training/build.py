@@ -18,7 +18,7 @@ from ..batch import FEATURES, collate
 from ..config import Config, ModelConfig, _from_dict, check_task_modalities, save_config
 from ..data import ManifestDataset
 from ..data.stream import StreamLoader
-from ..feature_cache import is_cacheable, precompute_features, resolve_root, tower_settings
+from ..feature_cache import cached_towers, precompute_features, resolve_root, tower_settings
 from ..losses import build_loss
 from ..losses.matryoshka import with_matryoshka
 from ..losses.multitask import GradNormWeighting, StaticWeighting, UncertaintyWeighting
@@ -216,7 +216,7 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
                  metrics: MetricsLog | None = None) -> None:
     """Each task's shuffled loader of whole step batches (``batch_size × grad_accum_steps`` rows per process), on
     cached features for frozen, non-augmented towers (embedded once, here). A sharded task streams instead
-    (:mod:`.streaming`; its frozen towers run at each step)."""
+    (:mod:`.streaming`; its frozen towers' features are cached on disk as the stream meets its samples)."""
     t, modalities = cfg.train, list(cfg.model.towers)
     if cfg.data.streamed:
         for r in tasks.values():
@@ -226,8 +226,7 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
         if len(r.dataset) < t.batch_size * t.grad_accum_steps * accelerator.num_processes:
             raise ValueError(_too_few_rows(r, t, accelerator.num_processes))
     used = {m for r in tasks.values() for m in r.cfg.modalities}  # a tower no task reads is never run
-    cached = {m: m + FEATURES for m in modalities
-              if m in used and t.cache_frozen and not t.unfreeze_at_step and is_cacheable(m, cfg.model.towers[m])}
+    cached = {m: m + FEATURES for m in cached_towers(cfg, [m for m in modalities if m in used])}
     caches = {}
     for m in cached:
         values = [v for r in tasks.values() if m in r.cfg.modalities for v in r.dataset[m] if v not in (None, "")]

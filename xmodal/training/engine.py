@@ -79,8 +79,13 @@ pretrain = train  # `xmodal pretrain` and `xmodal finetune` are the same loop; t
 def _loop(run: RunState) -> None:
     """Optimiser steps until ``run.total``; SIGINT/SIGTERM stop the run after the step in flight, with a checkpoint
     at that step (:mod:`.interrupt`)."""
-    with StopSignals(run.cfg.train.stop_grace_s) as stop:
-        _steps(run, stop)
+    try:
+        with StopSignals(run.cfg.train.stop_grace_s) as stop:
+            _steps(run, stop)
+    finally:  # a shard stream's frozen features computed since its last write: to the disk cache, also on a stop
+        for r in run.tasks.values():
+            if r.monitor is not None:
+                r.monitor.close()
 
 
 def _steps(run: RunState, stop: StopSignals) -> None:

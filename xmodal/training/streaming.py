@@ -21,7 +21,10 @@ from ..data.shard_plan import Layout, epoch_steps, position
 from ..data.hf_source import HFSource, hf_shards
 from ..data.shards import SampleDecoder, parse_columns, shard_list
 from ..data.stream import BAD, ShardCorpus, ShardStream, StreamLoader
+from ..data.stream_features import StreamFeatures
+from ..feature_cache import cached_towers, resolve_root, tower_settings, tower_store
 from .checkpoint import latest_checkpoint
+from .report import sharded
 from .run_log import MetricsLog
 from .state import TaskRun
 from .task_data import _read, usable_rows
@@ -74,23 +77,45 @@ def shard_task(cfg: Config, name: str, tc: TaskConfig, world: int) -> TaskRun:
 
 
 def attach_stream(cfg: Config, accelerator, model, r: TaskRun, metrics: MetricsLog) -> None:
-    """The task's stream loader (its transforms the model's training transforms) and its batch monitor."""
+    """The task's stream loader (its transforms the model's training transforms; a cached frozen tower's its
+    evaluation transform, as on the manifest path) and its batch monitor."""
     corpus: ShardCorpus = r.dataset
-    decoder = SampleDecoder(parse_columns(cfg.data.columns, r.cfg.modalities),
-                            {m: model.transform(m, train=True) for m in r.cfg.modalities})
+    columns = parse_columns(cfg.data.columns, r.cfg.modalities)
+    features = {} if sharded(accelerator) else stream_features(cfg, model, columns)
+    decoder = SampleDecoder(columns, {m: model.transform(m, train=m not in features) for m in r.cfg.modalities},
+                            features)
     stream = ShardStream(corpus, accelerator.process_index, decoder, cfg.data.shuffle_block)
     r.loader = StreamLoader(stream, cfg.data.num_workers)
     ids = Path(cfg.output_dir) / "ids" / f"rank{accelerator.process_index}.jsonl" if cfg.data.record_ids else None
     r.monitor = BatchMonitor(accelerator, metrics, cfg.data.max_bad_fraction, len(corpus), r.name,
-                             Path(cfg.output_dir), ids)
+                             Path(cfg.output_dir), ids, list(features.values()))
+
+
+def stream_features(cfg: Config, model, columns: list) -> dict[str, StreamFeatures]:
+    """The frozen towers whose features the stream caches on disk (:mod:`xmodal.data.stream_features`), by column.
+    Not under FSDP: a sharded encoder cannot be run on its own for the samples the cache lacks."""
+    root = resolve_root(cfg.train.feature_cache_dir)
+    if root is None:
+        return {}
+    out = {}
+    for col in columns:
+        if col.name not in cached_towers(cfg, [col.name]):
+            continue
+        encoder = model.towers[col.name].encoder
+        store = tower_store(root, encoder, tower_settings(col.name, cfg.model.towers[col.name]),
+                            f"frozen {col.name} features are computed at every step")
+        if store is not None:
+            out[col.name] = StreamFeatures(col, store, encoder, chunk=cfg.train.batch_size)
+    return out
 
 
 class BatchMonitor:
     """Each stream batch before its step, on every rank at once (its counts are summed over processes)."""
 
     def __init__(self, accelerator, metrics: MetricsLog, max_bad_fraction: float, epoch_samples: int, task: str,
-                 out_dir: Path, ids_file: Path | None):
+                 out_dir: Path, ids_file: Path | None, features: list[StreamFeatures] = ()):
         self.acc, self.metrics, self.task, self.out_dir = accelerator, metrics, task, out_dir
+        self.features = list(features)  # frozen towers cached on disk: the batch's features completed here
         self.allowed = math.floor(max_bad_fraction * epoch_samples)
         self.max_bad_fraction, self.epoch_samples = max_bad_fraction, epoch_samples
         self.epoch, self.bad_in_epoch, self.bad_total = 0, 0, 0
@@ -115,7 +140,15 @@ class BatchMonitor:
         if self.ids_file is not None:
             with open(self.ids_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"epoch": epoch, "batch": index, "ids": batch["id"]}) + "\n")
-        return send_to_device(batch, self.acc.device)
+        batch = send_to_device(batch, self.acc.device)
+        for cached in self.features:
+            cached.fill(batch, self.acc.device)
+        return batch
+
+    def close(self) -> None:
+        """The run ends or stops: the frozen features computed since the last write go to the disk cache."""
+        for cached in self.features:
+            cached.close()
 
     def _report(self, named: list[str], epoch: int, index: int) -> None:
         self.bad_in_epoch += len(named)
