@@ -18,7 +18,7 @@ def add_index_verb(sub) -> None:
     s = sub.add_parser("index", help="embed one modality of a manifest into a searchable index")
     s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
     s.add_argument("--manifest", required=True)
-    s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.jsonl, index.json)")
+    s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.arrow, index.json)")
     s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
     s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
     s.add_argument("--kind", choices=["flat", "hnsw", "ivf", "int8", "binary", "ivfpq"], default=None,

@@ -5,7 +5,8 @@
   vectors added) or a compressed kind, ``"int8"``, ``"binary"``, ``"ivfpq"`` (:mod:`~xmodal.retrieval.kinds`). Embeddings are L2-normalised, so inner product = cosine similarity. Every row gets an ``int64`` id
   from the index (``0, 1, 2, ...``, never reused, stable across add / remove / save / load) and a JSON metadata record
   (for an index built from a manifest: the row's ``id``, ``modality``, ``value`` (path or text), ``label`` and any
-  other scalar columns).
+  other scalar columns), kept as columns (:mod:`~xmodal.retrieval.metadata_store`: memory-mapped once loaded, dict
+  filters evaluated on the columns).
 * :class:`Hit` — one search result.
 
 Beside it: :mod:`~xmodal.retrieval.index_files`, the folder an index is saved as (three files, the crash-safe swap,
@@ -29,8 +30,9 @@ import numpy as np
 from . import IndexCorruptError, RetrievalError, exact, kinds
 from .hits import RESERVED_HIT_KEYS, Hit  # noqa: F401 (xmodal.retrieval.index.Hit, as before)
 from .filters import Filter, _predicate, parse_filters
-from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open_folder, read_faiss, read_metadata, \
-    save_folder
+from .index_files import FAISS_NAME, FORMAT, INFO_NAME, VERSION, metadata_name, open_folder, read_faiss, \
+    read_metadata, save_folder
+from .metadata_store import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class EmbeddingIndex:
             "m": m, "nbits": nbits, "rescore": rescore})
         self.model_info = dict(model_info) if model_info else None
         self.tuning: dict | None = None  # what `--tune` measured (index.json's "tuning"), None if never tuned
-        self._meta: dict[int, dict] = {}
+        self._meta = MetadataStore()  # {id: metadata}: Arrow columns (memory-mapped once loaded) + rows added
         self._tombstones: set[int] = set()
         self._next_id = 0
         self._norm_bound: float | None = 0.0  # >= every stored vector's norm (the batch path's error bound); None: unknown
@@ -130,7 +132,7 @@ class EmbeddingIndex:
 
     def ids(self) -> np.ndarray:
         """The live row ids, ascending."""
-        return np.fromiter(sorted(self._meta), dtype=np.int64, count=len(self._meta))
+        return self._meta.ids()
 
     def metadata(self, id: int) -> dict:
         return self._meta[int(id)]
@@ -141,7 +143,7 @@ class EmbeddingIndex:
     def reconstruct(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` ``[n, dim]``."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        missing = [int(i) for i in ids if int(i) not in self._meta]
+        missing = ids[~self._meta.contains(ids)].tolist()
         if missing:
             raise KeyError(f"no rows with ids {missing[:10]}")
         if not len(ids):
@@ -178,8 +180,7 @@ class EmbeddingIndex:
         if self._norm_bound is not None:
             self._norm_bound = max(self._norm_bound, exact.max_norm(x))
         self._next_id += n
-        for i, m in zip(ids.tolist(), metas):
-            self._meta[i] = m
+        self._meta.add(ids.tolist(), metas)
         return ids
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
@@ -189,7 +190,7 @@ class EmbeddingIndex:
         every search filters out, until :meth:`rebuild`.
         """
         arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).reshape(-1)
-        present = sorted({int(i) for i in arr} & self._meta.keys())
+        present = np.unique(arr[self._meta.contains(arr)]).tolist() if len(arr) else []
         if not present:
             return 0
         if self.kind == "hnsw":
@@ -198,8 +199,7 @@ class EmbeddingIndex:
             removed = self._index.remove_ids(np.asarray(present, dtype=np.int64))
             if removed != len(present):
                 raise RuntimeError(f"faiss removed {removed} of {len(present)} rows")
-        for i in present:
-            del self._meta[i]
+        self._meta.remove(present)
         return len(present)
 
     def rebuild(self, **options: Any) -> None:
@@ -242,10 +242,11 @@ class EmbeddingIndex:
 
     def metadata_keys(self) -> list[str]:
         """Every metadata key some live row has, sorted."""
-        keys: set[str] = set()
-        for m in self._meta.values():
-            keys.update(m)
-        return sorted(keys)
+        return list(self._meta.keys_present())
+
+    def metadata_column(self, key: str) -> list:
+        """``key``'s value in every live row, in id order (None where a row lacks it): one pass over a column."""
+        return self._meta.column(key)
 
     def _check_filter_keys(self, filter: Mapping[str, Any]) -> None:
         """A filter key that no row has (a typo: ``lable=seven``) is an error, not an empty result."""
@@ -276,7 +277,7 @@ class EmbeddingIndex:
         allowed: np.ndarray | None = None  # rows eligible under filter/tombstones; None = every row in faiss
         sel = None
         if pred is not None:
-            allowed = np.fromiter((i for i, m in sorted(self._meta.items()) if pred(m)), dtype=np.int64)
+            allowed = self._meta.select(filter)  # a dict filter: evaluated on the metadata columns
             if not len(allowed):
                 if isinstance(filter, Mapping):
                     self._check_filter_keys(filter)
@@ -305,15 +306,11 @@ class EmbeddingIndex:
                 vectors = self.reconstruct(pool)
                 s2, l2 = self._exact(q[short], pool, kk, vectors)
                 scores[short], labels[short] = s2, l2
-        out = []
-        for srow, lrow in zip(scores, labels):
-            hits = []
-            for s, i in zip(srow.tolist(), lrow.tolist()):
-                if i < 0 or i not in self._meta:
-                    continue
-                hits.append(Hit(int(i), float(s), dict(self._meta[i])))
-            out.append(hits)
-        return out
+        found = labels >= 0
+        found[found] = self._meta.contains(labels[found])
+        metas = iter(self._meta.rows(labels[found]))  # every hit's metadata in one read of the columns
+        return [[Hit(int(i), float(s), next(metas)) for s, i, ok in zip(srow.tolist(), lrow.tolist(), frow.tolist())
+                 if ok] for srow, lrow, frow in zip(scores, labels, found)]
 
     # ---------------------------------------------------------------------------------------------- persistence
     def _info(self) -> dict:
@@ -348,7 +345,7 @@ class EmbeddingIndex:
         when another process may be saving at the same moment.
 
         Raises ``FileNotFoundError`` when there is no index, :class:`IndexCorruptError` when the folder lacks any of
-        ``index.faiss`` / ``metadata.jsonl`` / ``index.json`` or they disagree (sizes, row counts, dimension).
+        ``index.faiss`` / ``metadata.arrow`` (``metadata.jsonl`` before format version 2) / ``index.json`` or they disagree (sizes, row counts, dimension).
         """
         path = Path(path).absolute()
         folder, info = open_folder(path, repair)
@@ -363,11 +360,11 @@ class EmbeddingIndex:
             raise IndexCorruptError(f"index {path}: bad {INFO_NAME}: {e}") from None
         self._index = read_faiss(path, folder, self.dim)
         kinds.configure_loaded(self.kind, self._index, self.options)
-        self._meta = read_metadata(path, folder)
+        self._meta = read_metadata(path, folder, info)
         self._norm_bound = None  # computed by the first batch search that needs it
         expected = self.ntotal - len(self._tombstones)
         if len(self._meta) != expected or len(self._meta) != info.get("count", len(self._meta)):
-            raise IndexCorruptError(f"index {path}: {META_NAME} has {len(self._meta)} rows but {FAISS_NAME} holds "
+            raise IndexCorruptError(f"index {path}: {metadata_name(info)} has {len(self._meta)} rows but {FAISS_NAME} holds "
                                     f"{expected} live vectors")
         return self
 
