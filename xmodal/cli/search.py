@@ -37,7 +37,9 @@ def add_index_verb(sub) -> None:
                                                          "dim/8)")
     s.add_argument("--pq-nbits", type=int, default=None, help="ivfpq: bits per sub-vector code (default 8)")
     s.add_argument("--rescore", type=int, default=None,
-                   help="binary: candidates re-ranked by the float query, per hit (default 10)")
+                   help="binary: candidates re-ranked by the float query, per hit (default 10); ivfpq: re-rank "
+                        "N candidates per hit by the float vectors, kept on disk (vectors.npy, memory-mapped; "
+                        "off by default)")
     s.add_argument("--dim", type=int, default=None,
                    help="index the first DIM coordinates of each embedding, renormalised (a model trained with "
                         "model.matryoshka_dims); queries are embedded the same way")

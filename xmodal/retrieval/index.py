@@ -31,7 +31,8 @@ from . import IndexCorruptError, RetrievalError, exact, kinds
 from .hits import RESERVED_HIT_KEYS, Hit  # noqa: F401 (xmodal.retrieval.index.Hit, as before)
 from .filters import Filter, _predicate, parse_filters
 from .index_files import FAISS_NAME, FORMAT, INFO_NAME, VERSION, metadata_name, open_folder, read_faiss, \
-    read_metadata, save_folder
+    read_metadata, read_vectors, save_folder
+from .float_rows import FloatRows
 from .metadata_store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class EmbeddingIndex:
         self._next_id = 0
         self._norm_bound: float | None = 0.0  # >= every stored vector's norm (the batch path's error bound); None: unknown
         self._index = kinds.new_faiss(kind, self.dim, self.options, self.options.get("nlist") or 1)
+        # ivfpq with rescore: the float vectors, on disk once saved (vectors.npy), for re-ranking and exact answers
+        self._rows = FloatRows(self.dim) if kind == "ivfpq" and self.options.get("rescore") else None
 
     # ------------------------------------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -148,6 +151,8 @@ class EmbeddingIndex:
             raise KeyError(f"no rows with ids {missing[:10]}")
         if not len(ids):
             return np.empty((0, self.dim), np.float32)
+        if self._rows is not None:
+            return self._rows.get(self._meta, ids)
         x = np.asarray(self._index.reconstruct_batch(ids), dtype=np.float32).reshape(len(ids), self.dim)
         return x / np.float32(math.sqrt(self.dim)) if self.kind == "binary" else x  # the unit sign vectors it scores
 
@@ -181,6 +186,8 @@ class EmbeddingIndex:
             self._norm_bound = max(self._norm_bound, exact.max_norm(x))
         self._next_id += n
         self._meta.add(ids.tolist(), metas)
+        if self._rows is not None:
+            self._rows.add(ids.tolist(), x)
         return ids
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
@@ -200,6 +207,8 @@ class EmbeddingIndex:
             if removed != len(present):
                 raise RuntimeError(f"faiss removed {removed} of {len(present)} rows")
         self._meta.remove(present)
+        if self._rows is not None:
+            self._rows.remove(present)
         return len(present)
 
     def rebuild(self, **options: Any) -> None:
@@ -265,7 +274,8 @@ class EmbeddingIndex:
         also match by their string form, so ``"3"`` matches ``3``) or a callable ``metadata -> bool``. Returns
         ``min(k, matching rows)`` hits per query; a dict filter naming a key that no row has raises
         :class:`RetrievalError` (listing the keys there are) instead of returning nothing. ``ef_search`` (HNSW),
-        ``nprobe`` (IVF, IVF-PQ) and ``rescore`` (binary) override the stored settings for this call.
+        ``nprobe`` (IVF, IVF-PQ) and ``rescore`` (binary, IVF-PQ with rescoring) override the stored settings for
+        this call.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
@@ -294,6 +304,8 @@ class EmbeddingIndex:
             if self._norm_bound is None:
                 self._norm_bound = exact.max_norm(exact.flat_arrays(self._index)[0])
             scores, labels = exact.flat_search(self._index, q, kk, self._norm_bound)
+        elif self._rows is not None and sel is None:  # ivfpq: PQ candidates re-ranked by the float vectors
+            scores, labels = self._rescored(q, kk, int(rescore or self.options["rescore"]), nprobe)
         elif self.kind == "binary":  # Hamming candidates, re-ranked by the float query (no filter: see above)
             scores, labels = kinds.binary_search(self._index, q, kk, int(rescore or self.options["rescore"]),
                                                  self.ntotal)
@@ -312,6 +324,22 @@ class EmbeddingIndex:
         return [[Hit(int(i), float(s), next(metas)) for s, i, ok in zip(srow.tolist(), lrow.tolist(), frow.tolist())
                  if ok] for srow, lrow, frow in zip(scores, labels, found)]
 
+    def _rescored(self, q: np.ndarray, k: int, rescore: int, nprobe: int | None):
+        """Top-``k`` of an ivfpq index with float rows: its ``rescore · k`` best candidates by PQ score, re-ranked
+        by the exact inner product with their vectors (ties by id). Too few candidates: padded with id -1."""
+        c = int(min(self.ntotal, max(k, rescore * k)))
+        _, cand = self._index.search(q, c, params=self._params(None, c, None, nprobe))
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        labels = np.full((len(q), k), -1, np.int64)
+        for j in range(len(q)):  # one query's candidates at a time: c rows of the file, never nq x c
+            ids = cand[j][cand[j] >= 0]
+            if not len(ids):
+                continue
+            s = self._rows.get(self._meta, ids) @ q[j]
+            order = np.lexsort((ids, -s))[:k]
+            scores[j, :len(order)], labels[j, :len(order)] = s[order], ids[order]
+        return scores, labels
+
     # ---------------------------------------------------------------------------------------------- persistence
     def _info(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "dim": self.dim,
@@ -327,7 +355,7 @@ class EmbeddingIndex:
         (``FileExistsError``) to replace a non-empty folder that is not an xmodal index. A failure while writing (a
         full disk, a read-only folder) removes ``.NAME.new`` and raises ``OSError``.
         """
-        return save_folder(Path(path), self._index, self._meta, self._info())
+        return save_folder(Path(path), self._index, self._meta, self._info(), self._rows)
 
     @classmethod
     def load(cls, path: str | os.PathLike, repair: bool = True) -> "EmbeddingIndex":
@@ -361,6 +389,7 @@ class EmbeddingIndex:
         self._index = read_faiss(path, folder, self.dim)
         kinds.configure_loaded(self.kind, self._index, self.options)
         self._meta = read_metadata(path, folder, info)
+        self._rows = read_vectors(path, folder, self.dim, len(self._meta)) if self._rows is not None else None
         self._norm_bound = None  # computed by the first batch search that needs it
         expected = self.ntotal - len(self._tombstones)
         if len(self._meta) != expected or len(self._meta) != info.get("count", len(self._meta)):

@@ -26,57 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .filters import _predicate, _value_matches
+from .metadata_columns import TYPES, ColumnReader, as_kind, columns_of, flatten, ints_equal_to
 
 FORMAT = "xmodal-index-metadata"
-TYPES = {"string": pa.large_string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
-         "json": pa.large_string()}
 _SCAN_ROWS = 65536  # rows decoded at a time when a callable filter or a full pass needs dicts
-
-
-def _type_of(value: Any) -> str:
-    t = type(value)
-    if t is str:
-        return "string"
-    if t is bool:
-        return "bool"
-    if t is int:
-        return "int" if -2 ** 63 <= value < 2 ** 63 else "json"
-    if t is float:
-        return "float"
-    return "json"
-
-
-def _flatten(want: Any) -> list:
-    """The values a filter value stands for (a list means any of its items, nested lists too)."""
-    if isinstance(want, (list, tuple, set, frozenset)):
-        return [x for w in want for x in _flatten(w)]
-    return [want]
-
-
-def _column(values: list, kind: str) -> pa.Array:
-    """``values`` (None where a row lacks the key) as an Arrow array of column type ``kind``."""
-    if kind == "json":
-        values = [None if v is _MISSING else json.dumps(v, ensure_ascii=False) for v in values]
-    else:
-        values = [None if v is _MISSING else v for v in values]
-    return pa.array(values, type=TYPES[kind])
-
-
-_MISSING = object()
-
-
-def columns_of(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, pa.Array]]:
-    """``[(key, type, array)]`` for ``records``, keys in order of first appearance."""
-    keys: dict[str, None] = {}
-    for r in records:
-        keys.update(dict.fromkeys(r))
-    out = []
-    for key in keys:
-        values = [r.get(key, _MISSING) for r in records]
-        kinds = {_type_of(v) for v in values if v is not _MISSING}
-        kind = kinds.pop() if len(kinds) == 1 else "json"
-        out.append((key, kind, _column(values, kind)))
-    return out
 
 
 class MetadataStore(Mapping):
@@ -98,7 +51,7 @@ class MetadataStore(Mapping):
         self._n_live = self._n_base  # live base rows
         self._extra: dict[int, dict] = {}  # rows added since opening, in id order
         self._key_cache: list[str] | None = None
-        self._readers: list[_ColumnReader] | None = None  # made on the first read
+        self._readers: list[ColumnReader] | None = None  # made on the first read
 
     # --------------------------------------------------------------------------------------------- opening
     @classmethod
@@ -193,6 +146,21 @@ class MetadataStore(Mapping):
             found |= np.fromiter((i in self._extra for i in ids.tolist()), bool, len(ids))
         return found
 
+    def base_positions(self, ids: np.ndarray) -> np.ndarray:
+        """Each id's row in the opened file (-1 for a row added since, or not live)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not self._n_base:
+            return np.full(len(ids), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self._base_ids, ids), self._n_base - 1)
+        ok = self._base_ids[pos] == ids
+        if self._live is not None:
+            ok &= self._live[pos]
+        return np.where(ok, pos, -1)
+
+    def base_live_positions(self) -> np.ndarray | None:
+        """The live rows of the opened file, ascending; None when every row is live."""
+        return None if self._live is None else np.flatnonzero(self._live)
+
     def rows(self, ids: Sequence[int] | np.ndarray) -> list[dict]:
         """Fresh metadata dicts of the live ``ids`` (KeyError for another), one table read for all."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -221,7 +189,7 @@ class MetadataStore(Mapping):
         if not self._keys:
             return [{} for _ in range(n)]
         if self._readers is None:
-            self._readers = [_ColumnReader(self._table.column(j).chunk(0), kind)
+            self._readers = [ColumnReader(self._table.column(j).chunk(0), kind)
                              for j, kind in enumerate(self._kinds, 1)]
         positions = np.asarray(positions, dtype=np.int64)
         cols = [(key, kind == "json", reader.values(positions))
@@ -291,7 +259,7 @@ class MetadataStore(Mapping):
 
     def _matches(self, key: str, want: Any) -> np.ndarray:
         """A bool per base row: does ``_value_matches(row.get(key), want)`` hold (computed on the column)."""
-        wants = _flatten(want)
+        wants = flatten(want)
         match_missing = any(w is None for w in wants)
         if key not in self._keys:
             return np.full(self._n_base, match_missing)
@@ -301,7 +269,7 @@ class MetadataStore(Mapping):
         if kind == "string":  # a str equals w, or w's string form: either way, the row's value is str(w)
             hit = pc.is_in(arr, value_set=pa.array([str(w) for w in wants], pa.large_string()))
         elif kind == "int":
-            hit = pc.is_in(arr, value_set=pa.array(sorted(_ints_equal_to(wants)), pa.int64()))
+            hit = pc.is_in(arr, value_set=pa.array(sorted(ints_equal_to(wants)), pa.int64()))
         else:  # bool, float, json: Python's own comparison on each distinct value
             raw = pc.unique(arr).drop_null().to_pylist()
             decoded = [json.loads(v) for v in raw] if kind == "json" else raw
@@ -343,8 +311,8 @@ class MetadataStore(Mapping):
                 a_kind, a_arr = next(((kd, ar) for k, kd, ar in added if k == key), (None, None))
                 b_kind, b_arr = kinds.get(key), cols.get(key)
                 kind = b_kind if a_kind is None or a_kind == b_kind else a_kind if b_kind is None else "json"
-                b_arr = pa.nulls(n_base, TYPES[kind]) if b_arr is None else _as_kind(b_arr, b_kind, kind)
-                a_arr = pa.nulls(n_add, TYPES[kind]) if a_arr is None else _as_kind(a_arr, a_kind, kind)
+                b_arr = pa.nulls(n_base, TYPES[kind]) if b_arr is None else as_kind(b_arr, b_kind, kind)
+                a_arr = pa.nulls(n_add, TYPES[kind]) if a_arr is None else as_kind(a_arr, a_kind, kind)
                 new_cols[key], new_kinds[key] = pa.concat_arrays([b_arr, a_arr]), kind
             ids = pa.concat_arrays([base.column(0).combine_chunks(),
                                     pa.array(list(self._extra), pa.int64())])
@@ -362,86 +330,3 @@ class MetadataStore(Mapping):
         table = self.table()
         with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)  # single-chunk columns: one record batch
-
-
-class _ColumnReader:
-    """Values of one Arrow column at given rows, read from its buffers (no Arrow call per read: a hit's metadata
-    costs about a microsecond per value). A few rows are read by plain memoryview indexing, many through numpy."""
-
-    SMALL = 64  # rows up to which per-row indexing beats numpy's per-call cost
-
-    def __init__(self, arr: pa.Array, kind: str):
-        bufs, self.offset, self.kind = arr.buffers(), arr.offset, kind
-        self.valid = None if arr.null_count == 0 or bufs[0] is None else memoryview(bufs[0])
-        self.data = memoryview(bufs[-1] if bufs[-1] is not None else b"")  # strings' bytes, numbers, bits
-        if kind in ("string", "json"):
-            self.offsets = memoryview(bufs[1]).cast("q")
-        elif kind in ("int", "float"):
-            self.data = self.data.cast("q" if kind == "int" else "d")
-
-    def values(self, rows: np.ndarray) -> list:
-        if len(rows) > self.SMALL:
-            return self._many(rows + self.offset)
-        ps, data, kind = (rows + self.offset).tolist(), self.data, self.kind
-        if kind in ("string", "json"):
-            off = self.offsets
-            out = [str(data[off[p]:off[p + 1]], "utf-8") for p in ps]
-        elif kind == "bool":
-            out = [bool((data[p >> 3] >> (p & 7)) & 1) for p in ps]
-        else:
-            out = [data[p] for p in ps]
-        valid = self.valid
-        if valid is not None:
-            out = [v if (valid[p >> 3] >> (p & 7)) & 1 else None for v, p in zip(out, ps)]
-        return out
-
-    @staticmethod
-    def _bits(buf: memoryview, at: np.ndarray) -> np.ndarray:
-        bits = np.frombuffer(buf, np.uint8)
-        return ((bits[at >> 3] >> (at & 7).astype(np.uint8)) & 1).astype(bool)
-
-    def _many(self, at: np.ndarray) -> list:
-        if self.kind in ("string", "json"):
-            offsets = np.frombuffer(self.offsets, np.int64)
-            data = self.data
-            out = [str(data[a:b], "utf-8") for a, b in zip(offsets[at].tolist(), offsets[at + 1].tolist())]
-        elif self.kind == "bool":
-            out = self._bits(self.data, at).tolist()
-        else:
-            out = np.frombuffer(self.data, np.int64 if self.kind == "int" else np.float64)[at].tolist()
-        if self.valid is not None:
-            out = [v if ok else None for v, ok in zip(out, self._bits(self.valid, at).tolist())]
-        return out
-
-
-def _ints_equal_to(wants: list) -> set[int]:
-    """The int64 values ``v`` for which ``v == w or str(v) == str(w)`` for some ``w`` in ``wants``."""
-    out = set()
-    for w in wants:
-        if isinstance(w, (bool, int)):
-            out.add(int(w))
-        elif isinstance(w, float) and w == w and abs(w) != float("inf") and w == int(w):
-            out.add(int(w))
-        elif isinstance(w, str):
-            try:
-                v = int(w)
-            except ValueError:
-                continue
-            if str(v) == w:
-                out.add(v)
-        else:
-            s = str(w)  # another type: only its string form can equal an int's
-            try:
-                if str(int(s)) == s:
-                    out.add(int(s))
-            except ValueError:
-                pass
-    return {v for v in out if -2 ** 63 <= v < 2 ** 63}
-
-
-def _as_kind(arr: pa.Array, have: str, kind: str) -> pa.Array:
-    """A column of type ``have`` as type ``kind`` (the same, or its values as JSON text)."""
-    if have == kind:
-        return arr
-    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in arr.to_pylist()],
-                    pa.large_string())
