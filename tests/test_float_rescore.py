@@ -63,7 +63,7 @@ def test_ivfpq_rescore_reranks_pq_candidates_by_the_float_vectors(tmp_path):
     info = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert "vectors.npy" in info["checksums"] and info["options"]["rescore"] == R
     loaded = EmbeddingIndex.load(tmp_path / "idx")
-    assert isinstance(loaded._rows._base, np.memmap)  # on disk, mapped, not read into RAM
+    assert isinstance(loaded._rows._base.base, np.memmap)  # on disk, mapped, not read into RAM
     assert_same(got(loaded, q), got(index, q))
 
     loaded.remove(list(range(0, N, 3)))

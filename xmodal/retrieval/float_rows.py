@@ -46,7 +46,7 @@ class FloatRows:
             raise ValueError(f"{what} is not a readable .npy file ({e})") from None
         if base.dtype != np.float32 or base.ndim != 2 or base.shape != (rows, dim):
             raise ValueError(f"{what} holds {base.dtype} {base.shape}, expected float32 ({rows}, {dim})")
-        return cls(dim, base)
+        return cls(dim, base.view(np.ndarray))  # still the mapped file; plain indexing, no memmap wrapper
 
     def add(self, ids, x: np.ndarray) -> None:
         self._blocks.append((np.asarray(ids, np.int64), np.array(x, dtype=np.float32)))
@@ -61,6 +61,8 @@ class FloatRows:
         out = np.empty((len(ids), self.dim), np.float32)
         pos = meta.base_positions(ids)
         in_base = pos >= 0
+        if in_base.all() and (len(pos) < 2 or (pos[1:] > pos[:-1]).all()):  # ascending: read straight in
+            return self._base[pos]
         if in_base.any():
             order = np.argsort(pos[in_base], kind="stable")  # ascending offsets: sequential-ish reads
             rows = np.flatnonzero(in_base)[order]

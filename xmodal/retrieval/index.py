@@ -332,7 +332,7 @@ class EmbeddingIndex:
         scores = np.full((len(q), k), -np.inf, np.float32)
         labels = np.full((len(q), k), -1, np.int64)
         for j in range(len(q)):  # one query's candidates at a time: c rows of the file, never nq x c
-            ids = cand[j][cand[j] >= 0]
+            ids = np.sort(cand[j][cand[j] >= 0])  # ascending: the file's rows read in order
             if not len(ids):
                 continue
             s = self._rows.get(self._meta, ids) @ q[j]

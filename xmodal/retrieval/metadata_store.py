@@ -49,6 +49,8 @@ class MetadataStore(Mapping):
         self._live: np.ndarray | None = None  # bool per base row once one is removed
         self._n_base = len(self._base_ids)
         self._n_live = self._n_base  # live base rows
+        # ids 0..n-1 without a gap (an index saved before any removal): an id is its row, no search needed
+        self._dense = not self._n_base or (self._base_ids[0] == 0 and self._base_ids[-1] == self._n_base - 1)
         self._extra: dict[int, dict] = {}  # rows added since opening, in id order
         self._key_cache: list[str] | None = None
         self._readers: list[ColumnReader] | None = None  # made on the first read
@@ -138,7 +140,7 @@ class MetadataStore(Mapping):
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """A bool per id: is it a live row."""
         ids = np.asarray(ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._base_ids, ids), max(self._n_base - 1, 0))
+        pos = self._search(ids)
         found = (self._base_ids[pos] == ids) if self._n_base else np.zeros(len(ids), bool)
         if self._live is not None:
             found &= self._live[pos]
@@ -146,12 +148,19 @@ class MetadataStore(Mapping):
             found |= np.fromiter((i in self._extra for i in ids.tolist()), bool, len(ids))
         return found
 
+    def _search(self, ids: np.ndarray) -> np.ndarray:
+        """Where each id is or would be among the base rows, clipped to a valid row (check ``_base_ids[pos]``)."""
+        top = max(self._n_base - 1, 0)
+        if self._dense:
+            return np.clip(ids, 0, top)
+        return np.minimum(np.searchsorted(self._base_ids, ids), top)
+
     def base_positions(self, ids: np.ndarray) -> np.ndarray:
         """Each id's row in the opened file (-1 for a row added since, or not live)."""
         ids = np.asarray(ids, dtype=np.int64)
         if not self._n_base:
             return np.full(len(ids), -1, np.int64)
-        pos = np.minimum(np.searchsorted(self._base_ids, ids), self._n_base - 1)
+        pos = self._search(ids)
         ok = self._base_ids[pos] == ids
         if self._live is not None:
             ok &= self._live[pos]
