@@ -174,7 +174,7 @@ def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint(runs, clipar
 # -------------------------------------------------------------------------------------------------------- index
 
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("name", ["index.faiss", "metadata.jsonl", "index.json"])
+@pytest.mark.parametrize("name", ["index.faiss", "metadata.arrow", "index.json"])
 def test_damaged_index_file_is_one_line_naming_it(runs, tmp_path, capfd, name, fault):
     index = tmp_path / "index"
     shutil.copytree(runs[1][1], index)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from torch import nn
@@ -140,7 +141,7 @@ def test_add_remove_save_load_round_trip(tmp_path, kind):
 
     index.save(tmp_path / "idx")
     assert sorted(os.listdir(tmp_path)) == ["idx"]
-    assert sorted(os.listdir(tmp_path / "idx")) == ["index.faiss", "index.json", "metadata.jsonl"]
+    assert sorted(os.listdir(tmp_path / "idx")) == ["index.faiss", "index.json", "metadata.arrow"]
     loaded = EmbeddingIndex.load(tmp_path / "idx")
     assert (loaded.kind, loaded.dim, loaded.options, loaded.model_info) == \
         (index.kind, index.dim, index.options, index.model_info)
@@ -375,7 +376,7 @@ def test_load_refuses_incomplete_or_inconsistent_folders(tmp_path):
     _flat(10, "a").save(tmp_path / "idx")
     with pytest.raises(FileNotFoundError, match="no index"):
         EmbeddingIndex.load(tmp_path / "nothing")
-    for name in ("metadata.jsonl", "index.faiss", "index.json"):
+    for name in ("metadata.arrow", "index.faiss", "index.json"):
         bad = tmp_path / f"missing-{name}"
         shutil.copytree(tmp_path / "idx", bad)
         (bad / name).unlink()
@@ -390,9 +391,10 @@ def test_load_refuses_incomplete_or_inconsistent_folders(tmp_path):
     bad = tmp_path / "lines"
     shutil.copytree(tmp_path / "idx", bad)
     info = json.loads((bad / "index.json").read_text())
-    lines = (bad / "metadata.jsonl").read_text().splitlines(keepends=True)[:-1]
-    (bad / "metadata.jsonl").write_text("".join(lines))
-    info["files"]["metadata.jsonl"] = (bad / "metadata.jsonl").stat().st_size
+    table = pa.ipc.open_file(pa.BufferReader((bad / "metadata.arrow").read_bytes())).read_all()
+    with pa.OSFile(str(bad / "metadata.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table.slice(0, table.num_rows - 1))  # a row short, in a well-formed file
+    info["files"]["metadata.arrow"] = (bad / "metadata.arrow").stat().st_size
     del info["checksums"], info["checksum"]  # as an index saved before checksums: only the row count can tell
     (bad / "index.json").write_text(json.dumps(info))
     with pytest.raises(IndexCorruptError, match="9 rows"):
@@ -514,7 +516,7 @@ def test_build_index_and_retriever_with_stub_model(tmp_path):
     with pytest.raises(FileExistsError, match="not an xmodal index"):  # refused before any embedding
         build_index(model, ds, "image", tmp_path / "busy")
     assert len(model.calls) == n_calls
-    (tmp_path / "empty" / "metadata.jsonl").unlink()  # a damaged index: refused, unless overwritten
+    (tmp_path / "empty" / "metadata.arrow").unlink()  # a damaged index: refused, unless overwritten
     with pytest.raises(IndexCorruptError, match="--overwrite"):
         build_index(model, ds, "image", tmp_path / "empty")
     assert len(build_index(model, ds, "image", tmp_path / "empty", overwrite=True)) == 18

@@ -71,11 +71,11 @@ class FullDiskFile:
         self._f.close()
 
 
-def full_disk_open(monkeypatch, targets):
-    """Text files opened for writing at a path containing one of ``targets`` hit a full disk (``open`` and
-    ``Path.write_text`` alike, whichever the code under test uses)."""
+def full_disk_open(monkeypatch, targets, binary: bool = False):
+    """Text files (and with ``binary``, binary files too) opened for writing at a path containing one of ``targets``
+    hit a full disk (``open`` and ``Path.write_text`` alike, whichever the code under test uses)."""
     def opener(path, mode="r", *args, **kwargs):
-        if "w" in mode and "b" not in mode and any(t in str(path) for t in targets):
+        if "w" in mode and (binary or "b" not in mode) and any(t in str(path) for t in targets):
             return FullDiskFile(path, mode, *args, **kwargs)
         return REAL_OPEN(path, mode, *args, **kwargs)
     monkeypatch.setattr(builtins, "open", opener)
@@ -274,7 +274,7 @@ def test_index_save_on_a_full_disk_while_writing_vectors(saved_index, monkeypatc
 
 def test_index_save_on_a_full_disk_while_writing_metadata(saved_index, monkeypatch):
     path, before, index = saved_index
-    full_disk_open(monkeypatch, ["metadata.jsonl"])
+    full_disk_open(monkeypatch, ["metadata.arrow"], binary=True)
     with pytest.raises(OSError) as e:
         index.save(path)
     assert e.value.errno == errno.ENOSPC

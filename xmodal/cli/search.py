@@ -18,7 +18,7 @@ def add_index_verb(sub) -> None:
     s = sub.add_parser("index", help="embed one modality of a manifest into a searchable index")
     s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
     s.add_argument("--manifest", required=True)
-    s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.jsonl, index.json)")
+    s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.arrow, index.json)")
     s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
     s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
     s.add_argument("--kind", choices=["flat", "hnsw", "ivf", "int8", "binary", "ivfpq"], default=None,
@@ -37,7 +37,9 @@ def add_index_verb(sub) -> None:
                                                          "dim/8)")
     s.add_argument("--pq-nbits", type=int, default=None, help="ivfpq: bits per sub-vector code (default 8)")
     s.add_argument("--rescore", type=int, default=None,
-                   help="binary: candidates re-ranked by the float query, per hit (default 10)")
+                   help="binary: candidates re-ranked by the float query, per hit (default 10); ivfpq: re-rank "
+                        "N candidates per hit by the float vectors, kept on disk (vectors.npy, memory-mapped; "
+                        "off by default)")
     s.add_argument("--dim", type=int, default=None,
                    help="index the first DIM coordinates of each embedding, renormalised (a model trained with "
                         "model.matryoshka_dims); queries are embedded the same way")

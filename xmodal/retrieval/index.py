@@ -5,7 +5,8 @@
   vectors added) or a compressed kind, ``"int8"``, ``"binary"``, ``"ivfpq"`` (:mod:`~xmodal.retrieval.kinds`). Embeddings are L2-normalised, so inner product = cosine similarity. Every row gets an ``int64`` id
   from the index (``0, 1, 2, ...``, never reused, stable across add / remove / save / load) and a JSON metadata record
   (for an index built from a manifest: the row's ``id``, ``modality``, ``value`` (path or text), ``label`` and any
-  other scalar columns).
+  other scalar columns), kept as columns (:mod:`~xmodal.retrieval.metadata_store`: memory-mapped once loaded, dict
+  filters evaluated on the columns).
 * :class:`Hit` — one search result.
 
 Beside it: :mod:`~xmodal.retrieval.index_files`, the folder an index is saved as (three files, the crash-safe swap,
@@ -29,8 +30,10 @@ import numpy as np
 from . import IndexCorruptError, RetrievalError, exact, kinds
 from .hits import RESERVED_HIT_KEYS, Hit  # noqa: F401 (xmodal.retrieval.index.Hit, as before)
 from .filters import Filter, _predicate, parse_filters
-from .index_files import FAISS_NAME, FORMAT, INFO_NAME, META_NAME, VERSION, open_folder, read_faiss, read_metadata, \
-    save_folder
+from .index_files import FAISS_NAME, FORMAT, INFO_NAME, VERSION, metadata_name, open_folder, read_faiss, \
+    read_metadata, read_vectors, save_folder
+from .float_rows import FloatRows
+from .metadata_store import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +113,13 @@ class EmbeddingIndex:
             "m": m, "nbits": nbits, "rescore": rescore})
         self.model_info = dict(model_info) if model_info else None
         self.tuning: dict | None = None  # what `--tune` measured (index.json's "tuning"), None if never tuned
-        self._meta: dict[int, dict] = {}
+        self._meta = MetadataStore()  # {id: metadata}: Arrow columns (memory-mapped once loaded) + rows added
         self._tombstones: set[int] = set()
         self._next_id = 0
         self._norm_bound: float | None = 0.0  # >= every stored vector's norm (the batch path's error bound); None: unknown
         self._index = kinds.new_faiss(kind, self.dim, self.options, self.options.get("nlist") or 1)
+        # ivfpq with rescore: the float vectors, on disk once saved (vectors.npy), for re-ranking and exact answers
+        self._rows = FloatRows(self.dim) if kind == "ivfpq" and self.options.get("rescore") else None
 
     # ------------------------------------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -130,7 +135,7 @@ class EmbeddingIndex:
 
     def ids(self) -> np.ndarray:
         """The live row ids, ascending."""
-        return np.fromiter(sorted(self._meta), dtype=np.int64, count=len(self._meta))
+        return self._meta.ids()
 
     def metadata(self, id: int) -> dict:
         return self._meta[int(id)]
@@ -141,11 +146,13 @@ class EmbeddingIndex:
     def reconstruct(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` ``[n, dim]``."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        missing = [int(i) for i in ids if int(i) not in self._meta]
+        missing = ids[~self._meta.contains(ids)].tolist()
         if missing:
             raise KeyError(f"no rows with ids {missing[:10]}")
         if not len(ids):
             return np.empty((0, self.dim), np.float32)
+        if self._rows is not None:
+            return self._rows.get(self._meta, ids)
         x = np.asarray(self._index.reconstruct_batch(ids), dtype=np.float32).reshape(len(ids), self.dim)
         return x / np.float32(math.sqrt(self.dim)) if self.kind == "binary" else x  # the unit sign vectors it scores
 
@@ -178,8 +185,9 @@ class EmbeddingIndex:
         if self._norm_bound is not None:
             self._norm_bound = max(self._norm_bound, exact.max_norm(x))
         self._next_id += n
-        for i, m in zip(ids.tolist(), metas):
-            self._meta[i] = m
+        self._meta.add(ids.tolist(), metas)
+        if self._rows is not None:
+            self._rows.add(ids.tolist(), x)
         return ids
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
@@ -189,7 +197,7 @@ class EmbeddingIndex:
         every search filters out, until :meth:`rebuild`.
         """
         arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).reshape(-1)
-        present = sorted({int(i) for i in arr} & self._meta.keys())
+        present = np.unique(arr[self._meta.contains(arr)]).tolist() if len(arr) else []
         if not present:
             return 0
         if self.kind == "hnsw":
@@ -198,8 +206,9 @@ class EmbeddingIndex:
             removed = self._index.remove_ids(np.asarray(present, dtype=np.int64))
             if removed != len(present):
                 raise RuntimeError(f"faiss removed {removed} of {len(present)} rows")
-        for i in present:
-            del self._meta[i]
+        self._meta.remove(present)
+        if self._rows is not None:
+            self._rows.remove(present)
         return len(present)
 
     def rebuild(self, **options: Any) -> None:
@@ -242,10 +251,11 @@ class EmbeddingIndex:
 
     def metadata_keys(self) -> list[str]:
         """Every metadata key some live row has, sorted."""
-        keys: set[str] = set()
-        for m in self._meta.values():
-            keys.update(m)
-        return sorted(keys)
+        return list(self._meta.keys_present())
+
+    def metadata_column(self, key: str) -> list:
+        """``key``'s value in every live row, in id order (None where a row lacks it): one pass over a column."""
+        return self._meta.column(key)
 
     def _check_filter_keys(self, filter: Mapping[str, Any]) -> None:
         """A filter key that no row has (a typo: ``lable=seven``) is an error, not an empty result."""
@@ -264,7 +274,8 @@ class EmbeddingIndex:
         also match by their string form, so ``"3"`` matches ``3``) or a callable ``metadata -> bool``. Returns
         ``min(k, matching rows)`` hits per query; a dict filter naming a key that no row has raises
         :class:`RetrievalError` (listing the keys there are) instead of returning nothing. ``ef_search`` (HNSW),
-        ``nprobe`` (IVF, IVF-PQ) and ``rescore`` (binary) override the stored settings for this call.
+        ``nprobe`` (IVF, IVF-PQ) and ``rescore`` (binary, IVF-PQ with rescoring) override the stored settings for
+        this call.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
@@ -276,7 +287,7 @@ class EmbeddingIndex:
         allowed: np.ndarray | None = None  # rows eligible under filter/tombstones; None = every row in faiss
         sel = None
         if pred is not None:
-            allowed = np.fromiter((i for i, m in sorted(self._meta.items()) if pred(m)), dtype=np.int64)
+            allowed = self._meta.select(filter)  # a dict filter: evaluated on the metadata columns
             if not len(allowed):
                 if isinstance(filter, Mapping):
                     self._check_filter_keys(filter)
@@ -293,6 +304,8 @@ class EmbeddingIndex:
             if self._norm_bound is None:
                 self._norm_bound = exact.max_norm(exact.flat_arrays(self._index)[0])
             scores, labels = exact.flat_search(self._index, q, kk, self._norm_bound)
+        elif self._rows is not None and sel is None:  # ivfpq: PQ candidates re-ranked by the float vectors
+            scores, labels = self._rescored(q, kk, int(rescore or self.options["rescore"]), nprobe)
         elif self.kind == "binary":  # Hamming candidates, re-ranked by the float query (no filter: see above)
             scores, labels = kinds.binary_search(self._index, q, kk, int(rescore or self.options["rescore"]),
                                                  self.ntotal)
@@ -305,15 +318,27 @@ class EmbeddingIndex:
                 vectors = self.reconstruct(pool)
                 s2, l2 = self._exact(q[short], pool, kk, vectors)
                 scores[short], labels[short] = s2, l2
-        out = []
-        for srow, lrow in zip(scores, labels):
-            hits = []
-            for s, i in zip(srow.tolist(), lrow.tolist()):
-                if i < 0 or i not in self._meta:
-                    continue
-                hits.append(Hit(int(i), float(s), dict(self._meta[i])))
-            out.append(hits)
-        return out
+        found = labels >= 0
+        found[found] = self._meta.contains(labels[found])
+        metas = iter(self._meta.rows(labels[found]))  # every hit's metadata in one read of the columns
+        return [[Hit(int(i), float(s), next(metas)) for s, i, ok in zip(srow.tolist(), lrow.tolist(), frow.tolist())
+                 if ok] for srow, lrow, frow in zip(scores, labels, found)]
+
+    def _rescored(self, q: np.ndarray, k: int, rescore: int, nprobe: int | None):
+        """Top-``k`` of an ivfpq index with float rows: its ``rescore · k`` best candidates by PQ score, re-ranked
+        by the exact inner product with their vectors (ties by id). Too few candidates: padded with id -1."""
+        c = int(min(self.ntotal, max(k, rescore * k)))
+        _, cand = self._index.search(q, c, params=self._params(None, c, None, nprobe))
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        labels = np.full((len(q), k), -1, np.int64)
+        for j in range(len(q)):  # one query's candidates at a time: c rows of the file, never nq x c
+            ids = np.sort(cand[j][cand[j] >= 0])  # ascending: the file's rows read in order
+            if not len(ids):
+                continue
+            s = self._rows.get(self._meta, ids) @ q[j]
+            order = np.lexsort((ids, -s))[:k]
+            scores[j, :len(order)], labels[j, :len(order)] = s[order], ids[order]
+        return scores, labels
 
     # ---------------------------------------------------------------------------------------------- persistence
     def _info(self) -> dict:
@@ -330,7 +355,7 @@ class EmbeddingIndex:
         (``FileExistsError``) to replace a non-empty folder that is not an xmodal index. A failure while writing (a
         full disk, a read-only folder) removes ``.NAME.new`` and raises ``OSError``.
         """
-        return save_folder(Path(path), self._index, self._meta, self._info())
+        return save_folder(Path(path), self._index, self._meta, self._info(), self._rows)
 
     @classmethod
     def load(cls, path: str | os.PathLike, repair: bool = True) -> "EmbeddingIndex":
@@ -348,7 +373,7 @@ class EmbeddingIndex:
         when another process may be saving at the same moment.
 
         Raises ``FileNotFoundError`` when there is no index, :class:`IndexCorruptError` when the folder lacks any of
-        ``index.faiss`` / ``metadata.jsonl`` / ``index.json`` or they disagree (sizes, row counts, dimension).
+        ``index.faiss`` / ``metadata.arrow`` (``metadata.jsonl`` before format version 2) / ``index.json`` or they disagree (sizes, row counts, dimension).
         """
         path = Path(path).absolute()
         folder, info = open_folder(path, repair)
@@ -363,11 +388,12 @@ class EmbeddingIndex:
             raise IndexCorruptError(f"index {path}: bad {INFO_NAME}: {e}") from None
         self._index = read_faiss(path, folder, self.dim)
         kinds.configure_loaded(self.kind, self._index, self.options)
-        self._meta = read_metadata(path, folder)
+        self._meta = read_metadata(path, folder, info)
+        self._rows = read_vectors(path, folder, self.dim, len(self._meta)) if self._rows is not None else None
         self._norm_bound = None  # computed by the first batch search that needs it
         expected = self.ntotal - len(self._tombstones)
         if len(self._meta) != expected or len(self._meta) != info.get("count", len(self._meta)):
-            raise IndexCorruptError(f"index {path}: {META_NAME} has {len(self._meta)} rows but {FAISS_NAME} holds "
+            raise IndexCorruptError(f"index {path}: {metadata_name(info)} has {len(self._meta)} rows but {FAISS_NAME} holds "
                                     f"{expected} live vectors")
         return self
 

@@ -3,7 +3,10 @@
 On disk an index is a folder of three files::
 
     index.faiss      the faiss index (faiss.write_index)
-    metadata.jsonl   one line per live row: {"index_id": 12, "meta": {...}}, in id order
+    metadata.arrow   the rows' metadata as Arrow columns, index_id first (xmodal.retrieval.metadata_store);
+                     folders saved before format version 2 hold metadata.jsonl instead (one line per live row:
+                     {"index_id": 12, "meta": {...}}, in id order), which loads as before
+    vectors.npy      only an ivfpq index with rescore: the float vectors, row i = metadata.arrow's row i
     index.json       kind, dim, options, next_id, counts, file sizes and checksums, HNSW tombstones and the model
                      fingerprint {"run_dir", "sha256" (of model.safetensors), "embed_dim", "modality"}; sealed
                      with its own "checksum" (xmodal.integrity), so a flipped bit that still parses is noticed
@@ -28,15 +31,18 @@ import faiss
 from ..atomic import fsync_dir, fsync_file
 from ..integrity import ALGORITHM, IntegrityError, check_file, check_seal, file_record, seal
 from . import IndexCorruptError
+from .float_rows import VECTORS_NAME, FloatRows
+from .metadata_store import MetadataStore
 
 log = logging.getLogger(__name__)
 
 FAISS_NAME = "index.faiss"
-META_NAME = "metadata.jsonl"
+META_NAME = "metadata.jsonl"  # format version 1
+ARROW_NAME = "metadata.arrow"  # format version 2
 INFO_NAME = "index.json"
-FILES = (FAISS_NAME, META_NAME, INFO_NAME)
+FILES = (FAISS_NAME, ARROW_NAME, INFO_NAME)
 FORMAT = "xmodal-index"
-VERSION = 1
+VERSION = 2
 REBUILD = "rebuild it with `xmodal index`"
 
 
@@ -46,8 +52,20 @@ def _siblings(path: Path) -> tuple[Path, Path]:
     return path.parent / f".{path.name}.new", path.parent / f".{path.name}.old"
 
 
+def metadata_name(info: Mapping[str, Any] | None) -> str:
+    """The metadata file of an index whose ``index.json`` says ``info``: ``metadata.arrow`` from version 2 on."""
+    return META_NAME if int((info or {}).get("version", VERSION)) < 2 else ARROW_NAME
+
+
 def _missing_files(path: Path) -> list[str]:
-    return [name for name in FILES if not (path / name).is_file()]
+    others: list[str] = []
+    try:  # which metadata file: index.json's version says (when it is there to read); other files it records
+        info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
+        meta = metadata_name(info if isinstance(info, dict) else None)
+        others = [str(n) for n in (info.get("files") or {}) if n not in (FAISS_NAME, META_NAME, ARROW_NAME)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        meta = META_NAME if (path / META_NAME).is_file() and not (path / ARROW_NAME).is_file() else ARROW_NAME
+    return [name for name in (FAISS_NAME, meta, *others, INFO_NAME) if not (path / name).is_file()]
 
 
 def _looks_like_index(path: Path) -> bool:
@@ -96,16 +114,19 @@ def recover(path: Path, repair: bool) -> Path:
 
 # ------------------------------------------------------------------------------------------------------- save
 
-def _write_into(folder: Path, index, meta: Mapping[int, dict], info: dict) -> None:
-    """The three files into ``folder``, each fsynced, ``index.json`` last (it records the others' sizes)."""
+def _write_into(folder: Path, index, meta: MetadataStore, info: dict, rows: FloatRows | None) -> None:
+    """The files into ``folder``, each fsynced, ``index.json`` last (it records the others' sizes)."""
     faiss.write_index(index, str(folder / FAISS_NAME))
     fsync_file(folder / FAISS_NAME)
-    with open(folder / META_NAME, "w", encoding="utf-8") as f:
-        for i in sorted(meta):
-            f.write(json.dumps({"index_id": i, "meta": meta[i]}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    records = {name: file_record(folder / name) for name in (FAISS_NAME, META_NAME)}
+    names = [FAISS_NAME, ARROW_NAME] + ([VECTORS_NAME] if rows is not None else [])
+    for name, source in ((ARROW_NAME, meta), (VECTORS_NAME, rows)):
+        if source is None:
+            continue
+        with open(folder / name, "wb") as f:
+            source.write(f) if source is meta else source.write(f, meta)
+            f.flush()
+            os.fsync(f.fileno())
+    records = {name: file_record(folder / name) for name in names}
     info = seal({**info, "files": {name: r["size"] for name, r in records.items()},
                  "checksums": {name: {ALGORITHM: r[ALGORITHM]} for name, r in records.items()}})
     with open(folder / INFO_NAME, "w", encoding="utf-8") as f:  # written last
@@ -115,7 +136,7 @@ def _write_into(folder: Path, index, meta: Mapping[int, dict], info: dict) -> No
     fsync_dir(folder)
 
 
-def save_folder(path: Path, index, meta: Mapping[int, dict], info: dict) -> Path:
+def save_folder(path: Path, index, meta: MetadataStore, info: dict, rows: FloatRows | None = None) -> Path:
     """Save into the folder ``path``, atomically: a crash at any moment leaves the previous index or this one.
 
     Steps (``.NAME.new`` / ``.NAME.old`` are hidden siblings of ``NAME``):
@@ -146,7 +167,7 @@ def save_folder(path: Path, index, meta: Mapping[int, dict], info: dict) -> Path
         shutil.rmtree(new)
     try:
         new.mkdir()
-        _write_into(new, index, meta, info)
+        _write_into(new, index, meta, info, rows)
     except (OSError, RuntimeError) as e:  # a full disk: faiss raises RuntimeError, file writes OSError
         shutil.rmtree(new, ignore_errors=True)
         message = f"saving the index to {path} failed ({e}); the index already there (if any) is unchanged"
@@ -218,8 +239,24 @@ def read_faiss(path: Path, folder: Path, dim: int):
     return index
 
 
-def read_metadata(path: Path, folder: Path) -> dict[int, Any]:
-    """``{index_id: metadata}`` from ``metadata.jsonl`` (blank lines skipped)."""
+def read_vectors(path: Path, folder: Path, dim: int, rows: int) -> FloatRows:
+    """``vectors.npy`` memory-mapped (an ivfpq index with rescore), checked to hold ``rows`` x ``dim``."""
+    if not (folder / VECTORS_NAME).is_file():
+        raise IndexCorruptError(f"index {path} is incomplete: missing {VECTORS_NAME} ({REBUILD})")
+    try:
+        return FloatRows.open(folder / VECTORS_NAME, dim, rows, VECTORS_NAME)
+    except ValueError as e:
+        raise IndexCorruptError(f"index {path}: {e} ({REBUILD})") from None
+
+
+def read_metadata(path: Path, folder: Path, info: Mapping[str, Any] | None = None) -> MetadataStore:
+    """The rows' metadata: ``metadata.arrow`` memory-mapped, or (an index saved before format version 2)
+    ``metadata.jsonl`` read into dicts, as before — converted in memory, nothing written."""
+    if metadata_name(info) == ARROW_NAME:
+        try:
+            return MetadataStore.open(folder / ARROW_NAME, f"{ARROW_NAME}")
+        except ValueError as e:
+            raise IndexCorruptError(f"index {path}: {e} ({REBUILD})") from None
     meta: dict[int, Any] = {}
     with open(folder / META_NAME, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -230,4 +267,4 @@ def read_metadata(path: Path, folder: Path) -> dict[int, Any]:
                 meta[int(rec["index_id"])] = rec["meta"]
             except (ValueError, KeyError, TypeError) as e:
                 raise IndexCorruptError(f"index {path}: {META_NAME} line {lineno}: {e}") from None
-    return meta
+    return MetadataStore.from_dicts(meta)

@@ -9,6 +9,7 @@ ivf       ``IndexIVFFlat(IndexFlatIP, d, nlist, IP)``                        4·
 int8      ``IndexIDMap2(IndexScalarQuantizer(d, QT_8bit, IP))``              d + 8 (264)                 no
 binary    ``IndexIDMap2(IndexLSH(d, d))``: the sign bit of each dimension    d/8 + 8 (40)                no
 ivfpq     ``IndexIVFPQ(IndexFlatIP, d, nlist, m, nbits, IP)``                m·nbits/8 + ~16 (48)        no
+  +rescore the same, without the id → code hash map; floats in ``vectors.npy``  m·nbits/8 + 8 in RAM         no
 ========  =================================================================  ==========================  ===========
 
 ``int8`` stores each dimension as one byte between a per-dimension min and max learnt from the first vectors added;
@@ -18,7 +19,9 @@ the float query's inner product with their sign vectors scaled to unit length (`
 binary hit reports) — the asymmetric rescoring of sentence-transformers' quantisation. ``ivfpq`` is faiss's
 inverted file with product quantisation: ``m`` sub-vectors of ``d/m`` dimensions, each coded on ``nbits`` bits
 (``m`` defaults to ``d/8``, i.e. 32 bytes at 256-d; ``nbits`` to 8, fewer when there are under 39·2^nbits vectors
-to train on). ``int8``, ``ivf`` and ``ivfpq`` are trained on the vectors of the first add.
+to train on). ``int8``, ``ivf`` and ``ivfpq`` are trained on the vectors of the first add. ``ivfpq`` with
+``rescore=R`` re-ranks the ``R·k`` best PQ candidates by their exact inner product with the float vectors, which it
+keeps on disk (:mod:`~xmodal.retrieval.float_rows`, memory-mapped) instead of in RAM.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "binary": {"rescore": 10},
     "ivfpq": {"nlist": None, "nprobe": None, "m": None, "nbits": None},
 }
+# options a kind takes that are absent (off) unless given: ivfpq's float re-ranking
+OPTIONAL: dict[str, tuple[str, ...]] = {"ivfpq": ("rescore",)}
 # the search-time knob of each approximate kind: what `--tune` sets (flat and int8 have none)
 KNOB = {"hnsw": "ef_search", "ivf": "nprobe", "ivfpq": "nprobe", "binary": "rescore"}
 
@@ -57,9 +62,9 @@ def check_options(kind: str, dim: int, given: dict[str, Any]) -> dict[str, Any]:
     for name, value in given.items():
         if value is None:
             continue
-        if name not in options:  # as before 0.3: an option of another kind is ignored (`--nlist` with a flat index)
+        if name not in options and name not in OPTIONAL.get(kind, ()):  # as before 0.3: an option of another kind is ignored (`--nlist` with a flat index)
             log.warning("option %s=%r does not apply to a %r index (its options: %s); ignored", name, value, kind,
-                        ", ".join(options) or "none")
+                        ", ".join([*options, *OPTIONAL.get(kind, ())]) or "none")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise RetrievalError(f"{name} must be a positive integer, got {value!r}")
@@ -107,7 +112,10 @@ def new_faiss(kind: str, dim: int, options: dict, nlist: int = 1):
         ivf = faiss.IndexIVFFlat(quantizer, dim, int(nlist), ip)
     else:
         ivf = faiss.IndexIVFPQ(quantizer, dim, int(nlist), options["m"] or _pq_m(dim), options["nbits"] or 8, ip)
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) for arbitrary ids, with removal
+    if kind == "ivfpq" and options.get("rescore"):  # vectors come from vectors.npy: no id -> code map in RAM
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    else:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) for arbitrary ids, with removal
     ivf.nprobe = _nprobe(options, int(nlist))
     return ivf
 

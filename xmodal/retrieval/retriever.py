@@ -232,7 +232,7 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
         raise FingerprintMismatchError(f"the model embeds into {width} dimensions, index {out} holds "
                                        f"{index.dim}")
 
-    present = {str(m.get("id")) for m in index._meta.values()} if append else set()
+    present = {str(v) for v in index.metadata_column("id")} if append else set()
     values = ds[modality]
     ids = [str(i) for i in ds["id"]] if "id" in columns else [str(i + 1) for i in range(len(values))]
     extra = []  # other scalar columns, in manifest order

@@ -5,7 +5,7 @@ On disk::
     NAME/
       shards.json          {"format": "xmodal-sharded-index", "version": 1, "next_slot": 3,
                             "shards": [{"slot": 0, "dir": "shard-0-1"}, {"slot": 2, "dir": "shard-2-1"}]}
-      shard-0-1/           an EmbeddingIndex folder (index.faiss, metadata.jsonl, index.json)
+      shard-0-1/           an EmbeddingIndex folder (index.faiss, metadata.arrow, index.json)
       shard-2-1/
 
 Each shard is built on its own (another process, another machine: ``xmodal index --out PART``) and joined with
@@ -105,8 +105,7 @@ class ShardedIndex:
         owner: dict = {}
         for where, index in [(f"shard {s}", x) for s, x in self.shards.items()] + [
                 (f"new part {i + 1}", x) for i, x in enumerate(extra)]:
-            for row in index.ids():
-                rid = index.metadata(int(row)).get("id")
+            for rid in index.metadata_column("id"):
                 if rid is not None and owner.setdefault(rid, where) != where:
                     raise RetrievalError(f"sharded index {self.path}: row id {rid!r} is in {owner[rid]} and in "
                                          f"{where}; each item belongs to one shard (the same index added twice?)")
