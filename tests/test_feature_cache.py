@@ -75,3 +75,32 @@ def test_predict_with_reused_features_matches_and_refuses_a_row_without_input():
         with context, pytest.raises(ValueError, match=r"task 't' reads text, and row 1 of the inputs \(0-based\) "
                                                       r"has no text"):
             model.predict("t", {"text": ["one", "", "two words"]}, batch_size=3)
+
+
+def _decode_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "xmodal-feature-decode"]
+
+
+def test_reading_ahead_keeps_the_features_of_the_tower_and_stops_on_a_bad_file(clipart, monkeypatch):
+    """The pass decodes the next batches in a thread while the encoder runs: its features are the bare forward's
+    on real drawings, in order, with read-ahead or without; a file that cannot be read stops it with the file's own
+    error, and no decoding thread is left behind."""
+    import csv
+
+    import xmodal.feature_cache as fc
+    with open(clipart, newline="", encoding="utf-8") as f:
+        paths = [str(clipart.parent / r["image"]) for r in csv.DictReader(f)][:40]
+    model = frozen_model()
+    enc, tf = model.towers["image"].encoder, model.transform("image")
+    with torch.inference_mode():
+        truth = enc(torch.stack([tf(p) for p in paths]))
+    for ahead in (0, 2):
+        monkeypatch.setattr(fc, "PREFETCH_BATCHES", ahead)
+        got = precompute_features(enc, tf, paths, batch_size=6, progress=False)
+        torch.testing.assert_close(torch.stack([got(p) for p in paths]), truth, atol=1e-6, rtol=0)
+    assert not _decode_threads()
+    missing = str(clipart.parent / "no-such-drawing.png")
+    with pytest.raises(FileNotFoundError, match="no-such-drawing.png"):
+        precompute_features(enc, tf, paths[:25] + [missing] + paths[25:], batch_size=6, progress=False)
+    assert not _decode_threads()
