@@ -13,9 +13,10 @@ their captions. Sections per tower:
   limit     the encoder's forward (eval mode, ``torch.inference_mode``, the channels-last input hook as built) over
             tensors decoded beforehand, in the pass's batches (text: sorted by length, as the pass does).
   pass      ``precompute_features`` itself (no disk cache, no in-process memo), with ``--workers`` DataLoader workers
-            (``data.num_workers``: the user's setting; 0 is the default). Without workers the pass decodes the next
-            batches in a thread while the encoder runs (``feature_cache.PREFETCH_BATCHES``); ``pass w0 in turn`` is
-            the same pass with that set to 0 (decode a batch, then encode it: the pass before the read-ahead).
+            (``data.num_workers``: the user's setting; 0 is the default: decode a batch, then encode it, in turn).
+  pass w0 read-ahead   the trial of overlapping decoding with the forward in one process: the same pass with its
+            DataLoader's batches produced by a thread, 2 ahead (PIL's decoding and resizing and torch's ops release
+            the GIL). Measured, not adopted (docs/benchmarks.md): decoding is ~1% of the forward here.
 
 Each round runs every section once, in a seeded random order; figures are medians over rounds, and pass/limit is the
 median of the per-round ratios (min-max shown). Features from the pass are checked equal to the limit's forward.
@@ -42,6 +43,37 @@ import torch  # noqa: E402
 
 MANIFEST = C.ROOT / "data" / "openclipart" / "manifest.csv"
 CONFIG = C.ROOT / "configs" / "pretrain.yaml"
+
+
+class ReadAhead:
+    """A ``DataLoader`` whose batches a background thread produces up to 2 ahead of the consumer, in order."""
+
+    def __init__(self, *args, **kwargs):
+        from torch.utils.data import DataLoader
+        self.loader = DataLoader(*args, **kwargs)
+
+    def __iter__(self):
+        import queue
+        import threading
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        end = object()
+
+        def produce():
+            try:
+                for b in self.loader:
+                    ready.put((b, None))
+                ready.put((end, None))
+            except BaseException as e:  # noqa: BLE001 - raised in the consumer
+                ready.put((end, e))
+
+        threading.Thread(target=produce, daemon=True).start()
+        while True:
+            b, error = ready.get()
+            if b is end:
+                if error is not None:
+                    raise error
+                return
+            yield b
 
 
 def build(image_size: int):
@@ -71,8 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-serial", dest="serial", action="store_false",
-                   help="leave out the pass without read-ahead (PREFETCH_BATCHES=0: decode, then encode, in turn)")
+    p.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
+                   help="leave out the read-ahead trial (pass w0 with its batches decoded by a thread, 2 ahead)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import xmodal.feature_cache as fc
@@ -96,21 +128,22 @@ def main(argv=None) -> None:
         def decode():
             return [transform(v) for v in values]
 
-        def run_pass(w: int, prefetch: int):
+        def run_pass(w: int, read_ahead: bool = False):
             def go():
-                saved, fc.PREFETCH_BATCHES = fc.PREFETCH_BATCHES, prefetch
+                saved = fc.DataLoader
+                fc.DataLoader = ReadAhead if read_ahead else saved
                 try:
                     return precompute_features(encoder, transform, values, batch_size=args.batch, num_workers=w,
                                                progress=False)
                 finally:
-                    fc.PREFETCH_BATCHES = saved
+                    fc.DataLoader = saved
             return go
 
         sections = {"decode": decode, "limit": limit}
         for w in workers:
-            sections[f"pass w{w}"] = run_pass(w, fc.PREFETCH_BATCHES)
-        if 0 in workers and args.serial:  # the pass before it decoded ahead: decode, then encode, in turn
-            sections["pass w0 in turn"] = run_pass(0, 0)
+            sections[f"pass w{w}"] = run_pass(w)
+        if 0 in workers and args.read_ahead:
+            sections["pass w0 read-ahead"] = run_pass(0, read_ahead=True)
         reference = limit()
         for name in [s for s in sections if s.startswith("pass")]:  # the pass's features are the bare forward's
             got = sections[name]()

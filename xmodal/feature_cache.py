@@ -15,12 +15,10 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,7 +32,6 @@ __all__ = ["CachedFeatures", "disk_cache", "is_cacheable", "precompute_features"
 log = logging.getLogger(__name__)
 SHARD_BYTES = 64 << 20  # a shard is written once this much is embedded ...
 SHARD_SECONDS = 60.0  # ... or this long after the last one, whichever comes first (a crash loses at most that)
-PREFETCH_BATCHES = 2  # batches decoded ahead of the encoder without DataLoader workers (0: in turn)
 
 
 def is_cacheable(modality: str, cfg: TowerConfig) -> bool:
@@ -144,58 +141,13 @@ def _embed(encoder: torch.nn.Module, transform: Callable, todo: list, batch_size
     from .progress import tqdm  # a plain line every 30 s without a terminal
 
     loader = DataLoader(_Apply(todo, transform), batch_size=batch_size, num_workers=num_workers)
-    # Without workers, the next batch is decoded in a thread while the encoder runs on this one (PIL's decoding and
-    # resizing and torch's ops release the GIL): benchmarks/feature_pass.py, docs/benchmarks.md.
-    prefetch = not num_workers and PREFETCH_BATCHES > 0
-    batches = _prefetched(loader, PREFETCH_BATCHES) if prefetch else loader
     was_training = encoder.training
     encoder.eval()
     try:
-        for x in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+        for x in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
             yield encoder(x.to(device)).float().cpu()
     finally:
-        if prefetch:
-            batches.close()  # stops the decoding thread when the consumer stops early (an error, a closed generator)
         encoder.train(was_training)
-
-
-def _prefetched(batches: Iterable, depth: int = 2) -> Iterator:
-    """``batches`` in order, produced by a background thread up to ``depth`` ahead of the consumer. An error raised
-    while producing a batch is raised here, at that batch."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop, end = threading.Event(), object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for b in batches:
-                if not put((b, None)):
-                    return
-            put((end, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            put((end, e))
-
-    thread = threading.Thread(target=produce, name="xmodal-feature-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            b, error = ready.get()
-            if b is end:
-                if error is not None:
-                    raise error
-                return
-            yield b
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _by_length(todo: list) -> list:
