@@ -75,3 +75,21 @@ def test_predict_with_reused_features_matches_and_refuses_a_row_without_input():
         with context, pytest.raises(ValueError, match=r"task 't' reads text, and row 1 of the inputs \(0-based\) "
                                                       r"has no text"):
             model.predict("t", {"text": ["one", "", "two words"]}, batch_size=3)
+
+
+
+def test_the_pass_gives_the_towers_own_features_on_real_drawings(clipart):
+    """The frozen-feature pass (several batches, in the order it embeds them) equals the tower's forward on the
+    stacked decoded drawings; a file that cannot be read stops it with that file's own error."""
+    import csv
+    with open(clipart, newline="", encoding="utf-8") as f:
+        paths = [str(clipart.parent / r["image"]) for r in csv.DictReader(f)][:40]
+    model = frozen_model()
+    enc, tf = model.towers["image"].encoder, model.transform("image")
+    with torch.inference_mode():
+        truth = enc(torch.stack([tf(p) for p in paths]))
+    got = precompute_features(enc, tf, paths, batch_size=6, progress=False)
+    torch.testing.assert_close(torch.stack([got(p) for p in paths]), truth, atol=1e-6, rtol=0)
+    missing = str(clipart.parent / "no-such-drawing.png")
+    with pytest.raises(FileNotFoundError, match="no-such-drawing.png"):
+        precompute_features(enc, tf, paths[:25] + [missing] + paths[25:], batch_size=6, progress=False)
