@@ -172,7 +172,7 @@ class TrainConfig:
     # pretraining: evaluate on the validation rows (data.val_split, or a held-out slice) every eval_every steps and
     # save the best step's weights as the model, not the last step's (docs/configs.md, "Model selection")
     select_best: bool = False
-    select_metric: Literal["rsum", "R@1", "R@10"] = "rsum"  # rsum: mean of R@1, R@5, R@10 over both directions
+    select_metric: Literal["R@1", "rsum", "R@10"] = "R@1"  # mean over both directions; rsum: of R@1, R@5, R@10
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     deterministic: bool = False
