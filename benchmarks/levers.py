@@ -92,37 +92,40 @@ def hubness_figures(run: Path, manifest: str) -> dict:
     return out
 
 
-def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def table(path: Path, hubness_of: tuple[str, ...] = ("default", "selR1")) -> str:
+    """Means over seeds per lever and corpus (``n``: seeds), each with its ratio to ``default`` over the same
+    seeds; the query-time hubness variants of the levers in ``hubness_of`` as rows of their own."""
+    rows = list({(r["lever"], r["corpus"], r["seed"]): r for r in reversed(
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()])}.values())[::-1]  # first kept
     rows += [{**r, "lever": f"{r['lever']} + {m}", "overrides": f"{r['overrides']} (query time: {m})".strip(),
               **{f"{d}/R@{k}": r[f"{m}:{d}/R@{k}"] for d in DIRECTIONS for k in (1, 10)}}
-             for m in ("is", "csls") for r in list(rows) if f"{m}:text->image/R@1" in r]
+             for m in ("is", "csls") for r in list(rows) if f"{m}:text->image/R@1" in r and r["lever"] in hubness_of]
     corpora = sorted({r["corpus"] for r in rows})
     levers = list(dict.fromkeys(r["lever"] for r in rows))
-    mean = {}
+    keys = [f"{d}/R@{k}" for k in (1, 10) for d in DIRECTIONS]
+    by = {(r["lever"], r["corpus"], r["seed"]): r for r in rows}
+    head = "| lever | overrides | " + " | ".join(
+        f"{c} n | {c} t→i R@1 | {c} i→t R@1 | {c} t→i R@10 | {c} i→t R@10" for c in corpora) + " |"
+    lines = [head, "|" + "---|" * (2 + 5 * len(corpora))]
     for lv in levers:
-        for c in corpora:
-            got = [r for r in rows if r["lever"] == lv and r["corpus"] == c]
-            if got:
-                mean[lv, c] = ({d: statistics.mean(r[f"{d}/R@1"] for r in got) for d in DIRECTIONS},
-                               {d: statistics.mean(r[f"{d}/R@10"] for r in got) for d in DIRECTIONS}, len(got),
-                               statistics.mean(r["selected"] or 0 for r in got))
-    head = "| lever | overrides | " + " | ".join(f"{c} t→i R@1 | {c} i→t R@1 | {c} t→i R@10 | {c} i→t R@10"
-                                                for c in corpora) + " |"
-    lines = [head, "|" + "---|" * (2 + 4 * len(corpora))]
-    for lv in levers:
-        over = next(r["overrides"] for r in rows if r["lever"] == lv) or "(configs/pretrain.yaml)"
+        over = next(r["overrides"] for r in rows if r["lever"] == lv)
+        over = "benchmarks/baseline.py's peer" if lv == "baseline" else (over or "configs/pretrain.yaml")
         cells = []
         for c in corpora:
-            if (lv, c) not in mean:
-                cells += ["—"] * 4
+            seeds = sorted(s for (l2, c2, s) in by if l2 == lv and c2 == c)
+            if not seeds:
+                cells += ["—"] * 5
                 continue
-            r1, r10, n, _ = mean[lv, c]
-            base = mean.get(("default", c))
-            for vals, bvals in ((r1, base[0] if base else None), (r10, base[1] if base else None)):
-                for d in DIRECTIONS:
-                    ratio = f" ({vals[d] / bvals[d]:.2f}×)" if bvals and lv != "default" and bvals[d] else ""
-                    cells.append(f"{vals[d]:.3f}{ratio}")
+            cells.append(str(len(seeds)))
+            base_seeds = [s for s in seeds if ("default", c, s) in by]
+            for k in keys:
+                v = statistics.mean(by[lv, c, s][k] for s in seeds)
+                ratio = ""
+                if lv != "default" and base_seeds:
+                    b = statistics.mean(by["default", c, s][k] for s in base_seeds)
+                    same = statistics.mean(by[lv, c, s][k] for s in base_seeds)
+                    ratio = f" ({same / b:.2f}×)" if b else ""
+                cells.append(f"{v:.3f}{ratio}")
         lines.append(f"| {lv} | `{over}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
