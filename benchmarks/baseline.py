@@ -143,9 +143,9 @@ def run_xmodal(config: str, manifest: str, image_size: int, seed: int, run_dir: 
                 "--out", str(out)]
     for cmd in (pretrain, evaluate):
         print("$ " + " ".join(cmd[1:]), flush=True)
-        r = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        r = subprocess.run(cmd, env=env, cwd=ROOT)  # its progress and errors go straight to this terminal
         if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[2:4])} failed (exit {r.returncode}):\n{r.stdout[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[2:4])} failed (exit {r.returncode}; its error is above)")
     selected = _selection_line(run_dir)
     return {"metrics": json.loads(out.read_text(encoding="utf-8")), "seconds": round(time.time() - t0, 1),
             "run": str(run_dir), **({"selection": selected} if selected else {})}
