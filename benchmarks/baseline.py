@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,9 @@ def run_xmodal(config: str, manifest: str, image_size: int, seed: int, run_dir: 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cli = [sys.executable, "-m", "xmodal.cli"]
     t0 = time.time()
+    if run_dir.exists():  # this script's own folder from an earlier (unrecorded or --rerun) run: start afresh
+        print(f"   replacing {run_dir} (an earlier run's folder)", flush=True)
+        shutil.rmtree(run_dir)
     pretrain = [*cli, "pretrain", "--config", config, f"data.train={manifest}", f"output_dir={run_dir}",
                 f"seed={seed}", f"model.towers.image.image_size={image_size}", "log.backend=none"]
     out = run_dir.with_name(run_dir.name + "-eval_test.json")
@@ -143,9 +147,9 @@ def run_xmodal(config: str, manifest: str, image_size: int, seed: int, run_dir: 
                 "--out", str(out)]
     for cmd in (pretrain, evaluate):
         print("$ " + " ".join(cmd[1:]), flush=True)
-        r = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        r = subprocess.run(cmd, env=env, cwd=ROOT)  # its progress and errors go straight to this terminal
         if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[2:4])} failed (exit {r.returncode}):\n{r.stdout[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[2:4])} failed (exit {r.returncode}; its error is above)")
     selected = _selection_line(run_dir)
     return {"metrics": json.loads(out.read_text(encoding="utf-8")), "seconds": round(time.time() - t0, 1),
             "run": str(run_dir), **({"selection": selected} if selected else {})}

@@ -91,7 +91,10 @@ def test_group_key_and_missing_package(tmp_path: Path, monkeypatch):
 
     assert group_key("1F3C3-1F3FD-200D-2642-FE0F") == "1F3C3"
     assert group_key("1F468-200D-1F4BB") == "1F4BB"  # man technologist → technologist's key
+    assert group_key("1F469-200D-1F9BD-200D-27A1-FE0F") == "1F9BD"  # woman in manual wheelchair: facing right
     assert group_key("1F468") == "1F468"  # a code made only of variant points keeps its first
+    assert group_key("27A1-FE0F") == "27A1"  # right arrow
+    assert group_key("1F468-200D-1F9B0") == group_key("1F468") == "1F468"  # man: red hair, man
     assert group_key("1F1E9-1F1EA") == "1F1E9-1F1EA"  # flags untouched
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="npm pack openmoji"):

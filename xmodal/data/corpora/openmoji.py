@@ -24,8 +24,9 @@ thousands of authors with free-form titles.
   Unicode's ``extras-*`` groups, which are mixtures, not categories (zero-shot skips rows without a label).
   ``group`` and ``subgroup`` keep the raw names.
 * **Split**: 80/10/10 train/val/test by a hash of a group key (:func:`group_key`): the hexcode with skin-tone,
-  gender and person code points removed, so "man running", "woman running", "person running" and their skin tones
-  always land in one split.
+  gender, person, hair-style and facing-right code points removed, so "man running", "woman running", "person
+  running", their skin tones and their mirror images ("person running: facing right") always land in one split, as
+  do "man" and "man: red hair".
 * **Images**: rendered at ``image_size`` px (square) onto white, RGB PNG, with rsvg-convert (librsvg2-bin) when
   installed, else cairosvg — as Open Clip Art.
 * **Idempotent**: returns at once when ``manifest.csv`` and ``prepare.json`` exist with the same parameters;
@@ -49,7 +50,7 @@ from ._output import MANIFEST_COLUMNS, up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the facing-right direction (27A1) and the hair styles are variants too
 COLUMNS = [*MANIFEST_COLUMNS, "group", "subgroup", "annotation"]
 INSTALL_HINT = ("get it with `npm pack openmoji` (downloads openmoji-<version>.tgz, 4.3 MB, into the current "
                 "folder) and pass that file: xmodal prepare openmoji --source openmoji-17.0.0.tgz")
@@ -61,15 +62,17 @@ CATEGORY_NAMES = {
 }
 LEFT_OUT_GROUPS = frozenset({"component"})
 # Code points that vary a person emoji without changing what it shows: skin tones, man/woman/person, the gender
-# signs, the zero-width joiner and the emoji presentation selector.
+# signs, the facing-right direction (a mirror image: "person running: facing right"), the hair styles ("man: red
+# hair" is the man with other hair), the zero-width joiner and the emoji presentation selector.
 _VARIANT_CODES = frozenset({"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF", "1F468", "1F469", "1F9D1", "2640", "2642",
-                            "200D", "FE0F"})
+                            "27A1", "1F9B0", "1F9B1", "1F9B2", "1F9B3", "200D", "FE0F"})
 _HEXCODE = re.compile(r"^[0-9A-F]{2,6}(-[0-9A-F]{2,6})*$")
 _MAX_KEYWORDS = 10
 
 
 def group_key(hexcode: str) -> str:
-    """The hexcode without skin-tone/gender/person code points: near-identical emoji share it (and so a split).
+    """The hexcode without skin-tone/gender/person/hair/direction code points: near-identical emoji share it (and so a
+    split).
     ``1F3C3-1F3FD-200D-2642-FE0F`` (man running: medium skin tone) → ``1F3C3``; a code made only of those points
     (``1F468`` man) keeps its first."""
     parts = hexcode.split("-")
