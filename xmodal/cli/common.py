@@ -180,3 +180,31 @@ def plugins_named_by(argv: list[str]) -> list[str]:
             continue
         found += [n for n in names if isinstance(n, str) and n not in found]
     return found
+
+
+def bank_rows(args, modalities: list[str]):
+    """The rows whose values are the query bank of hubness reduction (``--hubness``): ``--bank-manifest`` /
+    ``--bank-split`` when given, else the run's own training rows (its ``config.yaml``: ``data.train``,
+    ``data.train_split``, ``data.root``)."""
+    from ..config import load_config
+
+    path, split, root = getattr(args, "bank_manifest", None), getattr(args, "bank_split", None), args.root
+    if path is None:
+        cfg = load_config(Path(args.run) / "config.yaml")
+        path, split, root = cfg.data.train, split or cfg.data.train_split, cfg.data.root
+        if path is None:
+            raise ValueError(f"--hubness: the run {args.run} names no training manifest (data.train); give "
+                             f"--bank-manifest")
+    rows = read_manifest_for(argparse.Namespace(**{**vars(args), "manifest": path, "root": root}), split=split,
+                             modalities=modalities, require_all=False)
+    print(f"hubness: query bank from {path}" + (f" (split {split})" if split else "") + f", {len(rows)} rows",
+          file=sys.stderr)
+    return rows.dataset
+
+
+def add_hubness_flags(s) -> None:
+    """``--bank-manifest`` and ``--bank-split``: where a hubness query bank comes from (default: the run's training
+    rows)."""
+    s.add_argument("--bank-manifest", default=None, help="--hubness: the query bank's manifest (default: the run's "
+                                                         "training manifest, data.train)")
+    s.add_argument("--bank-split", default=None, help="--hubness: its split (default: the run's data.train_split)")

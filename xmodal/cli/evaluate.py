@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_manifest_flags, below_majority, print_results, read_manifest_for
+from .common import add_hubness_flags, add_manifest_flags, bank_rows, below_majority, print_results, read_manifest_for
 
 
 def add_evaluate_verb(sub) -> None:
@@ -24,6 +24,10 @@ def add_evaluate_verb(sub) -> None:
     s.add_argument("--plots", action="store_true",
                    help="also draw training curves, confusion matrices and a 2-D map of the shared space")
     s.add_argument("--plots-dir", default=None, help="where the plots go (default RUN/plots)")
+    s.add_argument("--hubness", choices=["none", "is", "csls"], default="none",
+                   help="retrieval ranked with hubness reduction against a query bank of each query modality (is: "
+                        "inverted softmax / querybank normalisation; csls); default none")
+    add_hubness_flags(s)
     s.add_argument("--label-column", default=None,
                    help="zero-shot: the column holding the class names (default label)")
     s.add_argument("--templates", nargs="+", default=None, metavar="TEMPLATE",
@@ -197,8 +201,14 @@ def run_evaluate(args) -> int:
     data = manifest.dataset
     results, embedded = {}, {}  # embedded: each modality's values and embeddings, reused by the plots
     if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
+        hub = {}
+        if args.hubness != "none":
+            from ..evaluation.evaluate import query_banks
+            from ..retrieval.hubness import Hubness
+            hub = {"hubness": Hubness(args.hubness),
+                   "banks": query_banks(model, bank_rows(args, list(model.towers)), batch_size=args.batch_size)}
         results.update(evaluate(model, data, batch_size=args.batch_size, progress=not args.json, embedded=embedded,
-                                **_zero_shot_options(args, model, data)))
+                                **_zero_shot_options(args, model, data), **hub))
     evaluated = {}  # head → the rows it was evaluated on (for its plots)
     for name in [args.task] if args.task else list(model.heads):
         rows, why = _head_rows(manifest, name, model.tasks[name], args.split, every_head=args.task is None)

@@ -2,7 +2,7 @@
 (:mod:`xmodal.data.corpora`)."""
 from __future__ import annotations
 
-CORPORA = ["openclipart", "fashion-mnist", "rotten-tomatoes", "librivox", "spoken-captions"]
+CORPORA = ["openclipart", "openmoji", "fashion-mnist", "rotten-tomatoes", "librivox", "spoken-captions"]
 
 
 def add_prepare_verb(sub) -> None:
@@ -10,6 +10,11 @@ def add_prepare_verb(sub) -> None:
     s.add_argument("corpus", choices=CORPORA)
     s.add_argument("--manifest", default=None,
                    help="spoken-captions: the image–text manifest to speak (default data/openclipart/manifest.csv)")
+    s.add_argument("--source", default=None,
+                   help="openmoji: the npm package, as the .tgz `npm pack openmoji` downloads or an unpacked folder "
+                        "(default: ./node_modules/openmoji or ./openmoji-*.tgz)")
+    s.add_argument("--skin-tones", action="store_true",
+                   help="openmoji: keep the skin-tone variants (left out by default: they differ only in colour)")
     s.add_argument("--out", default=None, help="output folder (default data/<corpus>)")
     s.add_argument("--limit", type=int, default=None,
                    help="openclipart: max SVGs; fashion-mnist: max rows per split; spoken-captions: max rows (2000)")
@@ -20,6 +25,8 @@ def run_prepare(args) -> int:
     from ..data import corpora
     from ..data.corpora import speech
     prepare = {"openclipart": lambda out: corpora.prepare_openclipart(out, limit=args.limit),
+               "openmoji": lambda out: corpora.prepare_openmoji(out, source=args.source,
+                                                                skin_tones=args.skin_tones),
                "fashion-mnist": lambda out: corpora.prepare_fashion_mnist(out, max_per_split=args.limit),
                "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out),
                "librivox": lambda out: corpora.prepare_librivox(out),

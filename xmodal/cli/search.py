@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..modalities.registry import get_modality, modality_names
-from .common import add_manifest_flags, read_manifest_for
+from .common import add_hubness_flags, add_manifest_flags, bank_rows, read_manifest_for
 
 
 def query_flags() -> dict[str, str]:
@@ -50,6 +50,12 @@ def add_index_verb(sub) -> None:
                                                       "queries (not indexed; must differ from --split)")
     s.add_argument("--tune-modality", default=None, help="--tune: the queries' modality (default --modality)")
     s.add_argument("--tune-queries", type=int, default=500, help="--tune: at most this many queries (default 500)")
+    s.add_argument("--hubness", choices=["is", "csls"], default=None,
+                   help="store each row's hubness penalty against a query bank (is: inverted softmax / querybank "
+                        "normalisation; csls); `xmodal query --hubness` then ranks by score minus penalty")
+    add_hubness_flags(s)
+    s.add_argument("--bank-modality", default=None,
+                   help="--hubness: the queries' modality (default: the model's other tower)")
     add_manifest_flags(s)
     s.set_defaults(fn=run_index)
 
@@ -112,6 +118,8 @@ def add_query_verb(sub) -> None:
                    help="keep items whose metadata matches (repeat a key to allow several values)")
     s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--hubness", action="store_true",
+                   help="rank by score minus each row's hubness penalty (an index built with --hubness)")
     s.set_defaults(fn=run_query)
 
 
@@ -150,9 +158,10 @@ def run_index(args) -> int:
     opts = {"M": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "nprobe": args.nprobe,
             "m": args.pq_m, "nbits": args.pq_nbits, "rescore": args.rescore}
     tune = _tune_queries(args, model) if args.tune is not None else None
+    hubness = _hubness_bank(args, model) if args.hubness else None
     index = build_index(model, manifest, args.modality, args.out, kind=args.kind, batch_size=args.batch_size,
                         run_dir=args.run, append=args.append, overwrite=args.overwrite, tune=tune, dim=args.dim,
-                        **opts)
+                        hubness=hubness, **opts)
     print(f"index: {args.out} ({len(index)} {args.modality} rows, {index.kind}, dim {index.dim})")
     if tune is not None:
         t = index.tuning
@@ -185,6 +194,22 @@ def _tune_queries(args, model) -> dict:
     return {"target": args.tune, "modality": modality, "values": values}
 
 
+def _hubness_bank(args, model) -> tuple:
+    """``(Hubness, query bank)`` for ``xmodal index --hubness``: the embeddings of the queries' modality (the
+    model's other tower, or ``--bank-modality``) in the run's training rows (or ``--bank-manifest``)."""
+    from ..evaluation.evaluate import query_banks
+    from ..retrieval import RetrievalError
+    from ..retrieval.hubness import Hubness
+
+    others = [m for m in model.towers if m != args.modality]
+    query = args.bank_modality or (others[0] if len(others) == 1 else None)
+    if query not in model.towers:
+        raise RetrievalError(f"--hubness: name the queries' modality with --bank-modality (towers: "
+                             f"{', '.join(model.towers)})")
+    bank = query_banks(model, bank_rows(args, [query]), [query], batch_size=args.batch_size)[query]
+    return Hubness(args.hubness), bank
+
+
 def run_query(args) -> int:
     from ..retrieval import RetrievalError, format_hits, parse_filters
 
@@ -206,7 +231,7 @@ def run_query(args) -> int:
     from ..retrieval import Retriever
 
     retriever = Retriever(args.index, model=args.run)
-    hits = retriever.search(value, modality, k=args.k, filter=parse_filters(args.filter))
+    hits = retriever.search(value, modality, k=args.k, filter=parse_filters(args.filter), hubness=args.hubness)
     if args.json:
         print(json.dumps({"index": str(retriever.index_dir), "query": {"modality": modality, "value": value},
                           "hits": [{"rank": r, **h.to_dict()} for r, h in enumerate(hits, 1)]}, indent=2))

@@ -11,7 +11,13 @@ def validate(cfg: Config) -> Config:
     m, t, d = cfg.model, cfg.train, cfg.data
     if m.embed_dim <= 0:
         raise ConfigError(f"model.embed_dim: must be positive, got {m.embed_dim}")
+    if not 0 <= m.label_smoothing < 1 or (m.label_smoothing and m.loss != "clip"):
+        raise ConfigError(f"model.label_smoothing: must be in [0, 1) and needs model.loss clip, got "
+                          f"{m.label_smoothing} with {m.loss}")
     for name, tower in m.towers.items():
+        if not 0 <= tower.projection_dropout < 1:
+            raise ConfigError(f"model.towers.{name}.projection_dropout: must be in [0, 1), got "
+                              f"{tower.projection_dropout}")
         for key in ("image_size", "context_length"):  # one message per field: each names its full path
             if getattr(tower, key) <= 0:
                 raise ConfigError(f"model.towers.{name}.{key}: must be positive, got {getattr(tower, key)}")
@@ -85,6 +91,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.max_rows is not None and d.max_rows <= 0:
         raise ConfigError(f"data.max_rows: must be positive, got {d.max_rows}")
+    if t.select_best and (cfg.tasks or d.streamed):
+        raise ConfigError("train.select_best: model selection applies to pretraining on a manifest (data.train), "
+                          "not to " + ("fine-tuning tasks" if cfg.tasks else "a streamed corpus (data.shards / "
+                                       "data.hf_dataset)") + "; set train.select_best=false")
+    if t.select_best and not t.eval_every:
+        raise ConfigError("train.select_best: needs train.eval_every > 0 (the steps it validates and chooses "
+                          "among), e.g. train.eval_every=50; or set train.select_best=false")
+    if not 0 < d.holdout_fraction <= 0.5:
+        raise ConfigError(f"data.holdout_fraction: must be in (0, 0.5], got {d.holdout_fraction}")
+    if d.holdout_max < 1:
+        raise ConfigError(f"data.holdout_max: must be >= 1, got {d.holdout_max}")
     if (problem := shard_problem(cfg)) is not None:  # the sharded-corpus fields, below
         raise ConfigError(problem)
     return cfg

@@ -28,6 +28,9 @@ class TowerConfig:
     # none: the encoder's features ARE the embedding (its width must equal model.embed_dim), e.g. an open_clip tower
     # that already projects, whose pretrained alignment a random Linear would break
     projection: Literal["linear", "mlp", "none"] = "linear"
+    # dropout on the encoder's features as they enter the projection, while training (0: none): a regulariser for
+    # projections learnt on frozen features of few pairs
+    projection_dropout: float = 0.0
     # recompute activations in backward instead of storing them (less memory, ~1 more forward); trainable towers only
     grad_checkpointing: bool = False
     image_size: int = 224
@@ -92,6 +95,8 @@ class ModelConfig:
     init_logit_scale: float | None = None  # log-space; default log(1/0.07) for clip, log(10) for siglip
     init_logit_bias: float | None = None  # siglip only; default -10
     max_logit_scale: float = 100.0  # clamp exp(logit_scale) to [1, max] as open_clip does
+    # CLIP loss only: each row's target puts 1 - ε on its pair and ε spread over the batch (Szegedy et al. 2016)
+    label_smoothing: float = 0.0
     anchor: str | None = None  # bind every modality to this one (ImageBind); None: every pair of modalities
     # Matryoshka (Kusupati et al. 2022): also train these prefixes of the embedding as embeddings of their own
     # (e.g. [32, 64, 128]; the full embed_dim is always trained too); encode(..., dim=64) then truncates usefully
@@ -125,6 +130,12 @@ class DataConfig:
     shuffle_block: int = 1000  # samples shuffled together in one (rank, worker)'s slice (raw bytes in memory)
     max_bad_fraction: float = 0.01  # bad samples (undecodable, missing member) skipped per epoch before a stop
     record_ids: bool = False  # each rank appends every batch's sample ids to <output_dir>/ids/rank<R>.jsonl
+    # Model selection (train.select_best): the manifest's rows with this split value; when it has none, a seeded
+    # slice of the training rows (holdout_fraction of them, at most holdout_max; rows sharing an image or a caption
+    # stay on one side) is held out instead
+    val_split: str = "val"
+    holdout_fraction: float = 0.1
+    holdout_max: int = 1000
 
     @property
     def streamed(self) -> bool:
@@ -158,6 +169,10 @@ class TrainConfig:
     gather_with_grad: bool = True
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
+    # pretraining: evaluate on the validation rows (data.val_split, or a held-out slice) every eval_every steps and
+    # save the best step's weights as the model, not the last step's (docs/configs.md, "Model selection")
+    select_best: bool = False
+    select_metric: Literal["R@1", "rsum", "R@10"] = "R@1"  # mean over both directions; rsum: of R@1, R@5, R@10
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     deterministic: bool = False

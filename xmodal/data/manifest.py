@@ -278,3 +278,18 @@ def read_manifest(
 
 def _infer(table: pa.Table, column: str):
     return datasets.Features.from_arrow_schema(pa.schema([table.schema.field(column)]))[column]
+
+
+def split_values(path: str | os.PathLike | datasets.Dataset | datasets.DatasetDict) -> set[str]:
+    """The values of a manifest's ``split`` column (for a ``DatasetDict``, its entries); empty without one. Reads
+    the table only: no row is checked."""
+    if isinstance(path, datasets.DatasetDict):
+        return set(path.keys())
+    if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir():
+        obj = datasets.load_from_disk(str(Path(path).expanduser()))
+        if isinstance(obj, datasets.DatasetDict):
+            return set(obj.keys())
+    table = _load(path, None)[0]
+    if "split" not in table.column_names:
+        return set()
+    return {str(v) for v in pc.unique(table.column("split")).to_pylist() if v is not None}

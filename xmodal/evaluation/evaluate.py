@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ..retrieval.hubness import Hubness, hub_penalty
 from .metrics import rank_summary, retrieval_ranks, topk_accuracy
 
 # A few of CLIP's generic ImageNet prompt templates (Radford et al. 2021, open_clip zero_shot_metadata); generic on
@@ -28,7 +29,8 @@ def _present(values: Sequence) -> list[int]:
 
 def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, batch_size: int = 64,
                        progress: bool = False, *, embedded: dict | None = None,
-                       dims: Sequence[int] | None = None) -> dict[str, float]:
+                       dims: Sequence[int] | None = None, hubness: Hubness | None = None,
+                       banks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Recall@1/5/10, median and mean rank for every ordered pair of modalities (``"text->image/R@1"``, ...).
 
     ``dims`` (default: the model's ``matryoshka_dims``): the same again for each prefix of the embeddings, truncated
@@ -38,6 +40,9 @@ def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, 
     the values it shares a row with — so five captions of one image all count as that image's positives.
     ``embedded``: a dict that receives ``{modality: (distinct values, their embeddings)}``, for reuse (zero-shot in
     :func:`evaluate` classifies the same inputs).
+
+    ``hubness`` (with ``banks``: each query modality's query bank, e.g. its training split's embeddings): rank by
+    the hubness-reduced score (:mod:`xmodal.retrieval.hubness`) instead of the plain similarity.
     """
     modalities = [m for m in (modalities or model.modalities) if m in dataset.column_names and m in model.towers]
     cols = {m: dataset[m] for m in modalities}
@@ -67,13 +72,29 @@ def evaluate_retrieval(model, dataset, modalities: Sequence[str] | None = None, 
             queries = torch.unique(pos[0])  # only values that have a partner in modality b are queries
             remap = torch.full((len(uniq[a]),), -1, dtype=torch.long)
             remap[queries] = torch.arange(len(queries))
-            ranks = retrieval_ranks(e[a][queries], e[b], torch.stack([remap[pos[0]], pos[1]]))
+            penalty = None
+            if hubness is not None and hubness.method != "none":
+                if not banks or a not in banks:
+                    raise ValueError(f"hubness {hubness.method}: no query bank of {a} embeddings")
+                bank = banks[a] if d is None else torch.nn.functional.normalize(banks[a][:, :d], dim=-1)
+                penalty = hub_penalty(bank, e[b], hubness)
+            ranks = retrieval_ranks(e[a][queries], e[b], torch.stack([remap[pos[0]], pos[1]]),
+                                    item_penalty=penalty)
             name = f"{a}->{b}" if d is None else f"{a}->{b}@{d}"
             for key, value in rank_summary(ranks).items():
                 results[f"{name}/{key}"] = value
             results[f"{name}/n_queries"] = float(len(queries))
             results[f"{name}/n_items"] = float(len(uniq[b]))
     return results
+
+
+def query_banks(model, dataset, modalities: Sequence[str] | None = None, batch_size: int = 64,
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """Each modality's query bank for hubness reduction: the embeddings of its distinct values in ``dataset``
+    (the training rows: queries like those the model will be asked, none of them an evaluation query)."""
+    modalities = [m for m in (modalities or model.modalities) if m in dataset.column_names and m in model.towers]
+    return {m: model.encode(m, list(dict.fromkeys(v for v in dataset[m] if v not in (None, ""))),
+                            batch_size=batch_size, progress=progress) for m in modalities}
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
@@ -155,13 +176,16 @@ def default_zero_shot_modalities(model, dataset) -> list[str]:
 def evaluate(model, dataset, zero_shot: bool = True, batch_size: int = 64, progress: bool = False,
              embedded: dict | None = None, *, label_column: str = "label",
              templates: Sequence[str] = PROMPT_TEMPLATES,
-             zero_shot_modalities: Sequence[str] | None = None) -> dict[str, float]:
+             zero_shot_modalities: Sequence[str] | None = None, hubness: Hubness | None = None,
+             banks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Everything that applies to this dataset: retrieval between its modality columns, and zero-shot
     classification (``zero_shot/<modality>/...``, see :func:`evaluate_zero_shot`) into ``label_column``'s classes by
     ``templates``, of ``zero_shot_modalities`` (default: :func:`default_zero_shot_modalities`).
-    ``embedded``: a dict that receives ``{modality: (distinct values, their embeddings)}`` (for the plots)."""
+    ``embedded``: a dict that receives ``{modality: (distinct values, their embeddings)}`` (for the plots).
+    ``hubness``, ``banks``: hubness reduction of the retrieval rankings (see :func:`evaluate_retrieval`)."""
     embedded = {} if embedded is None else embedded  # each modality's values embedded once, for everything
-    results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress, embedded=embedded)
+    results = evaluate_retrieval(model, dataset, batch_size=batch_size, progress=progress, embedded=embedded,
+                                 hubness=hubness, banks=banks)
     if zero_shot and label_column in dataset.column_names and "text" in model.towers:
         mods = default_zero_shot_modalities(model, dataset) if zero_shot_modalities is None else zero_shot_modalities
         for m in mods:

@@ -5,13 +5,15 @@ import torch
 
 
 def retrieval_ranks(queries: torch.Tensor, items: torch.Tensor, positives: torch.Tensor,
-                    chunk: int = 1024) -> torch.Tensor:
+                    chunk: int = 1024, item_penalty: torch.Tensor | None = None) -> torch.Tensor:
     """1-based rank of the best-scoring positive item for each query.
 
     ``queries [nq, d]`` and ``items [ni, d]`` are embeddings (scored by inner product); ``positives`` is a
     ``[2, npairs]`` long tensor of (query index, item index) pairs — a query may have several positives (one image,
     five captions). Rank = 1 + the number of items scoring strictly higher than the query's best positive, so ties
     are resolved in the query's favour (as CLIP-benchmark does with a stable sort on equal scores).
+    ``item_penalty [ni]``: subtracted from every query's score of each item (hubness reduction,
+    :mod:`xmodal.retrieval.hubness`).
     """
     nq = queries.shape[0]
     if positives.numel() == 0:
@@ -23,6 +25,8 @@ def retrieval_ranks(queries: torch.Tensor, items: torch.Tensor, positives: torch
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
         sim = queries[start:stop].float() @ items.float().T
+        if item_penalty is not None:
+            sim = sim - item_penalty[None, :].float()
         sel = (q_idx >= start) & (q_idx < stop)
         best = torch.full((stop - start,), float("-inf"))
         best.scatter_reduce_(0, q_idx[sel] - start, sim[q_idx[sel] - start, i_idx[sel]], reduce="amax")

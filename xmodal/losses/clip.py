@@ -41,8 +41,9 @@ class ClipLoss(nn.Module):
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, label_smoothing: float = 0.0):
         super().__init__()
+        self.label_smoothing = label_smoothing  # F.cross_entropy's: 1 - ε on the pair, ε / columns on every column
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -110,6 +111,7 @@ class ClipLoss(nn.Module):
                                        offset=sum(counts[:rank]))
         # Mean over this process's rows; a local loss over unequal shares is scaled to N/world_size rows instead.
         rows = total / world_size if (world_size > 1 and self.local_loss) else logits_per_image.shape[0]
-        loss = (F.cross_entropy(logits_per_image, labels, reduction="sum")
-                + F.cross_entropy(logits_per_text, labels, reduction="sum")) / (2 * rows)
+        ls = self.label_smoothing
+        loss = (F.cross_entropy(logits_per_image, labels, reduction="sum", label_smoothing=ls)
+                + F.cross_entropy(logits_per_text, labels, reduction="sum", label_smoothing=ls)) / (2 * rows)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -38,7 +38,7 @@ TEXT = Modality(
                                   frozenset({"text_cfg", "embed_dim", "quick_gelu"})),
            "lstm": TowerKind(_T + "build_rnn", _T + "build_text_transform", RNN_OPTIONS),
            "gru": TowerKind(_T + "build_rnn", _T + "build_text_transform", RNN_OPTIONS),
-           "hf": TowerKind(_T + "build_hf", _T + "build_text_transform"),
+           "hf": TowerKind(_T + "build_hf", _T + "build_text_transform", frozenset({"pool_layers"})),
            "hf_clip": TowerKind(_H + "build_hf_clip_text", _T + "build_text_transform")},
     query_help="query text", shard_keys=("txt",),
 )

@@ -267,9 +267,11 @@ def _quiet_from_pretrained(cls, source: str, **kw):
 
 class HFTextEncoder(nn.Module):
     """``AutoModel.from_pretrained(source)`` + attention-masked mean pooling of the last hidden state (what
-    sentence-transformers' Pooling(mean) does for all-MiniLM-L6-v2). The mask is ``ids != pad_id``."""
+    sentence-transformers' Pooling(mean) does for all-MiniLM-L6-v2). The mask is ``ids != pad_id``.
+    ``pool_layers`` (option ``pool_layers``, default 1): the mean of that many last layers' pooled states — earlier
+    layers keep more of the words themselves, which keyword-like captions carry."""
 
-    def __init__(self, source: str, where: str = "model.towers.text"):
+    def __init__(self, source: str, where: str = "model.towers.text", pool_layers: int = 1):
         super().__init__()
         from transformers import AutoModel
 
@@ -277,6 +279,11 @@ class HFTextEncoder(nn.Module):
         self.model = _quiet_from_pretrained(AutoModel, source, weights_only=True)  # explicit: a .bin never runs code
         self.pad_id = hf_pad_id(_hf_tokenizer(source), where)
         self.output_dim = int(self.model.config.hidden_size)
+        layers = int(self.model.config.num_hidden_layers) + 1  # the embeddings' output is hidden_states[0]
+        if isinstance(pool_layers, bool) or not isinstance(pool_layers, int) or not 1 <= pool_layers <= layers:
+            raise ValueError(f"{where}.options.pool_layers: expected an integer from 1 to {layers}, got "
+                             f"{pool_layers!r}")
+        self.pool_layers = pool_layers
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Transformers' own per-layer checkpointing, non-reentrant (so no input needs requires_grad). Transformers
@@ -302,12 +309,14 @@ class HFTextEncoder(nn.Module):
         if not torch.jit.is_tracing():  # a traced graph (ONNX export) would freeze the trace input's length
             used = max(1, int(mask.sum(dim=1).max()))
             ids, mask = ids[:, :used], mask[:, :used]
-        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        many = self.pool_layers > 1
+        out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=many)
+        hidden = torch.stack(out.hidden_states[-self.pool_layers:]).mean(dim=0) if many else out.last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
 
 def build_hf(cfg, where: str = "model.towers.text") -> tuple[nn.Module, int]:
-    model = HFTextEncoder(resolve_hf_source(cfg, where), where)
+    model = HFTextEncoder(resolve_hf_source(cfg, where), where, cfg.options.get("pool_layers", 1))
     return model, model.output_dim
 

@@ -158,7 +158,7 @@ def _scalar(v: Any) -> bool:
 def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.PathLike, kind: str | None = None,
                 batch_size: int = 64, run_dir: str | os.PathLike | None = None, *, append: bool = False,
                 overwrite: bool = False, progress: bool = True, tune: dict | None = None,
-                dim: int | None = None, **opts: Any) -> EmbeddingIndex:
+                dim: int | None = None, hubness: tuple | None = None, **opts: Any) -> EmbeddingIndex:
     """Embed the ``modality`` column of ``manifest`` (a :class:`xmodal.data.Manifest` or a ``datasets.Dataset``)
     with ``model`` and save the index atomically to ``out_dir``.
 
@@ -177,6 +177,10 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
     ``dim``: index the first ``dim`` coordinates of each embedding, renormalised (``model.encode(..., dim=)``; for
     models trained with ``model.matryoshka_dims``); recorded as the fingerprint's ``"dim"``, and queries through
     :class:`Retriever` are embedded the same way.
+
+    ``hubness=(Hubness, bank)``: each row's hubness penalty against the query ``bank`` (embeddings of the queries'
+    modality, e.g. the training captions; :mod:`.hubness`) is stored in its metadata and the method in
+    ``index.json``; ``Retriever.search(..., hubness=True)`` then ranks by ``score − penalty``.
 
     ``tune={"target": 0.95, "modality": "text", "values": [...]}``: held-out queries (embedded with the model) on
     which the index's search setting is set to the smallest reaching that recall@10 against exact search over the
@@ -277,6 +281,14 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
             return index
         raise RetrievalError(f"no rows with a non-empty {modality!r} value to index")
     emb = model.encode(modality, inputs, batch_size=batch_size, progress=progress, **as_prefix)
+    if hubness is not None:  # (Hubness, query bank): each row's penalty in its metadata, for Retriever(hubness=)
+        import torch
+
+        from .hubness import hub_penalty, with_penalties
+        how, bank = hubness
+        metas = with_penalties(metas, hub_penalty(bank, torch.as_tensor(emb), how))
+        index.model_info = {**(index.model_info or {}), "hubness": {"method": how.method, "beta": how.beta,
+                                                                     "k": how.k, "bank_rows": len(bank)}}
     new_ids = index.add(emb, metas)
     if tune is not None:
         if len(new_ids) != len(index):
@@ -380,12 +392,13 @@ class Retriever:
             partial[modality] = load(run, towers=[modality])
         return partial[modality]
 
-    def search(self, query: Any, modality: str, k: int = 10, filter: Filter = None,
+    def search(self, query: Any, modality: str, k: int = 10, filter: Filter = None, hubness: bool = False,
                **search_opts: Any) -> list[Hit] | list[list[Hit]]:
         """Embed ``query`` (a string / path / PIL image, or a list of them for a batch) as ``modality`` and search.
 
         Returns a list of hits, or a list of lists for a list of queries. ``filter`` as in
-        :meth:`EmbeddingIndex.search`.
+        :meth:`EmbeddingIndex.search`. ``hubness``: rank by ``score − penalty`` (an index built with hubness
+        penalties; the nearest :func:`~.hubness.candidates` items are re-scored).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
@@ -406,7 +419,12 @@ class Retriever:
         prefix = (self.index.model_info or {}).get("dim")
         emb = model.encode(modality, items, batch_size=self.batch_size, progress=False,
                            **({"dim": prefix} if prefix else {}))
-        results = self.index.search(emb, k, filter, **search_opts)
+        if hubness:
+            from .hubness import candidates, rerank
+            results = [rerank(hits, k) for hits in self.index.search(emb, candidates(k, len(self.index)), filter,
+                                                                      **search_opts)]
+        else:
+            results = self.index.search(emb, k, filter, **search_opts)
         return results if batch else results[0]
 
     def search_embeddings(self, embeddings: Any, k: int = 10, filter: Filter = None,

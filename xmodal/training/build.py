@@ -29,7 +29,9 @@ from ..tasks.head import targets
 from ..tasks.heads import RegressionHead
 from .checkpoint_files import recorded_run
 from .run_log import LossWindow, MetricsLog
+from .holdout import validation_rows
 from .sampling import TaskSampler
+from .selection import Selection
 from .state import RunState, TaskRun
 from .streaming import attach_stream, shard_task
 from .task_data import PRETRAIN_TASK, read_task_manifests, task_configs
@@ -171,12 +173,28 @@ def build_run(cfg: Config, out_dir: Path, accelerator, init_weights: dict | None
     return RunState(
         cfg=cfg, out_dir=out_dir, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
         tasks=tasks, weighting=weighting, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
-        loss_fn=with_matryoshka(build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad),
+        loss_fn=with_matryoshka(build_loss(cfg.model.loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad,
+                                           label_smoothing=cfg.model.label_smoothing),
                                 cfg.model.matryoshka_dims),
         loss_window=LossWindow(tasks, accelerator.device),
         metrics=metrics,
         total=total, epoch_steps=epoch_steps,
-        samples_per_step=t.batch_size * t.grad_accum_steps * accelerator.num_processes)
+        samples_per_step=t.batch_size * t.grad_accum_steps * accelerator.num_processes,
+        selection=_selection(cfg, tasks, accelerator))
+
+
+def _selection(cfg: Config, tasks: dict[str, TaskRun], accelerator) -> Selection | None:
+    """Model selection's state (``train.select_best``); None without it, or under FSDP (a sharded model has no
+    whole weights on one rank to keep), which is said once."""
+    rows = next((r.selection_rows for r in tasks.values() if r.select_data is not None), None)
+    if rows is None:
+        return None
+    from .report import sharded
+    if sharded(accelerator):
+        log.warning("train.select_best: not under FSDP (no rank holds the whole weights to keep); the model "
+                    "saved is the last step's")
+        return None
+    return Selection(cfg.train.select_metric, rows)
 
 
 def read_tasks(cfg: Config, world: int = 1) -> dict[str, TaskRun]:
@@ -189,8 +207,14 @@ def read_tasks(cfg: Config, world: int = 1) -> dict[str, TaskRun]:
             tasks[name] = shard_task(cfg, name, tc, world)
             continue
         train_m, eval_m = read_task_manifests(cfg, name, tc)
+        val_m = None
+        if cfg.train.select_best:  # pretraining only (config checks): validation rows, perhaps held out of train
+            train_m, val_m, selection_rows = validation_rows(cfg, name, tc, train_m)
         tasks[name] = TaskRun(name, tc, train_m.dataset, eval_m.dataset if eval_m is not None else None,
+                              select_data=val_m.dataset if val_m is not None else None,
                               source=train_m.source, row_numbers=train_m.row_numbers)
+        if val_m is not None:
+            tasks[name].selection_rows = selection_rows
     if not cfg.tasks and len(modalities) < 2:
         raise ValueError("pretrain: contrastive alignment needs at least two towers in model.towers")
     return tasks

@@ -21,6 +21,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from ..integrity import IntegrityError
 from ..run_identity import other_run, run_record
@@ -95,8 +96,11 @@ def _clean_leftovers(root: Path) -> None:
                 os.replace(p, final)
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, keep: int = 2) -> Path:
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, keep: int = 2,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Save Accelerate state (model, optimiser, RNG) plus ``position`` (step, epoch, batch) atomically.
+    ``extra(folder)``, on the main process, writes more files into the folder before its manifest seals it (model
+    selection's best weights).
 
     Every process must call this (Accelerate gathers what it needs); the main process renames and prunes. If writing
     fails (a full disk, say), the partial folder is removed, every earlier ``step_N`` is left as it was, and a
@@ -118,6 +122,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, position: dict, 
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             (tmp / POSITION).write_text(json.dumps(position), encoding="utf-8")
+            if extra is not None:
+                extra(tmp)
             write_manifest(tmp, slim.frozen, run_record(output_dir))  # last: it records every other file
     except BaseException as e:  # also KeyboardInterrupt: never leave a half-written folder behind
         if accelerator.is_main_process:

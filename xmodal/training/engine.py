@@ -18,10 +18,10 @@ from ..feature_cache import reuse_frozen_features
 from ..model import WEIGHTS_NAME, XModalModel
 from ..run_identity import run_record
 from .build import build_run, make_accelerator, open_run_folder, param_groups, run_config, warmup_cosine
-from .checkpoint import save_checkpoint
 from .interrupt import StopSignals, TrainingInterrupted
 from .report import evaluate_and_log, log_training, progress_bar, sharded, start_reporting
-from .resume import checkpoint_to_resume, position, restore
+from .resume import checkpoint, checkpoint_to_resume, restore
+from .selection import choose_best, record_validation_rows, validate
 from .run_folder import finished, refuse_existing_run
 from .run_log import MetricsLog
 from .state import RunState
@@ -65,6 +65,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if cfg.train.unfreeze_at_step and run.step >= cfg.train.unfreeze_at_step:  # resumed after the unfreezing
         _unfreeze(run.unwrapped)
     start_reporting(run)
+    if run.selection is not None and run.step == 0:
+        record_validation_rows(run)
     # Evaluations during training (train.eval_every) embed the eval rows through the frozen towers once, then only
     # project them. Not under FSDP: a sharded encoder has no whole weights on one rank to key the memo with.
     with contextlib.nullcontext() if sharded(accelerator) else reuse_frozen_features():
@@ -116,12 +118,13 @@ def _steps(run: RunState, stop: StopSignals) -> None:
             window_start, window_steps = time.perf_counter(), 0
         if progress is not None:
             progress.update(1)
-        if t.save_every and step % t.save_every == 0 and step < run.total:
-            save_checkpoint(run.accelerator, run.out_dir, position(run), keep=t.keep_checkpoints)
-            saved_at = step
+        # evaluated before a checkpoint of the same step, so the checkpoint holds this step's part in the selection
         if t.eval_every and step % t.eval_every == 0 and step < run.total:
-            evaluate_and_log(run)
+            validate(run) if run.selection is not None else evaluate_and_log(run)
             run.model.train()
+        if t.save_every and step % t.save_every == 0 and step < run.total:
+            checkpoint(run)
+            saved_at = step
         signum = stop.agreed(run.accelerator)
         if signum is not None:
             if progress is not None:
@@ -137,21 +140,28 @@ def _stop(run: RunState, signum: int, saved_at: int) -> None:
     acc = run.accelerator
     ckpt = run.out_dir / "checkpoints" / f"step_{run.step}"
     if saved_at != run.step:  # the same decision on every rank (no file-system look-up: a collective follows)
-        ckpt = save_checkpoint(acc, run.out_dir, position(run), keep=run.cfg.train.keep_checkpoints)
+        ckpt = checkpoint(run)
     acc.end_training()
     raise TrainingInterrupted(signum, run.step, ckpt, acc.is_main_process, acc.num_processes)
 
 
 def _finish(run: RunState) -> None:
-    """The last checkpoint, the final evaluation, and the trained model (``model.safetensors`` + ``model.json``)."""
+    """The last checkpoint, the final evaluation, and the trained model (``model.safetensors`` + ``model.json``).
+    With model selection, the last step is validated too, and the model evaluated and saved is the best step's."""
     acc = run.accelerator
-    save_checkpoint(acc, run.out_dir, position(run), keep=run.cfg.train.keep_checkpoints)
+    if run.selection is not None:
+        validate(run)
+    checkpoint(run)
+    extra = {}
+    if run.selection is not None:
+        extra["selection"] = choose_best(run)
     results = evaluate_and_log(run)
     # Under FSDP every rank holds shards: gathering the whole weights is a collective, so every rank calls it.
     state = acc.get_state_dict(run.model) if sharded(acc) else None
     if acc.is_main_process:
         run.unwrapped.save(run.out_dir, extra={"step": run.step, "eval": results, "train_rows": {
-            n: len(r.dataset) for n, r in run.tasks.items()}, "run": run_record(run.out_dir)}, state_dict=state)
+            n: len(r.dataset) for n, r in run.tasks.items()}, **extra, "run": run_record(run.out_dir)},
+            state_dict=state)
     # The ranks leave together: a rank tearing its process group down while the main one still saves aborted now
     # and then ("terminate called without an active exception", seen under FSDP on gloo).
     acc.wait_for_everyone()

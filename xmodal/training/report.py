@@ -92,9 +92,10 @@ def log_training(run: RunState, step_losses: dict, grad_norm, steps: int, since:
         progress.set_postfix(loss=f"{shown:.4f}", samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
 
 
-def evaluate_and_log(run: RunState) -> dict:
+def evaluate_and_log(run: RunState, split: str = "eval") -> dict:
     """Every task's held-out metrics, on the main process only (the eval sets are small; results not sharded) —
-    under FSDP on every process in step, as each forward gathers sharded weights; the main process reports."""
+    under FSDP on every process in step, as each forward gathers sharded weights; the main process reports.
+    ``split``: ``"eval"`` (each task's eval rows) or ``"val"`` (the validation rows of model selection)."""
     from ..evaluation.evaluate import evaluate, evaluate_task
 
     acc, model, batch_size = run.accelerator, run.unwrapped, run.cfg.train.batch_size
@@ -103,23 +104,24 @@ def evaluate_and_log(run: RunState) -> dict:
         model.eval()
         with _gathered_root(acc, model):
             for name, r in run.tasks.items():
-                if r.eval_data is None:
+                data = r.eval_data if split == "eval" else r.select_data
+                if data is None:
                     continue
                 if r.cfg.kind == "retrieval":
-                    res = evaluate(model, r.eval_data.select_columns(
-                        [c for c in r.eval_data.column_names if c in r.cfg.modalities or c == "label"]),
+                    res = evaluate(model, data.select_columns(
+                        [c for c in data.column_names if c in r.cfg.modalities or c == "label"]),
                         batch_size=batch_size)
                 else:
-                    res = evaluate_task(model, name, r.eval_data, batch_size=batch_size)
+                    res = evaluate_task(model, name, data, batch_size=batch_size)
                 prefix = "" if name == PRETRAIN_TASK else f"{name}/"
                 results.update({f"{prefix}{k}": v for k, v in res.items()})
     if results and acc.is_main_process:
-        run.metrics.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
+        run.metrics.write({"step": run.step, **{f"{split}/{k}": v for k, v in results.items()}})
         if run.cfg.log.backend != "none":
-            acc.log({f"eval/{k}": v for k, v in results.items()}, step=run.step)
+            acc.log({f"{split}/{k}": v for k, v in results.items()}, step=run.step)
         shown = {k: round(v, 4) for k, v in results.items()
                  if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae")) or k.endswith("r2")}
-        log.info("eval at step %d: %s", run.step, shown)
+        log.info("%s at step %d: %s", "eval" if split == "eval" else "validation", run.step, shown)
     acc.wait_for_everyone()
     return results
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..model import WEIGHTS_NAME
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .run_folder import config_changes
 from .state import RunState
 from .streaming import restore_stream, stream_position
@@ -35,7 +35,16 @@ def position(run: RunState) -> dict:
     for n, r in run.tasks.items():
         if r.monitor is not None:  # a shard stream: where every (rank, worker) stands, bad-sample counts
             tasks[n]["stream"] = stream_position(r, r.epoch, r.batch)
-    return {"step": run.step, "tasks": tasks, "sampler": run.sampler.state_dict(), "loss_window": loss_window}
+    saved = {"step": run.step, "tasks": tasks, "sampler": run.sampler.state_dict(), "loss_window": loss_window}
+    if run.selection is not None:  # the best step so far (its weights go beside, in selection.safetensors)
+        saved["selection"] = run.selection.state()
+    return saved
+
+
+def checkpoint(run: RunState) -> Path:
+    """A checkpoint at this step: Accelerate's state, the position, and model selection's best weights so far."""
+    return save_checkpoint(run.accelerator, run.out_dir, position(run), keep=run.cfg.train.keep_checkpoints,
+                           extra=run.selection.save_weights if run.selection is not None else None)
 
 
 def restore(run: RunState, ckpt: Path) -> None:
@@ -48,4 +57,6 @@ def restore(run: RunState, ckpt: Path) -> None:
             restore_stream(run.tasks[name], p.get("stream", {}))
     run.sampler.load_state_dict(saved["sampler"])
     run.loss_window.load(saved.get("loss_window", {}))  # checkpoints older than the window: it restarts
+    if run.selection is not None:
+        run.selection.load(saved.get("selection"), ckpt)
     log.info("resumed from %s at step %d", ckpt, run.step)

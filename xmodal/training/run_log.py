@@ -40,7 +40,7 @@ class MetricsLog:
             except (ValueError, KeyError, TypeError):
                 dropped += 1
                 continue
-            evaluation = any(k.startswith("eval/") for k in record)
+            evaluation = any(k.startswith(("eval/", "val/", "selection/")) for k in record)  # redone at the end
             if at > step or (drop_eval_at_step and at == step and evaluation):
                 dropped += 1
             else:

@@ -21,6 +21,8 @@ class TaskRun:
     cfg: TaskConfig
     dataset: Any  # datasets.Dataset of the train split
     eval_data: Any = None
+    select_data: Any = None  # the validation rows model selection scores (train.select_best; holdout.py)
+    selection_rows: dict = field(default_factory=dict)  # what they are: a split, or rows held out of train
     loader: Any = None
     steps_per_epoch: int = 0
     epoch: int = 0
@@ -78,3 +80,4 @@ class RunState:
     step: int = 0  # optimiser steps done
     skipped: int = 0  # steps skipped as non-finite, in all and in a row
     skipped_in_row: int = 0
+    selection: Any = None  # a selection.Selection when train.select_best: the best validated step so far

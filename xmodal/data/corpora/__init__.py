@@ -1,8 +1,8 @@
-"""Built-in real corpora prepared into manifests (``xmodal prepare openclipart|fashion-mnist``; Rotten Tomatoes
+"""Built-in real corpora prepared into manifests (``xmodal prepare openclipart|openmoji|fashion-mnist``; Rotten Tomatoes
 sentiment snippets via :func:`prepare_rotten_tomatoes`)."""
 from __future__ import annotations
 
-__all__ = ["prepare_openclipart", "prepare_fashion_mnist", "prepare_rotten_tomatoes", "prepare_librivox",
+__all__ = ["prepare_openclipart", "prepare_openmoji", "prepare_fashion_mnist", "prepare_rotten_tomatoes", "prepare_librivox",
            "prepare_spoken_captions"]
 
 
@@ -10,6 +10,9 @@ def __getattr__(name):
     if name == "prepare_openclipart":
         from .openclipart import prepare_openclipart
         return prepare_openclipart
+    if name == "prepare_openmoji":
+        from .openmoji import prepare_openmoji
+        return prepare_openmoji
     if name == "prepare_fashion_mnist":
         from .fashion_mnist import prepare_fashion_mnist
         return prepare_fashion_mnist
