@@ -181,22 +181,26 @@ def study(args) -> dict:
         manifest = manifests[domain].resolve()
         if not manifest.is_file():
             raise SystemExit(f"{manifest}: missing (xmodal prepare {domain})")
-        splits = read_rows(manifest, task_of(configs[0])[1])
-        t0 = time.perf_counter()
-        lr = logistic_regression(splits)
-        print(f"{domain}: LR on frozen MiniLM (C {lr['C']:g}) val {lr['val']:.4f} test {lr['test']:.4f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        res["domains"][domain] = {
-            "manifest": str(manifest), "lr": lr, "configs": {},
-            "rows": {s: len(splits[s][1]) for s in ("train", *SPLITS)},
-            "majority": {s: majority_rate(splits[s][1]) for s in SPLITS}}
         for config in configs:
             for seed in args.seeds:
                 jobs.append((domain, config, manifest, out / domain / config.stem / f"seed{seed}", seed))
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = list(pool.map(lambda j: train_and_score(j[1], j[2], j[3], j[4], threads if args.jobs > 1 else None),
-                             jobs))
+        # the trainings start at once; the peer (one process, a few minutes) runs beside them
+        futures = [pool.submit(train_and_score, config, manifest, run, seed, threads)
+                   for _, config, manifest, run, seed in jobs]
+        for domain in args.domains:
+            manifest = manifests[domain].resolve()
+            splits = read_rows(manifest, task_of(configs[0])[1])
+            t0 = time.perf_counter()
+            lr = logistic_regression(splits)
+            print(f"{domain}: LR on frozen MiniLM (C {lr['C']:g}) val {lr['val']:.4f} test {lr['test']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            res["domains"][domain] = {
+                "manifest": str(manifest), "lr": lr, "configs": {},
+                "rows": {s: len(splits[s][1]) for s in ("train", *SPLITS)},
+                "majority": {s: majority_rate(splits[s][1]) for s in SPLITS}}
+        done = [f.result() for f in futures]
     for (domain, config, *_), scores in zip(jobs, done):
         res["domains"][domain]["configs"].setdefault(config.name, []).append(scores)
     return res
