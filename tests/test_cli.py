@@ -512,6 +512,10 @@ def test_a_top1_below_the_majority_rate_is_named():
     (line,) = below_majority(results)  # the text one beats its majority rate; R@1 has no majority rate
     assert line.startswith("note: zero_shot/image/top1 = 0.1200 is below zero_shot/image/majority_top1 = 0.3100")
     assert below_majority({"sentiment/top1": 0.5, "sentiment/majority_top1": 0.5}) == []  # equal is not below
+    # a head's accuracy against its majority_accuracy (classification_metrics reports both)
+    (line,) = below_majority({"sentiment/accuracy": 0.52, "sentiment/majority_accuracy": 0.55, "sentiment/macro_f1": 0.5})
+    assert line.startswith("note: sentiment/accuracy = 0.5200 is below sentiment/majority_accuracy = 0.5500")
+    assert below_majority({"sentiment/accuracy": 0.80, "sentiment/majority_accuracy": 0.55}) == []
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(clipart, tmp_path, monkeypatch, capsys):

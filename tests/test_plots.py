@@ -18,6 +18,8 @@ def test_confusion_matrix_and_macro_f1_by_hand():
     m = classification_metrics(pred, target, 3)
     # per-class F1: class 0: tp1 fp1 fn1 → 0.5; class 1: tp2 fp1 fn0 → 0.8; class 2: tp0 fp0 fn1 → 0
     assert abs(m["accuracy"] - 0.6) < 1e-6 and abs(m["macro_f1"] - (0.5 + 0.8 + 0) / 3) < 1e-6
+    # always answering the targets' most frequent class (0 or 1, twice each of 5) — not the predictions' (1, 3 of 5)
+    assert m["majority_accuracy"] == pytest.approx(2 / 5)
 
 
 def test_write_plots_makes_every_picture(tmp_path):

@@ -86,17 +86,18 @@ def print_results(results: dict[str, float], as_json: bool) -> None:
 
 
 def below_majority(results: dict[str, float]) -> list[str]:
-    """One line per top-1 figure that is below its ``majority_top1`` (always answering the most frequent label),
-    e.g. a zero-shot top-1 whose prompts do not separate the labels: a number that is worse than a constant guess
-    should not pass without a word."""
+    """One line per top-1 figure (or a head's accuracy) that is below its ``majority_top1`` (``majority_accuracy``):
+    always answering the most frequent label, e.g. a zero-shot top-1 whose prompts do not separate the labels: a
+    number that is worse than a constant guess should not pass without a word."""
     lines = []
     for key, majority in results.items():
-        if not key.endswith("/majority_top1"):
+        metric = next((m for m in ("top1", "accuracy") if key.endswith(f"/majority_{m}")), None)
+        if metric is None:
             continue
-        prefix = key.removesuffix("majority_top1")
-        top1 = results.get(prefix + "top1")
+        prefix = key.removesuffix(f"majority_{metric}")
+        top1 = results.get(prefix + metric)
         if top1 is not None and top1 < majority:
-            lines.append(f"note: {prefix}top1 = {top1:.4f} is below {key} = {majority:.4f}, the rate of always "
+            lines.append(f"note: {prefix}{metric} = {top1:.4f} is below {key} = {majority:.4f}, the rate of always "
                          f"answering the most frequent label: on these labels it does worse than that constant "
                          f"guess")
     return lines

@@ -2,7 +2,7 @@
 (:mod:`xmodal.data.corpora`)."""
 from __future__ import annotations
 
-CORPORA = ["openclipart", "openmoji", "fashion-mnist", "rotten-tomatoes", "librivox", "spoken-captions"]
+CORPORA = ["openclipart", "openmoji", "fashion-mnist", "rotten-tomatoes", "amazon-cells", "librivox", "spoken-captions"]
 
 
 def add_prepare_verb(sub) -> None:
@@ -12,7 +12,9 @@ def add_prepare_verb(sub) -> None:
                    help="spoken-captions: the image–text manifest to speak (default data/openclipart/manifest.csv)")
     s.add_argument("--source", default=None,
                    help="openmoji: the npm package, as the .tgz `npm pack openmoji` downloads or an unpacked folder "
-                        "(default: ./node_modules/openmoji or ./openmoji-*.tgz)")
+                        "(default: ./node_modules/openmoji or ./openmoji-*.tgz); amazon-cells: the wink-sentiment "
+                        "npm tarball (npm pack wink-sentiment@5.0.2) or its amazon_cells_labelled.txt (default: the "
+                        "installed npm package)")
     s.add_argument("--skin-tones", action="store_true",
                    help="openmoji: keep the skin-tone variants (left out by default: they differ only in colour)")
     s.add_argument("--out", default=None, help="output folder (default data/<corpus>)")
@@ -29,6 +31,7 @@ def run_prepare(args) -> int:
                                                                 skin_tones=args.skin_tones),
                "fashion-mnist": lambda out: corpora.prepare_fashion_mnist(out, max_per_split=args.limit),
                "rotten-tomatoes": lambda out: corpora.prepare_rotten_tomatoes(out),
+               "amazon-cells": lambda out: corpora.prepare_amazon_cells(out, source=args.source),
                "librivox": lambda out: corpora.prepare_librivox(out),
                "spoken-captions": lambda out: corpora.prepare_spoken_captions(
                    args.manifest or "data/openclipart/manifest.csv", out,

@@ -69,13 +69,15 @@ def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
 
 def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy and macro-F1 (the unweighted mean of per-class F1 over classes present in target or prediction,
-    as scikit-learn's ``f1_score(average="macro")`` with its default ``labels``)."""
+    as scikit-learn's ``f1_score(average="macro")`` with its default ``labels``), and beside them
+    ``majority_accuracy``: the accuracy of always answering the eval set's most frequent class, the figure an
+    accuracy has to beat before it says anything (a 0.55 on a set that is 55 % one class is no classifier)."""
     cm = confusion_matrix(pred.long(), target.long(), num_classes).float()
     tp = cm.diag()
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     seen = (cm.sum(0) + cm.sum(1)) > 0
     return {"accuracy": (tp.sum() / cm.sum()).item(), "macro_f1": _f1(tp, fp, fn)[seen].mean().item(),
-            "n": float(len(target))}
+            "majority_accuracy": (cm.sum(1).max() / cm.sum()).item(), "n": float(len(target))}
 
 
 def average_precision(scores: torch.Tensor, target: torch.Tensor, n_relevant: int | None = None) -> float:
