@@ -344,9 +344,10 @@ class XModalModel(nn.Module):
             build_cfg.towers = {m: t for m, t in build_cfg.towers.items() if m in towers}
             cfg.towers = {m: t for m, t in cfg.towers.items() if m in towers}
             tasks = {}
+        read = read_weights(weights, path / CARD_NAME, record)  # mapped now, checked while the model is built
         model = cls(build_cfg, tasks)
         model.cfg = cfg
-        tensors = read_weights(weights, path / CARD_NAME, record)  # checked against the card before use
+        tensors = read()  # checked against the card before use
         stray = other_run(card.get("run"), path)  # a whole model folder copied over a run folder's own
         if stray is not None:
             raise IntegrityError(f"{path / CARD_NAME} {stray}: this model was copied in from that run folder; load "

@@ -136,14 +136,17 @@ def open_files(folder: Path) -> tuple[Path, dict[str, Any], dict[str, Any] | Non
     return weights, card, record
 
 
-def read_weights(weights: Path, card_path: Path, record: dict[str, Any] | None) -> dict[str, Any]:
-    """The tensors of ``weights`` (CPU tensors over safetensors' mapping of the file), checked against the card's
-    ``record`` before they are returned. The checksum is computed from those very tensors (the header, then their
-    bytes in file order: :func:`xmodal.integrity.mapped_safetensors_digest`), so the file is read once and the
-    copy into the model reads pages the hash has just brought in — for the quickstart model +4.5% of the load's CPU
-    time, against +9.5% for a separate pass in a thread (docs/benchmarks.md, "Verifying files on load"). A file
-    safetensors cannot parse is first checked whole against the record (a damaged file is named as such), else
-    reported as :func:`unreadable`."""
+def read_weights(weights: Path, card_path: Path, record: dict[str, Any] | None) -> Callable[[], dict[str, Any]]:
+    """Start reading ``weights``: they are mapped now (a header safetensors cannot parse fails here), and their
+    checksum against the card's ``record`` is computed in a thread while the caller builds the model. The returned
+    function waits for it and gives the tensors (CPU tensors over safetensors' mapping of the file) only if they
+    match; a mismatch is raised there. The checksum is computed from those very tensors (the header, then their
+    bytes in file order: :func:`xmodal.integrity.mapped_safetensors_digest`), so the file is read once and the copy
+    into the model reads pages the hash has just brought in; XXH3 releases the GIL, so the hash overlaps the
+    model's construction (docs/benchmarks.md, "Verifying files on load"). A file safetensors cannot parse is first
+    checked whole against the record (a damaged file is named as such), else reported as :func:`unreadable`."""
+    import threading
+
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -153,9 +156,25 @@ def read_weights(weights: Path, card_path: Path, record: dict[str, Any] | None) 
         if record is not None:
             check_file(weights, record, recorded_in=card_path, remedy=REMEDY)
         raise unreadable(weights, card_path, e) from None
-    if record is not None:
-        check_file(weights, record, recorded_in=card_path, remedy=REMEDY, tensors=tensors)
-    return tensors
+    if record is None:
+        return lambda: tensors
+    failed: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            check_file(weights, record, recorded_in=card_path, remedy=REMEDY, tensors=tensors)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller, when it asks for the tensors
+            failed.append(e)
+
+    thread = threading.Thread(target=check, name="xmodal-weights-check", daemon=True)
+    thread.start()
+
+    def checked() -> dict[str, Any]:
+        thread.join()
+        if failed:
+            raise failed[0]
+        return tensors
+    return checked
 
 
 def load_into(model: Any, tensors: dict[str, Any], partial: bool = False) -> None:
