@@ -1,7 +1,7 @@
 """What checking a model folder costs against loading it: ``xmodal.load`` of the quickstart model
 (configs/pretrain.yaml: EfficientNet-Lite0 + MiniLM + MLP projections, 108 MiB of safetensors) with the checks on
 (the default: the card's own checksum, the weights' size, then their XXH3-128 computed from the tensors safetensors
-mapped, before they are copied into the model), with them switched off, and the previous way (a separate pass over
+mapped, in a thread while the model is built, before they are copied into it), with them switched off, and the previous way (a separate pass over
 the file, hashed in a thread while the model is built), interleaved in one process (the order rotates from round
 to round), the file in the page cache for all (as on any load after the first). Also times the hash alone: from
 the mapped tensors (what loading does), over the file in a separate pass (what it did before), and sha256.
