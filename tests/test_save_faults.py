@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import gc
 import hashlib
 import io
 import os
@@ -25,7 +26,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import xmodal.training.engine
+import xmodal.training.resume
 from test_engine import tiny, weights
 from test_service import tiny_model
 from xmodal.training.checkpoint import CheckpointError, latest_checkpoint
@@ -155,14 +156,14 @@ def test_checkpoint_save_on_a_full_disk(clipart, tmp_path, monkeypatch, uninterr
     else:  # what torch.save raises when its zip writer hits ENOSPC
         error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         monkeypatch.setattr(torch, "save", full_disk(torch.save, ["step_4"], error, tmp_path / "scratch"))
-    real_save_checkpoint = xmodal.training.engine.save_checkpoint
+    real_save_checkpoint = xmodal.training.resume.save_checkpoint
 
-    def save_checkpoint(accelerator, output_dir, position, keep=2):  # records step_2 just before the failing save
+    def save_checkpoint(accelerator, output_dir, position, keep=2, extra=None):  # step_2 just before the failing save
         if position["step"] == 4:
             before.update(snapshot(out / "checkpoints" / "step_2"))
-        return real_save_checkpoint(accelerator, output_dir, position, keep=keep)
+        return real_save_checkpoint(accelerator, output_dir, position, keep=keep, extra=extra)
 
-    monkeypatch.setattr(xmodal.training.engine, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(xmodal.training.resume, "save_checkpoint", save_checkpoint)
     with pytest.raises(CheckpointError) as e:
         pretrain(tiny(clipart, out, max_steps=4, save_every=2))
     assert e.value.__cause__ is error
@@ -173,15 +174,15 @@ def test_checkpoint_save_on_a_full_disk(clipart, tmp_path, monkeypatch, uninterr
 def test_checkpoint_save_into_a_read_only_folder(clipart, tmp_path, monkeypatch, uninterrupted, read_only):
     out = tmp_path / "run"
     before = {}
-    real_save_checkpoint = xmodal.training.engine.save_checkpoint
+    real_save_checkpoint = xmodal.training.resume.save_checkpoint
 
-    def save_checkpoint(accelerator, output_dir, position, keep=2):
+    def save_checkpoint(accelerator, output_dir, position, keep=2, extra=None):
         if position["step"] == 4:
             before.update(snapshot(out / "checkpoints" / "step_2"))
             read_only(out / "checkpoints")
-        return real_save_checkpoint(accelerator, output_dir, position, keep=keep)
+        return real_save_checkpoint(accelerator, output_dir, position, keep=keep, extra=extra)
 
-    monkeypatch.setattr(xmodal.training.engine, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(xmodal.training.resume, "save_checkpoint", save_checkpoint)
     with pytest.raises(CheckpointError) as e:
         pretrain(tiny(clipart, out, max_steps=4, save_every=2))
     assert isinstance(e.value.__cause__, PermissionError)
@@ -300,7 +301,9 @@ def small_disk(tmp_path):
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    gc.collect()  # an index loaded from the disk keeps its metadata memory-mapped until it is collected
+    if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # still mapped somewhere: detach it now
 
 
 def fill(disk: Path, leave: int) -> None:

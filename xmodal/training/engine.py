@@ -118,13 +118,16 @@ def _steps(run: RunState, stop: StopSignals) -> None:
             window_start, window_steps = time.perf_counter(), 0
         if progress is not None:
             progress.update(1)
-        # evaluated before a checkpoint of the same step, so the checkpoint holds this step's part in the selection
-        if t.eval_every and step % t.eval_every == 0 and step < run.total:
-            validate(run) if run.selection is not None else evaluate_and_log(run)
+        evaluate_now = bool(t.eval_every) and step % t.eval_every == 0 and step < run.total
+        if evaluate_now and run.selection is not None:  # first: this step's checkpoint holds its part in the choice
+            validate(run)
             run.model.train()
         if t.save_every and step % t.save_every == 0 and step < run.total:
             checkpoint(run)
             saved_at = step
+        if evaluate_now and run.selection is None:  # after: an evaluation that fails leaves this step's checkpoint
+            evaluate_and_log(run)
+            run.model.train()
         signum = stop.agreed(run.accelerator)
         if signum is not None:
             if progress is not None:
