@@ -147,9 +147,9 @@ class _Apply(torch.utils.data.Dataset):
 def pass_workers(num_workers: int, device) -> int:
     """The DataLoader workers of the pass: ``num_workers`` (``data.num_workers``), but for a forward on the CPU no
     more than the cores its threads leave free. Workers decoding beside a forward that already keeps every core busy
-    only take turns with it: on 2 cores, 2 workers beside the 2-thread forward made the image pass 0.83x as fast as
-    decoding between the batches, with 15% more CPU time and a first batch 2-3 s later (docs/benchmarks.md, issue
-    19). On a GPU the forward leaves the cores to the workers, so they are all kept."""
+    only take turns with it: on 2 cores, 2 workers beside the 2-thread forward put the image pass at 0.83 of the
+    bare forward's rows/s instead of 0.93 (decoding between the batches), with 13% more CPU time and the first batch
+    2-3 s later (docs/benchmarks.md, issue 19). On a GPU the forward leaves the cores to the workers: all are kept."""
     if num_workers <= 0 or torch.device(device).type != "cpu":
         return num_workers
     try:
