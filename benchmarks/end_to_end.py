@@ -203,9 +203,8 @@ def run_once(args, side: str, paths: dict, model_dir: Path, name: str, out: Path
     import psutil
     if out.exists():
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # each side's config and console log go beside its run folder
     argv, marker = commands(args, side, paths, model_dir, name, out)
-    if side == "open_clip":
-        out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT), WANDB_MODE="disabled",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if args.omp_wait_policy:
