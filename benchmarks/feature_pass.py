@@ -19,7 +19,8 @@ their captions. Sections per tower:
   pass wN uncapped   the same with all N workers (as before that cap): what the cap is measured against.
   pass w0 read-ahead   the trial of overlapping decoding with the forward in one process: the same pass with its
             DataLoader's batches produced by a thread, 2 ahead (PIL's decoding and resizing and torch's ops release
-            the GIL). Measured, not adopted (docs/benchmarks.md): decoding is ~1% of the forward here.
+            the GIL). Measured, not adopted (docs/benchmarks.md): on 2 busy cores it slowed the image pass
+            (decoding: ~5% of the image forward's CPU time, ~1% of the text's).
 
 Each round runs every section once, in a seeded random order; figures are medians over rounds, and pass/limit is the
 median of the per-round ratios (min-max shown). CPU s: the section's CPU time (all threads, workers included),
