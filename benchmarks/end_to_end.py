@@ -26,12 +26,17 @@ Measured per run, from outside the process and from each side's own log:
               main process's own peak (``ru_maxrss`` from ``wait4``; exact, not polled).
 
 Rounds interleave the sides (a seeded random order per round and model) and each ratio is the median over rounds of
-the per-round xmodal/open_clip ratio, with the min-max spread. The machine may be shared: ratios from alternating
-runs, never absolute figures from different moments, are what to read.
+the per-round xmodal/open_clip ratio, with the min-max spread. A fast-path trial (``--trial KEY=VALUE``, repeatable)
+adds a third side, ``xmodal-trial``: the same xmodal run with those config values, in the same rounds; the summary
+then also gives its ratios to plain xmodal and to open_clip (compile time, where the trial compiles, is inside its
+TTFS and wall, as a user meets it; ``--cold-compile-cache``: with none of the compiled code earlier runs cached).
+The machine may be shared: ratios from alternating runs, never absolute figures from different moments, are what
+to read.
 
     python benchmarks/end_to_end.py                                   # both sizes, 3 rounds
     python benchmarks/end_to_end.py --models xmodal-vit-tiny --rounds 1 --steps 12   # a smoke run
     python benchmarks/end_to_end.py --from-json a.json b.json     # the summary of earlier runs (--json), joined
+    python benchmarks/end_to_end.py --models xmodal-vit-tiny --trial 'model.plugins=[benchmarks._compile_towers]'
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "data" / "openclipart" / "manifest.csv"
 SIDES = ("xmodal", "open_clip")
+TRIAL = "xmodal-trial"  # xmodal with --trial's config values
 
 # The two sizes (open_clip's JSON schema). xmodal-vit-tiny is xmodal's own 9M-parameter config; bench-vit-small is
 # benchmarks/_common.py's wider, deeper one at the same image size.
@@ -110,7 +116,7 @@ def write_model(work: Path, name: str) -> Path:
     return folder
 
 
-def xmodal_config(args, paths: dict, model_dir: Path, name: str, out: Path) -> Path:
+def xmodal_config(args, paths: dict, model_dir: Path, name: str, out: Path, trial: bool = False) -> Path:
     import yaml  # PyYAML: xmodal's own config reader needs it anyway
     cfg = MODELS[name]
     tower = f"local-dir:{model_dir}"
@@ -128,7 +134,7 @@ def xmodal_config(args, paths: dict, model_dir: Path, name: str, out: Path) -> P
                   "log_every": 1},
         "log": {"backend": "none"},
     }
-    for override in args.xmodal_set:
+    for override in list(args.xmodal_set) + (list(args.trial) if trial else []):
         key, _, value = override.partition("=")
         node = doc
         *parents, leaf = key.split(".")
@@ -143,8 +149,8 @@ def xmodal_config(args, paths: dict, model_dir: Path, name: str, out: Path) -> P
 def commands(args, side: str, paths: dict, model_dir: Path, name: str, out: Path) -> tuple[list[str], Path]:
     """(argv, the file whose first step record marks the first step)."""
     py = sys.executable
-    if side == "xmodal":
-        cfg = xmodal_config(args, paths, model_dir, name, out)
+    if side != "open_clip":
+        cfg = xmodal_config(args, paths, model_dir, name, out, trial=side == TRIAL)
         return [py, "-m", "xmodal.cli", "pretrain", "--config", str(cfg)], out / "metrics.jsonl"
     logs, run_name = out.parent, out.name
     argv = [py, "-m", "open_clip_train.main", "--device", "cpu", "--precision", "fp32",
@@ -170,7 +176,7 @@ def _first_step_seen(side: str, marker: Path, offset: list[int]) -> bool:
     cut = text.rfind("\n") + 1
     offset[0] += len(text[:cut].encode("utf-8"))
     for line in text[:cut].splitlines():
-        if side == "xmodal":
+        if side != "open_clip":
             if '"samples_per_s"' in line:
                 return True
         elif OC_STEP.search(line):
@@ -197,13 +203,14 @@ def run_once(args, side: str, paths: dict, model_dir: Path, name: str, out: Path
     import psutil
     if out.exists():
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # each side's config and console log go beside its run folder
     argv, marker = commands(args, side, paths, model_dir, name, out)
-    if side == "open_clip":
-        out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT), WANDB_MODE="disabled",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if args.cold_compile_cache:  # a first run: TorchInductor finds none of its compiled code from earlier runs
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(out / "inductor-cache")
     log_path = out.parent / f"{out.name}.console.log"
     with open(log_path, "w") as console:
         t0 = time.perf_counter()
@@ -241,7 +248,7 @@ def step_times(side: str, marker: Path, batch: int) -> list[float]:
     """Each step's seconds from the side's own log."""
     times = []
     for line in marker.read_text(encoding="utf-8", errors="replace").splitlines():
-        if side == "xmodal":
+        if side != "open_clip":
             rec = json.loads(line)
             if "samples_per_s" in rec:
                 times.append(batch / rec["samples_per_s"])
@@ -255,7 +262,7 @@ def step_times(side: str, marker: Path, batch: int) -> list[float]:
 def count_params(side: str, out: Path) -> int | None:
     """Trainable parameters the run saved (xmodal's model.safetensors; open_clip's final checkpoint)."""
     import torch
-    if side == "xmodal":
+    if side != "open_clip":
         from safetensors.torch import load_file
         sd = load_file(str(out / "model.safetensors"))
     else:
@@ -272,12 +279,19 @@ METRICS = (("samples_s", "samples/s"), ("ttfs_s", "TTFS s"), ("wall_s", "wall s"
            ("rss_main_mib", "RSS main MiB"))
 
 
-def summarise(results: dict[str, dict[str, list[dict]]]) -> str:
+SHORT = {"xmodal": "x", "open_clip": "oc", TRIAL: "trial"}
+
+
+def summarise(results: dict[str, dict[str, list[dict]]], a: str = "xmodal", b: str = "open_clip") -> str:
+    """Side ``a`` against side ``b``: medians of each, and the median (min-max) of the per-round ratios a / b."""
     lines = []
-    head = ["model", "params"] + [f"{lab} x / oc" for _, lab in METRICS] + [f"{lab} ratio" for _, lab in METRICS]
+    pair = f"{SHORT[a]} / {SHORT[b]}"
+    head = ["model", "params"] + [f"{lab} {pair}" for _, lab in METRICS] + [f"{lab} ratio" for _, lab in METRICS]
     rows = []
     for name, by_side in results.items():
-        x, o = by_side["xmodal"], by_side["open_clip"]
+        if a not in by_side or b not in by_side:
+            continue
+        x, o = by_side[a], by_side[b]
         row = [name, f"{x[0]['params']:,} / {o[0]['params']:,}" if o[0]["params"] else f"{x[0]['params']:,}"]
         for key, _ in METRICS:
             row.append(f"{statistics.median(r[key] for r in x):.1f} / {statistics.median(r[key] for r in o):.1f}")
@@ -309,7 +323,12 @@ def main(argv=None) -> None:
     p.add_argument("--xmodal-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra xmodal config value (e.g. train.compile=true), for fast-path trials")
     p.add_argument("--open-clip-arg", action="append", default=[], help="an extra open_clip_train flag")
-    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--trial", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"run a third side, {TRIAL}: xmodal with this extra config value (repeatable)")
+    p.add_argument("--cold-compile-cache", action="store_true",
+                   help="each run gets an empty TorchInductor cache (a user's first compiled run; default: the "
+                        "cache earlier runs left, as a user's later runs find it)")
+    p.add_argument("--sides", default=None, help="comma-separated subset of the sides (default: all)")
     p.add_argument("--work", type=Path, default=Path("/tmp") / f"xmodal-e2e-{os.getuid()}")
     p.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
@@ -321,7 +340,7 @@ def main(argv=None) -> None:
             for name, by_side in json.loads(f.read_text())["results"].items():
                 for side, runs in by_side.items():
                     joined.setdefault(name, {}).setdefault(side, []).extend(runs)
-        print(summarise(joined))
+        report(joined)
         return
     if args.skip_steps >= args.steps:
         raise SystemExit("--skip-steps must be below --steps")
@@ -329,7 +348,9 @@ def main(argv=None) -> None:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r} (known: {', '.join(MODELS)})")
-    sides = [s for s in args.sides.split(",") if s]
+    sides = [s for s in (args.sides or ",".join(SIDES + ((TRIAL,) if args.trial else ()))).split(",") if s]
+    if set(sides) - {*SIDES, TRIAL} or (TRIAL in sides and not args.trial):
+        raise SystemExit(f"--sides: from {', '.join(SIDES)}, and {TRIAL} with --trial")
     paths = write_inputs(args.work, args.steps, args.batch, args.eval_rows, args.seed)
     print(f"# end to end: batch {args.batch}, {args.steps} steps (first {args.skip_steps} left out), "
           f"{args.workers} workers, {args.threads} threads, {args.eval_rows} eval rows, {args.rounds} rounds; "
@@ -349,8 +370,15 @@ def main(argv=None) -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=1))
-    if set(sides) == set(SIDES):
-        print(summarise(results))
+    report(results)
+
+
+def report(results: dict[str, dict[str, list[dict]]]) -> None:
+    """Every pair of sides that ran: xmodal / open_clip, and the trial against each."""
+    ran = {s for by_side in results.values() for s in by_side}
+    for a, b in (("xmodal", "open_clip"), (TRIAL, "xmodal"), (TRIAL, "open_clip")):
+        if {a, b} <= ran:
+            print(f"\n{a} / {b}\n" + summarise(results, a, b))
 
 
 if __name__ == "__main__":

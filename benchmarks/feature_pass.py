@@ -14,12 +14,18 @@ their captions. Sections per tower:
             tensors decoded beforehand, in the pass's batches (text: sorted by length, as the pass does).
   pass      ``precompute_features`` itself (no disk cache, no in-process memo), with ``--workers`` DataLoader workers
             (``data.num_workers``: the user's setting; 0 is the default: decode a batch, then encode it, in turn).
+            On the CPU the pass takes no more workers than the cores the forward's threads leave free
+            (``xmodal.feature_cache.pass_workers``: here 2 cores - 2 threads = none).
+  pass wN uncapped   the same with all N workers (as before that cap): what the cap is measured against.
   pass w0 read-ahead   the trial of overlapping decoding with the forward in one process: the same pass with its
             DataLoader's batches produced by a thread, 2 ahead (PIL's decoding and resizing and torch's ops release
-            the GIL). Measured, not adopted (docs/benchmarks.md): decoding is ~1% of the forward here.
+            the GIL). Measured, not adopted (docs/benchmarks.md): on 2 busy cores it slowed the image pass
+            (decoding: ~5% of the image forward's CPU time, ~1% of the text's).
 
 Each round runs every section once, in a seeded random order; figures are medians over rounds, and pass/limit is the
-median of the per-round ratios (min-max shown). Features from the pass are checked equal to the limit's forward.
+median of the per-round ratios (min-max shown). CPU s: the section's CPU time (all threads, workers included),
+steadier than wall time on a shared machine; limit CPU ÷ CPU is the median of the per-round ratios. Features from
+the pass are checked equal to the limit's forward.
 
     python benchmarks/feature_pass.py                         # both towers, 512 rows, 3 rounds
     python benchmarks/feature_pass.py --towers image --rows 256 --rounds 2 --workers 0,2
@@ -76,6 +82,22 @@ class ReadAhead:
             yield b
 
 
+HEAD = ["tower", "section", "rows/s", "÷ limit rows/s (min-max)", "CPU s", "limit CPU ÷ CPU"]
+
+
+def with_cpu_time(fn, into: list[float]):
+    """``fn``, appending each call's CPU seconds to ``into``: this process's threads and its reaped children (the
+    DataLoader workers, joined when the pass ends)."""
+    def timed():
+        t0 = os.times()
+        try:
+            return fn()
+        finally:
+            t1 = os.times()
+            into.append(sum(t1[:4]) - sum(t0[:4]))
+    return timed
+
+
 def build(image_size: int):
     """The pretrain config's model, as ``xmodal pretrain`` builds it."""
     from xmodal.config import load_config
@@ -128,20 +150,24 @@ def main(argv=None) -> None:
         def decode():
             return [transform(v) for v in values]
 
-        def run_pass(w: int, read_ahead: bool = False):
+        def run_pass(w: int, read_ahead: bool = False, uncapped: bool = False):
             def go():
-                saved = fc.DataLoader
+                saved, saved_workers = fc.DataLoader, fc.pass_workers
                 fc.DataLoader = ReadAhead if read_ahead else saved
+                if uncapped:
+                    fc.pass_workers = lambda n, device: n
                 try:
                     return precompute_features(encoder, transform, values, batch_size=args.batch, num_workers=w,
                                                progress=False)
                 finally:
-                    fc.DataLoader = saved
+                    fc.DataLoader, fc.pass_workers = saved, saved_workers
             return go
 
         sections = {"decode": decode, "limit": limit}
         for w in workers:
             sections[f"pass w{w}"] = run_pass(w)
+            if fc.pass_workers(w, "cpu") != w:
+                sections[f"pass w{w} uncapped"] = run_pass(w, uncapped=True)
         if 0 in workers and args.read_ahead:
             sections["pass w0 read-ahead"] = run_pass(0, read_ahead=True)
         reference = limit()
@@ -151,16 +177,20 @@ def main(argv=None) -> None:
             err = (got - reference).abs().max().item()
             if not torch.allclose(got, reference, atol=1e-5, rtol=1e-4):
                 raise SystemExit(f"{m}: {name} features differ from the bare forward (max |Δ| {err:.2e})")
-        times = C.interleave(sections, rounds=args.rounds, warmup=1, device="cpu")
+        cpu: dict[str, list[float]] = {name: [] for name in sections}
+        times = C.interleave({name: with_cpu_time(fn, cpu[name]) for name, fn in sections.items()},
+                             rounds=args.rounds, warmup=1, device="cpu")
         n = len(values)
-        lim = times["limit"]
+        lim, lim_cpu = times["limit"], cpu["limit"][1:]  # the warm-up round's CPU times left out, as its wall times
         for name, ts in times.items():
             ratios = [lim_t / t for lim_t, t in zip(lim, ts)]
+            cpu_ratios = [a / b for a, b in zip(lim_cpu, cpu[name][1:])]
             table.append([m, name, n / statistics.median(ts),
-                          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"])
-        print(C.table(["tower", "section", "rows/s", "÷ limit rows/s (min-max)"], table[-len(times):]), flush=True)
+                          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                          f"{statistics.median(cpu[name][1:]):.2f}", f"{statistics.median(cpu_ratios):.2f}"])
+        print(C.table(HEAD, table[-len(times):]), flush=True)
     print()
-    print(C.table(["tower", "section", "rows/s", "÷ limit rows/s (min-max)"], table))
+    print(C.table(HEAD, table))
     print(f"# load at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -93,3 +93,50 @@ def test_the_pass_gives_the_towers_own_features_on_real_drawings(clipart):
     missing = str(clipart.parent / "no-such-drawing.png")
     with pytest.raises(FileNotFoundError, match="no-such-drawing.png"):
         precompute_features(enc, tf, paths[:25] + [missing] + paths[25:], batch_size=6, progress=False)
+
+
+@pytest.mark.parametrize("cores, threads, asked, used", [
+    (2, 2, 2, 0),  # the forward's 2 threads already keep both cores busy: the pass decodes between batches
+    (2, 1, 2, 1),
+    (8, 2, 4, 4),
+    (4, 2, 4, 2),
+    (2, 2, 0, 0),
+])
+def test_the_pass_on_the_cpu_uses_only_the_cores_its_forward_leaves(monkeypatch, cores, threads, asked, used):
+    import xmodal.feature_cache as fc
+    seen = []
+
+    class Recording(torch.utils.data.DataLoader):
+        def __init__(self, *args, num_workers=0, **kwargs):
+            seen.append(num_workers)
+            super().__init__(*args, num_workers=0, **kwargs)  # the choice is what is checked; decode here
+
+    monkeypatch.setattr(fc, "DataLoader", Recording)
+    monkeypatch.setattr(fc.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = frozen_model()
+        enc, tf = model.towers["text"].encoder, model.transform("text")
+        values = ["a red circle", "two blue squares", "one", "a longer line of words here"]
+        got = precompute_features(enc, tf, values, batch_size=3, num_workers=asked, progress=False)
+        with torch.inference_mode():
+            truth = torch.cat([enc(torch.stack([tf(v) for v in sorted(values, key=len)[i:i + 3]]))
+                               for i in (0, 3)])
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [used]
+    torch.testing.assert_close(torch.stack([got(v) for v in sorted(values, key=len)]), truth, atol=1e-6, rtol=0)
+
+
+def test_a_pass_on_a_gpu_keeps_every_worker(monkeypatch):
+    import xmodal.feature_cache as fc
+    monkeypatch.setattr(fc.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert fc.pass_workers(4, "cuda") == 4
+    assert fc.pass_workers(4, torch.device("cuda", 0)) == 4
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fc.pass_workers(4, torch.device("cpu")) == 0  # the same 2 cores, a forward on the CPU
+    finally:
+        torch.set_num_threads(saved)

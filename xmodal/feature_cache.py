@@ -27,8 +27,9 @@ from .config import TowerConfig
 from .feature_store import FeatureStore, ShardRows, input_key, key_order, resolve_root, tower_key
 from .modalities.registry import get_modality
 
-__all__ = ["CachedFeatures", "cached_towers", "disk_cache", "is_cacheable", "precompute_features", "resolve_root",
-           "reuse_frozen_features", "reusing_features", "tower_settings", "tower_store", "weights_fingerprint"]
+__all__ = ["CachedFeatures", "cached_towers", "disk_cache", "is_cacheable", "pass_workers", "precompute_features",
+           "resolve_root", "reuse_frozen_features", "reusing_features", "tower_settings", "tower_store",
+           "weights_fingerprint"]
 log = logging.getLogger(__name__)
 SHARD_BYTES = 64 << 20  # a shard is written once this much is embedded ...
 SHARD_SECONDS = 60.0  # ... or this long after the last one, whichever comes first (a crash loses at most that)
@@ -143,12 +144,28 @@ class _Apply(torch.utils.data.Dataset):
         return self.transform(self.values[i])
 
 
+def pass_workers(num_workers: int, device) -> int:
+    """The DataLoader workers of the pass: ``num_workers`` (``data.num_workers``), but for a forward on the CPU no
+    more than the cores its threads leave free. Workers decoding beside a forward that already keeps every core busy
+    only take turns with it: on 2 cores, 2 workers beside the 2-thread forward put the image pass at 0.83 of the
+    bare forward's rows/s instead of 0.93 (decoding between the batches), with 13% more CPU time and the first batch
+    2-3 s later (docs/benchmarks.md, issue 19). On a GPU the forward leaves the cores to the workers: all are kept."""
+    if num_workers <= 0 or torch.device(device).type != "cpu":
+        return num_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(num_workers, max(0, cores - torch.get_num_threads()))
+
+
 def _embed(encoder: torch.nn.Module, transform: Callable, todo: list, batch_size: int, num_workers: int, device,
            desc: str, progress: bool) -> Iterator[torch.Tensor]:
     """The encoder's eval-mode features of ``todo``, one batch at a time, in order (float32, on the CPU)."""
     from .progress import tqdm  # a plain line every 30 s without a terminal
 
-    loader = DataLoader(_Apply(todo, transform), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_Apply(todo, transform), batch_size=batch_size,
+                        num_workers=pass_workers(num_workers, device))
     was_training = encoder.training
     encoder.eval()
     try:
