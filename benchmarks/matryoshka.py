@@ -31,18 +31,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+# The lever study's protocol (selection on a slice held out of train, scored on val; its offline environment)
+from levers import DIRECTIONS, PROTOCOL  # noqa: E402
 
-DIRECTIONS = ("text->image", "image->text")
 VARIANTS = {"plain": [], "matryoshka": ["model.matryoshka_dims=[64,128,256]"], "dim64": ["model.embed_dim=64"]}
-# selection on a slice of the train split: a split name no manifest has makes the run hold one out
-PROTOCOL = ["data.train_split=train", "data.val_split=__held_out__", "data.eval_split=val", "log.backend=none",
-            "train.progress=false", "train.save_every=0", "train.select_best=true"]
 # (name in the table, the variant, the prefix scored (None: full), the peer it is compared with, its prefix, target)
 COMPARISONS = (("matryoshka @64 vs dim64", "matryoshka", 64, "dim64", None, 0.95),
                ("matryoshka full vs plain", "matryoshka", None, "plain", None, 0.98))

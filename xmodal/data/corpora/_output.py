@@ -37,3 +37,13 @@ def up_to_date(manifest: Path, info_path: Path, params: dict) -> bool:
         return json.loads(info_path.read_text(encoding="utf-8"))["params"] == params
     except (ValueError, KeyError):
         return False
+
+
+def split_counts(rows: list[dict], group: str, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """``prepare.json``'s counts for a labelled text corpus: rows, distinct ``group`` values (what the split keeps on
+    one side: a movie, a normalised sentence) and labels, per split."""
+    from collections import Counter
+
+    return {"splits": {s: sum(r["split"] == s for r in rows) for s in splits},
+            f"{group}s": {s: len({r[group] for r in rows if r["split"] == s}) for s in splits},
+            "labels": {s: dict(sorted(Counter(r["label"] for r in rows if r["split"] == s).items())) for s in splits}}

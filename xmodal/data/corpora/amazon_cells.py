@@ -29,10 +29,9 @@ import re
 import shutil
 import subprocess
 import tarfile
-from collections import Counter
 from pathlib import Path
 
-from ._output import up_to_date, write_info, write_manifest
+from ._output import split_counts, up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +143,7 @@ def prepare_amazon_cells(out_dir: str | os.PathLike, *, seed: int = 0,
 
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, rows, COLUMNS)
-    splits = ("train", "val", "test")
-    info = {
-        "params": params,
-        "counts": {
-            "rows": len(rows),
-            "splits": {s: sum(r["split"] == s for r in rows) for s in splits},
-            "groups": {s: len({r["group"] for r in rows if r["split"] == s}) for s in splits},
-            "labels": {s: dict(sorted(Counter(r["label"] for r in rows if r["split"] == s).items())) for s in splits},
-        },
-    }
+    info = {"params": params, "counts": {"rows": len(rows), **split_counts(rows, "group")}}
     write_info(info_path, info)
     log.info("amazon cells: %d rows (%s) → %s", len(rows), info["counts"]["splits"], manifest)
     return manifest

@@ -24,10 +24,9 @@ import importlib.util
 import io
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 
-from ._output import up_to_date, write_info, write_manifest
+from ._output import split_counts, up_to_date, write_info, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +86,7 @@ def prepare_rotten_tomatoes(out_dir: str | os.PathLike, *, seed: int = 0,
 
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, rows, COLUMNS)
-    splits = ("train", "val", "test")
-    info = {
-        "params": params,
-        "counts": {
-            "rows": len(rows), "plots_dropped": plots,
-            "splits": {s: sum(r["split"] == s for r in rows) for s in splits},
-            "movies": {s: len({r["movie"] for r in rows if r["split"] == s}) for s in splits},
-            "labels": {s: dict(sorted(Counter(r["label"] for r in rows if r["split"] == s).items())) for s in splits},
-        },
-    }
+    info = {"params": params, "counts": {"rows": len(rows), "plots_dropped": plots, **split_counts(rows, "movie")}}
     write_info(info_path, info)
     log.info("rotten tomatoes: %d rows (%s) → %s", len(rows), info["counts"]["splits"], manifest)
     return manifest
