@@ -2,28 +2,17 @@
 ratios are the hand-computed ones."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("baseline_bench", ROOT / "benchmarks" / "baseline.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from _benchmarks import load_benchmark
 
 
 def test_train_baseline_aligns_paired_features():
-    bench = _bench()
+    bench = load_benchmark("baseline")
     g = torch.Generator().manual_seed(0)
     n, di, dt = 600, 48, 24
     image = torch.randn(n, di, generator=g)
@@ -41,7 +30,7 @@ def test_train_baseline_aligns_paired_features():
 
 
 def test_table_from_saved_results(tmp_path: Path, capsys):
-    bench = _bench()
+    bench = load_benchmark("baseline")
     runs = []
     for seed, (x, b) in enumerate([(0.30, 0.20), (0.34, 0.22), (0.35, 0.24)]):
         runs.append({"corpus": "c", "system": "xmodal", "seed": seed,

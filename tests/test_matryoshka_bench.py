@@ -1,21 +1,11 @@
 """benchmarks/matryoshka.py: the table's means, spreads, ratios and target verdicts are the hand-computed ones."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("matryoshka_bench", ROOT / "benchmarks" / "matryoshka.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["matryoshka_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from _benchmarks import load_benchmark
 
 
 def _record(variant: str, seed: int, full: int, r10: dict, r1: float = 0.3) -> dict:
@@ -29,7 +19,7 @@ def _record(variant: str, seed: int, full: int, r10: dict, r1: float = 0.3) -> d
 
 
 def test_table_means_ratios_and_verdicts(tmp_path: Path, capsys):
-    bench = _bench()
+    bench = load_benchmark("matryoshka")
     recs = []
     for seed, (p, m_full, m64, d64) in enumerate([(0.60, 0.59, 0.55, 0.56), (0.62, 0.60, 0.53, 0.58),
                                                   (0.61, 0.61, 0.54, 0.57)]):

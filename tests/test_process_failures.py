@@ -98,6 +98,14 @@ def rank0_line(proc) -> str:
     return ranked[0]
 
 
+def assert_resumes_to_the_end(tmp_path: Path, clipart: Path, out: Path, ckpt: Path) -> None:
+    """``--resume`` on 2 processes, no fault injected this time, continues from ``ckpt`` (step 2) to step 4."""
+    _, again, _ = launch_failing(tmp_path, clipart, "none:9:0", resume=True)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resumed from {ckpt} at step 2" in again.stderr
+    assert latest_checkpoint(out).name == "step_4" and (out / "model.safetensors").is_file()
+
+
 def assert_last_good(out: Path, step: int) -> Path:
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == f"step_{step}", ckpt
@@ -113,11 +121,7 @@ def test_an_exception_on_rank_1_in_a_step_stops_both_named_on_rank_0(clipart, tm
     assert "rank 1 failed: RuntimeError: injected failure in step 3" in line, line
     assert f"last good checkpoint: {ckpt} (continue with --resume)" in line, line
     assert "xmodal pretrain: error: rank 1 failed: RuntimeError: injected failure in step 3" in proc.stderr
-    # and the run resumes from there on 2 processes (no fault injected this time) to its end
-    _, again, _ = launch_failing(tmp_path, clipart, "none:9:0", resume=True)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"resumed from {ckpt} at step 2" in again.stderr
-    assert latest_checkpoint(out).name == "step_4" and (out / "model.safetensors").is_file()
+    assert_resumes_to_the_end(tmp_path, clipart, out, ckpt)
 
 
 @pytest.mark.slow
@@ -157,10 +161,7 @@ def test_a_rank_killed_with_sigkill_is_named_on_rank_0_and_the_run_resumes(clipa
     assert "rank 1 stopped without reporting an error: it was killed (SIGKILL, out of memory) or crashed" in line, line
     assert f"last good checkpoint: {ckpt} (continue with --resume)" in line, line
     assert seconds < 300, seconds
-    _, again, _ = launch_failing(tmp_path, clipart, "none:9:0", resume=True)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"resumed from {ckpt} at step 2" in again.stderr
-    assert latest_checkpoint(out).name == "step_4" and (out / "model.safetensors").is_file()
+    assert_resumes_to_the_end(tmp_path, clipart, out, ckpt)
 
 
 @pytest.mark.slow
@@ -179,7 +180,4 @@ def test_a_hung_rank_0_is_named_by_the_surviving_rank_and_the_run_resumes(clipar
         "it hung or was killed"), lines
     assert f"last good checkpoint: {ckpt} (continue with --resume)" in lines[0], lines
     assert seconds < 300, seconds  # the launcher stopped the hung rank 0 once rank 1 had exited
-    _, again, _ = launch_failing(tmp_path, clipart, "none:9:0", resume=True)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"resumed from {ckpt} at step 2" in again.stderr
-    assert latest_checkpoint(out).name == "step_4"
+    assert_resumes_to_the_end(tmp_path, clipart, out, ckpt)

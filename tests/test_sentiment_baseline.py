@@ -2,15 +2,10 @@
 points, and the majority rate printed beside every accuracy."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from _benchmarks import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "sentiment_baseline", Path(__file__).resolve().parents[1] / "benchmarks" / "sentiment_baseline.py")
-sb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sb)
+sb = load_benchmark("sentiment_baseline")
 
 
 def test_majority_rate_and_points_by_hand():
