@@ -74,6 +74,31 @@ def test_ivfpq_equals_faiss_ivfpq(data):
         EmbeddingIndex(64, "ivfpq", m=7)
 
 
+def test_every_nprobe_setting_answers_as_faiss_does_with_it(data):
+    """The search-parameter objects xmodal reuses between calls follow every way nprobe changes: a per-call
+    override, the stored default, and the setting `tune` writes — each answer equals the peer's at that nprobe."""
+    x, q = data
+    index = EmbeddingIndex(64, "ivfpq", nlist=32, nprobe=4, m=16, nbits=6)
+    index.add(x)
+    peer = faiss.IndexIVFPQ(faiss.IndexFlatIP(64), 64, 32, 16, 6, faiss.METRIC_INNER_PRODUCT)
+    peer.train(x)
+    peer.add(x)
+
+    def peer_ids(nprobe):
+        peer.nprobe = nprobe
+        return peer.search(q, 10)[1].tolist()
+
+    answers = {n: peer_ids(n) for n in (1, 4, 32)}
+    assert len({str(a) for a in answers.values()}) == 3  # the settings answer differently: the test can tell
+    assert ids_of(index.search(q, 10)) == answers[4]
+    assert ids_of(index.search(q, 10, nprobe=1)) == answers[1]
+    assert ids_of(index.search(q, 10, nprobe=32)) == answers[32]
+    assert ids_of(index.search(q, 10)) == answers[4]
+    tune(index, x, q[:50], target=1.0)  # PQ codes: a high setting
+    tuned = index.options["nprobe"]
+    assert tuned > 4 and ids_of(index.search(q, 10)) == peer_ids(tuned)
+
+
 def test_binary_rescoring_equals_numpy(data):
     x, q = data
     signs = np.where(x > 0, 1.0, -1.0).astype(np.float32) / math.sqrt(64)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from xmodal.retrieval import IndexCorruptError
-from xmodal.retrieval.index import EmbeddingIndex
+from xmodal.retrieval.index import EmbeddingIndex, Hit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index_v1"
 VECTORS = Path(__file__).parent / "fixtures" / "index_v1_vectors.npy"
@@ -157,3 +157,37 @@ def test_a_damaged_metadata_file_is_refused_by_name(v1_and_v2, tmp_path):
     (bad / "metadata.arrow").write_bytes(bytes(data))
     with pytest.raises(IndexCorruptError, match="metadata.arrow"):
         EmbeddingIndex.load(bad)
+
+
+def test_hits_read_their_metadata_on_first_access_once_per_search_as_it_was_at_search_time(v1_and_v2, monkeypatch,
+                                                                                              tmp_path):
+    """A search returns ids and scores without decoding metadata; the first hit asked for its metadata reads every
+    hit of that search in one pass; each equals ``index.metadata(id)`` read beforehand (the eager answer), also for a
+    row added since loading and after the rows are removed; a saved index with no gaps (ids are rows) too."""
+    _, new, _ = v1_and_v2
+    x = np.load(VECTORS)
+    added = int(new.add(x[2:3] * 2, [{"id": "added", "label": "new"}])[0])  # kept as a dict until a save
+    q = x[[2, 11]]
+    want = {i: new.metadata(i) for i in new.ids().tolist()}
+    store_type = type(new._meta)
+    decode, calls = store_type._decode, []
+    monkeypatch.setattr(store_type, "_decode", lambda self, pos: calls.append(len(pos)) or decode(self, pos))
+    got = new.search(q, 10)
+    assert calls == [] and added in {h.id for h in got[0]}
+    assert got[1][3].metadata == want[got[1][3].id]
+    assert calls == [19]  # 20 hits, one of them the added row (copied at search time, not decoded)
+    assert all(h.metadata == want[h.id] and h == Hit(h.id, h.score, want[h.id]) for row in got for h in row)
+    assert calls == [19]
+    later = new.search(q, 10)
+    new.remove([h.id for h in later[0]])  # the rows go; hits already returned keep what they were
+    assert [[h.metadata for h in row] for row in later] == [[want[h.id] for h in row] for row in later]
+
+    dense = EmbeddingIndex(8)
+    dense.add(x, [{"row": i, "label": f"l{i % 3}"} for i in range(len(x))])
+    dense.save(tmp_path / "dense")
+    dense = EmbeddingIndex.load(tmp_path / "dense")
+    assert dense._meta.ids_are_rows
+    got = dense.search(x[:3], 7)
+    exact = np.argsort(-(x[:3] @ x.T), axis=1, kind="stable")[:, :7]
+    assert [[h.id for h in row] for row in got] == exact.tolist()
+    assert all(h.metadata == {"row": h.id, "label": f"l{h.id % 3}"} for row in got for h in row)

@@ -58,6 +58,8 @@ class FloatRows:
     def get(self, meta: MetadataStore, ids: np.ndarray) -> np.ndarray:
         """The vectors of the live rows ``ids`` ``[n, dim]`` (reads only those rows of the file)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if meta.ids_are_rows and not self._blocks:  # ids are rows of the file (the caller passes live ids)
+            return self._base[ids]
         out = np.empty((len(ids), self.dim), np.float32)
         pos = meta.base_positions(ids)
         in_base = pos >= 0

@@ -20,6 +20,14 @@ class Hit:
     score: float
     metadata: dict = field(default_factory=dict)
 
+    def __eq__(self, other: object) -> bool:  # a LazyHit equals the Hit it stands for
+        if not isinstance(other, Hit):
+            return NotImplemented
+        return (self.id, self.score, self.metadata) == (other.id, other.score, other.metadata)
+
+    def __repr__(self) -> str:
+        return f"Hit(id={self.id!r}, score={self.score!r}, metadata={self.metadata!r})"
+
     def to_dict(self) -> dict:
         """``{"index_id", "score", ...metadata, "metadata": {...}}``.
 
@@ -32,6 +40,25 @@ class Hit:
         out.update((k, v) for k, v in self.metadata.items() if k not in RESERVED_HIT_KEYS)
         out["metadata"] = dict(self.metadata)
         return out
+
+
+class LazyHit(Hit):
+    """A :class:`Hit` whose metadata is read from the index's columns when first asked for: a search that only wants
+    ids and scores (the sharded merge, ``--json`` of ids, a benchmark against raw faiss) never decodes metadata, and
+    the first hit of a result to need it reads every hit of that result in one pass (``rows.get``)."""
+
+    def __init__(self, id: int, score: float, rows, j: int):  # noqa: A002 (the field's name)
+        self.id, self.score, self._rows, self._j, self._metadata = id, score, rows, j, None
+
+    @property  # type: ignore[override]
+    def metadata(self) -> dict:
+        if self._metadata is None:
+            self._metadata = self._rows.get(self._j)
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: dict) -> None:
+        self._metadata = value
 
 
 def format_hits(hits: Sequence[Hit | dict], width: int = 80) -> str:

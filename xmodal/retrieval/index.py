@@ -16,6 +16,7 @@ queries it with the model.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import faiss
 import numpy as np
 
 from . import IndexCorruptError, RetrievalError, exact, kinds
-from .hits import RESERVED_HIT_KEYS, Hit  # noqa: F401 (xmodal.retrieval.index.Hit, as before)
+from .hits import RESERVED_HIT_KEYS, Hit, LazyHit  # noqa: F401 (xmodal.retrieval.index.Hit, as before)
 from .filters import Filter, _predicate, parse_filters
 from .index_files import FAISS_NAME, FORMAT, INFO_NAME, VERSION, metadata_name, open_folder, read_faiss, \
     read_metadata, read_vectors, save_folder
@@ -116,6 +117,7 @@ class EmbeddingIndex:
         self._meta = MetadataStore()  # {id: metadata}: Arrow columns (memory-mapped once loaded) + rows added
         self._tombstones: set[int] = set()
         self._next_id = 0
+        self._param_cache: dict = {}  # faiss SearchParameters without a selector, by their settings
         self._norm_bound: float | None = 0.0  # >= every stored vector's norm (the batch path's error bound); None: unknown
         self._index = kinds.new_faiss(kind, self.dim, self.options, self.options.get("nlist") or 1)
         # ivfpq with rescore: the float vectors, on disk once saved (vectors.npy), for re-ranking and exact answers
@@ -240,7 +242,23 @@ class EmbeddingIndex:
 
     # --------------------------------------------------------------------------------------------------- search
     def _params(self, sel, k: int, ef_search: int | None, nprobe: int | None):
-        return kinds.search_params(self.kind, self._index, self.options, sel, k, ef_search, nprobe)
+        if sel is not None:
+            return kinds.search_params(self.kind, self._index, self.options, sel, k, ef_search, nprobe)
+        # no selector: the same few parameter objects every call (building one costs a sub-ms search ~5-10 µs);
+        # they hold a setting only, not the index, so they are keyed by it
+        if self.kind == "hnsw":
+            key: Any = ("ef", max(int(ef_search or self.options["ef_search"]), k))
+        elif self.kind in ("ivf", "ivfpq"):
+            key = ("nprobe", int(nprobe or self._index.nprobe))
+        else:
+            return None
+        params = self._param_cache.get(key)
+        if params is None:
+            if len(self._param_cache) > 64:
+                self._param_cache.clear()
+            params = self._param_cache[key] = kinds.search_params(self.kind, self._index, self.options, None, k,
+                                                                  ef_search, nprobe)
+        return params
 
     def _exact(self, q: np.ndarray, ids: np.ndarray, k: int, vectors: np.ndarray | None = None):
         """Exact top-k of ``q`` over the rows ``ids`` (ties broken by id): ``(scores, ids)`` each ``[nq, k]``."""
@@ -312,17 +330,19 @@ class EmbeddingIndex:
         else:
             params = self._params(sel, kk, ef_search, nprobe)
             scores, labels = self._index.search(q, kk, params=params)
-            short = (labels < 0).any(axis=1)
-            if short.any():  # an approximate index found too few eligible rows: answer those queries exactly
+            # faiss pads a short result with id -1 at its end; plain Python: numpy's any() costs µs on a 1 x k array
+            if min(labels[:, -1].tolist(), default=0) < 0:  # too few eligible rows found: answer those exactly
+                short = labels[:, -1] < 0
                 pool = allowed if allowed is not None else self.ids()
                 vectors = self.reconstruct(pool)
                 s2, l2 = self._exact(q[short], pool, kk, vectors)
                 scores[short], labels[short] = s2, l2
-        found = labels >= 0
-        found[found] = self._meta.contains(labels[found])
-        metas = iter(self._meta.rows(labels[found]))  # every hit's metadata in one read of the columns
-        return [[Hit(int(i), float(s), next(metas)) for s, i, ok in zip(srow.tolist(), lrow.tolist(), frow.tolist())
-                 if ok] for srow, lrow, frow in zip(scores, labels, found)]
+        # metadata is read when a hit's is first asked for (LazyHit): a caller wanting ids and scores pays nothing
+        lab, sc = labels.tolist(), scores.tolist()
+        live, rows = self._meta.pending_rows([i for row in lab for i in row if i >= 0])
+        flags, at = iter(live), itertools.count()
+        return [[LazyHit(i, s, rows, next(at)) for s, i in zip(srow, lrow) if i >= 0 and next(flags)]
+                for srow, lrow in zip(sc, lab)]
 
     def _rescored(self, q: np.ndarray, k: int, rescore: int, nprobe: int | None):
         """Top-``k`` of an ivfpq index with float rows: its ``rescore · k`` best candidates by PQ score, re-ranked
@@ -336,7 +356,7 @@ class EmbeddingIndex:
             if not len(ids):
                 continue
             s = self._rows.get(self._meta, ids) @ q[j]
-            order = np.lexsort((ids, -s))[:k]
+            order = np.argsort(-s, kind="stable")[:k]  # ids ascending: ties go to the lower id
             scores[j, :len(order)], labels[j, :len(order)] = s[order], ids[order]
         return scores, labels
 

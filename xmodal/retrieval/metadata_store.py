@@ -155,6 +155,12 @@ class MetadataStore(Mapping):
             return np.clip(ids, 0, top)
         return np.minimum(np.searchsorted(self._base_ids, ids), top)
 
+    @property
+    def ids_are_rows(self) -> bool:
+        """True when every id is its row of the file and every row is live (a saved index nothing was removed from
+        or added to since): a lookup needs no search."""
+        return self._dense and self._live is None and not self._extra
+
     def base_positions(self, ids: np.ndarray) -> np.ndarray:
         """Each id's row in the opened file (-1 for a row added since, or not live)."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -192,6 +198,31 @@ class MetadataStore(Mapping):
             for j, m in zip(in_base, self._decode(pos)):
                 out[j] = m
         return out  # type: ignore[return-value]
+
+    def pending_rows(self, ids: Sequence[int]) -> tuple[list[bool], "PendingRows"]:
+        """Which ``ids`` are live rows (a bool each) and their metadata, to be read when first asked for: the file's
+        rows are located now (their positions never change: the mapped file is read-only), the rows added since
+        opening are referenced now (a removal drops the reference from the store, never changes the dict), and
+        both are read together on the first :meth:`PendingRows.get`.
+
+        Plain Python over the few ids of a search result (a numpy call costs more than the loop at k ≈ 10)."""
+        n, live, extra, base_ids = self._n_base, self._live, self._extra, self._base_ids
+        if self.ids_are_rows:  # a saved index nothing was added to or removed from since: the usual case
+            ok = [0 <= i < n for i in ids]
+            return ok, PendingRows(self, [i for i in ids if 0 <= i < n], None)
+        if not n:  # an index built in memory: every row is a dict
+            got = [extra.get(i) for i in ids]
+            return [m is not None for m in got], PendingRows(self, [], [m for m in got if m is not None])
+        if self._dense:
+            pos = [i if 0 <= i < n else -1 for i in ids]
+        else:
+            at = np.searchsorted(base_ids, ids).tolist() if ids else []
+            pos = [p if p < n and base_ids[p] == i else -1 for p, i in zip(at, ids)]
+        if live is not None:
+            pos = [p if p >= 0 and live[p] else -1 for p in pos]
+        refs = [None if p >= 0 else extra.get(i) for p, i in zip(pos, ids)]
+        ok = [p >= 0 or m is not None for p, m in zip(pos, refs)]
+        return ok, PendingRows(self, [p for p in pos if p >= 0], [m for p, m, o in zip(pos, refs, ok) if o])
 
     def _decode(self, positions: np.ndarray) -> list[dict]:
         n = len(positions)
@@ -339,3 +370,25 @@ class MetadataStore(Mapping):
         table = self.table()
         with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)  # single-chunk columns: one record batch
+
+
+class PendingRows:
+    """The metadata of the live hits of one search, in hit order: the file's rows decoded in one read and the added
+    rows' dicts copied, on the first :meth:`get` (a search whose caller wants ids and scores only reads nothing)."""
+
+    __slots__ = ("_store", "_pos", "_refs", "_rows")
+
+    def __init__(self, store: MetadataStore, pos: list[int], refs: list[dict | None] | None):
+        # refs: per live hit, the added row's dict or None for a row of the file (None: every hit is in the file)
+        self._store, self._pos, self._refs, self._rows = store, pos, refs, None
+
+    def get(self, j: int) -> dict:
+        """The ``j``-th live hit's metadata (a fresh dict, the same one on every call)."""
+        if self._rows is None:
+            base = self._store._decode(np.asarray(self._pos, np.int64)) if self._pos else []
+            if self._refs is None:
+                self._rows = base
+            else:
+                it = iter(base)
+                self._rows = [next(it) if m is None else dict(m) for m in self._refs]
+        return self._rows[j]

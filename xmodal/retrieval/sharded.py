@@ -219,7 +219,11 @@ class ShardedIndex:
             q = queries.detach().cpu().numpy() if hasattr(queries, "detach") else np.asarray(queries)
             return [[] for _ in range(1 if q.ndim == 1 else len(q))]  # no row of this shard can match
         base = slot << SLOT_BITS
-        return [[Hit(base + h.id, h.score, h.metadata) for h in row] for row in shard.search(queries, k, filter, **opts)]
+        rows = shard.search(queries, k, filter, **opts)
+        for row in rows:  # the shard's own fresh hits: renumbered in place, their metadata still unread (LazyHit)
+            for h in row:
+                h.id += base
+        return rows
 
 
 def _merge(rows: list[list[Hit]], k: int) -> list[Hit]:
