@@ -164,3 +164,26 @@ def test_client_trickling_headers_is_dropped_after_request_timeout(built):  # no
         assert answered == [200] * 4
     finally:
         stop(srv)
+
+
+def test_a_burst_of_new_connections_waits_in_the_listen_backlog(built):  # noqa: F811
+    """64 clients connecting at once while the server is not accepting yet (its accept loop busy): the kernel
+    completes every handshake into the listen backlog, so none waits for a SYN retry (1 s, then 3 s ...) — with
+    socketserver's default backlog of 5, all but ~6 of them would time out here."""
+    srv = make_server(built[0], "127.0.0.1", 0)  # bound and listening; serve_forever not started: nothing accepts
+    socks, started = [], False
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection(srv.server_address[:2], timeout=0.5))  # TimeoutError if dropped
+        start(srv)
+        started = True
+        for s in socks[:3]:  # queued connections are then served
+            s.sendall(b"GET /api/info HTTP/1.0\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.0 200")
+    finally:
+        for s in socks:
+            s.close()
+        if started:
+            stop(srv)
+        else:
+            srv.server_close()

@@ -239,6 +239,10 @@ class XModalServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog: socketserver's default is 5, so a burst of more new connections than that while the
+    # accept loop is busy had its SYNs dropped — the client retried after 1 s (a p99 of ~1 s) or gave up (lost
+    # connections at 32 clients, docs/benchmarks.md). The kernel caps it at net.core.somaxconn.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], service: SearchService):
         self.service = service
