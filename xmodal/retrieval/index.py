@@ -51,6 +51,9 @@ EXACT_SUBSET = 2048  # a filter that leaves at most this many rows is answered b
 # ------------------------------------------------------------------------------------------------------- helpers
 
 def _as_matrix(x: Any, dim: int | None, what: str = "embeddings") -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == dim \
+            and x.flags.c_contiguous and np.isfinite(x).all():
+        return x  # already what faiss takes (a sub-ms search's common case: no copies, no more checks)
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu().numpy()
     x = np.asarray(x, dtype=np.float32)
@@ -331,7 +334,7 @@ class EmbeddingIndex:
             params = self._params(sel, kk, ef_search, nprobe)
             scores, labels = self._index.search(q, kk, params=params)
             # faiss pads a short result with id -1 at its end; plain Python: numpy's any() costs µs on a 1 x k array
-            if min(labels[:, -1].tolist(), default=0) < 0:  # too few eligible rows found: answer those exactly
+            if any(i < 0 for i in labels[:, -1].tolist()):  # too few eligible rows found: answer those exactly
                 short = labels[:, -1] < 0
                 pool = allowed if allowed is not None else self.ids()
                 vectors = self.reconstruct(pool)
