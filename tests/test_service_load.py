@@ -48,29 +48,32 @@ def test_mixed_load_on_the_cli_server(built):  # noqa: F811
 
 
 def _slow_retriever(index_dir, delay: float):
-    """A Retriever whose searches take ``delay`` s longer and that records the most running at once."""
+    """A Retriever whose searches take ``delay`` s longer and that records the most queries being searched at once
+    (a batched call counts each of its queries)."""
     retriever = Retriever(index_dir)
     real, lock = retriever.search, threading.Lock()
     retriever.running = retriever.peak = 0
 
     def search(*args, **kwargs):
+        n = len(args[0]) if isinstance(args[0], list) else 1
         with lock:
-            retriever.running += 1
+            retriever.running += n
             retriever.peak = max(retriever.peak, retriever.running)
         try:
             time.sleep(delay)
             return real(*args, **kwargs)
         finally:
             with lock:
-                retriever.running -= 1
+                retriever.running -= n
 
     retriever.search = search
     return retriever
 
 
-def test_concurrency_bound_under_load(built):  # noqa: F811
+@pytest.mark.parametrize("max_batch", [1, 32])  # each search alone; joined (the default)
+def test_concurrency_bound_under_load(built, max_batch):  # noqa: F811
     retriever = _slow_retriever(built[0], delay=0.5)
-    srv = start(make_server(retriever, "127.0.0.1", 0, max_concurrency=2))
+    srv = start(make_server(retriever, "127.0.0.1", 0, max_concurrency=2, max_batch=max_batch))
     answers = []
     try:
         def client():

@@ -56,7 +56,7 @@ class ServiceLimits:
     thumb_cache_bytes: int = 32 * 1024 * 1024  # in-memory thumbnail cache (LRU)
     max_filter_keys: int = 32
     max_filter_values: int = 1000             # items of one list value in a filter
-    max_batch: int = 1                        # > 1: concurrent searches joined into one (batcher.py); 1 = each alone
+    max_batch: int = 32                       # > 1: concurrent searches joined into one (batcher.py); 1 = each alone
     batch_window: float = 0.002               # seconds a search waits for others to join its batch
 
     def __post_init__(self):
