@@ -20,8 +20,8 @@ tune the search settings, the next ``--queries`` measure recall@10 against exact
 no re-ranking, and ivfpq with ``rescore`` (PQ codes in RAM, float vectors memory-mapped from ``vectors.npy`` on
 disk). ``--tune`` targets: 0.95 for ivf and ivfpq+rescore 32 B, 0.90 for the 16-byte ivfpq+rescore.
 
-**Timing.** One query per call, ``--threads`` threads, the peers of a kind interleaved query by query (order
-rotated; each peer's time the geometric mean of its medians in each place of the order, see ``time_pair``);
+**Timing.** One query per call, ``--threads`` threads, each peer of a kind running the timed queries in a pass of
+its own, the passes' order rotated over 3 rounds (each search timed cold: see ``time_pair``), medians;
 ``xmodal`` = ``EmbeddingIndex.search`` (hits whose metadata is read when first asked for), ``xmodal+metadata`` = the
 same with every hit's metadata read; ``faiss`` = the faiss object inside the EmbeddingIndex searched directly with the same
 parameters (for ivfpq+rescore: faiss's candidates re-ranked by numpy from the same memory-mapped file, i.e. the same
@@ -29,6 +29,8 @@ work written by hand). Speed-up vs flat = flat's median / the kind's median (xmo
 is also timed on batches of 32 queries per call (xmodal and faiss alternating, 21 rounds; 7 for flat and int8):
 sub-millisecond single queries carry the machine's per-call noise (flat's batch goes through xmodal's matrix
 path, so its ratio is that path's gain, not an overhead; binary's faiss is the Hamming search alone).
+
+**Every index is saved and loaded** before it is timed, as ``xmodal index`` writes it and ``xmodal serve`` loads it.
 
 **Bytes per vector in RAM.** The faiss index as serialized / n (codes, list ids, centroids, id map; faiss holds the
 same in RAM), plus, for ivfpq+rescore, nothing of ``vectors.npy`` (4·d bytes per vector on disk, read through the
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -161,29 +164,34 @@ def time_batches(index: EmbeddingIndex, q: np.ndarray, k: int, batch: int, round
     return {"batch_ratio": statistics.median(ratio), "batch_ratio_min": min(ratio), "batch_ratio_max": max(ratio)}
 
 
-def time_pair(index: EmbeddingIndex, q: np.ndarray, k: int) -> dict:
+def time_pair(index: EmbeddingIndex, q: np.ndarray, k: int, rounds: int = 3) -> dict:
     """One query per call: xmodal's search (hits with their metadata unread), the same hits with every hit's metadata
-    read (what a caller printing them pays), and faiss by hand, rotated query by query so each runs first, second
-    and third equally often. The first to run a query fetches its inverted lists into the CPU cache and is up to 2x
-    slower than the next (measured), so a peer's time is the geometric mean over the three places of its median
-    there: the order's effect cancels out of the ratios."""
+    read (what a caller printing them pays), and faiss by hand. Each peer runs the whole query set in a pass of its
+    own, the passes rotated round by round: running a query fetches its inverted lists into the CPU cache, and the
+    next search of the same query runs up to 2x faster (measured), so a peer that ran right after another on the
+    same query would be timed warm. Between two runs of one query here, every other query runs (megabytes each),
+    so each search is timed cold, as a stream of distinct user queries meets it. A query's time is its median over
+    the rounds; a peer's time, the median over queries."""
     raw = raw_peer(index)
     peers = {"xmodal": lambda v: index.search(v, k), "faiss": lambda v: raw(v, k),
              "xmodal+metadata": lambda v: [h.metadata for row in index.search(v, k) for h in row]}
     for f in peers.values():
         f(q[:1])
     names = list(peers)
-    times: dict[str, list[list[float]]] = {p: [[], [], []] for p in names}
-    for i in range(len(q)):
-        for place, p in enumerate(names[i % 3:] + names[:i % 3]):
-            t = time.perf_counter()
-            peers[p](q[i:i + 1])
-            times[p][place].append(time.perf_counter() - t)
-    ms = {p: float(np.exp(np.mean(np.log([statistics.median(t) for t in times[p]])))) * 1e3 for p in names}
-    first = {p: statistics.median(times[p][0]) * 1e3 for p in names}
+    times: dict[str, list[list[float]]] = {p: [[] for _ in range(len(q))] for p in names}
+    for r in range(rounds):
+        for p in names[r % 3:] + names[:r % 3]:
+            f, acc = peers[p], times[p]
+            for i in range(len(q)):
+                t = time.perf_counter()
+                f(q[i:i + 1])
+                acc[i].append(time.perf_counter() - t)
+    per_query = {p: np.array([statistics.median(t) for t in times[p]]) for p in names}
+    ms = {p: float(np.median(per_query[p])) * 1e3 for p in names}
+    ratios = per_query["xmodal"] / per_query["faiss"]
     return {"xmodal_ms": ms["xmodal"], "faiss_ms": ms["faiss"], "meta_ms": ms["xmodal+metadata"],
             "ratio": ms["xmodal"] / ms["faiss"], "meta_ratio": ms["xmodal+metadata"] / ms["faiss"],
-            "ratio_first": first["xmodal"] / first["faiss"]}
+            "ratio_p25": float(np.percentile(ratios, 25)), "ratio_p75": float(np.percentile(ratios, 75))}
 
 
 def main() -> None:
@@ -229,8 +237,9 @@ def main() -> None:
     for name in a.kinds:
         kind, options, target = specs[name]
         faiss.omp_set_num_threads(os.cpu_count() or 1)
-        index = build(kind, x, a.train_rows if kind != "flat" else len(x), work / name if "rescore" in name else None,
-                      **options)
+        # saved and loaded, as `xmodal index` writes it and `xmodal serve` / `query` load it (the metadata then
+        # memory-mapped Arrow columns, not dicts in RAM)
+        index = build(kind, x, a.train_rows if kind != "flat" else len(x), work / name, **options)
         tuning = tune(index, x, tune_q, target) if target else None
         faiss.omp_set_num_threads(a.threads)
         found = [[h.id for h in row] for row in index.search(q, 10)]
@@ -246,14 +255,17 @@ def main() -> None:
         rows.append(row)
         print(f"# {name}: {row}", flush=True)
         del index
+        if "rescore" not in name:  # the rest are 0.3-1 GB each and cheap to build again
+            shutil.rmtree(work / name, ignore_errors=True)
     print("\n| kind | setting | recall@10 | bytes / vector in RAM | 1 query xmodal ms | faiss ms | xmodal / faiss "
-          "(first in order) | + metadata read / faiss | batch of 32: xmodal / faiss (min–max) | speed-up vs flat |")
+          "(per query p25–p75) | + metadata read / faiss | batch of 32: xmodal / faiss (min–max) | speed-up vs flat |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speed = f"{flat_ms / r['xmodal_ms']:.1f}×" if flat_ms else ""
         print(f"| {r['name']} | {r['setting']} | {r['recall']:.3f} | {r['ram_b']:.0f} | {r['xmodal_ms']:.3f} | "
-              f"{r['faiss_ms']:.3f} | {r['ratio']:.3f} ({r['ratio_first']:.2f}) | {r['meta_ratio']:.3f} | "
-              f"{r['batch_ratio']:.3f} ({r['batch_ratio_min']:.2f}–{r['batch_ratio_max']:.2f}) | {speed} |")
+              f"{r['faiss_ms']:.3f} | {r['ratio']:.3f} ({r['ratio_p25']:.2f}–{r['ratio_p75']:.2f}) | "
+              f"{r['meta_ratio']:.3f} | {r['batch_ratio']:.3f} ({r['batch_ratio_min']:.2f}–{r['batch_ratio_max']:.2f}) "
+              f"| {speed} |")
 
 if __name__ == "__main__":
     main()
