@@ -165,3 +165,7 @@ def test_a_text_search_lives_in_the_address_and_a_link_runs_it(browser, server, 
     browser.find_element(By.ID, "search").click()
     wait_for_results(browser, [h.id for h in retriever.search("a red car & a bus", "text", k=10)])
     assert parse_qs(urlsplit(browser.current_url).query) == {"q": ["a red car & a bus"], "k": ["10"]}
+    # a link with a k the list does not offer runs that k (the list gains it)
+    browser.get(server.url + "/?q=" + quote("a blue bird") + "&k=7")
+    assert wait_for_results(browser, [h.id for h in retriever.search("a blue bird", "text", k=7)])["n"] == 7
+    assert Select(browser.find_element(By.ID, "k")).first_selected_option.text == "7"

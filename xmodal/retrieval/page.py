@@ -121,7 +121,12 @@ function shareable(text) {
 function fromAddress() {
   const params = new URLSearchParams(location.search);
   const text = (params.get("q") || "").trim();
-  const kOption = Array.from($("k").options).find((o) => o.text === params.get("k"));
+  const want = params.get("k");
+  let kOption = Array.from($("k").options).find((o) => o.text === want);
+  if (!kOption && /^[1-9][0-9]{0,5}$/.test(want || "")) {  // a k the list lacks (?k=7): added; the server checks it
+    kOption = new Option(want);
+    $("k").add(kOption);
+  }
   if (kOption) $("k").value = kOption.text;
   if (text && !$("q").disabled) { $("q").value = text; search({text: text, k: k()}); }
 }
