@@ -45,7 +45,6 @@ def test_dotted_overrides(tmp_path):
     ("model: {towers: {image: {kind: cnn, freeze: maybe}}}\n", [], "model.towers.image.freeze: expected true/false"),
     ("train: {batch_size: 0}\n", [], "train.batch_size: must be positive"),
     ("", ["train.epochs=-1"], "train.epochs: must be positive"),
-    ("", ["data.worker_nice=20"], "data.worker_nice: must be 0 (the training process's priority) to 19"),
     ("", ["train.lr"], "expected key.sub=value"),
     ("tasks: {s: {kind: regression, modalities: [image, text], fusion: late_prob}}\n"
      "model: {towers: {image: {kind: cnn}, text: {kind: lstm}}}\n", [], "tasks.s.fusion: late_prob averages"),

@@ -1,8 +1,6 @@
 """ManifestDataset + collate: transforms applied per modality, stacked batches, DataLoader workers, row errors."""
 from __future__ import annotations
 
-import os
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from xmodal.data import ManifestDataset, ManifestRowError, collate, read_manifest
-from xmodal.data.loader import lower_priority
 
 
 class ToTensor:
@@ -91,44 +88,3 @@ def test_file_deleted_after_validation_names_row_id_field(manifest):
     loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate)
     with pytest.raises(ManifestRowError, match=r"row 7 \(id 'r07'\): field 'image'"):
         list(loader)
-
-
-class Niceness(torch.utils.data.Dataset):
-    """Each item: the niceness of the process that loads it."""
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        return torch.tensor(os.getpriority(os.PRIO_PROCESS, 0))
-
-
-def test_lower_priority_lowers_the_workers_and_not_the_training_process():
-    parent = os.getpriority(os.PRIO_PROCESS, 0)
-    loader = DataLoader(Niceness(), batch_size=1, num_workers=2, worker_init_fn=partial(lower_priority, 5))
-    assert torch.cat(list(loader)).tolist() == [min(19, parent + 5)] * 4
-    assert os.getpriority(os.PRIO_PROCESS, 0) == parent
-    # without workers the items load in this process, which is never lowered
-    assert torch.cat(list(DataLoader(Niceness(), batch_size=1))).tolist() == [parent] * 4
-
-
-def test_training_loaders_lower_their_workers_by_data_worker_nice(clipart, tmp_path):
-    from xmodal.config import config_from_dict
-    from xmodal.training.build import build_model, make_accelerator, make_loaders, read_tasks
-
-    def loader(nice: int, workers: int = 1):
-        cfg = config_from_dict({
-            "output_dir": str(tmp_path / "run"), "model": {"embed_dim": 8, "towers": {
-                "image": {"kind": "cnn", "image_size": 16}, "text": {"kind": "lstm", "context_length": 8}}},
-            "data": {"train": str(clipart), "num_workers": workers, "worker_nice": nice},
-            "train": {"batch_size": 8, "progress": False}, "log": {"backend": "none"}})
-        tasks = read_tasks(cfg)
-        make_loaders(cfg, make_accelerator(cfg), build_model(cfg, tasks, None), tasks)
-        return next(iter(tasks.values())).loader
-
-    parent = os.getpriority(os.PRIO_PROCESS, 0)
-    for nice in (0, 7):
-        init = loader(nice).worker_init_fn
-        probe = DataLoader(Niceness(), batch_size=1, num_workers=1, worker_init_fn=init)
-        assert torch.cat(list(probe)).tolist() == [min(19, parent + nice)] * 4
-    assert loader(7, workers=0).worker_init_fn is None

@@ -89,8 +89,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"multitask.temperature: must be positive, got {mt.temperature}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    if not 0 <= d.worker_nice <= 19:
-        raise ConfigError(f"data.worker_nice: must be 0 (the training process's priority) to 19, got {d.worker_nice}")
     if d.max_rows is not None and d.max_rows <= 0:
         raise ConfigError(f"data.max_rows: must be positive, got {d.max_rows}")
     if t.select_best and (cfg.tasks or d.streamed):

@@ -114,9 +114,6 @@ class DataConfig:
     eval_split: str | None = None
     root: str | None = None  # base for relative paths; default: the manifest's folder
     num_workers: int = 0
-    # training loader workers run this much lower in CPU priority (os.nice) than the training process: on busy
-    # cores they take what the step leaves idle instead of stalling its threads (docs/benchmarks.md, issue 19)
-    worker_nice: int = 10
     on_bad_row: Literal["error", "skip"] = "error"
     max_rows: int | None = None  # cap rows per split (quick runs)
     # Image/audio paths must lie inside the data root (root, else the manifest's folder); true also accepts `..`,

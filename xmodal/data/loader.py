@@ -12,7 +12,6 @@ Art rows this made the image + text loader 1.1-1.3x faster and cut a training st
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -25,18 +24,6 @@ from ..batch import collate  # noqa: F401  (xmodal.data.loader.collate, as befor
 #: ~30 s, in the process that builds the dataset) and the ids take 4 B x context_length per row (int32; 24 MiB at
 #: context 64). Larger datasets tokenise per row, in the loader's workers.
 PRETOKENIZE_MAX_ROWS = 100_000
-
-
-def lower_priority(increment: int, worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn`` (as ``functools.partial(lower_priority, n)``: picklable): this worker process
-    runs ``increment`` steps of ``os.nice`` below its parent. On cores the training step keeps busy, workers at the
-    same priority preempt the step's compute threads (a descheduled thread stalls the others at the next barrier);
-    lowered, they take the time the step leaves idle, and the whole core when the step waits for them."""
-    if increment:
-        try:
-            os.nice(increment)
-        except OSError:  # not allowed here (some sandboxes): the worker keeps its parent's priority
-            pass
 
 
 def _is_tokenizer(transform: Any) -> bool:

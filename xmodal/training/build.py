@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 from ..batch import FEATURES, collate
 from ..config import Config, ModelConfig, _from_dict, check_task_modalities, save_config
 from ..data import ManifestDataset
-from ..data.loader import lower_priority
 from ..data.stream import StreamLoader
 from ..feature_cache import cached_towers, precompute_features, resolve_root, tower_settings
 from ..losses import build_loss
@@ -267,11 +266,9 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
         extra = [r.cfg.target] if r.cfg.kind != "retrieval" else []
         rows = ManifestDataset(r.dataset, transforms, extra_columns=extra, source=r.source,
                                row_numbers=r.row_numbers)
-        workers = cfg.data.num_workers
         r.loader = DataLoader(rows, batch_size=step_batch,
                               shuffle=True, drop_last=True, collate_fn=partial(collate_renamed, cached),
-                              num_workers=workers, persistent_workers=workers > 0,
-                              worker_init_fn=partial(lower_priority, cfg.data.worker_nice) if workers else None)
+                              num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
 
 def make_weighting(cfg: Config, tasks: dict[str, TaskRun], device) -> torch.nn.Module:
