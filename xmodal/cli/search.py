@@ -134,7 +134,7 @@ def add_serve_verb(sub) -> None:
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
     s.add_argument("--max-batch", type=int, default=32,
                    help="answer up to this many concurrent searches together, one model call and one index search "
-                        "(default 32; 1: each on its own; batching measured 1.6-2.8x the throughput with pretrained "
+                        "(default 32; 1: each on its own; batching measured 1.6-3.5x the throughput with pretrained "
                         "towers at 8-32 clients, see docs/benchmarks.md; a lone search waits at most 2 ms for others)")
     s.set_defaults(fn=run_serve)
 
