@@ -45,7 +45,7 @@ def _inputs(modality: str, n: int = 4) -> torch.Tensor:
     if modality == "image":
         return torch.randn(n, 3, IMAGE.image_size, IMAGE.image_size, generator=g)
     ids = torch.zeros(n, TEXT.context_length, dtype=torch.long)
-    for i, length in enumerate([3, 16, 9, 1][:n]):  # right-padded, one row full, one a single token
+    for i, length in enumerate(([3, 16, 9, 1] + [2 + (7 * j) % 15 for j in range(n)])[:n]):  # right-padded
         ids[i, :length] = torch.randint(1000, 20000, (length,), generator=g)
     ids[:, 0] = 101
     return ids
@@ -105,16 +105,21 @@ def test_prefix_cache_equals_the_plain_encoder(modality, k):
     plain = copy.deepcopy(cached)
     assert cached.towers[modality].prefix_cache is not None and not plain.towers[modality].prefix_cache.memo
     plain.towers[modality].prefix_cache = None
-    x = _inputs(modality)
+    x = _inputs(modality, 40 if modality == "text" else 4)  # text: more rows than one chunk of the trained layers
+    outs = []
     for m in (cached, plain):
-        m.train()
-        # dropout in the trained blocks: the same RNG state for both
-        torch.manual_seed(1)
-        _loss(m.towers[modality], x).backward()
+        m.train()  # BatchNorm of the trained blocks in train mode; dropout off (the chunks draw its masks in turn)
+        for d in m.modules():
+            if isinstance(d, torch.nn.Dropout):
+                d.p = 0.0
+        out = m.towers[modality](x)
+        outs.append(out)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()  # row weights
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-4)
     for (n, p), (_, q) in zip(cached.named_parameters(), plain.named_parameters()):
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, atol=2e-5, rtol=1e-4, msg=n)
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
     # a second pass over seen inputs (another order, one repeated) runs no lower block again
     from xmodal.modalities.blocks import encoder_blocks
     lowest = encoder_blocks(cached.towers[modality].encoder).blocks[0]
@@ -125,6 +130,7 @@ def test_prefix_cache_equals_the_plain_encoder(modality, k):
     with torch.no_grad():
         got = cached.towers[modality](x[[3, 1, 1, 0]])
         want = plain.towers[modality](x[[3, 1, 1, 0]])
+        assert got.shape == (4, 8)
     hook.remove()
     assert calls == []
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -194,3 +200,21 @@ def test_layer_lr_decay_out_of_range(decay):
 def test_build_errors_name_the_field(tower, message):
     with pytest.raises(ConfigError, match=f"model.towers.text.train_blocks: .*{message}"):
         XModalModel(ModelConfig(embed_dim=8, towers={"text": tower}))
+
+
+def test_a_prefix_cached_tower_keeps_its_preprocessed_inputs(tmp_path):
+    from PIL import Image
+
+    from xmodal.modalities.blocks import MemoTransform
+    path = str(tmp_path / "a.png")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    model = _model("image", 1)
+    t = model.transform("image", train=True)
+    assert isinstance(t, MemoTransform)
+    first = t(path)
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(path)  # a second call reads nothing: the kept tensor comes back
+    assert t(path) is first
+    import pickle
+    assert pickle.loads(pickle.dumps(t)).memo == {}  # a worker's copy starts empty
+    plain = _model("image", None)
+    assert not isinstance(plain.transform("image", train=True), MemoTransform)

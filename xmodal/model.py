@@ -186,10 +186,15 @@ class XModalModel(nn.Module):
         self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
 
     def transform(self, modality: str, train: bool = False):
-        """The per-sample preprocessing of ``modality`` (cached)."""
+        """The per-sample preprocessing of ``modality`` (cached). A partly trained tower that caches its frozen
+        blocks' output also keeps each input's preprocessed tensor (``MemoTransform``): it is all a step still
+        decodes."""
         key = (modality, train)
         if key not in self._transforms:
             self._transforms[key] = build_transform(modality, self.cfg.towers[modality], train=train)
+            if self.towers[modality].prefix_cache is not None:
+                from .modalities.blocks import MemoTransform
+                self._transforms[key] = MemoTransform(self._transforms[key])
         return self._transforms[key]
 
     # ------------------------------------------------------------------------------------------------- inference
