@@ -54,7 +54,8 @@ def run_baseline(manifest: str, image_size: int, seed: int) -> dict:
     return rec
 
 
-def run_one(config: str, manifest: str, lever: list[str], seed: int, out: Path, common: list[str]) -> dict:
+def run_one(config: str, manifest: str, lever: list[str], seed: int, out: Path, common: list[str],
+            hubness: bool = True) -> dict:
     from xmodal.config import load_config
     from xmodal.training.engine import train
 
@@ -69,7 +70,8 @@ def run_one(config: str, manifest: str, lever: list[str], seed: int, out: Path, 
     for d in DIRECTIONS:
         for k in (1, 5, 10):
             rec[f"{d}/R@{k}"] = ev[f"{d}/R@{k}"]
-    rec.update(hubness_figures(run, manifest))
+    if hubness:
+        rec.update(hubness_figures(run, manifest))
     return rec
 
 
@@ -140,6 +142,9 @@ def main() -> None:
                     help="the image tower's input size (128: the corpora's rendering, as benchmarks/baseline.py)")
     ap.add_argument("--out", default="runs/levers")
     ap.add_argument("--table", action="store_true", help="print the table of <out>/levers.jsonl and stop")
+    ap.add_argument("--no-hubness", action="store_true",
+                    help="skip the query-time hubness figures (they embed the train split's queries again, minutes "
+                         "for a tower that is not frozen)")
     args = ap.parse_args()
     out = Path(args.out)
     results = out / "levers.jsonl"
@@ -165,7 +170,8 @@ def main() -> None:
                         rec = run_baseline(manifest, args.image_size, seed)
                     else:
                         rec = run_one(args.config, manifest, shlex.split(over), seed, out / f"{name}-{cname}-{seed}",
-                                      [f"model.towers.image.image_size={args.image_size}"])
+                                      [f"model.towers.image.image_size={args.image_size}"],
+                                      hubness=not args.no_hubness)
                     rec = {"lever": name, "corpus": cname, "seed": seed, "overrides": over, **rec}
                     with results.open("a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -19,6 +19,7 @@ from .config import ConfigError, ModelConfig, TaskConfig, _from_dict
 from ._scalar import accept_0d_scalars, scalar_parameter
 from .feature_cache import CachedFeatures, precompute_features, reusing_features, tower_settings
 from .modalities import load_plugins
+from .modalities.registry import get_modality
 from .modalities.pretrained import resolve_pretrained
 from .modalities.towers import build_encoder, build_transform
 from .model_files import CARD_NAME, WEIGHTS_NAME  # noqa: F401 - imported from here by the rest of xmodal
@@ -48,7 +49,7 @@ class Tower(nn.Module):
 
     def __init__(self, encoder: nn.Module, feat_dim: int, embed_dim: int, projection: str = "linear",
                  freeze: bool = False, grad_checkpointing: bool = False, where: str = "tower",
-                 projection_dropout: float = 0.0):
+                 projection_dropout: float = 0.0, train_blocks: int | None = None, cache_prefix: bool = False):
         super().__init__()
         self.encoder = encoder
         self.projection = _projection(projection, feat_dim, embed_dim, where)
@@ -63,14 +64,37 @@ class Tower(nn.Module):
                 raise ConfigError(f"{where}.grad_checkpointing: this tower's encoder cannot checkpoint ({reason}); "
                                   f"set {where}.grad_checkpointing: false")
         self._checkpointing = False  # what the encoder was last told
+        # train_blocks: only these modules of the encoder train (its last blocks); the rest is frozen like a frozen
+        # encoder (eval mode, no grad: with no parameter and no input needing grad, no activation is kept there)
+        self.trainable: list[nn.Module] = []
         if freeze:
             self.encoder.requires_grad_(False)
+        elif train_blocks is not None:
+            from .modalities.blocks import trainable_part
+            try:
+                self.trainable = [m for _, m in trainable_part(encoder, train_blocks, where)]
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            self.encoder.requires_grad_(False)
+            for m in self.trainable:
+                m.requires_grad_(True)
+        # cache_prefix: the frozen blocks' output per distinct input, computed once (modalities/blocks.py)
+        self.prefix_cache = None
+        if self.trainable and cache_prefix:
+            from .modalities.blocks import PrefixCache, can_split
+            if can_split(encoder):
+                self.prefix_cache = PrefixCache(train_blocks)
+                self.register_load_state_dict_post_hook(lambda module, keys: module.prefix_cache.clear())
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "Tower":
         super().train(mode)
         if self.frozen:  # frozen BatchNorm statistics and no dropout, whatever the caller asks
             self.encoder.eval()
+        elif self.trainable and mode:  # the frozen lower blocks as above; the trained top ones in train mode
+            self.encoder.eval()
+            for m in self.trainable:
+                m.train(True)
         on = self.grad_checkpointing and mode and not self.frozen
         if on != self._checkpointing:
             self.encoder.set_grad_checkpointing(on)
@@ -81,6 +105,8 @@ class Tower(nn.Module):
         if self.frozen:
             with torch.no_grad():
                 feats = self.encoder(x)
+        elif self.prefix_cache is not None:
+            feats = self.prefix_cache.features(self.encoder, x)
         else:
             feats = self.encoder(x)
         return self.project(feats)
@@ -105,7 +131,8 @@ class XModalModel(nn.Module):
             encoder, feat_dim = build_encoder(modality, tcfg)
             towers[modality] = Tower(encoder, feat_dim, cfg.embed_dim, tcfg.projection, tcfg.freeze,
                                      tcfg.grad_checkpointing, where=f"model.towers.{modality}",
-                                     projection_dropout=tcfg.projection_dropout)
+                                     projection_dropout=tcfg.projection_dropout, train_blocks=tcfg.train_blocks,
+                                     cache_prefix=not (get_modality(modality).augments and tcfg.augment))
         self.towers = nn.ModuleDict(towers)
         siglip = cfg.loss == "siglip"
         init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (
@@ -159,10 +186,15 @@ class XModalModel(nn.Module):
         self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
 
     def transform(self, modality: str, train: bool = False):
-        """The per-sample preprocessing of ``modality`` (cached)."""
+        """The per-sample preprocessing of ``modality`` (cached). A partly trained tower that caches its frozen
+        blocks' output also keeps each input's preprocessed tensor (``MemoTransform``): it is all a step still
+        decodes."""
         key = (modality, train)
         if key not in self._transforms:
             self._transforms[key] = build_transform(modality, self.cfg.towers[modality], train=train)
+            if self.towers[modality].prefix_cache is not None:
+                from .modalities.blocks import MemoTransform
+                self._transforms[key] = MemoTransform(self._transforms[key])
         return self._transforms[key]
 
     # ------------------------------------------------------------------------------------------------- inference

@@ -6,6 +6,19 @@ import difflib
 from .schema import Config, ConfigError, TaskConfig
 
 
+def check_train_blocks(where: str, tower) -> None:
+    """``<where>.train_blocks``: a positive whole number of blocks, on a tower that is not frozen."""
+    k = tower.train_blocks
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{where}.train_blocks: expected a whole number of blocks >= 1 (or null: every block), "
+                          f"got {k!r}")
+    if tower.freeze:
+        raise ConfigError(f"{where}.train_blocks: {k} trains the encoder's last {k} blocks, but {where}.freeze is "
+                          f"true (every block locked); set {where}.freeze: false with it")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
     m, t, d = cfg.model, cfg.train, cfg.data
@@ -18,6 +31,7 @@ def validate(cfg: Config) -> Config:
         if not 0 <= tower.projection_dropout < 1:
             raise ConfigError(f"model.towers.{name}.projection_dropout: must be in [0, 1), got "
                               f"{tower.projection_dropout}")
+        check_train_blocks(f"model.towers.{name}", tower)
         for key in ("image_size", "context_length"):  # one message per field: each names its full path
             if getattr(tower, key) <= 0:
                 raise ConfigError(f"model.towers.{name}.{key}: must be positive, got {getattr(tower, key)}")
@@ -30,6 +44,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.lr: must be positive, got {t.lr}")
     if t.encoder_lr is not None and t.encoder_lr < 0:
         raise ConfigError(f"train.encoder_lr: must be >= 0, got {t.encoder_lr}")
+    if not 0 < t.layer_lr_decay <= 1:
+        raise ConfigError(f"train.layer_lr_decay: must be in (0, 1], got {t.layer_lr_decay}")
     for key in ("warmup_steps", "eval_every", "save_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")

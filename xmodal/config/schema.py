@@ -25,6 +25,10 @@ class TowerConfig:
     name: str | None = None
     pretrained: str | None = None  # local weights file/folder, or "package" for weights shipped in a pip package
     freeze: bool = False  # freeze the encoder (projection stays trainable); frozen encoders run in eval mode
+    # train only the encoder's last k blocks (hf: transformer layers; efficientnet_lite0 / timm EfficientNets:
+    # inverted-residual blocks, with conv_head + bn2 after them); the rest stays frozen, in eval mode, without grad.
+    # Needs freeze: false. null: every block trains (or none, with freeze: true). A partly trained tower is not cached
+    train_blocks: int | None = None
     # none: the encoder's features ARE the embedding (its width must equal model.embed_dim), e.g. an open_clip tower
     # that already projects, whose pretrained alignment a random Linear would break
     projection: Literal["linear", "mlp", "none"] = "linear"
@@ -152,6 +156,9 @@ class TrainConfig:
     samples_per_epoch: int | None = None  # with data.resampled: the samples one epoch draws over all processes
     lr: float = 1e-3
     encoder_lr: float | None = None  # lr for unfrozen encoders; default lr
+    # layer-wise LR decay: an encoder block d blocks below the top one trains at encoder_lr * layer_lr_decay**d (the
+    # top block and what follows it: d = 0; embeddings / stem: below the lowest block). 1: one lr for the encoder
+    layer_lr_decay: float = 1.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6

@@ -53,15 +53,21 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 def param_groups(model: torch.nn.Module, cfg: Config, extra: list[torch.nn.Parameter] = ()) -> list[dict]:
     """AdamW groups: no weight decay on gains, biases, the temperature and loss weights (as open_clip excludes
-    them); encoders take ``train.encoder_lr``. Frozen encoders are included when they will be unfrozen later."""
+    them); encoders take ``train.encoder_lr``, times ``train.layer_lr_decay`` per block below the top one.
+    Frozen encoders are included when they will be unfrozen later."""
     t = cfg.train
     encoder_lr = t.encoder_lr if t.encoder_lr is not None else t.lr
+    depths: dict[int, int] = {}
+    if t.layer_lr_decay != 1:
+        from ..modalities.blocks import block_depths
+        for tower in getattr(model, "towers", {}).values():
+            depths.update(block_depths(tower.encoder))
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad and not (t.unfreeze_at_step and ".encoder." in name):
             continue
         no_decay = p.ndim < 2 or "logit_" in name or ".bn" in name or ".ln" in name or "norm" in name
-        lr = encoder_lr if ".encoder." in name else t.lr
+        lr = encoder_lr * t.layer_lr_decay ** depths.get(id(p), 0) if ".encoder." in name else t.lr
         groups.setdefault((no_decay, lr), []).append(p)
     for p in extra:
         groups.setdefault((True, t.lr), []).append(p)
@@ -108,6 +114,7 @@ def run_config(cfg: Config) -> tuple[Config, dict | None]:
     if cfg.train.freeze_towers is not None or cfg.train.unfreeze_at_step:
         for tower in cfg.model.towers.values():
             tower.freeze = bool(cfg.train.freeze_towers) or bool(cfg.train.unfreeze_at_step)
+            tower.train_blocks = None  # they set every block's state: all frozen, all trained, all unfrozen later
     for name, tc in cfg.tasks.items():
         check_task_modalities(name, tc, list(cfg.model.towers), towers_from)
     return cfg, init_weights

@@ -173,5 +173,5 @@ def _finish(run: RunState) -> None:
 
 def _unfreeze(model: XModalModel) -> None:
     for tower in model.towers.values():
-        tower.frozen = False
+        tower.frozen, tower.trainable, tower.prefix_cache = False, [], None
         tower.encoder.requires_grad_(True)
