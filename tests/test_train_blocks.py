@@ -125,15 +125,19 @@ def test_prefix_cache_equals_the_plain_encoder(modality, k):
     lowest = encoder_blocks(cached.towers[modality].encoder).blocks[0]
     calls = []
     hook = lowest.register_forward_hook(lambda *a: calls.append(1))
-    cached.eval()
-    plain.eval()
     with torch.no_grad():
         got = cached.towers[modality](x[[3, 1, 1, 0]])
+        assert calls == []
         want = plain.towers[modality](x[[3, 1, 1, 0]])
         assert got.shape == (4, 8)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        # outside training the cache is neither read nor grown: a served model's memory stays flat
+        cached.eval()
+        held = len(cached.towers[modality].prefix_cache.memo)
+        calls.clear()
+        cached.towers[modality](x[[3, 1]])
+        assert calls == [1] and len(cached.towers[modality].prefix_cache.memo) == held
     hook.remove()
-    assert calls == []
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     cached.load_state_dict(plain.state_dict())  # new weights: nothing cached is kept
     assert not cached.towers[modality].prefix_cache.memo
 

@@ -105,7 +105,7 @@ class Tower(nn.Module):
         if self.frozen:
             with torch.no_grad():
                 feats = self.encoder(x)
-        elif self.prefix_cache is not None:
+        elif self.prefix_cache is not None and self.training:  # training only: a served model's memory stays flat
             feats = self.prefix_cache.features(self.encoder, x)
         else:
             feats = self.encoder(x)
@@ -187,12 +187,12 @@ class XModalModel(nn.Module):
 
     def transform(self, modality: str, train: bool = False):
         """The per-sample preprocessing of ``modality`` (cached). A partly trained tower that caches its frozen
-        blocks' output also keeps each input's preprocessed tensor (``MemoTransform``): it is all a step still
-        decodes."""
+        blocks' output also keeps each training input's preprocessed tensor (``MemoTransform``): it is all a step
+        still decodes. Neither cache is used outside training (evaluation, encode, a server: memory stays flat)."""
         key = (modality, train)
         if key not in self._transforms:
             self._transforms[key] = build_transform(modality, self.cfg.towers[modality], train=train)
-            if self.towers[modality].prefix_cache is not None:
+            if train and self.towers[modality].prefix_cache is not None:  # the training loader's, not a server's
                 from .modalities.blocks import MemoTransform
                 self._transforms[key] = MemoTransform(self._transforms[key])
         return self._transforms[key]
