@@ -56,14 +56,20 @@ def test_int8_equals_faiss_scalar_quantizer(data):
     assert recall_at(ids_of(hits), numpy_top(x, np.arange(5000), q, 10)) > 0.95
 
 
-def test_ivfpq_equals_faiss_ivfpq(data):
-    x, q = data
-    index = EmbeddingIndex(64, "ivfpq", nlist=32, nprobe=8, m=16, nbits=6)
+def xmodal_and_faiss_ivfpq(x, nprobe):
+    """The same IVF-PQ (nlist 32, m 16, 6 bits) built by xmodal and by hand with faiss."""
+    index = EmbeddingIndex(64, "ivfpq", nlist=32, nprobe=nprobe, m=16, nbits=6)
     index.add(x)
     peer = faiss.IndexIVFPQ(faiss.IndexFlatIP(64), 64, 32, 16, 6, faiss.METRIC_INNER_PRODUCT)
     peer.train(x)
     peer.add(x)
-    peer.nprobe = 8
+    peer.nprobe = nprobe
+    return index, peer
+
+
+def test_ivfpq_equals_faiss_ivfpq(data):
+    x, q = data
+    index, peer = xmodal_and_faiss_ivfpq(x, 8)
     _, ids = peer.search(q, 10)
     assert ids_of(index.search(q, 10)) == ids.tolist()
     assert index.options == {"nlist": 32, "nprobe": 8, "m": 16, "nbits": 6}
@@ -78,11 +84,7 @@ def test_every_nprobe_setting_answers_as_faiss_does_with_it(data):
     """The search-parameter objects xmodal reuses between calls follow every way nprobe changes: a per-call
     override, the stored default, and the setting `tune` writes — each answer equals the peer's at that nprobe."""
     x, q = data
-    index = EmbeddingIndex(64, "ivfpq", nlist=32, nprobe=4, m=16, nbits=6)
-    index.add(x)
-    peer = faiss.IndexIVFPQ(faiss.IndexFlatIP(64), 64, 32, 16, 6, faiss.METRIC_INNER_PRODUCT)
-    peer.train(x)
-    peer.add(x)
+    index, peer = xmodal_and_faiss_ivfpq(x, 4)
 
     def peer_ids(nprobe):
         peer.nprobe = nprobe
