@@ -20,6 +20,7 @@ LAYERS = [
     ["xmodal.modalities", "xmodal.losses", "xmodal.feature_cache", "xmodal.feature_store", "xmodal.feature_index"],
     ["xmodal.data"],
     ["xmodal.tasks"],
+    ["xmodal.pair_memory"],
     ["xmodal.model", "xmodal.model_files"],
     ["xmodal.retrieval"],
     ["xmodal.evaluation"],

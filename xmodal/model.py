@@ -22,6 +22,7 @@ from .modalities import load_plugins
 from .modalities.registry import get_modality
 from .modalities.pretrained import resolve_pretrained
 from .modalities.towers import build_encoder, build_transform
+from .pair_memory import PairMemory
 from .model_files import CARD_NAME, WEIGHTS_NAME  # noqa: F401 - imported from here by the rest of xmodal
 
 PREDICT_OUTPUTS = ("logits", "probs", "labels")  # what XModalModel.predict can return
@@ -126,14 +127,18 @@ class XModalModel(nn.Module):
             raise ValueError("model.towers: at least one tower is required")
         self.cfg = cfg
         load_plugins(cfg.plugins)  # a model card names the modules its custom modalities come from
-        towers = {}
+        towers, feat_dims = {}, {}
         for modality, tcfg in cfg.towers.items():
             encoder, feat_dim = build_encoder(modality, tcfg)
+            feat_dims[modality] = feat_dim
             towers[modality] = Tower(encoder, feat_dim, cfg.embed_dim, tcfg.projection, tcfg.freeze,
                                      tcfg.grad_checkpointing, where=f"model.towers.{modality}",
                                      projection_dropout=tcfg.projection_dropout, train_blocks=tcfg.train_blocks,
                                      cache_prefix=not (get_modality(modality).augments and tcfg.augment))
         self.towers = nn.ModuleDict(towers)
+        pm = cfg.pair_memory  # filled by training (training/build.py) or by the saved weights
+        self.pair_memory = PairMemory(list(towers), feat_dims, cfg.embed_dim, pm.k, pm.power, pm.weight) \
+            if pm is not None else None
         siglip = cfg.loss == "siglip"
         init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (
             math.log(10.0) if siglip else math.log(1 / 0.07))  # the SigLIP and CLIP papers' initialisations
@@ -234,9 +239,17 @@ class XModalModel(nn.Module):
                 from .progress import tqdm
                 n = len(inputs)
                 chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
-            run = tower.project if isinstance(tf, CachedFeatures) else tower
+            cached = isinstance(tf, CachedFeatures)
+            memory = self.pair_memory if self.pair_memory is not None and self.pair_memory.covers(modality) else None
+            if memory is not None:
+                memory.refresh(self.towers)
             for x in chunks:
-                out.append(run(x.to(device)).float())
+                x = x.to(device)
+                if memory is None:
+                    out.append((tower.project(x) if cached else tower(x)).float())
+                else:  # the memory needs the encoder's features too
+                    feats = x if cached else tower.encoder(x)
+                    out.append(memory(modality, feats, tower.project(feats)).float())
         finally:
             if was_training:
                 self.train()
@@ -342,6 +355,9 @@ class XModalModel(nn.Module):
         from .model_files import save_files
         card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg),
                 "tasks": {name: _to_plain(t) for name, t in self.tasks.items()}, **(extra or {})}
+
+        if self.pair_memory is not None:  # its joint embeddings as of the projections saved
+            self.pair_memory.refresh(self.towers)
 
         def write_weights(tmp: Path) -> None:
             if state_dict is None:

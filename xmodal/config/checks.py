@@ -19,6 +19,26 @@ def check_train_blocks(where: str, tower) -> None:
                           f"true (every block locked); set {where}.freeze: false with it")
 
 
+def check_pair_memory(cfg: Config) -> None:
+    """``model.pair_memory``: sane numbers, and towers whose features are fixed (the memory stores them)."""
+    pm, where = cfg.model.pair_memory, "model.pair_memory"
+    for key in ("k", "max_rows"):
+        value = getattr(pm, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{key}: expected a whole number >= 1, got {value!r}")
+    if not pm.power > 0:
+        raise ConfigError(f"{where}.power: must be positive, got {pm.power}")
+    if not 0 <= pm.weight < 1:
+        raise ConfigError(f"{where}.weight: must be in [0, 1), got {pm.weight}")
+    for name, tower in cfg.model.towers.items():
+        if not tower.freeze:
+            raise ConfigError(f"{where}: needs frozen towers (it stores their features), but "
+                              f"model.towers.{name}.freeze is false; set it true or {where}: null")
+    if cfg.train.unfreeze_at_step:
+        raise ConfigError(f"{where}: needs frozen towers, but train.unfreeze_at_step unfreezes them; set one of "
+                          f"them to null / 0")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
     m, t, d = cfg.model, cfg.train, cfg.data
@@ -55,6 +75,8 @@ def validate(cfg: Config) -> Config:
     if dims and (any(not 0 < x <= m.embed_dim for x in dims) or list(dims) != sorted(set(dims))):
         raise ConfigError(f"model.matryoshka_dims: must be increasing sizes between 1 and model.embed_dim "
                           f"({m.embed_dim}), got {list(dims)}")
+    if m.pair_memory is not None:
+        check_pair_memory(cfg)
     if m.anchor is not None and m.towers and m.anchor not in m.towers:
         raise ConfigError(f"model.anchor: {m.anchor!r} is not a tower ({', '.join(m.towers)})")
     if t.max_nonfinite_skips < 1:

@@ -91,6 +91,18 @@ class PretrainedConfig:
 
 
 @dataclass
+class PairMemoryConfig:
+    """Queries borrow the place of their nearest training pairs, found by the frozen towers (xmodal/pair_memory.py):
+    each embedding moves ``weight`` of the way towards the mean joint embedding of its ``k`` most similar training
+    pairs (similarity ** ``power`` weights). Needs frozen, cached towers; at most ``max_rows`` pairs (a seeded
+    sample of the training pairs beyond that), saved with the model (fp16 features: N × (sum of feature widths) × 2 B)."""
+    k: int = 32
+    power: float = 3.0
+    weight: float = 0.3
+    max_rows: int = 20000
+
+
+@dataclass
 class ModelConfig:
     pretrained: PretrainedConfig | None = None  # fills towers, embed_dim, loss, temperature (docs/pretrained.md)
     embed_dim: int = 256
@@ -105,6 +117,7 @@ class ModelConfig:
     # Matryoshka (Kusupati et al. 2022): also train these prefixes of the embedding as embeddings of their own
     # (e.g. [32, 64, 128]; the full embed_dim is always trained too); encode(..., dim=64) then truncates usefully
     matryoshka_dims: list[int] = field(default_factory=list)
+    pair_memory: PairMemoryConfig | None = None  # null: off (docs/configs.md, "Pair memory")
     # modules that register modalities or tower kinds (xmodal.modalities.register_modality), imported before the
     # model is built; saved in the model card, so every command on the run imports them again (docs/modalities.md)
     plugins: list[str] = field(default_factory=list)

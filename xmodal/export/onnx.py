@@ -11,6 +11,7 @@ needs onnxscript, which is not a dependency.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -145,6 +146,10 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     if unsupported:
         raise ValueError(f"export --format onnx: a {unsupported[0]} tower has no example input to trace (ONNX "
                          f"export covers image and text towers)")
+    if model.pair_memory is not None and len(model.pair_memory):
+        logging.getLogger(__name__).warning(
+            "export --format onnx: the graphs embed plainly; this model's pair memory (%d training pairs, "
+            "model.pair_memory) is not in them — xmodal.load(run).encode applies it", len(model.pair_memory))
     out = Path(out)
     with staging(out) as tmp:
         spec: dict[str, Any] = {"format": "xmodal-onnx", "version": 1, "embed_dim": model.cfg.embed_dim,

@@ -252,6 +252,8 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
     if cfg.data.streamed:
         for r in tasks.values():
             attach_stream(cfg, accelerator, model, r, metrics)
+        if model.pair_memory is not None:
+            log.warning("model.pair_memory: not filled from streamed data (shards); the model keeps plain embeddings")
         return
     for r in tasks.values():  # before any feature is cached: the loaders drop an incomplete last batch
         if len(r.dataset) < t.batch_size * t.grad_accum_steps * accelerator.num_processes:
@@ -267,6 +269,8 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
                                         progress=accelerator.is_main_process and t.progress,
                                         memo_key=tower_settings(m, cfg.model.towers[m]),
                                         cache_dir=resolve_root(t.feature_cache_dir))
+    if model.pair_memory is not None:
+        fill_pair_memory(cfg, accelerator, model, tasks, caches)
     step_batch = t.batch_size * t.grad_accum_steps  # per process; the contrastive batch is this × processes
     for r in tasks.values():
         transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
@@ -276,6 +280,38 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
         r.loader = DataLoader(rows, batch_size=step_batch,
                               shuffle=True, drop_last=True, collate_fn=partial(collate_renamed, cached),
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+
+def fill_pair_memory(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, TaskRun], caches: dict) -> None:
+    """``model.pair_memory``: the encoder features of the training pairs (rows of a task that reads every tower and
+    has them all), at most ``max_rows`` of them (a sample seeded by ``seed``)."""
+    memory, t = model.pair_memory, cfg.train
+    values: dict[str, list] = {m: [] for m in memory.modalities}
+    for r in tasks.values():
+        if set(memory.modalities) <= set(r.cfg.modalities):
+            columns = [r.dataset[m] for m in memory.modalities]
+            for row in zip(*columns):
+                if all(v not in (None, "") for v in row):
+                    for m, v in zip(memory.modalities, row):
+                        values[m].append(v)
+    n = len(values[memory.modalities[0]])
+    if n == 0:
+        log.warning("model.pair_memory: no training row has all of %s; the memory stays empty (plain embeddings)",
+                    ", ".join(memory.modalities))
+        return
+    keep = range(n)
+    if n > cfg.model.pair_memory.max_rows:
+        keep = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+                      [:cfg.model.pair_memory.max_rows].tolist())
+    raw = {}
+    for m in memory.modalities:
+        lookup = caches.get(m) or precompute_features(
+            model.towers[m].encoder, model.transform(m, train=False), values[m], batch_size=t.batch_size,
+            device=accelerator.device, desc=f"pair memory: {m} features", progress=accelerator.is_main_process and
+            t.progress, memo_key=tower_settings(m, cfg.model.towers[m]), cache_dir=resolve_root(t.feature_cache_dir))
+        raw[m] = torch.stack([torch.as_tensor(lookup(values[m][i])) for i in keep]).float()
+    memory.fill(raw)
+    log.info("model.pair_memory: %d training pairs (of %d)", len(memory), n)
 
 
 def make_weighting(cfg: Config, tasks: dict[str, TaskRun], device) -> torch.nn.Module:

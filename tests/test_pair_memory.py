@@ -1,0 +1,135 @@
+"""Pair memory (model.pair_memory): the formula against a NumPy hand computation, the memory a run saves against
+the saved towers' own embeddings of its training pairs, partial loading, and the config's checks."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import xmodal
+from test_engine import tiny
+from xmodal.config import ConfigError, config_from_dict
+from xmodal.data import read_manifest
+from xmodal.model import Tower, XModalModel
+from xmodal.pair_memory import PairMemory
+from xmodal.training.engine import pretrain
+
+
+def _numpy_memory(feats, emb, bank_raw, anchors, k, power, weight):
+    """The module docstring's formula, written out in float64 NumPy."""
+    mean = bank_raw.mean(0)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    bank = unit(bank_raw - mean).astype(np.float16).astype(np.float64)  # stored as float16
+    sims = unit(feats - mean) @ bank.T
+    out = []
+    for i in range(len(feats)):
+        top = np.argsort(-sims[i], kind="stable")[:k]
+        w = np.maximum(sims[i, top], 0) ** power
+        w = w / max(w.sum(), 1e-12)
+        near = unit(w @ anchors[top])
+        out.append(unit((1 - weight) * emb[i] + weight * near))
+    return np.stack(out)
+
+
+def test_memory_formula_by_hand():
+    g = torch.Generator().manual_seed(0)
+    towers = torch.nn.ModuleDict({m: Tower(torch.nn.Identity(), d, 8, "linear", freeze=True)
+                                  for m, d in (("image", 12), ("text", 6))})
+    raw = {"image": torch.randn(40, 12, generator=g), "text": torch.randn(40, 6, generator=g)}
+    memory = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=5, power=3.0, weight=0.3)
+    memory.fill(raw)
+    memory.refresh(towers)
+    with torch.no_grad():
+        anchors = F.normalize(towers["image"].project(raw["image"]) + towers["text"].project(raw["text"]), dim=-1)
+    assert torch.allclose(memory.embeddings, anchors, atol=1e-6)
+    q = torch.randn(7, 6, generator=g)
+    with torch.no_grad():
+        emb = towers["text"].project(q)
+        got = memory("text", q, emb)
+    want = _numpy_memory(q.double().numpy(), emb.double().numpy(), raw["text"].double().numpy(),
+                         anchors.double().numpy(), k=5, power=3.0, weight=0.3)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(7), atol=1e-6)
+    # the projections change (a training step): the joint embeddings follow them
+    with torch.no_grad():
+        towers["image"].projection.weight.mul_(2).add_(1)
+    memory.refresh(towers)
+    with torch.no_grad():
+        moved = F.normalize(towers["image"].project(raw["image"]) + towers["text"].project(raw["text"]), dim=-1)
+    assert torch.allclose(memory.embeddings, moved, atol=1e-6) and not torch.allclose(moved, anchors, atol=1e-3)
+
+
+def test_an_input_like_no_pair_keeps_its_embedding():
+    memory = PairMemory(["text"], {"text": 2}, 2, k=3, power=2.0, weight=0.5)
+    memory.fill({"text": torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])})  # centred: -1, 0, +1 along x
+    memory.embeddings = F.normalize(torch.randn(3, 2), dim=-1)
+    emb = F.normalize(torch.tensor([[0.3, 0.7]]), dim=-1)
+    # the query, centred, points along -y: cosine 0 or undefined with every pair, so no weight anywhere
+    assert torch.allclose(memory("text", torch.tensor([[2.0, -1.0]]), emb), emb, atol=1e-6)
+
+
+def _memory_run(clipart, out, **model):
+    cfg = tiny(clipart, out, max_steps=6)
+    for t in cfg.model.towers.values():
+        t.freeze = True
+    from xmodal.config import PairMemoryConfig
+    cfg.model.pair_memory = PairMemoryConfig(k=4, power=3.0, weight=0.4, **model)
+    return pretrain(cfg)
+
+
+def test_a_run_saves_the_memory_of_its_training_pairs(clipart, tmp_path):
+    run = _memory_run(clipart, tmp_path / "run")
+    model = xmodal.load(run)
+    rows = read_manifest(clipart, modalities=["image", "text"]).dataset
+    images, texts = list(rows["image"]), list(rows["text"])
+    memory = model.pair_memory
+    assert len(memory) == len(rows)
+    # independent truth: the saved towers' own plain embeddings of each training pair, summed and normalised
+    with torch.no_grad():
+        plain = {m: torch.cat([model.towers[m](torch.stack([model.transform(m)(v) for v in vals[i:i + 32]]))
+                               for i in range(0, len(vals), 32)]) for m, vals in (("image", images), ("text", texts))}
+    assert torch.allclose(memory.embeddings, F.normalize(plain["image"] + plain["text"], dim=-1), atol=1e-5)
+    with torch.no_grad():
+        feats = torch.stack([model.transform("text")(v) for v in texts])
+        raw = model.towers["text"].encoder(feats)
+    stored = F.normalize(raw - raw.mean(0), dim=-1)
+    assert torch.allclose(memory.text_features.float(), stored, atol=2e-3)
+    # encode applies it: the formula on the plain embedding, the same from a model that loads the text tower only
+    queries = ["a red apple", texts[3], "an old car"]
+    with torch.no_grad():
+        q_raw = model.towers["text"].encoder(torch.stack([model.transform("text")(v) for v in queries]))
+        want = memory("text", q_raw, model.towers["text"].project(q_raw))
+    got = model.encode("text", queries)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, model.towers["text"].project(q_raw), atol=1e-3)  # it did move them
+    text_only = XModalModel.from_pretrained(run, towers=["text"])
+    assert text_only.pair_memory.modalities == ["text"]
+    assert torch.allclose(text_only.encode("text", queries), got, atol=1e-6)
+    keys = load_file(str(run / "model.safetensors"))
+    assert {k for k in keys if k.startswith("pair_memory.")} == {
+        "pair_memory.image_features", "pair_memory.image_mean", "pair_memory.text_features", "pair_memory.text_mean",
+        "pair_memory.embeddings"}
+
+
+def test_max_rows_keeps_a_seeded_sample(clipart, tmp_path):
+    run = _memory_run(clipart, tmp_path / "run", max_rows=10)
+    assert len(xmodal.load(run).pair_memory) == 10
+
+
+def test_a_model_without_memory_saves_no_memory(clipart, tmp_path):
+    run = pretrain(tiny(clipart, tmp_path / "run", max_steps=2))
+    assert xmodal.load(run).pair_memory is None
+    assert not [k for k in load_file(str(run / "model.safetensors")) if k.startswith("pair_memory")]
+
+
+@pytest.mark.parametrize("memory, tower, message", [
+    ({}, {"freeze": False}, "model.towers.image.freeze is false"),
+    ({"weight": 1.0}, {}, "model.pair_memory.weight: must be in [0, 1)"),
+    ({"k": 0}, {}, "model.pair_memory.k: expected a whole number >= 1"),
+    ({"power": 0}, {}, "model.pair_memory.power: must be positive"),
+])
+def test_config_checks(memory, tower, message):
+    towers = {"image": {"kind": "cnn", "freeze": True, **tower}, "text": {"kind": "lstm", "freeze": True}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"towers": towers, "pair_memory": memory}})
+    assert message in str(e.value)

@@ -1,0 +1,98 @@
+"""Pair memory: a query's nearest training pairs, found by the frozen towers, lend it their place in the shared space.
+
+Projections learnt on a few thousand pairs place an unseen query less well than the frozen towers judge which
+training inputs it resembles: MiniLM's caption-to-caption and EfficientNet's image-to-image similarities are
+pretrained on far more data than the pairs. ASIF (Norelli et al., NeurIPS 2023, "Coupled data turns unimodal models
+to multimodal without training") matches two modalities through those similarities alone. The memory mixes that into
+the learnt space while keeping it one L2-normalised ``embed_dim`` space (so indexes, ``encode`` and every metric work
+unchanged): with the frozen features ``f`` of a query of modality ``m`` and its projected embedding ``e``,
+
+    s_j = cos(f - mean_m, a_mj - mean_m)                      over the memory's pairs j (their modality-m features)
+    w_j = max(s_j, 0) ** power   for the top ``k`` s_j, else 0;   w /= sum(w)
+    n   = normalise(sum_j w_j A_j),   A_j = normalise(sum over the pair's modalities of their projected embeddings)
+    out = normalise((1 - weight) e + weight n)
+
+Training steps use the plain embeddings (the loss is unchanged); the memory applies wherever the model embeds for
+retrieval (``encode``: evaluation, model selection, indexes, queries). ``A`` follows the projections while they train
+(recomputed when their weights change) and is saved with the model, so a model that loads only one tower still
+applies it. Needs frozen towers: the stored features are the encoders' outputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PairMemory(nn.Module):
+    """Buffers: per modality ``<m>_features`` (``[N, D_m]`` float16, centred and normalised) and ``<m>_mean``
+    (``[D_m]``), and ``embeddings`` (``[N, embed_dim]``, the pairs' joint embeddings ``A``). Empty (N = 0) until
+    :meth:`fill` or a loaded state dict sets them; an empty memory changes nothing."""
+
+    def __init__(self, modalities: list[str], feat_dims: dict[str, int], embed_dim: int, k: int, power: float,
+                 weight: float):
+        super().__init__()
+        self.modalities, self.k, self.power, self.weight = list(modalities), int(k), float(power), float(weight)
+        for m in self.modalities:
+            self.register_buffer(f"{m}_features", torch.zeros(0, feat_dims[m], dtype=torch.float16))
+            self.register_buffer(f"{m}_mean", torch.zeros(feat_dims[m]))
+        self.register_buffer("embeddings", torch.zeros(0, embed_dim))
+        self._raw: dict[str, torch.Tensor] = {}  # the pairs' encoder features while training (not saved)
+        self._key: tuple | None = None  # the projection weights' versions ``embeddings`` was computed with
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def covers(self, modality: str) -> bool:
+        return len(self) > 0 and modality in self.modalities
+
+    @torch.no_grad()
+    def fill(self, raw: dict[str, torch.Tensor]) -> None:
+        """The pairs' encoder features, one ``[N, D_m]`` tensor per modality, row j of each from pair j."""
+        sizes = {len(v) for v in raw.values()}
+        if set(raw) != set(self.modalities) or len(sizes) != 1:
+            raise ValueError(f"pair memory: expected equal-length features of {self.modalities}, got "
+                             f"{ {m: tuple(v.shape) for m, v in raw.items()} }")
+        self._raw = {m: v.detach().float().cpu() for m, v in raw.items()}
+        for m, v in self._raw.items():
+            mean = v.mean(0)
+            setattr(self, f"{m}_mean", mean)
+            setattr(self, f"{m}_features", F.normalize(v - mean, dim=-1).half())
+        self.embeddings = torch.zeros(len(v), self.embeddings.shape[1])
+        self._key = None
+
+    def refresh(self, towers: nn.ModuleDict) -> None:
+        """Recompute ``A`` from the stored encoder features if the projections changed since (training only: a
+        loaded model has no encoder features, only the saved ``A``)."""
+        if not self._raw:
+            return
+        key = tuple((id(p), p._version) for m in self.modalities for p in towers[m].projection.parameters())
+        if key == self._key:
+            return
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: selection and checkpoints copy it
+            device = self.embeddings.device
+            joint = sum(towers[m].project(self._raw[m].to(device)) for m in self.modalities)
+            self.embeddings = F.normalize(joint.float(), dim=-1)
+        self._key = key
+
+    def forward(self, modality: str, feats: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` (the plain embeddings of inputs whose encoder features are ``feats``) moved towards their nearest
+        pairs' joint embeddings, renormalised."""
+        bank = getattr(self, f"{modality}_features")
+        sims = F.normalize(feats.float() - getattr(self, f"{modality}_mean"), dim=-1) @ bank.float().T
+        top, idx = sims.topk(min(self.k, bank.shape[0]), dim=1)
+        w = top.clamp(min=0) ** self.power
+        w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # no similar pair at all: w = 0, emb unchanged
+        near = F.normalize(torch.einsum("nk,nkd->nd", w, self.embeddings[idx]), dim=-1)
+        return F.normalize((1 - self.weight) * emb + self.weight * near, dim=-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A saved memory has its own number of pairs: take the saved buffers' shapes before they are copied. While
+        training (a resumed checkpoint, the selected step's weights) ``A`` is recomputed from the loaded projections."""
+        for name, buf in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
+                self._raw = {}  # another memory than the one filled here
+        self._key = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
