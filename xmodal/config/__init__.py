@@ -12,6 +12,6 @@ from .parsing import _from_dict, apply_overrides, config_from_dict, load_config,
 from .schema import (Config, ConfigError, DataConfig, LogConfig, ModelConfig, MultitaskConfig, PairMemoryConfig,
                      PretrainedConfig, TaskConfig, TowerConfig, TrainConfig, _to_plain)
 
-__all__ = ["Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MultitaskConfig", "PairMemoryConfig", "PretrainedConfig",
-           "TaskConfig", "TowerConfig", "TrainConfig", "apply_overrides", "check_task_modalities", "config_from_dict",
+__all__ = ["Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MultitaskConfig", "PairMemoryConfig",
+           "PretrainedConfig", "TaskConfig", "TowerConfig", "TrainConfig", "apply_overrides", "check_task_modalities", "config_from_dict",
            "load_config", "save_config", "validate", "_from_dict", "_to_plain"]
