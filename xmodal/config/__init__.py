@@ -13,5 +13,5 @@ from .schema import (Config, ConfigError, DataConfig, LogConfig, ModelConfig, Mu
                      PretrainedConfig, TaskConfig, TowerConfig, TrainConfig, _to_plain)
 
 __all__ = ["Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MultitaskConfig", "PairMemoryConfig",
-           "PretrainedConfig", "TaskConfig", "TowerConfig", "TrainConfig", "apply_overrides", "check_task_modalities", "config_from_dict",
-           "load_config", "save_config", "validate", "_from_dict", "_to_plain"]
+           "PretrainedConfig", "TaskConfig", "TowerConfig", "TrainConfig", "apply_overrides", "check_task_modalities",
+           "config_from_dict", "load_config", "save_config", "validate", "_from_dict", "_to_plain"]
