@@ -15,7 +15,7 @@ from xmodal.pair_memory import PairMemory
 from xmodal.training.engine import pretrain
 
 
-def _numpy_memory(feats, emb, bank_raw, anchors, k, power, weight):
+def _numpy_memory(feats, emb, bank_raw, partners, k, power, weight):
     """The module docstring's formula, written out in float64 NumPy."""
     mean = bank_raw.mean(0)
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
@@ -26,7 +26,7 @@ def _numpy_memory(feats, emb, bank_raw, anchors, k, power, weight):
         top = np.argsort(-sims[i], kind="stable")[:k]
         w = np.maximum(sims[i, top], 0) ** power
         w = w / max(w.sum(), 1e-12)
-        near = unit(w @ anchors[top])
+        near = unit(w @ partners[top])
         out.append(unit((1 - weight) * emb[i] + weight * near))
     return np.stack(out)
 
@@ -39,15 +39,16 @@ def test_memory_formula_by_hand():
     memory = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=5, power=3.0, weight=0.3)
     memory.fill(raw)
     memory.refresh(towers)
-    with torch.no_grad():
-        anchors = F.normalize(towers["image"].project(raw["image"]) + towers["text"].project(raw["text"]), dim=-1)
-    assert torch.allclose(memory.embeddings, anchors, atol=1e-6)
+    with torch.no_grad():  # a caption's partner is its pair's image, and the other way round
+        images, texts = towers["image"].project(raw["image"]), towers["text"].project(raw["text"])
+    assert torch.allclose(memory.text_partners, images, atol=1e-6)
+    assert torch.allclose(memory.image_partners, texts, atol=1e-6)
     q = torch.randn(7, 6, generator=g)
     with torch.no_grad():
         emb = towers["text"].project(q)
         got = memory("text", q, emb)
     want = _numpy_memory(q.double().numpy(), emb.double().numpy(), raw["text"].double().numpy(),
-                         anchors.double().numpy(), k=5, power=3.0, weight=0.3)
+                         images.double().numpy(), k=5, power=3.0, weight=0.3)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     assert torch.allclose(got.norm(dim=-1), torch.ones(7), atol=1e-6)
     # the projections change (a training step): the joint embeddings follow them
@@ -55,14 +56,15 @@ def test_memory_formula_by_hand():
         towers["image"].projection.weight.mul_(2).add_(1)
     memory.refresh(towers)
     with torch.no_grad():
-        moved = F.normalize(towers["image"].project(raw["image"]) + towers["text"].project(raw["text"]), dim=-1)
-    assert torch.allclose(memory.embeddings, moved, atol=1e-6) and not torch.allclose(moved, anchors, atol=1e-3)
+        moved = towers["image"].project(raw["image"])
+    assert torch.allclose(memory.text_partners, moved, atol=1e-6) and not torch.allclose(moved, images, atol=1e-3)
 
 
 def test_an_input_like_no_pair_keeps_its_embedding():
-    memory = PairMemory(["text"], {"text": 2}, 2, k=3, power=2.0, weight=0.5)
-    memory.fill({"text": torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])})  # centred: -1, 0, +1 along x
-    memory.embeddings = F.normalize(torch.randn(3, 2), dim=-1)
+    memory = PairMemory(["text", "image"], {"text": 2, "image": 3}, 2, k=3, power=2.0, weight=0.5)
+    memory.fill({"text": torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]),  # centred: -1, 0, +1 along x
+                 "image": torch.randn(3, 3)})
+    memory.text_partners = F.normalize(torch.randn(3, 2), dim=-1)
     emb = F.normalize(torch.tensor([[0.3, 0.7]]), dim=-1)
     # the query, centred, points along -y: cosine 0 or undefined with every pair, so no weight anywhere
     assert torch.allclose(memory("text", torch.tensor([[2.0, -1.0]]), emb), emb, atol=1e-6)
@@ -84,11 +86,12 @@ def test_a_run_saves_the_memory_of_its_training_pairs(clipart, tmp_path):
     images, texts = list(rows["image"]), list(rows["text"])
     memory = model.pair_memory
     assert len(memory) == len(rows)
-    # independent truth: the saved towers' own plain embeddings of each training pair, summed and normalised
+    # independent truth: the saved towers' own plain embeddings of each training pair, the caption's its image's
     with torch.no_grad():
         plain = {m: torch.cat([model.towers[m](torch.stack([model.transform(m)(v) for v in vals[i:i + 32]]))
                                for i in range(0, len(vals), 32)]) for m, vals in (("image", images), ("text", texts))}
-    assert torch.allclose(memory.embeddings, F.normalize(plain["image"] + plain["text"], dim=-1), atol=1e-5)
+    assert torch.allclose(memory.text_partners, plain["image"], atol=1e-5)
+    assert torch.allclose(memory.image_partners, plain["text"], atol=1e-5)
     with torch.no_grad():
         feats = torch.stack([model.transform("text")(v) for v in texts])
         raw = model.towers["text"].encoder(feats)
@@ -107,8 +110,8 @@ def test_a_run_saves_the_memory_of_its_training_pairs(clipart, tmp_path):
     assert torch.allclose(text_only.encode("text", queries), got, atol=1e-6)
     keys = load_file(str(run / "model.safetensors"))
     assert {k for k in keys if k.startswith("pair_memory.")} == {
-        "pair_memory.image_features", "pair_memory.image_mean", "pair_memory.text_features", "pair_memory.text_mean",
-        "pair_memory.embeddings"}
+        "pair_memory.image_features", "pair_memory.image_mean", "pair_memory.image_partners",
+        "pair_memory.text_features", "pair_memory.text_mean", "pair_memory.text_partners"}
 
 
 def test_max_rows_keeps_a_seeded_sample(clipart, tmp_path):
@@ -127,9 +130,12 @@ def test_a_model_without_memory_saves_no_memory(clipart, tmp_path):
     ({"weight": 1.0}, {}, "model.pair_memory.weight: must be in [0, 1)"),
     ({"k": 0}, {}, "model.pair_memory.k: expected a whole number >= 1"),
     ({"power": 0}, {}, "model.pair_memory.power: must be positive"),
+    ({}, None, "model.pair_memory: pairs need two towers or more"),
 ])
 def test_config_checks(memory, tower, message):
-    towers = {"image": {"kind": "cnn", "freeze": True, **tower}, "text": {"kind": "lstm", "freeze": True}}
+    towers = {"image": {"kind": "cnn", "freeze": True, **(tower or {})}, "text": {"kind": "lstm", "freeze": True}}
+    if tower is None:
+        del towers["text"]
     with pytest.raises(ConfigError) as e:
         config_from_dict({"model": {"towers": towers, "pair_memory": memory}})
     assert message in str(e.value)

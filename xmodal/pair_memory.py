@@ -9,13 +9,16 @@ unchanged): with the frozen features ``f`` of a query of modality ``m`` and its 
 
     s_j = cos(f - mean_m, a_mj - mean_m)                      over the memory's pairs j (their modality-m features)
     w_j = max(s_j, 0) ** power   for the top ``k`` s_j, else 0;   w /= sum(w)
-    n   = normalise(sum_j w_j A_j),   A_j = normalise(sum over the pair's modalities of their projected embeddings)
+    n   = normalise(sum_j w_j P_mj),   P_mj = normalise(sum of pair j's projected embeddings of the OTHER modalities)
     out = normalise((1 - weight) e + weight n)
 
+so a caption is moved towards the images paired with the training captions it resembles, and an image towards the
+captions of the training images it resembles (ASIF's reading: a neighbour's partner is what the query looks for).
+
 Training steps use the plain embeddings (the loss is unchanged); the memory applies wherever the model embeds for
-retrieval (``encode``: evaluation, model selection, indexes, queries). ``A`` follows the projections while they train
+retrieval (``encode``: evaluation, model selection, indexes, queries). ``P`` follows the projections while they train
 (recomputed when their weights change) and is saved with the model, so a model that loads only one tower still
-applies it. Needs frozen towers: the stored features are the encoders' outputs.
+applies it. Needs frozen towers (the stored features are the encoders' outputs) and at least two modalities.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ from torch import nn
 
 
 class PairMemory(nn.Module):
-    """Buffers: per modality ``<m>_features`` (``[N, D_m]`` float16, centred and normalised) and ``<m>_mean``
-    (``[D_m]``), and ``embeddings`` (``[N, embed_dim]``, the pairs' joint embeddings ``A``). Empty (N = 0) until
-    :meth:`fill` or a loaded state dict sets them; an empty memory changes nothing."""
+    """Buffers, per modality m: ``<m>_features`` (``[N, D_m]`` float16, centred and normalised), ``<m>_mean``
+    (``[D_m]``) and ``<m>_partners`` (``[N, embed_dim]``: ``P_m``). Empty (N = 0) until :meth:`fill` or a loaded state
+    dict sets them; an empty memory changes nothing."""
 
     def __init__(self, modalities: list[str], feat_dims: dict[str, int], embed_dim: int, k: int, power: float,
                  weight: float):
@@ -36,12 +39,12 @@ class PairMemory(nn.Module):
         for m in self.modalities:
             self.register_buffer(f"{m}_features", torch.zeros(0, feat_dims[m], dtype=torch.float16))
             self.register_buffer(f"{m}_mean", torch.zeros(feat_dims[m]))
-        self.register_buffer("embeddings", torch.zeros(0, embed_dim))
+            self.register_buffer(f"{m}_partners", torch.zeros(0, embed_dim))
         self._raw: dict[str, torch.Tensor] = {}  # the pairs' encoder features while training (not saved)
-        self._key: tuple | None = None  # the projection weights' versions ``embeddings`` was computed with
+        self._key: tuple | None = None  # the projection weights' versions the partners were computed with
 
     def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
+        return int(getattr(self, f"{self.modalities[0]}_partners").shape[0])
 
     def covers(self, modality: str) -> bool:
         return len(self) > 0 and modality in self.modalities
@@ -50,7 +53,7 @@ class PairMemory(nn.Module):
     def fill(self, raw: dict[str, torch.Tensor]) -> None:
         """The pairs' encoder features, one ``[N, D_m]`` tensor per modality, row j of each from pair j."""
         sizes = {len(v) for v in raw.values()}
-        if set(raw) != set(self.modalities) or len(sizes) != 1:
+        if set(raw) != set(self.modalities) or len(sizes) != 1 or len(raw) < 2:
             raise ValueError(f"pair memory: expected equal-length features of {self.modalities}, got "
                              f"{ {m: tuple(v.shape) for m, v in raw.items()} }")
         self._raw = {m: v.detach().float().cpu() for m, v in raw.items()}
@@ -58,32 +61,34 @@ class PairMemory(nn.Module):
             mean = v.mean(0)
             setattr(self, f"{m}_mean", mean)
             setattr(self, f"{m}_features", F.normalize(v - mean, dim=-1).half())
-        self.embeddings = torch.zeros(len(v), self.embeddings.shape[1])
+            setattr(self, f"{m}_partners", torch.zeros(len(v), getattr(self, f"{m}_partners").shape[1]))
         self._key = None
 
     def refresh(self, towers: nn.ModuleDict) -> None:
-        """Recompute ``A`` from the stored encoder features if the projections changed since (training only: a
-        loaded model has no encoder features, only the saved ``A``)."""
+        """Recompute the partners from the stored encoder features if the projections changed since (training only:
+        a loaded model has no encoder features, only the saved partners)."""
         if not self._raw:
             return
         key = tuple((id(p), p._version) for m in self.modalities for p in towers[m].projection.parameters())
         if key == self._key:
             return
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: selection and checkpoints copy it
-            device = self.embeddings.device
-            joint = sum(towers[m].project(self._raw[m].to(device)) for m in self.modalities)
-            self.embeddings = F.normalize(joint.float(), dim=-1)
+            device = getattr(self, f"{self.modalities[0]}_mean").device
+            emb = {m: towers[m].project(self._raw[m].to(device)).float() for m in self.modalities}
+            for m in self.modalities:
+                setattr(self, f"{m}_partners", F.normalize(sum(e for o, e in emb.items() if o != m), dim=-1))
         self._key = key
 
     def forward(self, modality: str, feats: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """``emb`` (the plain embeddings of inputs whose encoder features are ``feats``) moved towards their nearest
-        pairs' joint embeddings, renormalised."""
+        """``emb`` (the plain embeddings of inputs whose encoder features are ``feats``) moved towards the partners
+        of their nearest pairs, renormalised."""
         bank = getattr(self, f"{modality}_features")
         sims = F.normalize(feats.float() - getattr(self, f"{modality}_mean"), dim=-1) @ bank.float().T
         top, idx = sims.topk(min(self.k, bank.shape[0]), dim=1)
         w = top.clamp(min=0) ** self.power
         w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # no similar pair at all: w = 0, emb unchanged
-        near = F.normalize(torch.einsum("nk,nkd->nd", w, self.embeddings[idx]), dim=-1)
+        partners = getattr(self, f"{modality}_partners")
+        near = F.normalize(torch.einsum("nk,nkd->nd", w, partners[idx]), dim=-1)
         return F.normalize((1 - self.weight) * emb + self.weight * near, dim=-1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

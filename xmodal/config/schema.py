@@ -93,10 +93,10 @@ class PretrainedConfig:
 @dataclass
 class PairMemoryConfig:
     """Queries borrow the place of their nearest training pairs, found by the frozen towers (xmodal/pair_memory.py):
-    each embedding moves ``weight`` of the way towards the mean joint embedding of its ``k`` most similar training
-    pairs (similarity ** ``power`` weights). Needs frozen towers; at most ``max_rows`` pairs (a seeded sample of the
+    each embedding moves ``weight`` of the way towards the mean embedding of the partners (the pair's other
+    modalities) of its ``k`` most similar training pairs (similarity ** ``power`` weights). Needs frozen towers; at most ``max_rows`` pairs (a seeded sample of the
     training pairs beyond that), saved with the model (float16 features: N × the towers' feature widths × 2 B)."""
-    k: int = 32
+    k: int = 8
     power: float = 3.0
     weight: float = 0.3
     max_rows: int = 20000
