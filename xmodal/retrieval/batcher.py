@@ -7,6 +7,14 @@ embeds each group with one ``model.encode`` and searches it with one index call 
 (each request then keeps its own first ``k`` hits: the same hits an exact index gives for that ``k``; a filter
 matching few rows is scored by numpy's matrix product, whose last bit can differ with the batch size). If a group's
 batch fails (one unreadable upload), its requests are answered one by one, so only the bad one gets the error.
+
+Each query modality has its own lane (a queue and a worker thread, started at its first request): a text batch never
+waits behind an image batch's forward (an upload's EfficientNet forward costs as much as a text batch), and the two
+towers' forwards run side by side. Within a lane the batches run one after another. A lane's forwards use
+``threads`` intra-op threads (default 1: ``torch.set_num_threads`` in the lane's thread): the small batches of a
+server under load gain little from a second thread and lose much when the cores are shared (measured in
+docs/benchmarks.md). PyTorch keeps the count per thread once a thread has run an op; a thread that has run none yet
+starts with the count set last.
 """
 from __future__ import annotations
 
@@ -31,47 +39,72 @@ class _Request:
     future: Future = field(default_factory=Future)
 
 
-class SearchBatcher:
-    """``submit(value, modality, k, filter) -> Future[list[Hit]]``, answered by one worker thread in batches."""
+class _Lane:
+    """One modality's queue and the worker thread that answers it in batches."""
 
-    def __init__(self, retriever, window: float = 0.002, max_batch: int = 32):
-        self.retriever, self.window, self.max_batch = retriever, float(window), int(max_batch)
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="xmodal-batcher", daemon=True)
-        self._thread.start()
+    def __init__(self, batcher: "SearchBatcher", modality: str):
+        self.batcher = batcher
+        self.queue: queue.Queue[_Request | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"xmodal-batcher-{modality}", daemon=True)
+        self.thread.start()
 
-    def submit(self, value: Any, modality: str, k: int, filter: dict | None) -> Future:
-        request = _Request(value, modality, k, filter)
-        self._queue.put(request)
-        return request.future
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def _collect(self, first: _Request) -> list[_Request] | None:
-        batch, deadline = [first], time.monotonic() + self.window
-        while len(batch) < self.max_batch:
+    def _collect(self, first: _Request) -> list[_Request]:
+        batch, deadline = [first], time.monotonic() + self.batcher.window
+        while len(batch) < self.batcher.max_batch:
             left = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                item = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
-                self._queue.put(None)  # close() once the batch in hand is answered
+                self.queue.put(None)  # close() once the batch in hand is answered
                 break
             batch.append(item)
         return batch
 
     def _run(self) -> None:
+        if self.batcher.threads is not None:
+            import torch
+            torch.set_num_threads(self.batcher.threads)
         while True:
-            first = self._queue.get()
+            first = self.queue.get()
             if first is None:
                 return
-            groups: dict[tuple, list[_Request]] = {}
+            groups: dict[str, list[_Request]] = {}
             for r in self._collect(first):
-                groups.setdefault((r.modality, json.dumps(r.filter, sort_keys=True, default=str)), []).append(r)
+                groups.setdefault(json.dumps(r.filter, sort_keys=True, default=str), []).append(r)
             for group in groups.values():
-                self._answer([r for r in group if r.future.set_running_or_notify_cancel()])
+                self.batcher._answer([r for r in group if r.future.set_running_or_notify_cancel()])
+
+
+class SearchBatcher:
+    """``submit(value, modality, k, filter) -> Future[list[Hit]]``, answered in batches by one worker thread per
+    query modality. ``threads``: intra-op threads of each worker's forwards (None: PyTorch's setting as it is)."""
+
+    def __init__(self, retriever, window: float = 0.002, max_batch: int = 32, threads: int | None = 1):
+        self.retriever, self.window, self.max_batch = retriever, float(window), int(max_batch)
+        self.threads = threads
+        self._lanes: dict[str, _Lane] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, value: Any, modality: str, k: int, filter: dict | None) -> Future:
+        request = _Request(value, modality, k, filter)
+        with self._lock:  # a lane is started once, and never after close()
+            if self._closed:
+                raise RuntimeError("the SearchBatcher is closed")
+            lane = self._lanes.get(modality)
+            if lane is None:
+                lane = self._lanes[modality] = _Lane(self, modality)
+            lane.queue.put(request)
+        return request.future
+
+    def close(self) -> None:
+        """The searches already submitted are answered; then each lane's thread ends."""
+        with self._lock:
+            self._closed = True
+            for lane in self._lanes.values():
+                lane.queue.put(None)
 
     def _answer(self, group: list[_Request]) -> None:
         if len(group) > 1:

@@ -321,6 +321,9 @@ class SearchService:
         try:
             future = self._batcher.submit(value, modality, k, filt) if self._batcher is not None else \
                 self._pool.submit(self.retriever.search, value, modality, k=k, filter=filt)
+        except RuntimeError:  # closed: the server is shutting down
+            self._slots.release()
+            raise ApiError(503, "the server is shutting down", {"Retry-After": "1"}) from None
         except BaseException:
             self._slots.release()
             raise
