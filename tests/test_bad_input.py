@@ -486,3 +486,18 @@ def test_a_threshold_is_checked_and_only_for_multilabel():
     with pytest.raises(ConfigError, match=r"tasks\.sentiment\.threshold: must be in \(0, 1\), got 1\.5"):
         load_config(ROOT / "configs" / "finetune_sentiment.yaml", ["tasks.sentiment.kind=multilabel",
                                                                     "tasks.sentiment.threshold=1.5"])
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(finished, tmp_path):
+    import yaml
+    from xmodal.training.run_folder import config_changes
+    _, manifest, _ = finished
+    run = copy_run(finished, tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["pair_memory"], saved["model"]["towers"]["image"]["projection_dropout"]  # newer fields
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert config_changes(config(run, manifest), run) == []  # absent = the default it trained with
+    c = config(run, manifest)
+    c.model.towers["image"].projection_dropout = 0.1  # a real change is still one
+    with pytest.raises(ConfigError, match=r"model\.towers\.image\.projection_dropout: 0\.0 → 0\.1"):
+        config_changes(c, run)

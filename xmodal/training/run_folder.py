@@ -31,6 +31,19 @@ def refuse_existing_run(out_dir: Path) -> None:
 _HEAD_FIELDS = ("kind", "modalities", "classes", "fusion", "hidden")
 
 
+def _with_defaults(saved: dict) -> dict:
+    """The saved config with the fields it predates filled in with their defaults (a run saved before a field
+    existed trained as its default says), as ``config.yaml`` holds them; unchanged if it no longer parses."""
+    import yaml
+
+    from ..config import _from_dict
+    try:
+        full = _from_dict(Config, saved, "").to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved
+    return yaml.safe_load(yaml.safe_dump(full, sort_keys=False))
+
+
 def config_changes(cfg: Config, out_dir: Path) -> list[str]:
     """Compare ``cfg`` with the run's saved ``config.yaml``: raise ConfigError for a change of the model (the model
     section, a task head's shape, the set of tasks, the loss weighting); return the other changes as
@@ -45,7 +58,7 @@ def config_changes(cfg: Config, out_dir: Path) -> list[str]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--resume: cannot read {saved_path} ({e}); nothing was written") from None
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # tuples → lists, as the file holds them
-    old_flat, new_flat = _dotted(saved), _dotted(new)
+    old_flat, new_flat = _dotted(_with_defaults(saved)), _dotted(new)
     fatal, other = [], []
     for key in dict.fromkeys([*old_flat, *new_flat]):
         if key == "output_dir" or old_flat.get(key, _ABSENT) == new_flat.get(key, _ABSENT):
