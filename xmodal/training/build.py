@@ -296,8 +296,10 @@ def fill_pair_memory(cfg: Config, accelerator, model: XModalModel, tasks: dict[s
                         values[m].append(v)
     n = len(values[memory.modalities[0]])
     if n == 0:
-        log.warning("model.pair_memory: no training row has all of %s; the memory stays empty (plain embeddings)",
-                    ", ".join(memory.modalities))
+        kept = (f"it keeps the {len(memory)} pairs init_from brought, whose partners no longer follow projections "
+                f"this run trains") if len(memory) else "it stays empty (plain embeddings)"
+        log.warning("model.pair_memory: no training row of this run has all of %s; %s", ", ".join(memory.modalities),
+                    kept)
         return
     keep = range(n)
     if n > cfg.model.pair_memory.max_rows:
