@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import xmodal
 from test_engine import tiny
-from xmodal.config import ConfigError, config_from_dict
+from xmodal.config import ConfigError, TaskConfig, config_from_dict
 from xmodal.data import read_manifest
 from xmodal.model import Tower, XModalModel
 from xmodal.pair_memory import PairMemory
@@ -139,3 +139,19 @@ def test_config_checks(memory, tower, message):
     with pytest.raises(ConfigError) as e:
         config_from_dict({"model": {"towers": towers, "pair_memory": memory}})
     assert message in str(e.value)
+
+
+def test_fine_tuning_from_a_run_with_a_memory(clipart, tmp_path):
+    """Its own towers without a memory: the memory is left out, not an error; the run's towers: the memory is kept."""
+    run = _memory_run(clipart, tmp_path / "pre")
+    task = {"cls": {"kind": "classification", "modalities": ["text"], "target": "label", "eval_split": None}}
+    own = tiny(clipart, tmp_path / "own", max_steps=2)
+    for t in own.model.towers.values():
+        t.freeze = True
+    own.init_from, own.tasks = str(run), {n: TaskConfig(**t) for n, t in task.items()}
+    assert xmodal.load(pretrain(own)).pair_memory is None
+    inherit = tiny(clipart, tmp_path / "inherit", max_steps=2)
+    inherit.init_from, inherit.model.towers = str(run), {}
+    inherit.tasks = {n: TaskConfig(**t) for n, t in task.items()}
+    kept = xmodal.load(pretrain(inherit)).pair_memory
+    assert torch.equal(kept.text_features, xmodal.load(run).pair_memory.text_features)

@@ -232,7 +232,9 @@ def build_model(cfg: Config, tasks: dict[str, TaskRun], init_weights: dict | Non
     model = XModalModel(cfg.model, {n: r.cfg for n, r in tasks.items()} if cfg.tasks else None)
     if init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
-        missing = [k for k in missing if not k.startswith("heads.")]
+        # a pair memory is a by-product of a run's pairs, not weights: taken where both have one, else left out
+        missing = [k for k in missing if not k.startswith(("heads.", "pair_memory."))]
+        unexpected = [k for k in unexpected if not k.startswith("pair_memory.")]
         if missing or unexpected:
             raise ValueError(f"init_from {cfg.init_from}: weights do not fit the towers (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
