@@ -42,6 +42,7 @@ class PairMemory(nn.Module):
             self.register_buffer(f"{m}_partners", torch.zeros(0, embed_dim))
         self._raw: dict[str, torch.Tensor] = {}  # the pairs' encoder features while training (not saved)
         self._key: tuple | None = None  # the projection weights' versions the partners were computed with
+        self._floats: dict[str, tuple] = {}  # float32 copies of the feature buffers, for the queries' products
 
     def __len__(self) -> int:
         return int(getattr(self, f"{self.modalities[0]}_partners").shape[0])
@@ -82,14 +83,26 @@ class PairMemory(nn.Module):
     def forward(self, modality: str, feats: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``emb`` (the plain embeddings of inputs whose encoder features are ``feats``) moved towards the partners
         of their nearest pairs, renormalised."""
-        bank = getattr(self, f"{modality}_features")
-        sims = F.normalize(feats.float() - getattr(self, f"{modality}_mean"), dim=-1) @ bank.float().T
+        bank = self._float_bank(modality)
+        sims = F.normalize(feats.float() - getattr(self, f"{modality}_mean"), dim=-1) @ bank.T
         top, idx = sims.topk(min(self.k, bank.shape[0]), dim=1)
         w = top.clamp(min=0) ** self.power
         w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # no similar pair at all: w = 0, emb unchanged
         partners = getattr(self, f"{modality}_partners")
         near = F.normalize(torch.einsum("nk,nkd->nd", w, partners[idx]), dim=-1)
         return F.normalize((1 - self.weight) * emb + self.weight * near, dim=-1)
+
+    def _float_bank(self, modality: str) -> torch.Tensor:
+        """The stored float16 features as float32, converted once per buffer, not at every query (a CPU product in
+        float16 is slow; converting Open Clip Art's 5,783 × 1,280 image bank took 1.0 ms a query beside the
+        product's 1.9 ms, 2 threads: 3.4 → 1.9 ms an image query)."""
+        buf = getattr(self, f"{modality}_features")
+        key = (buf.data_ptr(), buf._version, buf.device)
+        cached = self._floats.get(modality)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):
+                cached = self._floats[modality] = (key, buf.float())
+        return cached[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A saved memory has its own number of pairs: take the saved buffers' shapes before they are copied. While
