@@ -356,7 +356,7 @@ class XModalModel(nn.Module):
         card = {"format": "xmodal", "version": 1, "model": _to_plain(self.cfg),
                 "tasks": {name: _to_plain(t) for name, t in self.tasks.items()}, **(extra or {})}
 
-        if self.pair_memory is not None:  # its joint embeddings as of the projections saved
+        if self.pair_memory is not None:  # its partner embeddings as of the projections saved
             self.pair_memory.refresh(self.towers)
 
         def write_weights(tmp: Path) -> None:
