@@ -106,7 +106,8 @@ class PairMemory(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A saved memory has its own number of pairs: take the saved buffers' shapes before they are copied. While
-        training (a resumed checkpoint, the selected step's weights) ``A`` is recomputed from the loaded projections."""
+        training (a resumed checkpoint, the selected step's weights) the partners are recomputed from the loaded
+        projections."""
         for name, buf in list(self._buffers.items()):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != buf.shape:
