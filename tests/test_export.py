@@ -135,3 +135,24 @@ def test_export_refuses_a_used_folder_and_leaves_nothing_when_it_fails(tmp_path,
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "new")]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert set(tmp_path.iterdir()) == before  # no folder, no temporary left behind
+
+
+def test_a_pair_memory_the_peer_format_cannot_hold_is_named(tmp_path, clipart, caplog):
+    """open_clip's files embed plainly; the export says so (the memory stays in the xmodal/ subfolder)."""
+    from xmodal.config import ModelConfig, PairMemoryConfig, PretrainedConfig
+    from xmodal.model import XModalModel
+
+    ckpt = peers.open_clip_checkpoint(tmp_path / "src")
+    model = XModalModel(ModelConfig(pretrained=PretrainedConfig(library="open_clip", name=peers.OPEN_CLIP_NAME,
+                                                                weights=str(ckpt)),
+                                    pair_memory=PairMemoryConfig(k=2))).eval()
+    images, texts = _images(clipart, 3), TEXTS
+    with torch.no_grad():
+        model.pair_memory.fill({m: model.towers[m].encoder(torch.stack([model.transform(m)(v) for v in values]))
+                                for m, values in (("image", images), ("text", texts))})
+    model.save(tmp_path / "run")
+    with caplog.at_level("WARNING", logger="xmodal.export.hub"):
+        assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "export")]) == 0
+    assert ("export: the open_clip files embed plainly: this model's pair memory (3 training pairs, "
+            "model.pair_memory) has no place in that format") in caplog.text
+    assert len(xmodal.load(tmp_path / "export").pair_memory) == 3  # the xmodal/ subfolder keeps it

@@ -17,7 +17,7 @@ import torch
 import _peer_models as peers
 from _requires import importorskip
 from xmodal.cli import main
-from xmodal.config import ModelConfig, PretrainedConfig, TowerConfig
+from xmodal.config import ModelConfig, PairMemoryConfig, PretrainedConfig, TowerConfig
 from xmodal.data import read_manifest
 from xmodal.model import XModalModel
 
@@ -107,6 +107,35 @@ def test_transformers_towers_equal_torch(tmp_path, rows):
                                                         return_tensors="pt")["pixel_values"]
     got = towers.image.run(None, {"pixels": pixels.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), model.encode("image", paths), atol=1e-4, rtol=0)
+
+
+def test_a_pair_memory_is_in_the_graphs(tmp_path, rows):
+    """A model with a pair memory: each graph returns what the saved run's ``encode`` returns (the memory applied),
+    not the plain embedding — an index xmodal built and queries embedded by the graphs meet in one space."""
+    import onnx_search
+    import xmodal
+
+    ckpt = peers.open_clip_checkpoint(tmp_path / "src")
+    model = XModalModel(ModelConfig(pretrained=PretrainedConfig(library="open_clip", name=peers.OPEN_CLIP_NAME,
+                                                                weights=str(ckpt)),
+                                    pair_memory=PairMemoryConfig(k=3))).eval()
+    paths, texts = rows
+    inputs = {"image": paths, "text": texts}
+    with torch.no_grad():  # the memory: the first 8 rows' pairs (the others are queries it has never seen)
+        model.pair_memory.fill({m: model.towers[m].encoder(torch.stack([model.transform(m)(v) for v in values[:8]]))
+                                for m, values in inputs.items()})
+    run, out = _export(model, tmp_path)
+    assert json.loads((out / "preprocess.json").read_text())["pair_memory_pairs"] == 8
+    saved = xmodal.load(run)
+    towers = onnx_search.OnnxTowers(out)
+    got = {"image": towers.embed_images(paths, batch_size=5), "text": towers.embed_texts(texts)}
+    for m, values in inputs.items():
+        want = saved.encode(m, values)
+        torch.testing.assert_close(torch.from_numpy(got[m]), want, atol=1e-4, rtol=0)
+        x = torch.stack([saved.transform(m)(v) for v in values])
+        with torch.no_grad():
+            plain = saved.towers[m](x)
+        assert (want - plain).abs().max() > 1e-2, m  # the memory moved them: the check above tests it
 
 
 def test_towers_onnx_cannot_take_are_named_and_nothing_is_written(tmp_path, capsys):

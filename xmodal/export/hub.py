@@ -14,6 +14,7 @@ In the xmodal card the towers' source is rewritten to the export itself (``hf-hu
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -72,6 +73,11 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, repo: str | None =
     model = load_run(run)
     out = Path(out)
     library = peer_library(model)
+    if library is not None and model.pair_memory is not None and len(model.pair_memory):
+        logging.getLogger(__name__).warning(
+            "export: the %s files embed plainly: this model's pair memory (%d training pairs, model.pair_memory) has "
+            "no place in that format; it is in the %s/ subfolder, which xmodal.load reads (and in ONNX graphs)",
+            library, len(model.pair_memory), XMODAL_SUBFOLDER)
     card = getattr(model, "card", {}) or {}
     with staging(out) as tmp:
         if library == "open_clip":

@@ -1,5 +1,5 @@
 """``xmodal export RUN --format onnx``: one ONNX graph per tower (raw preprocessed input → L2-normalised embedding,
-dynamic batch), plus what a torch-free server needs to prepare inputs: ``preprocess.json`` (image size, resize mode,
+dynamic batch; with the model's pair memory, its look-up too, so a graph returns what ``encode`` returns), plus what a torch-free server needs to prepare inputs: ``preprocess.json`` (image size, resize mode,
 interpolation, mean/std; the text context length and pad id) and ``tokenizer.json`` (loadable by the ``tokenizers``
 package alone). ``examples/onnx_search.py`` serves text→image search from such a folder with numpy, PIL,
 onnxruntime and tokenizers only.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..model import XModalModel
 from ..model import load as load_run
@@ -45,10 +46,28 @@ def _example(model: XModalModel, modality: str) -> torch.Tensor:
                      f"image and text towers)")
 
 
+class _Embedder(nn.Module):
+    """One tower as ``encode`` runs it: encoder, projection and, where the model has a pair memory covering the
+    modality, the memory's move towards its nearest pairs' partners (its features and partners become constants of
+    the graph). Without it a served graph's embeddings would not be the ones an xmodal index holds."""
+
+    def __init__(self, model: XModalModel, modality: str):
+        super().__init__()
+        self.tower, self.modality = model.towers[modality], modality
+        memory = model.pair_memory
+        self.memory = memory if memory is not None and memory.covers(modality) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory is None:
+            return self.tower(x)
+        feats = self.tower.encoder(x)
+        return self.memory(self.modality, feats, self.tower.project(feats))
+
+
 def _export_tower(model: XModalModel, modality: str, path: Path) -> None:
     import onnxruntime as ort
 
-    tower, kind = model.towers[modality], model.cfg.towers[modality].kind
+    tower, kind = _Embedder(model, modality).eval(), model.cfg.towers[modality].kind
     x = _example(model, modality)
     name = INPUT_NAMES[modality]
     try:
@@ -147,15 +166,17 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise ValueError(f"export --format onnx: a {unsupported[0]} tower has no example input to trace (ONNX "
                          f"export covers image and text towers)")
     if model.pair_memory is not None and len(model.pair_memory):
-        logging.getLogger(__name__).warning(
-            "export --format onnx: the graphs embed plainly; this model's pair memory (%d training pairs, "
-            "model.pair_memory) is not in them — xmodal.load(run).encode applies it", len(model.pair_memory))
+        logging.getLogger(__name__).info(
+            "export --format onnx: the graphs carry this model's pair memory (%d training pairs, model.pair_memory)",
+            len(model.pair_memory))
     out = Path(out)
     with staging(out) as tmp:
         spec: dict[str, Any] = {"format": "xmodal-onnx", "version": 1, "embed_dim": model.cfg.embed_dim,
                                 "logit_scale": float(model.logit_scale.detach().exp().reshape(()))}
         if model.logit_bias is not None:
             spec["logit_bias"] = float(model.logit_bias.detach().reshape(()))
+        if model.pair_memory is not None and len(model.pair_memory):
+            spec["pair_memory_pairs"] = len(model.pair_memory)  # informational: the graphs apply it
         for modality in model.towers:
             _export_tower(model, modality, tmp / f"{modality}.onnx")
             spec[modality] = {"graph": f"{modality}.onnx", "input": INPUT_NAMES[modality],
