@@ -155,3 +155,43 @@ def test_fine_tuning_from_a_run_with_a_memory(clipart, tmp_path):
     inherit.tasks = {n: TaskConfig(**t) for n, t in task.items()}
     kept = xmodal.load(pretrain(inherit)).pair_memory
     assert torch.equal(kept.text_features, xmodal.load(run).pair_memory.text_features)
+
+
+def test_a_streamed_run_fills_the_memory_from_samples_of_every_shard(clipart, tmp_path):
+    """Sharded data: the first ceil(max_rows / shards) samples of each shard, in shard order — checked against the
+    manifest rows those samples came from (their ids in the shards' own JSON members, read with tarfile), embedded
+    by the saved towers."""
+    import json
+    import tarfile
+
+    from xmodal.cli import main
+    from xmodal.config import PairMemoryConfig
+
+    shards = tmp_path / "shards"
+    assert main(["shard", "--manifest", str(clipart), "--out", str(shards), "--samples-per-shard", "20"]) == 0
+    n = len(json.loads((shards / "sizes.json").read_text()))
+    assert n >= 3
+    cfg = tiny(clipart, tmp_path / "run", max_steps=3)
+    cfg.data.train, cfg.data.shards = None, str(shards / f"{{00000..{n - 1:05d}}}.tar")
+    for t in cfg.model.towers.values():
+        t.freeze = True
+    max_rows = 2 * n + 1  # 3 a shard: the last shards' share is cut at max_rows
+    cfg.model.pair_memory = PairMemoryConfig(k=4, max_rows=max_rows)
+    model = xmodal.load(pretrain(cfg))
+    ids = []
+    for i in range(n):
+        with tarfile.open(shards / f"{i:05d}.tar") as tar:
+            names = sorted(m.name for m in tar.getmembers() if m.name.endswith(".json"))
+            ids += [json.loads(tar.extractfile(name).read())["id"] for name in names[:3]]
+    ids = ids[:max_rows]
+    rows = {r["id"]: r for r in read_manifest(clipart, modalities=["image", "text"]).dataset}
+    memory = model.pair_memory
+    assert len(memory) == max_rows
+    with torch.no_grad():
+        for m in ("image", "text"):
+            raw = model.towers[m].encoder(torch.stack([model.transform(m)(rows[i][m]) for i in ids]))
+            stored = F.normalize(raw - raw.mean(0), dim=-1)
+            assert torch.allclose(getattr(memory, f"{m}_features").float(), stored, atol=2e-3), m
+            other = "text" if m == "image" else "image"
+            partner = model.towers[other](torch.stack([model.transform(other)(rows[i][other]) for i in ids]))
+            assert torch.allclose(getattr(memory, f"{m}_partners"), partner, atol=1e-5), m

@@ -255,7 +255,7 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
         for r in tasks.values():
             attach_stream(cfg, accelerator, model, r, metrics)
         if model.pair_memory is not None:
-            log.warning("model.pair_memory: not filled from streamed data (shards); the model keeps plain embeddings")
+            fill_pair_memory_from_shards(cfg, accelerator, model, tasks)
         return
     for r in tasks.values():  # before any feature is cached: the loaders drop an incomplete last batch
         if len(r.dataset) < t.batch_size * t.grad_accum_steps * accelerator.num_processes:
@@ -316,6 +316,66 @@ def fill_pair_memory(cfg: Config, accelerator, model: XModalModel, tasks: dict[s
         raw[m] = torch.stack([torch.as_tensor(lookup(values[m][i])) for i in keep]).float()
     memory.fill(raw)
     log.info("model.pair_memory: %d training pairs (of %d)", len(memory), n)
+
+
+def fill_pair_memory_from_shards(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, TaskRun]) -> None:
+    """``model.pair_memory`` from a streamed corpus: the first ``ceil(max_rows / shards)`` readable samples of every
+    shard that have all the memory's columns (so the pairs span the corpus, not its first shards), at most
+    ``max_rows``, embedded here by the frozen towers — on every process alike (each reads the same samples: the memory
+    must be the same everywhere)."""
+    from ..data.shards import BadSample, SampleDecoder, parse_columns
+    from ..data.stream import read_segment
+    from .report import sharded
+
+    memory, t = model.pair_memory, cfg.train
+    task = next((r for r in tasks.values() if set(memory.modalities) <= set(r.cfg.modalities)), None)
+    if task is None or sharded(accelerator):
+        why = "no task reads all of " + ", ".join(memory.modalities) if task is None else \
+            "under FSDP a sharded encoder cannot embed samples on its own"
+        log.warning("model.pair_memory: not filled from the shards (%s); the model keeps plain embeddings", why)
+        return
+    columns = [c for c in parse_columns(cfg.data.columns, task.cfg.modalities) if c.name in memory.modalities]
+    decode = SampleDecoder(columns, {m: model.transform(m, train=False) for m in memory.modalities})
+    shards, max_rows = task.dataset.shards, cfg.model.pair_memory.max_rows
+    per_shard = math.ceil(max_rows / len(shards))
+    raw: dict[str, list] = {m: [] for m in memory.modalities}
+    chunk: list[dict] = []
+
+    def embed() -> None:  # a batch at a time: decoded inputs are not kept, only their features
+        with torch.no_grad():
+            for m in memory.modalities:
+                x = torch.stack([item[m] for item in chunk]).to(accelerator.device)
+                raw[m].append(model.towers[m].encoder(x).float().cpu())
+        chunk.clear()
+
+    from ..progress import tqdm
+    n = 0
+    bar = tqdm(total=min(max_rows, len(task.dataset)), desc="pair memory: shard samples", unit="pair",
+               disable=not (accelerator.is_main_process and t.progress))
+    for shard in shards:
+        taken = 0
+        for sample in read_segment(shard, 0, shard.samples):
+            item = decode(sample)
+            if isinstance(item, BadSample):  # the stream reports bad samples as it meets them; here they are skipped
+                continue
+            chunk.append(item)
+            taken, n = taken + 1, n + 1
+            bar.update(1)
+            if len(chunk) == t.batch_size:
+                embed()
+            if taken == per_shard or n == max_rows:
+                break
+        if n == max_rows:
+            break
+    bar.close()
+    if chunk:
+        embed()
+    if n == 0:
+        log.warning("model.pair_memory: no readable sample in the shards has all of %s; it stays empty (plain "
+                    "embeddings)", ", ".join(memory.modalities))
+        return
+    memory.fill({m: torch.cat(v) for m, v in raw.items()})
+    log.info("model.pair_memory: %d pairs from %d shard(s) (at most %d a shard)", n, len(shards), per_shard)
 
 
 def make_weighting(cfg: Config, tasks: dict[str, TaskRun], device) -> torch.nn.Module:
