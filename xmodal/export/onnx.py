@@ -1,7 +1,8 @@
 """``xmodal export RUN --format onnx``: one ONNX graph per tower (raw preprocessed input → L2-normalised embedding,
-dynamic batch; with the model's pair memory, its look-up too, so a graph returns what ``encode`` returns), plus what a torch-free server needs to prepare inputs: ``preprocess.json`` (image size, resize mode,
-interpolation, mean/std; the text context length and pad id) and ``tokenizer.json`` (loadable by the ``tokenizers``
-package alone). ``examples/onnx_search.py`` serves text→image search from such a folder with numpy, PIL,
+dynamic batch; with the model's pair memory, its look-up too, so a graph returns what ``encode`` returns), plus
+what a torch-free server needs to prepare inputs: ``preprocess.json`` (image size, resize mode, interpolation,
+mean/std; the text context length and pad id) and ``tokenizer.json`` (loadable by the ``tokenizers`` package
+alone). ``examples/onnx_search.py`` serves text→image search from such a folder with numpy, PIL,
 onnxruntime and tokenizers only.
 
 Every graph is checked before the folder is kept: onnxruntime's output on a batch of another size than the traced
