@@ -203,6 +203,17 @@ class XModalModel(nn.Module):
         return self._transforms[key]
 
     # ------------------------------------------------------------------------------------------------- inference
+    def embed_batch(self, modality: str, x: torch.Tensor, features: bool = False) -> torch.Tensor:
+        """One preprocessed batch as :meth:`encode` embeds it: the tower, then the pair memory's move where it covers
+        ``modality``. ``features=True``: ``x`` is already the encoder's output (the frozen-feature cache). What
+        ``encode`` runs per batch and what an ONNX export traces, so the two cannot drift apart."""
+        tower = self.towers[modality]
+        memory = self.pair_memory
+        if memory is None or not memory.covers(modality):
+            return tower.project(x) if features else tower(x)
+        feats = x if features else tower.encoder(x)  # the memory needs the encoder's features too
+        return memory(modality, feats, tower.project(feats))
+
     @torch.inference_mode()
     def encode(self, modality: str, inputs: Sequence[Any] | torch.Tensor, batch_size: int = 64,
                progress: bool = False, dim: int | None = None) -> torch.Tensor:
@@ -220,7 +231,6 @@ class XModalModel(nn.Module):
         was_training = self.training
         if was_training:  # switching modes walks every module: ~1 ms per call, most of a one-row query
             self.eval()
-        tower = self.towers[modality]
         device = next(self.parameters()).device
         out, order, tf = [], None, None
         try:
@@ -240,16 +250,10 @@ class XModalModel(nn.Module):
                 n = len(inputs)
                 chunks = tqdm(chunks, total=math.ceil(n / batch_size), desc=f"encode {modality}", unit="batch")
             cached = isinstance(tf, CachedFeatures)
-            memory = self.pair_memory if self.pair_memory is not None and self.pair_memory.covers(modality) else None
-            if memory is not None:
-                memory.refresh(self.towers)
+            if self.pair_memory is not None and self.pair_memory.covers(modality):
+                self.pair_memory.refresh(self.towers)
             for x in chunks:
-                x = x.to(device)
-                if memory is None:
-                    out.append((tower.project(x) if cached else tower(x)).float())
-                else:  # the memory needs the encoder's features too
-                    feats = x if cached else tower.encoder(x)
-                    out.append(memory(modality, feats, tower.project(feats)).float())
+                out.append(self.embed_batch(modality, x.to(device), features=cached).float())
         finally:
             if was_training:
                 self.train()

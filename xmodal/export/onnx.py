@@ -48,21 +48,17 @@ def _example(model: XModalModel, modality: str) -> torch.Tensor:
 
 
 class _Embedder(nn.Module):
-    """One tower as ``encode`` runs it: encoder, projection and, where the model has a pair memory covering the
-    modality, the memory's move towards its nearest pairs' partners (its features and partners become constants of
-    the graph). Without it a served graph's embeddings would not be the ones an xmodal index holds."""
+    """One tower as ``encode`` runs it (:meth:`XModalModel.embed_batch`): encoder, projection and, where the model
+    has a pair memory covering the modality, the memory's move towards its nearest pairs' partners (its features and
+    partners become constants of the graph). Without it a served graph's embeddings would not be the ones an xmodal
+    index holds."""
 
     def __init__(self, model: XModalModel, modality: str):
         super().__init__()
-        self.tower, self.modality = model.towers[modality], modality
-        memory = model.pair_memory
-        self.memory = memory if memory is not None and memory.covers(modality) else None
+        self.model, self.modality = model, modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory is None:
-            return self.tower(x)
-        feats = self.tower.encoder(x)
-        return self.memory(self.modality, feats, self.tower.project(feats))
+        return self.model.embed_batch(self.modality, x)
 
 
 def _export_tower(model: XModalModel, modality: str, path: Path) -> None:
