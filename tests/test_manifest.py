@@ -341,3 +341,52 @@ def test_a_url_is_named_as_a_url_not_a_missing_file(images: Path):
     with pytest.raises(ManifestError, match=r"m\.jsonl: row 2 \(id 'b'\): field 'image': 'https://example\.com/cat\.png' "
                                             r"is a URL; xmodal reads local files only"):
         read_manifest(path, allow_outside_root=True)
+
+
+def test_rows_answer_as_a_datasets_dataset_does(images: Path):
+    """Manifest.rows (plain rows over Arrow, no datasets import) against the peer it stands in for: the same rows as a
+    datasets.Dataset, asked every question xmodal's readers ask."""
+    from xmodal.data import Rows
+
+    paths = _write_all_formats(images, ROWS)
+    m = read_manifest(paths["csv"])
+    rows, peer = m.rows, m.dataset
+    assert isinstance(rows, Rows) and isinstance(peer, datasets.Dataset)
+    assert len(rows) == len(peer) == 4 and rows.column_names == peer.column_names
+    for key in ("id", "image", "text", "label", "split"):
+        assert rows[key] == peer[key], key
+    for i in (0, 3, -1, -4, np.int64(2)):
+        assert rows[i] == peer[i], i
+    for key in (slice(1, 3), slice(None, None, 2), slice(-2, None), [3, 0], range(2)):
+        assert rows[key] == peer[key], key
+    assert list(rows) == list(peer) and rows.to_dict() == peer.to_dict()
+    sub, peer_sub = rows.select_columns(["text", "id"]), peer.select_columns(["text", "id"])
+    assert sub.column_names == peer_sub.column_names and list(sub) == list(peer_sub)
+    assert rows.data.column("text").to_pylist() == peer.data.column("text").to_pylist()
+    for bad in (4, -5):
+        with pytest.raises(IndexError):
+            rows[bad]
+        with pytest.raises(IndexError):
+            peer[bad]
+    with pytest.raises(KeyError, match="column 'nope' not in the rows"):
+        rows["nope"]
+    # take() keeps plain rows plain and their file row numbers; a saved HF dataset stays a datasets.Dataset
+    part = m.take([2, 0])
+    assert isinstance(part.rows, Rows) and part.rows["id"] == ["3", "007"] and part.row_numbers == [3, 1]
+    assert isinstance(read_manifest(paths["save_to_disk"]).rows, datasets.Dataset)
+
+
+def test_a_file_manifest_and_the_training_engine_do_not_import_datasets(images: Path):
+    """`datasets` costs every command ~0.2 s of start-up (issue #19); a CSV manifest is read without it."""
+    import subprocess
+    import sys
+
+    paths = _write_all_formats(images, ROWS)
+    code = ("import sys, xmodal.training.engine; from xmodal.data import read_manifest\n"
+            f"for p in {[str(paths[f]) for f in ('csv', 'jsonl', 'parquet')]!r}:\n"
+            "    m = read_manifest(p, split='train'); assert len(m) == 2 and m.rows['id'] == ['007', '3'], p\n"
+            "assert 'datasets' not in sys.modules, 'datasets was imported'\n"
+            "m.dataset\nassert 'datasets' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -200,7 +200,7 @@ def bank_rows(args, modalities: list[str]):
                              modalities=modalities, require_all=False)
     print(f"hubness: query bank from {path}" + (f" (split {split})" if split else "") + f", {len(rows)} rows",
           file=sys.stderr)
-    return rows.dataset
+    return rows.rows
 
 
 def add_hubness_flags(s) -> None:

@@ -122,7 +122,7 @@ def _head_rows(manifest, name: str, task, split: str | None, every_head: bool):
     head is never skipped for its classes: the error names the first bad row."""
     from ..training.task_data import check_classes, check_targets, usable_rows
 
-    data = manifest.dataset
+    data = manifest.rows
     if task.target not in data.column_names:
         return None, f"the manifest has no {task.target!r} column (its target)"
     if not any(m in data.column_names and _present(data[m]) for m in task.modalities):
@@ -132,7 +132,7 @@ def _head_rows(manifest, name: str, task, split: str | None, every_head: bool):
         return None, f"the manifest has no column for its {inputs}"
     rows = usable_rows(manifest, name, task, split)
     if every_head and task.kind != "regression":
-        foreign = _foreign_label(rows.dataset[task.target], task)
+        foreign = _foreign_label(rows.rows[task.target], task)
         if foreign is not None:
             shown = ", ".join(task.classes[:10]) + (", …" if len(task.classes) > 10 else "")
             return None, f"column {task.target!r} holds none of its classes (e.g. {foreign!r}; classes: {shown})"
@@ -198,7 +198,7 @@ def run_evaluate(args) -> int:
         except ValueError as e:
             raise ValueError(f"--templates: {e}") from None
     manifest = read_manifest_for(args, split=args.split, modalities=None, max_rows=args.max_rows, require_all=False)
-    data = manifest.dataset
+    data = manifest.rows
     results, embedded = {}, {}  # embedded: each modality's values and embeddings, reused by the plots
     if args.task is None:  # the shared space itself: retrieval between its modalities, zero-shot on labels
         hub = {}
@@ -216,9 +216,9 @@ def run_evaluate(args) -> int:
             if args.task is None:
                 print(f"xmodal evaluate: task {name} skipped: {why}", file=sys.stderr)
             continue
-        res = evaluate_task(model, name, rows.dataset, batch_size=args.batch_size, progress=not args.json)
+        res = evaluate_task(model, name, rows.rows, batch_size=args.batch_size, progress=not args.json)
         results.update({f"{name}/{k}": v for k, v in res.items()})
-        evaluated[name] = rows.dataset
+        evaluated[name] = rows.rows
     if not results:
         raise ValueError(_nothing_to_evaluate(args, model, data))
     # The metrics first: a figure that fails to draw must not cost the numbers.
@@ -262,7 +262,7 @@ def run_predict(args) -> int:
     head = model.heads[task]
     manifest = read_manifest_for(args, split=args.split, modalities=[m for m in head.modalities], require_all=False,
                                  max_rows=args.max_rows)
-    data = usable_rows(manifest, task, model.tasks[task], args.split).dataset  # rows with none of its inputs: left out
+    data = usable_rows(manifest, task, model.tasks[task], args.split).rows  # rows with none of its inputs: left out
     outputs = predict_outputs(model, task, data, batch_size=args.batch_size, progress=True)
     cfg = model.tasks[task]
     if args.threshold is not None and (cfg.kind != "multilabel" or not 0 < args.threshold < 1):

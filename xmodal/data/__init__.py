@@ -1,10 +1,13 @@
-"""Manifests (CSV / JSONL / Parquet / saved HF datasets) → validated ``datasets.Dataset`` → batches.
+"""Manifests (CSV / JSONL / Parquet / saved HF datasets) → validated rows (``Manifest.rows``; ``Manifest.dataset``:
+the same as a ``datasets.Dataset``) → batches.
 
-``read_manifest`` needs only ``datasets``; the torch side (``ManifestDataset``, ``collate``) loads on first use.
+``read_manifest`` needs only pyarrow (and pandas for CSV; ``datasets`` for saved HF datasets and HF features); the
+torch side (``ManifestDataset``, ``collate``) loads on first use.
 """
 from .manifest import Manifest, ManifestError, label_text, modality_columns, read_manifest
+from .table import Rows
 
-__all__ = ["read_manifest", "Manifest", "ManifestError", "label_text", "MODALITY_COLUMNS", "modality_columns", "ManifestDataset", "collate",
+__all__ = ["read_manifest", "Manifest", "Rows", "ManifestError", "label_text", "MODALITY_COLUMNS", "modality_columns", "ManifestDataset", "collate",
            "ManifestRowError"]
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import pyarrow as pa
 
 from ..modalities.registry import get_modality, modality_names
 from .errors import ManifestError
+from .table import Rows
+
+if TYPE_CHECKING:
+    import datasets
 
 _CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 _JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -170,11 +174,18 @@ def _mixed_to_strings(values: list[Any], strict: bool) -> pa.Array:
     return pa.array(out, type=pa.string())
 
 
+def _hf_datasets():
+    """The ``datasets`` module if something has imported it, else None: an in-memory ``Dataset`` cannot exist without
+    it, so a file manifest's reading never imports it (~0.2 s of every command's start-up; see xmodal.data.table)."""
+    return sys.modules.get("datasets")
+
+
 def _load(path: Any, split: str | None) -> tuple[pa.Table, datasets.Features | None, str, Path, bool]:
     """→ (table, HF features or None, source name, base folder for relative paths, split_already_applied)."""
-    if isinstance(path, datasets.DatasetDict):
+    hf = _hf_datasets()
+    if hf is not None and isinstance(path, hf.DatasetDict):
         return _from_dict(path, split, "<in-memory DatasetDict>", Path.cwd())
-    if isinstance(path, datasets.Dataset):
+    if hf is not None and isinstance(path, hf.Dataset):
         return _arrow(path), path.features, "<in-memory dataset>", Path.cwd(), False
     if not isinstance(path, (str, os.PathLike)):
         raise ManifestError(f"manifest must be a path or a datasets.Dataset, got {type(path).__name__}")
@@ -183,6 +194,8 @@ def _load(path: Any, split: str | None) -> tuple[pa.Table, datasets.Features | N
     if not p.exists():
         raise ManifestError(f"manifest {source}: file not found")
     if p.is_dir():
+        import datasets
+
         try:
             obj = datasets.load_from_disk(str(p))
         except FileNotFoundError as e:
@@ -205,16 +218,21 @@ def _load(path: Any, split: str | None) -> tuple[pa.Table, datasets.Features | N
         except (pa.ArrowInvalid, OSError) as e:
             raise ManifestError(f"manifest {source}: cannot read as Parquet: {e}") from None
         features = None
-        try:
-            features = datasets.Features.from_arrow_schema(table.schema)
-        except Exception:  # noqa: BLE001 - plain Parquet without HF metadata
-            pass
+        if b"huggingface" in (table.schema.metadata or {}):  # written by datasets: its features (Image, ClassLabel)
+            import datasets
+
+            try:
+                features = datasets.Features.from_arrow_schema(table.schema)
+            except Exception:  # noqa: BLE001 - metadata datasets cannot read: the plain columns
+                pass
         return table.replace_schema_metadata(None), features, source, p.parent, False
     raise ManifestError(f"manifest {source}: unknown format {suffix!r} (expected .csv, .tsv, .jsonl, .json, "
                         f".parquet or a folder written by datasets' save_to_disk)")
 
 
-def _arrow(ds: datasets.Dataset) -> pa.Table:
+def _arrow(ds: datasets.Dataset | Rows) -> pa.Table:
+    if isinstance(ds, Rows):
+        return ds.data
     return ds.with_format("arrow")[:] if len(ds) else ds.data.table.slice(0, 0)
 
 

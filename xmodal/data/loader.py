@@ -1,7 +1,7 @@
 """Turn a validated manifest into batches: each tower's transform applied in DataLoader workers, then ``collate``.
 
     m = read_manifest("data/openclipart/manifest.csv", split="train")
-    ds = ManifestDataset(m.dataset, {"image": image_tower.transform, "text": text_tower.transform})
+    ds = ManifestDataset(m.rows, {"image": image_tower.transform, "text": text_tower.transform})
     loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2, collate_fn=collate)
     batch = next(iter(loader))   # {"image": float32 [64, 3, H, W], "text": int64 [64, L]}
 

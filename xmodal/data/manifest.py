@@ -1,4 +1,5 @@
-"""Manifests: tables whose columns are named after modalities, read into a validated ``datasets.Dataset``.
+"""Manifests: tables whose columns are named after modalities, read into validated rows (:attr:`Manifest.rows`;
+:attr:`Manifest.dataset` gives them as a ``datasets.Dataset``).
 
 A manifest is a CSV/TSV, JSON lines (or a JSON array), Parquet file, a folder written by
 ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict`` folder, choosing the dict entry with ``split``), or an
@@ -25,17 +26,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets.table import InMemoryTable
 
 from ..modalities.registry import get_modality, modality_names
 from .checks import _check_feature_column, _check_path_column, _check_string_column, _Confinement, _Rows
 from .errors import ManifestError, name_options  # noqa: F401  (xmodal.data.manifest.name_options, as before)
-from .formats import _arrow, _load, label_text  # noqa: F401  (label_text: xmodal.data.manifest.label_text)
+from .formats import _arrow, _hf_datasets, _load, label_text  # noqa: F401  (label_text: xmodal.data.manifest.label_text)
+from .table import Rows
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,9 @@ _SHOWN_IN_ERROR = 5  # extra bad rows listed in a raised ManifestError
 
 @dataclass
 class Manifest:
-    dataset: datasets.Dataset  # only the kept rows; path columns resolved to absolute strings
+    # only the kept rows; path columns resolved to absolute strings. A file's strings: :class:`Rows` (no `datasets`
+    # import); a source with HF features (Image, Audio, ClassLabel): the ``datasets.Dataset``, which decodes them
+    rows: Rows | datasets.Dataset
     source: str  # the manifest path (or "<in-memory dataset>")
     modalities: list[str]  # modality columns present (and checked)
     skipped: int = 0  # rows dropped under on_bad_row="skip"
@@ -67,23 +72,42 @@ class Manifest:
     # later check names the row as the file numbers it, not its position after the split filter
     row_numbers: list[int] = field(default_factory=list)
 
+    _dataset: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def dataset(self) -> datasets.Dataset:
+        """The rows as a ``datasets.Dataset`` (made on first use from :attr:`rows` when they are plain)."""
+        if not isinstance(self.rows, Rows):
+            return self.rows
+        if self._dataset is None:
+            self._dataset = _as_dataset(self.rows.data)
+        return self._dataset
+
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.rows)
 
     def where(self, i: int) -> str:
         """``"<source>: row N (id '...')"`` for the ``i``-th kept row: the prefix of every row message."""
         number = self.row_numbers[i] if self.row_numbers else i + 1
-        rid = self.dataset.select_columns(["id"])[i]["id"] if "id" in self.dataset.column_names else None
+        rid = self.rows.select_columns(["id"])[i]["id"] if "id" in self.rows.column_names else None
         return f"{self.source}: row {number}" + (f" (id {rid!r})" if rid not in (None, "") else "")
 
     def take(self, indices: Sequence[int]) -> "Manifest":
         """The manifest restricted to the kept rows at ``indices`` (their row numbers follow them)."""
         idx = pa.array(list(indices), type=pa.int64())
-        table = _arrow(self.dataset).take(idx)
-        ds = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=self.dataset.features))
+        table = _arrow(self.rows).take(idx)
+        rows = Rows(table) if isinstance(self.rows, Rows) else _as_dataset(table, self.rows.features)
         numbers = [self.row_numbers[i] for i in idx.to_pylist()] if self.row_numbers else []
-        return Manifest(dataset=ds, source=self.source, modalities=self.modalities, skipped=self.skipped,
+        return Manifest(rows=rows, source=self.source, modalities=self.modalities, skipped=self.skipped,
                         problems=self.problems, row_numbers=numbers)
+
+
+def _as_dataset(table: pa.Table, features=None) -> datasets.Dataset:
+    import datasets
+    from datasets.table import InMemoryTable
+
+    features = features if features is not None else datasets.Features.from_arrow_schema(table.schema)
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
 
 
 def read_manifest(
@@ -127,7 +151,7 @@ def read_manifest(
     if root is not None:
         base = Path(root).expanduser()
     base_s = str(base.resolve())
-    in_memory = isinstance(path, (datasets.Dataset, datasets.DatasetDict))
+    in_memory = not isinstance(path, (str, os.PathLike))  # a Dataset or DatasetDict (_load refused anything else)
     confine = None if allow_outside_root or (in_memory and root is None) else _Confinement(base_s)
     columns = table.column_names
     cols_txt = ", ".join(columns) or "none"
@@ -159,7 +183,7 @@ def read_manifest(
     if "id" in columns:
         id_col = table.column("id")
         if not (pa.types.is_string(id_col.type) or pa.types.is_large_string(id_col.type)):
-            if features is not None and isinstance(features.get("id"), datasets.ClassLabel):
+            if features is not None and isinstance(features.get("id"), _hf_datasets().ClassLabel):
                 id_col = pa.chunked_array([pa.array(features["id"].int2str(id_col.to_pylist()))])
             id_col = pc.cast(id_col, pa.string())
         all_ids = id_col.to_pylist()
@@ -212,30 +236,33 @@ def read_manifest(
                 rows.flag(i, "id", "empty id")
     new_columns: dict[str, pa.Array | list] = {}
     feats = dict(features) if features is not None else {}
+    hf = _hf_datasets() if features is not None else None  # HF features came with the source: datasets is imported
     for m in mods:
         col = table.column(m)
         feat = feats.get(m)
-        hf_feature = getattr(datasets, get_modality(m).hf_feature or "", None)
+        hf_feature = getattr(hf, get_modality(m).hf_feature or "", None) if hf is not None else None
         if hf_feature is not None and isinstance(feat, hf_feature) and pa.types.is_struct(col.type):
             new_columns[m] = _check_feature_column(m, col, base_s, rows, require_all, check_files, workers,
                                                    confine)
-            if isinstance(feat, datasets.Image):  # rows yield PIL images, which image transforms accept
-                feats[m] = datasets.Image(mode=feat.mode, decode=True)
+            if isinstance(feat, hf.Image):  # rows yield PIL images, which image transforms accept
+                feats[m] = hf.Image(mode=feat.mode, decode=True)
             continue
         what = "text" if known[m] == "string" else "path"
         values = _check_string_column(m, col, rows, require_all, what)
         if known[m] == "path":
             values = _check_path_column(m, values, base_s, rows, check_files, workers, confine)
         new_columns[m] = pa.array(values, type=pa.string())
-        feats[m] = datasets.Value("string")
+        if hf is not None:
+            feats[m] = hf.Value("string")
 
     # label: kept, as a string (ClassLabel ints become their names, a list of labels ``a|b``; see label_text)
     if "label" in table.column_names:
         lab = table.column("label")
         feat = feats.get("label")
         inner = getattr(feat, "feature", None)  # Sequence(ClassLabel): a multi-label column of class ids
-        names = feat.names if isinstance(feat, datasets.ClassLabel) else (
-            inner.names if isinstance(inner, datasets.ClassLabel) else None)
+        label_class = hf.ClassLabel if hf is not None else ()  # no HF features: no class names
+        names = feat.names if isinstance(feat, label_class) else (
+            inner.names if isinstance(inner, label_class) else None)
         if names is not None:
             name = lambda v: [names[i] for i in v] if isinstance(v, list) else names[v]  # noqa: E731
             new_columns["label"] = pa.array([None if v is None else label_text(name(v)) for v in lab.to_pylist()],
@@ -243,8 +270,10 @@ def read_manifest(
         elif not pa.types.is_string(lab.type):
             new_columns["label"] = pc.cast(lab, pa.string()) if pa.types.is_integer(lab.type) else pa.array(
                 [None if v is None else label_text(v) for v in lab.to_pylist()], type=pa.string())
-        feats["label"] = datasets.Value("string")
-    feats["id"] = datasets.Value("string")
+        if hf is not None:
+            feats["label"] = hf.Value("string")
+    if hf is not None:
+        feats["id"] = hf.Value("string")
     for name, arr in new_columns.items():
         table = table.set_column(table.column_names.index(name), name, arr)
 
@@ -268,24 +297,32 @@ def read_manifest(
         row_numbers = [row_numbers[i] for i in good]
         log.warning("%s: skipped %d bad row(s) of %d; first: %s", source, len(bad), len(positions), problems[0])
 
-    final_features = datasets.Features({c: feats[c] if c in feats else _infer(table, c)
-                                        for c in table.column_names})
-    table = table.cast(final_features.arrow_schema) if table.schema != final_features.arrow_schema else table
-    ds = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=final_features))
-    return Manifest(dataset=ds, source=source, modalities=mods, skipped=len(bad), problems=problems[:MAX_PROBLEMS],
+    if hf is None:  # a file's strings: plain rows, no features to decode (and no datasets import)
+        as_string = {*mods, "id", "label"}  # what the HF path's Value("string") features cast them to
+        schema = pa.schema([f.with_type(pa.string()) if f.name in as_string else f for f in table.schema])
+        rows: Rows | datasets.Dataset = Rows(table.cast(schema) if schema != table.schema else table)
+    else:
+        final_features = hf.Features({c: feats[c] if c in feats else _infer(hf, table, c)
+                                      for c in table.column_names})
+        table = table.cast(final_features.arrow_schema) if table.schema != final_features.arrow_schema else table
+        rows = _as_dataset(table, final_features)
+    return Manifest(rows=rows, source=source, modalities=mods, skipped=len(bad), problems=problems[:MAX_PROBLEMS],
                     row_numbers=row_numbers)
 
 
-def _infer(table: pa.Table, column: str):
-    return datasets.Features.from_arrow_schema(pa.schema([table.schema.field(column)]))[column]
+def _infer(hf, table: pa.Table, column: str):
+    return hf.Features.from_arrow_schema(pa.schema([table.schema.field(column)]))[column]
 
 
 def split_values(path: str | os.PathLike | datasets.Dataset | datasets.DatasetDict) -> set[str]:
     """The values of a manifest's ``split`` column (for a ``DatasetDict``, its entries); empty without one. Reads
     the table only: no row is checked."""
-    if isinstance(path, datasets.DatasetDict):
+    hf = _hf_datasets()
+    if hf is not None and isinstance(path, hf.DatasetDict):
         return set(path.keys())
     if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir():
+        import datasets
+
         obj = datasets.load_from_disk(str(Path(path).expanduser()))
         if isinstance(obj, datasets.DatasetDict):
             return set(obj.keys())

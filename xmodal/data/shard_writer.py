@@ -106,7 +106,7 @@ def write_shards(manifest: Manifest, out_dir: str | os.PathLike, samples_per_sha
 def _samples(manifest: Manifest, modalities: list[str], report: ShardReport,
              progress: Callable[[int], None] | None, stop_on_bad: bool) -> Iterator[list[tuple[str, bytes]]]:
     """Each good row's tar members ``[(KEY.ext, bytes), ...]``; bad rows go to ``report.bad``."""
-    data = manifest.dataset
+    data = manifest.rows
     meta_columns = [c for c in data.column_names if c not in modalities]
     key = 0
     for i, row in enumerate(data):

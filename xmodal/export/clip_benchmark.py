@@ -79,8 +79,8 @@ def benchmark_rows(manifest: str | os.PathLike, split: str | None = "test",
     from ..data import read_manifest
 
     m = read_manifest(manifest, split=split)
-    images, texts = m.dataset["image"], m.dataset["text"]
-    labels = m.dataset[label_column] if label_column in m.dataset.column_names else None
+    images, texts = m.rows["image"], m.rows["text"]
+    labels = m.rows[label_column] if label_column in m.rows.column_names else None
     seen_i, seen_t, keep = set(), set(), []
     for j, (i, t) in enumerate(zip(images, texts)):
         if i and t and i not in seen_i and t not in seen_t:

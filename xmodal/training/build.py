@@ -217,8 +217,8 @@ def read_tasks(cfg: Config, world: int = 1) -> dict[str, TaskRun]:
         val_m = None
         if cfg.train.select_best:  # pretraining only (config checks): validation rows, perhaps held out of train
             train_m, val_m, selection_rows = validation_rows(cfg, name, tc, train_m)
-        tasks[name] = TaskRun(name, tc, train_m.dataset, eval_m.dataset if eval_m is not None else None,
-                              select_data=val_m.dataset if val_m is not None else None,
+        tasks[name] = TaskRun(name, tc, train_m.rows, eval_m.rows if eval_m is not None else None,
+                              select_data=val_m.rows if val_m is not None else None,
                               source=train_m.source, row_numbers=train_m.row_numbers)
         if val_m is not None:
             tasks[name].selection_rows = selection_rows

@@ -77,7 +77,7 @@ def validation_rows(cfg: Config, name: str, t: TaskConfig, train: Manifest) -> t
         log.info("model selection: %d rows of split %r of %s; the model saved is the best step's by %s", len(val),
                  d.val_split, path, cfg.train.select_metric)
         return train, val, what
-    columns = [train.dataset[m] for m in t.modalities if m in train.dataset.column_names]
+    columns = [train.rows[m] for m in t.modalities if m in train.rows.column_names]
     kept, held = holdout_rows(columns, d.holdout_fraction, d.holdout_max, cfg.seed)
     if not kept:
         raise ValueError(f"model selection (train.select_best): {train.source} has {len(train)} training rows in "

@@ -70,7 +70,7 @@ def shard_task(cfg: Config, name: str, tc: TaskConfig, world: int) -> TaskRun:
     if d.eval is not None:
         m = _read(d.eval, split=d.eval_split, modalities=tc.modalities, root=d.root, on_bad_row=d.on_bad_row,
                   require_all=False, allow_outside_root=d.allow_outside_root)
-        eval_data = (usable_rows(m, name, tc, d.eval_split) if len(tc.modalities) == 2 else m).dataset
+        eval_data = (usable_rows(m, name, tc, d.eval_split) if len(tc.modalities) == 2 else m).rows
     log.info("data.shards: %d shards, %d samples; %d steps per epoch on each of %d process(es)", len(corpus.shards),
              len(corpus), epoch_steps(corpus.shards, corpus.layout), world)
     return TaskRun(name, tc, corpus, eval_data, source=str(d.shards if d.hf_dataset is None else d.hf_dataset))

@@ -42,7 +42,7 @@ _SHOWN_ROWS = 5  # bad (or left-out) rows listed in one message
 def read_task_data(cfg: Config, name: str, t: TaskConfig) -> tuple[Any, Any]:
     """``(train dataset, eval dataset or None)`` of :func:`read_task_manifests`."""
     train, evaluate = read_task_manifests(cfg, name, t)
-    return train.dataset, evaluate.dataset if evaluate is not None else None
+    return train.rows, evaluate.rows if evaluate is not None else None
 
 
 def read_task_manifests(cfg: Config, name: str, t: TaskConfig) -> tuple[Manifest, Manifest | None]:
@@ -70,7 +70,7 @@ def read_task_manifests(cfg: Config, name: str, t: TaskConfig) -> tuple[Manifest
         for m, _ in parts:
             check_targets(m, t, name)
         if t.kind in ("classification", "multilabel"):
-            t.classes = resolve_classes(t, parts[0][0].dataset[t.target])
+            t.classes = resolve_classes(t, parts[0][0].rows[t.target])
             if len(t.classes) < 2:
                 raise ManifestError(f"tasks.{name}: column '{t.target}' of the train split has fewer than 2 "
                                     f"classes ({t.classes})")
@@ -86,7 +86,7 @@ def usable_rows(m: Manifest, name: str, t: TaskConfig, split: str | None) -> Man
     no row is left."""
     pair = t.kind == "retrieval"
     mods = t.modalities
-    present = [pc.is_valid(m.dataset.data.column(mod)).to_pylist() for mod in mods]
+    present = [pc.is_valid(m.rows.data.column(mod)).to_pylist() for mod in mods]
     test = all if pair else any
     keep = [i for i in range(len(m)) if test(p[i] for p in present)]
     if len(keep) == len(m):
@@ -178,7 +178,7 @@ def _target_problem(v: Any, kind: str) -> str | None:
 
 def check_targets(m: Manifest, t: TaskConfig, name: str) -> None:
     """Every row's target is present, and numeric and finite for a regression task."""
-    data = m.dataset
+    data = m.rows
     if t.target not in data.column_names:
         raise ManifestError(f"manifest {m.source} has no column '{t.target}' (task {name}'s target; columns: "
                             f"{', '.join(data.column_names)})")
@@ -193,7 +193,7 @@ def check_classes(m: Manifest, t: TaskConfig, name: str) -> None:
     shown = ", ".join(t.classes[:10]) + (f", … ({len(t.classes)} classes)" if len(t.classes) > 10 else "")
 
     def problems():
-        for i, v in enumerate(m.dataset[t.target]):
+        for i, v in enumerate(m.rows[t.target]):
             bad = next((n for n in label_names(v, t.kind == "multilabel") if n not in known), None)
             if bad is not None:
                 yield i, f"label {bad!r} is not one of task {name}'s classes ({shown})"

@@ -280,7 +280,7 @@ def prepare_spoken_captions(
 
     column = "text" if speak == "caption" else "label"
     m = read_manifest(src, check_files=False, require_all=False)
-    ds = m.dataset
+    ds = m.rows
     if column not in ds.column_names:
         raise ValueError(f"{src}: no column {column!r} to speak (columns: {', '.join(ds.column_names)})")
     table = ds.to_dict()
