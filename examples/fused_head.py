@@ -50,7 +50,7 @@ def main(argv=None):
     classes = model.tasks["category"].classes
 
     test = read_manifest(args.manifest, split="test", modalities=["image", "text"])
-    test = test.take(range(0, len(test), max(1, len(test) // TEST_ROWS))[:TEST_ROWS]).dataset.to_dict()
+    test = test.take(range(0, len(test), max(1, len(test) // TEST_ROWS))[:TEST_ROWS]).rows.to_dict()
     images, texts, truth = test["image"], test["text"], test["label"]
     missing = [None] * len(truth)  # None (or "") where a row lacks a modality: the fusion uses what is there
     variants = {"image + text": {"image": images, "text": texts},

@@ -71,9 +71,9 @@ def main(argv=None):
         model = xmodal.load(run)  # the trained model, heads included, in eval mode
         print(f"heads: {sorted(model.heads)}")
 
-        fashion = read_manifest(args.fashion, split="test", max_rows=TEST_ROWS).dataset.to_dict()
+        fashion = read_manifest(args.fashion, split="test", max_rows=TEST_ROWS).rows.to_dict()
         show(model, "fashion", {"image": fashion["image"]}, fashion["label"])
-        reviews = read_manifest(args.rotten, split="test", max_rows=TEST_ROWS).dataset.to_dict()
+        reviews = read_manifest(args.rotten, split="test", max_rows=TEST_ROWS).rows.to_dict()
         show(model, "sentiment", {"text": reviews["text"]}, reviews["label"])
         show(model, "sentiment", {"text": MY_REVIEWS})  # any new text works, no manifest needed
 

@@ -29,7 +29,7 @@ def main(argv=None):
     test = read_manifest(args.manifest, split="test", modalities=["image", "text"])
     if args.max_rows and args.max_rows < len(test):  # rows are grouped by category: take them spread over the split
         test = test.take(range(0, len(test), len(test) // args.max_rows)[:args.max_rows])
-    rows = test.dataset.to_dict()  # {column: [values]}
+    rows = test.rows.to_dict()  # {column: [values]}
     ids, images = rows["id"], rows["image"]
 
     # 1. Every tower ends in one L2-normalised space, so cosine similarity is just a dot product.
