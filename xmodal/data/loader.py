@@ -40,7 +40,8 @@ class ManifestRowError(RuntimeError):
 
 
 class ManifestDataset(torch.utils.data.Dataset):
-    """Rows of a manifest (``Manifest.rows``, or any ``datasets.Dataset``) → ``{modality: transforms[modality](value), **extra_columns}``.
+    """Rows of a manifest (``Manifest.rows``, or any ``datasets.Dataset``) →
+    ``{modality: transforms[modality](value), **extra_columns}``.
 
     ``transforms`` maps each modality column to its tower's picklable transform (raw value → Tensor);
     ``extra_columns`` (e.g. ``["id", "label"]``) are passed through as plain Python values.
