@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from ..modalities.registry import get_modality, modality_names
 from .checks import _check_feature_column, _check_path_column, _check_string_column, _Confinement, _Rows
 from .errors import ManifestError, name_options  # noqa: F401  (xmodal.data.manifest.name_options, as before)
-from .formats import _arrow, _hf_datasets, _load  # noqa: F401
+from .formats import _arrow, _hf_datasets, _load
 from .formats import label_text  # noqa: F401  (xmodal.data.manifest.label_text, as before)
 from .table import Rows
 
