@@ -238,6 +238,7 @@ def read_manifest(
     new_columns: dict[str, pa.Array | list] = {}
     feats = dict(features) if features is not None else {}
     hf = _hf_datasets() if features is not None else None  # HF features came with the source: datasets is imported
+    strings = ["id"]  # the columns kept as plain strings (below: Value("string") features, or a cast to pa.string())
     for m in mods:
         col = table.column(m)
         feat = feats.get(m)
@@ -253,8 +254,7 @@ def read_manifest(
         if known[m] == "path":
             values = _check_path_column(m, values, base_s, rows, check_files, workers, confine)
         new_columns[m] = pa.array(values, type=pa.string())
-        if hf is not None:
-            feats[m] = hf.Value("string")
+        strings.append(m)
 
     # label: kept, as a string (ClassLabel ints become their names, a list of labels ``a|b``; see label_text)
     if "label" in table.column_names:
@@ -271,10 +271,7 @@ def read_manifest(
         elif not pa.types.is_string(lab.type):
             new_columns["label"] = pc.cast(lab, pa.string()) if pa.types.is_integer(lab.type) else pa.array(
                 [None if v is None else label_text(v) for v in lab.to_pylist()], type=pa.string())
-        if hf is not None:
-            feats["label"] = hf.Value("string")
-    if hf is not None:
-        feats["id"] = hf.Value("string")
+        strings.append("label")
     for name, arr in new_columns.items():
         table = table.set_column(table.column_names.index(name), name, arr)
 
@@ -299,10 +296,10 @@ def read_manifest(
         log.warning("%s: skipped %d bad row(s) of %d; first: %s", source, len(bad), len(positions), problems[0])
 
     if hf is None:  # a file's strings: plain rows, no features to decode (and no datasets import)
-        as_string = {*mods, "id", "label"}  # what the HF path's Value("string") features cast them to
-        schema = pa.schema([f.with_type(pa.string()) if f.name in as_string else f for f in table.schema])
+        schema = pa.schema([f.with_type(pa.string()) if f.name in strings else f for f in table.schema])
         rows: Rows | datasets.Dataset = Rows(table.cast(schema) if schema != table.schema else table)
     else:
+        feats.update({c: hf.Value("string") for c in strings})
         final_features = hf.Features({c: feats[c] if c in feats else _infer(hf, table, c)
                                       for c in table.column_names})
         table = table.cast(final_features.arrow_schema) if table.schema != final_features.arrow_schema else table

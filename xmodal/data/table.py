@@ -57,8 +57,10 @@ class Rows:
             return self._columns[key].to_pylist()
         n = len(self)
         if isinstance(key, slice):
-            return self._table.slice(*_slice_bounds(key, n)).to_pydict() if key.step in (None, 1) else \
-                self._take(range(n)[key])
+            if key.step not in (None, 1):
+                return self._take(range(n)[key])
+            start, stop, _ = key.indices(n)
+            return self._table.slice(start, max(0, stop - start)).to_pydict()
         if isinstance(key, (list, tuple, range)):
             return self._take(key)
         try:
@@ -84,8 +86,3 @@ class Rows:
 
     def to_dict(self) -> dict[str, list]:
         return self._table.to_pydict()
-
-
-def _slice_bounds(key: slice, n: int) -> tuple[int, int]:
-    start, stop, _ = key.indices(n)
-    return start, max(0, stop - start)
