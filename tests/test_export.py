@@ -3,6 +3,7 @@ a hub folder that open_clip / transformers load themselves and ``xmodal.load("hf
 through a local Hugging Face cache, all with the run's own embeddings; the card carries the run's metrics."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -156,3 +157,56 @@ def test_a_pair_memory_the_peer_format_cannot_hold_is_named(tmp_path, clipart, c
     assert ("export: the open_clip files embed plainly: this model's pair memory (3 training pairs, "
             "model.pair_memory) has no place in that format") in caplog.text
     assert len(xmodal.load(tmp_path / "export").pair_memory) == 3  # the xmodal/ subfolder keeps it
+
+
+def test_the_cli_takes_an_exported_folder_and_an_hf_hub_repo_as_run(tmp_path, clipart, hub_cache, capsys,
+                                                                    monkeypatch):
+    """``--run`` takes what ``xmodal.load`` takes: every verb answers from an export, or from its hub repo, exactly as
+    from the run folder it was exported from."""
+    cfg = {"output_dir": str(tmp_path / "run"), "seed": 0,
+           "model": {"embed_dim": 32, "towers": {
+               "image": {"kind": "cnn", "image_size": 32, "options": {"channels": [8, 16]}},
+               "text": {"kind": "lstm", "context_length": 16, "options": {"embed_dim": 16, "hidden": 16}}}},
+           "data": {"train": str(clipart), "train_split": "train", "eval_split": "test"},
+           "train": {"batch_size": 16, "max_steps": 3, "progress": False}, "log": {"backend": "none"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 0
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "for-hub"),
+                 "--repo", "xmodal-test/toy"]) == 0
+    _to_cache(tmp_path / "for-hub", hub_cache, "xmodal-test/toy")
+    capsys.readouterr()
+
+    def cli_json(*argv):
+        assert main(list(argv)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    evaluate = ["--manifest", str(clipart), "--split", "test", "--max-rows", "60", "--json"]
+    want = cli_json("evaluate", "--run", str(run), *evaluate)
+    assert want["text->image/n_queries"] > 0
+    assert cli_json("evaluate", "--run", str(out), *evaluate) == want
+    assert cli_json("evaluate", "--run", "hf-hub:xmodal-test/toy", *evaluate) == want
+
+    monkeypatch.chdir(tmp_path)  # plots of a hub model go to ./plots, not into the Hugging Face cache
+    assert main(["evaluate", "--run", "hf-hub:xmodal-test/toy", *evaluate, "--plots"]) == 0
+    assert (tmp_path / "plots" / "shared_space.png").is_file() or any((tmp_path / "plots").iterdir())
+    assert not any(p.name == "plots" for p in hub_cache.rglob("*"))
+    capsys.readouterr()
+
+    hits = {}
+    for name, model in (("run", run), ("export", out), ("hub", "hf-hub:xmodal-test/toy")):
+        idx = tmp_path / f"index-{name}"
+        assert main(["index", "--run", str(model), "--manifest", str(clipart), "--split", "test",
+                     "--out", str(idx)]) == 0
+        capsys.readouterr()
+        hits[name] = cli_json("query", "--index", str(idx), "--text", "a red car", "-k", "5", "--json")["hits"]
+    assert json.loads((tmp_path / "index-export" / "index.json").read_text())["model"]["run_dir"] == str(
+        (out / "xmodal").absolute())
+    assert hits["export"] == hits["run"] and hits["hub"] == hits["run"] and len(hits["run"]) == 5
+
+    # an export keeps no config.yaml: the hubness bank must be named, in one line; a folder with no model, as before
+    assert main(["evaluate", "--run", str(out), *evaluate, "--hubness", "csls"]) == 2
+    assert "give the query bank with --bank-manifest" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path), *evaluate]) == 2
+    assert "not an xmodal model folder" in capsys.readouterr().err

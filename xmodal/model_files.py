@@ -39,6 +39,27 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model.json"
 REMEDY = "copy the model folder again from where it came (or train it again)"
+EXPORT_SUBFOLDER = "xmodal"  # in a folder written by `xmodal export --format hf`: the whole xmodal model
+HUB_PREFIX = "hf-hub:"
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The folder holding a model's two files: ``path`` itself (a run folder), its ``xmodal/`` subfolder (a folder
+    written by ``xmodal export --format hf``), or that of an ``hf-hub:ORG/NAME`` repo (downloaded, or read from the
+    local Hugging Face cache when offline). Whether the files are there is :func:`open_files`' to check."""
+    text = str(path)
+    folder = _hub_folder(text[len(HUB_PREFIX):]) if text.startswith(HUB_PREFIX) else Path(path)
+    return folder / EXPORT_SUBFOLDER if (folder / EXPORT_SUBFOLDER / CARD_NAME).is_file() else folder
+
+
+def _hub_folder(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo))
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds (offline, not found, auth)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"hf-hub:{repo}: cannot read the repo ({type(e).__name__}: {first})") from None
 
 
 def _hidden(folder: Path) -> tuple[Path, Path, Path]:

@@ -107,6 +107,7 @@ def run_verb(args: argparse.Namespace) -> int:
     """Run the parsed verb (``args.fn``); a user error or an environment fault ends in one line on stderr and exit
     status 2 (``XMODAL_DEBUG=1`` raises it instead, traceback and all)."""
     try:
+        _resolve_run(args)
         with _feature_cache_for(args.verb):
             return args.fn(args)
     except Exception as e:
@@ -121,6 +122,22 @@ def run_verb(args: argparse.Namespace) -> int:
             raise
         print(f"xmodal {args.verb}: interrupted", file=sys.stderr)
         return 130
+
+
+RUN_HELP = "the model: a run folder, a folder from `xmodal export --format hf`, or hf-hub:ORG/NAME"
+# The verbs whose --run names a model to use, not a run to export (`export` and `push` read the run folder itself).
+MODEL_VERBS = ("evaluate", "predict", "evaluate-index", "index", "query", "serve")
+
+
+def _resolve_run(args: argparse.Namespace) -> None:
+    """``--run`` takes what ``xmodal.load`` takes: a run folder, a folder written by ``xmodal export --format hf``, or
+    ``hf-hub:ORG/NAME``; the verb gets the folder that holds the model's files (``args.run``) and the name given
+    (``args.run_given``)."""
+    args.run_given = getattr(args, "run", None)
+    if args.verb in MODEL_VERBS and args.run_given is not None:
+        from ..model_files import model_folder
+
+        args.run = str(model_folder(args.run_given))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -163,7 +180,10 @@ def plugins_named_by(argv: list[str]) -> list[str]:
         return None
 
     def card_plugins(run: str | os.PathLike) -> list:
-        return json.loads((Path(run) / "model.json").read_text(encoding="utf-8"))["model"].get("plugins") or []
+        from ..model_files import model_folder
+
+        return json.loads((model_folder(run) / "model.json").read_text(encoding="utf-8"))["model"].get(
+            "plugins") or []
 
     found: list[str] = []
     readers = {"--config": lambda v: (yaml.safe_load(Path(v).read_text(encoding="utf-8")).get("model") or {}
@@ -191,6 +211,9 @@ def bank_rows(args, modalities: list[str]):
 
     path, split, root = getattr(args, "bank_manifest", None), getattr(args, "bank_split", None), args.root
     if path is None:
+        if not (Path(args.run) / "config.yaml").is_file():
+            raise ValueError(f"--hubness: {args.run_given} holds no config.yaml naming its training rows (an exported "
+                             f"model keeps only its weights and card); give the query bank with --bank-manifest")
         cfg = load_config(Path(args.run) / "config.yaml")
         path, split, root = cfg.data.train, split or cfg.data.train_split, cfg.data.root
         if path is None:

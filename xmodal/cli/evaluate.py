@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 from .common import add_hubness_flags, add_manifest_flags, bank_rows, below_majority, print_results, read_manifest_for
+from .common import RUN_HELP
 
 
 def add_evaluate_verb(sub) -> None:
     s = sub.add_parser("evaluate", help="retrieval Recall@K (every modality pair) and zero-shot accuracy")
-    s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
+    s.add_argument("--run", required=True, help=RUN_HELP)
     s.add_argument("--manifest", required=True)
     s.add_argument("--split", default=None, help="keep rows whose `split` column equals this")
     s.add_argument("--max-rows", type=int, default=None)
@@ -23,7 +24,8 @@ def add_evaluate_verb(sub) -> None:
     s.add_argument("--task", default=None, help="only this task head (default: the shared space and every head)")
     s.add_argument("--plots", action="store_true",
                    help="also draw training curves, confusion matrices and a 2-D map of the shared space")
-    s.add_argument("--plots-dir", default=None, help="where the plots go (default RUN/plots)")
+    s.add_argument("--plots-dir", default=None,
+                   help="where the plots go (default RUN/plots; ./plots for an hf-hub: model)")
     s.add_argument("--hubness", choices=["none", "is", "csls"], default="none",
                    help="retrieval ranked with hubness reduction against a query bank of each query modality (is: "
                         "inverted softmax / querybank normalisation; csls); default none")
@@ -42,7 +44,7 @@ def add_evaluate_verb(sub) -> None:
 
 def add_predict_verb(sub) -> None:
     s = sub.add_parser("predict", help="a task head's predictions for the rows of a manifest (JSON lines)")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", required=True, help=RUN_HELP)
     s.add_argument("--manifest", required=True)
     s.add_argument("--task", default=None, help="the head to use (default: the model's only head)")
     s.add_argument("--split", default=None)
@@ -67,7 +69,7 @@ def add_evaluate_index_verb(sub) -> None:
     s.add_argument("--depth", type=int, default=None, help="hits per query (default: all; exact mAP)")
     s.add_argument("--max-rows", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--run", default=None, help=RUN_HELP + " (default: the one recorded in the index)")
     add_manifest_flags(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(fn=run_evaluate_index)
@@ -231,7 +233,7 @@ def run_evaluate(args) -> int:
     if args.plots:
         from ..evaluation.plots import write_plots
         try:
-            written = write_plots(args.run, model, data, Path(args.plots_dir or Path(args.run) / "plots"), results,
+            written = write_plots(args.run, model, data, Path(args.plots_dir or _plots_dir(args)), results,
                                   embedded=embedded, tasks=evaluated, shared_space=args.task is None)
         except Exception as e:  # any plotting fault (matplotlib's own too): one line, the metrics above stand
             if os.environ.get("XMODAL_DEBUG"):
@@ -324,3 +326,9 @@ def run_evaluate_index(args) -> int:
                                       depth=args.depth, batch_size=args.batch_size)
     print_results(results, args.json)
     return 0
+
+
+def _plots_dir(args) -> Path:
+    """RUN/plots, beside the model's files; for a hub repo, whose files live in the Hugging Face cache, ./plots."""
+    from ..model_files import HUB_PREFIX
+    return Path("plots") if str(args.run_given).startswith(HUB_PREFIX) else Path(args.run) / "plots"

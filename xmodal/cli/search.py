@@ -6,6 +6,7 @@ import json
 
 from ..modalities.registry import get_modality, modality_names
 from .common import add_hubness_flags, add_manifest_flags, bank_rows, read_manifest_for
+from .common import RUN_HELP
 
 
 def query_flags() -> dict[str, str]:
@@ -16,7 +17,7 @@ def query_flags() -> dict[str, str]:
 
 def add_index_verb(sub) -> None:
     s = sub.add_parser("index", help="embed one modality of a manifest into a searchable index")
-    s.add_argument("--run", required=True, help="run folder (holds model.safetensors + model.json)")
+    s.add_argument("--run", required=True, help=RUN_HELP)
     s.add_argument("--manifest", required=True)
     s.add_argument("--out", required=True, help="index folder to write (index.faiss, metadata.arrow, index.json)")
     s.add_argument("--modality", default="image", help="manifest column to embed (default image)")
@@ -116,7 +117,7 @@ def add_query_verb(sub) -> None:
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--filter", action="extend", nargs="+", default=None, metavar="key=value",
                    help="keep items whose metadata matches (repeat a key to allow several values)")
-    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--run", default=None, help=RUN_HELP + " (default: the one recorded in the index)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--hubness", action="store_true",
                    help="rank by score minus each row's hubness penalty (an index built with --hubness)")
@@ -128,7 +129,7 @@ def add_serve_verb(sub) -> None:
     s.add_argument("--index", required=True, help="index folder written by `xmodal index`")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    s.add_argument("--run", default=None, help="model run folder (default: the one recorded in the index)")
+    s.add_argument("--run", default=None, help=RUN_HELP + " (default: the one recorded in the index)")
     s.add_argument("--max-concurrency", type=int, default=4, help="searches at once; more get 503 (default 4)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds a search may take (default 30)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")

@@ -24,10 +24,9 @@ from typing import Iterator
 
 from ..model import XModalModel
 from ..model import load as load_run
+from ..model_files import EXPORT_SUBFOLDER as XMODAL_SUBFOLDER
+from ..model_files import HUB_PREFIX, model_folder
 from .peer_formats import open_clip_files, peer_library, transformers_files
-
-XMODAL_SUBFOLDER = "xmodal"
-HUB_PREFIX = "hf-hub:"
 
 
 @contextmanager
@@ -110,9 +109,7 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> XModalModel:
     """``xmodal.load``: a run folder, an exported folder, or ``hf-hub:ORG/NAME`` (downloaded, or read from the local
     Hugging Face cache when offline). A folder holding only a peer library's files (an open_clip or transformers
     CLIP, e.g. one exported by xmodal without its own files, or any such hub repo) loads as ``model.pretrained``."""
-    folder = _hub_folder(str(path)[len(HUB_PREFIX):]) if str(path).startswith(HUB_PREFIX) else Path(path)
-    if (folder / XMODAL_SUBFOLDER / "model.json").is_file():
-        return load_run(folder / XMODAL_SUBFOLDER, map_location=map_location)
+    folder = model_folder(path)
     if not (folder / "model.json").is_file():
         from ..config import ModelConfig, PretrainedConfig
 
@@ -125,13 +122,3 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> XModalModel:
         if source is not None:
             return XModalModel(ModelConfig(pretrained=source)).to(map_location).eval()
     return load_run(folder, map_location=map_location)
-
-
-def _hub_folder(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo))
-    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds (offline, not found, auth)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"hf-hub:{repo}: cannot read the repo ({type(e).__name__}: {first})") from None
