@@ -347,3 +347,39 @@ def test_regression_on_a_0_to_100_scale_is_standardised_and_beats_the_mean(fashi
     again.init_from = str(run)
     kept = xmodal.load(train(again)).heads["score"].head
     assert (kept.target_mean.item(), kept.target_std.item()) == (head.target_mean.item(), head.target_std.item())
+
+
+def test_init_from_takes_an_export_as_a_run_folder_and_refuses_a_damaged_one(rotten, clipart, tmp_path):
+    """``init_from`` takes what ``xmodal.load`` takes: fine-tuning from a run's export trains the very model that
+    fine-tuning from the run folder trains; a model file whose bytes no longer match its card is refused, naming it."""
+    from xmodal.export import export_hf
+    from xmodal.integrity import IntegrityError
+
+    frozen = {m: {**t, "freeze": True} for m, t in TOWERS.items()}
+    pre = train(config_from_dict({
+        "output_dir": str(tmp_path / "pre"), "model": {"embed_dim": 32, "towers": frozen},
+        "data": {"train": str(clipart)}, "train": {"batch_size": 16, "max_steps": 2, "progress": False},
+        "log": {"backend": "none"}}))
+    export = export_hf(pre, tmp_path / "export")
+
+    def finetune(init_from, out):
+        return train(config_from_dict({
+            "output_dir": str(tmp_path / out), "init_from": str(init_from), "seed": 3,
+            "tasks": {"sentiment": {"kind": "classification", "train": str(rotten), "modalities": ["text"],
+                                    "max_rows": 64}},
+            "train": {"batch_size": 16, "max_steps": 3, "progress": False, "deterministic": True},
+            "log": {"backend": "none"}}))
+
+    want = xmodal.load(finetune(pre, "ft-run")).state_dict()
+    got = xmodal.load(finetune(export, "ft-export")).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (damaged / name).write_bytes((pre / name).read_bytes())
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-7] ^= 0x10  # one bit of the last tensor's bytes
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        finetune(damaged, "ft-damaged")

@@ -217,7 +217,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    init_from: str | None = None  # a pretrained run folder whose towers (and temperature) fine-tuning starts from
+    init_from: str | None = None  # the pretrained model fine-tuning starts from: a run folder, an export, hf-hub:
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 

@@ -4,7 +4,6 @@ weighting, the optimiser and LR schedule — gathered into one :class:`~.state.R
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -121,17 +120,17 @@ def run_config(cfg: Config) -> tuple[Config, dict | None]:
 
 
 def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
-    """The model config and weights of ``init_from`` (a run folder) — fine-tuning needs not repeat the towers."""
+    """The model config and weights of ``init_from`` — a run folder, an exported folder or ``hf-hub:ORG/NAME``, as
+    ``xmodal.load`` takes (the files checked as it checks them) — so that fine-tuning need not repeat the towers."""
     if cfg.init_from is None:
         return cfg.model, None
-    from safetensors.torch import load_file
-    run = Path(cfg.init_from)
-    card_path = run / "model.json"
-    if not card_path.is_file():
+    from ..model_files import CARD_NAME, model_folder, open_files, read_weights
+    run = model_folder(cfg.init_from)
+    if not (run / CARD_NAME).is_file():
         raise FileNotFoundError(f"init_from: {run} is not an xmodal run folder (no model.json)")
-    card = json.loads(card_path.read_text(encoding="utf-8"))
+    weights, card, record = open_files(run)
     model_cfg = cfg.model if cfg.model.towers else _from_dict(ModelConfig, card["model"], "model")
-    return model_cfg, load_file(str(run / "model.safetensors"))
+    return model_cfg, read_weights(weights, run / CARD_NAME, record)()
 
 
 def open_run_folder(cfg: Config, out_dir: Path, main: bool, ckpt: Path | None = None) -> None:
