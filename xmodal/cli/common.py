@@ -124,14 +124,15 @@ def run_verb(args: argparse.Namespace) -> int:
         return 130
 
 
-RUN_HELP = "the model: a run folder, a folder from `xmodal export --format hf`, or hf-hub:ORG/NAME"
+RUN_HELP = "the model: a run folder, a folder from `xmodal export --format hf`, or such a folder on the hub " \
+           "(hf-hub:ORG/NAME)"
 # The verbs whose --run names a model to use, not a run to export (`export` and `push` read the run folder itself).
 MODEL_VERBS = ("evaluate", "predict", "evaluate-index", "index", "query", "serve")
 
 
 def _resolve_run(args: argparse.Namespace) -> None:
-    """``--run`` takes what ``xmodal.load`` takes: a run folder, a folder written by ``xmodal export --format hf``, or
-    ``hf-hub:ORG/NAME``; the verb gets the folder that holds the model's files (``args.run``) and the name given
+    """``--run`` takes a run folder, a folder written by ``xmodal export --format hf``, or such a folder on the hub
+    (``hf-hub:ORG/NAME``), as ``xmodal.load`` does; the verb gets the folder that holds the model's files (``args.run``) and the name given
     (``args.run_given``)."""
     args.run_given = getattr(args, "run", None)
     if args.verb in MODEL_VERBS and args.run_given is not None:

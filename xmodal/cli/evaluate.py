@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_hubness_flags, add_manifest_flags, bank_rows, below_majority, print_results, read_manifest_for
-from .common import RUN_HELP
+from .common import (RUN_HELP, add_hubness_flags, add_manifest_flags, bank_rows, below_majority, print_results,
+                     read_manifest_for)
 
 
 def add_evaluate_verb(sub) -> None:

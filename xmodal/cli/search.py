@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from ..modalities.registry import get_modality, modality_names
-from .common import add_hubness_flags, add_manifest_flags, bank_rows, read_manifest_for
-from .common import RUN_HELP
+from .common import RUN_HELP, add_hubness_flags, add_manifest_flags, bank_rows, read_manifest_for
 
 
 def query_flags() -> dict[str, str]:
