@@ -184,6 +184,7 @@ def test_the_cli_takes_an_exported_folder_and_an_hf_hub_repo_as_run(tmp_path, cl
 
     evaluate = ["--manifest", str(clipart), "--split", "test", "--max-rows", "60", "--json"]
     want = cli_json("evaluate", "--run", str(run), *evaluate)
+    want_run_eval = xmodal.load(run).card["eval"]
     assert want["text->image/n_queries"] > 0
     assert cli_json("evaluate", "--run", str(out), *evaluate) == want
     assert cli_json("evaluate", "--run", "hf-hub:xmodal-test/toy", *evaluate) == want
@@ -207,6 +208,29 @@ def test_the_cli_takes_an_exported_folder_and_an_hf_hub_repo_as_run(tmp_path, cl
 
     # an export keeps no config.yaml: the hubness bank must be named, in one line; a folder with no model, as before
     assert main(["evaluate", "--run", str(out), *evaluate, "--hubness", "csls"]) == 2
-    assert "give the query bank with --bank-manifest" in capsys.readouterr().err
+    assert "give the query bank with --bank-manifest and --bank-split" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(tmp_path), *evaluate]) == 2
     assert "not an xmodal model folder" in capsys.readouterr().err
+    # a bank that holds the scored rows is said to (here: every split of the scored manifest), a training bank not
+    assert main(["evaluate", "--run", str(out), *evaluate, "--hubness", "csls", "--bank-manifest", str(clipart)]) == 0
+    assert "the query bank holds the rows being scored" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(out), *evaluate, "--hubness", "csls", "--bank-manifest", str(clipart),
+                 "--bank-split", "train"]) == 0
+    assert "rows being scored" not in capsys.readouterr().err
+
+    # the export is as shareable as a folder mkdir makes; its card loads it by the folder's name, counts as counts
+    (tmp_path / "made-by-mkdir").mkdir()
+    assert out.stat().st_mode & 0o777 == (tmp_path / "made-by-mkdir").stat().st_mode & 0o777
+    card = (out / "README.md").read_text()
+    assert 'xmodal.load("export")  # the path of this folder' in card
+    assert f"| text->image/n_queries | {int(want_run_eval['text->image/n_queries'])} |" in card
+
+    # an export exports again (here for a repo), keeping what the run trained on; its plots go to ./plots
+    again = tmp_path / "again"
+    assert main(["export", str(out), "--format", "hf", "--out", str(again), "--repo", "me/toy"]) == 0
+    meta = yaml.safe_load((again / "README.md").read_text().split("---")[1])
+    assert meta["datasets"] == [clipart.parent.name] and meta["model-index"][0]["name"] == "toy"
+    assert xmodal.load(again).state_dict().keys() == xmodal.load(run).state_dict().keys()
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(again), *evaluate, "--plots"]) == 0
+    assert not (again / "xmodal" / "plots").exists() and any((tmp_path / "plots").iterdir())

@@ -222,3 +222,8 @@ def test_the_weights_are_hashed_from_the_tensors_loaded_not_read_twice(tmp_path,
     assert one_tower and all(k.startswith("towers.text.") or "towers." not in k for k in one_tower)
     for k, v in one_tower.items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_load_says_when_the_model_folder_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an xmodal model folder: no such file or folder"):
+        xmodal.load(tmp_path / "runs" / "typo")

@@ -275,7 +275,7 @@ def test_bad_queries_are_400(server):
         ({"k": 5}, "no query"),
         ({}, "no query"),
         ({"text": "a", "image_base64": "AAAA"}, "one query at a time"),
-        ({"text": "a", "colour": "red"}, "unknown field"),
+        ({"text": "a", "colour": "red"}, "unknown field(s) 'colour'; expected"),
         ({"text": "a", "k": 0}, "k must be an integer from 1 to 100"),
         ({"text": "a", "k": 101}, "k must be an integer from 1 to 100"),
         ({"text": "a", "k": -3}, "k must be"),

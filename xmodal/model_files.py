@@ -145,7 +145,10 @@ def open_files(folder: Path) -> tuple[Path, dict[str, Any], dict[str, Any] | Non
         if weights.is_file():
             raise FileNotFoundError(f"{card_path} is missing: {folder} is not an xmodal model folder without it "
                                     f"(needs {CARD_NAME} and {WEIGHTS_NAME}); {REMEDY}")
-        raise FileNotFoundError(f"{folder}: not an xmodal model folder (needs {CARD_NAME} and {WEIGHTS_NAME})")
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder}: not an xmodal model folder: no such file or folder")
+        raise FileNotFoundError(f"{folder}: not an xmodal model folder (needs {CARD_NAME} and {WEIGHTS_NAME}, or an "
+                                f"{EXPORT_SUBFOLDER}/ subfolder holding them: an export)")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (the model card {card_path} needs it); {REMEDY}")
     card = read_sealed_json(card_path, REMEDY)

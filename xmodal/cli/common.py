@@ -214,7 +214,8 @@ def bank_rows(args, modalities: list[str]):
     if path is None:
         if not (Path(args.run) / "config.yaml").is_file():
             raise ValueError(f"--hubness: {args.run_given} holds no config.yaml naming its training rows (an exported "
-                             f"model keeps only its weights and card); give the query bank with --bank-manifest")
+                             f"model keeps only its weights and card); give the query bank with --bank-manifest and "
+                             f"--bank-split: the rows the model trained on, not the rows being scored")
         cfg = load_config(Path(args.run) / "config.yaml")
         path, split, root = cfg.data.train, split or cfg.data.train_split, cfg.data.root
         if path is None:
@@ -224,6 +225,12 @@ def bank_rows(args, modalities: list[str]):
                              modalities=modalities, require_all=False)
     print(f"hubness: query bank from {path}" + (f" (split {split})" if split else "") + f", {len(rows)} rows",
           file=sys.stderr)
+    scored = getattr(args, "manifest", None)
+    if args.verb == "evaluate" and scored is not None and Path(path).resolve() == Path(scored).resolve() and \
+            (split is None or args.split is None or split == args.split):
+        print(f"hubness: warning: the query bank holds the rows being scored ({scored}"
+              + (f", split {split}" if split else ", every split") + "): the figures are not held-out ones; give "
+              "--bank-split with the training split", file=sys.stderr)
     return rows.rows
 
 

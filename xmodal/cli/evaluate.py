@@ -25,7 +25,7 @@ def add_evaluate_verb(sub) -> None:
     s.add_argument("--plots", action="store_true",
                    help="also draw training curves, confusion matrices and a 2-D map of the shared space")
     s.add_argument("--plots-dir", default=None,
-                   help="where the plots go (default RUN/plots; ./plots for an hf-hub: model)")
+                   help="where the plots go (default RUN/plots for a run folder; ./plots for an export or hf-hub:)")
     s.add_argument("--hubness", choices=["none", "is", "csls"], default="none",
                    help="retrieval ranked with hubness reduction against a query bank of each query modality (is: "
                         "inverted softmax / querybank normalisation; csls); default none")
@@ -329,6 +329,6 @@ def run_evaluate_index(args) -> int:
 
 
 def _plots_dir(args) -> Path:
-    """RUN/plots, beside the model's files; for a hub repo, whose files live in the Hugging Face cache, ./plots."""
-    from ..model_files import HUB_PREFIX
-    return Path("plots") if str(args.run_given).startswith(HUB_PREFIX) else Path(args.run) / "plots"
+    """RUN/plots for a run folder; ./plots for an export or a hub repo (nothing is written into a folder meant for
+    publishing, or into the Hugging Face cache)."""
+    return Path(args.run) / "plots" if Path(args.run) == Path(args.run_given) else Path("plots")

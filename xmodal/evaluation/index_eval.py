@@ -10,7 +10,10 @@ Definitions (per query, then averaged over the queries that have at least one re
 
 * **Recall@K** — 1 if a relevant item is among the top ``K`` hits, else 0 (the rank of the *best* relevant item is
   ``<= K``): the definition of :func:`xmodal.evaluation.metrics.retrieval_ranks` / ``recall_at_k`` used by
-  ``xmodal evaluate``.
+  ``xmodal evaluate``. One difference: ``evaluate`` resolves exactly tied scores in the query's favour, while an
+  index returns tied items in faiss's order. A corpus with duplicate files (Open Clip Art's test split holds 58 pairs
+  of drawings with identical embeddings) can so score a lower R@1 here than in ``evaluate`` (the quickstart's model:
+  0.368 against 0.390, text → image; R@5 and R@10 equal); which duplicate comes first may hang on float rounding.
 * **AP** — average precision over the ranking (:func:`xmodal.evaluation.metrics.ranked_average_precision`),
   ``AP = (1/|R|) * sum over the ranks r of relevant hits of precision@r``, where ``R`` is the set of relevant items
   in the index. With ``depth`` (hits fetched per query) below the index size, relevant items not retrieved count as

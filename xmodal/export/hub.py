@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -37,7 +38,9 @@ def staging(out: Path) -> Iterator[Path]:
         raise FileExistsError(f"export: {out} already exists and is not empty; choose another --out (nothing was "
                               f"written)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # mkdir, not mkdtemp (mode 0700): the export is a folder to share, with the mode the user's umask gives
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
         if out.exists():
@@ -67,7 +70,7 @@ def _self_contained(model: XModalModel, library: str | None, out: Path, repo: st
 def export_hf(run: str | os.PathLike, out: str | os.PathLike, repo: str | None = None,
               license: str | None = None) -> Path:
     """Write the hub-ready folder of ``run`` into ``out`` (which must not hold anything); returns ``out``."""
-    from .model_card import model_card
+    from .model_card import model_card, training_data
 
     model = load_run(run)
     out = Path(out)
@@ -85,8 +88,9 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, repo: str | None =
             transformers_files(model, tmp)
         model.cfg = _self_contained(model, library, out, repo)
         keep = {k: v for k, v in card.items() if k not in ("format", "version", "model", "tasks")}
+        keep["datasets"] = training_data(Path(run), card)  # an export keeps no config.yaml: re-exports read this
         model.save(tmp / XMODAL_SUBFOLDER, extra=keep)
-        (tmp / "README.md").write_text(model_card(model, card, run, library, repo, license), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(model, card, run, library, repo, license, out), encoding="utf-8")
     return out
 
 

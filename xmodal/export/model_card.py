@@ -10,8 +10,15 @@ from typing import Any
 import yaml
 
 from ..model import XModalModel
+from ..model_files import EXPORT_SUBFOLDER
 
 _PIPELINE = {"open_clip": "zero-shot-image-classification", "transformers": "zero-shot-image-classification"}
+
+
+def training_data(run: Path, card: dict[str, Any]) -> list[str]:
+    """The names of the manifests the model trained on: from the run's config.yaml, or, for an export (which keeps
+    none), from what its card recorded when it was exported."""
+    return _datasets(run) or [str(d) for d in card.get("datasets") or []]
 
 
 def _datasets(run: Path) -> list[str]:
@@ -57,10 +64,12 @@ def _model_index(name: str, card: dict[str, Any], datasets: list[str]) -> list[d
 
 
 def model_card(model: XModalModel, card: dict[str, Any], run: str | os.PathLike, library: str | None,
-               repo: str | None, license: str | None) -> str:
+               repo: str | None, license: str | None, out: str | os.PathLike | None = None) -> str:
+    """The README.md of the export ``out`` of ``run``: hub metadata, how to load it, data, metrics, limits."""
     run = Path(run)
-    name = repo.split("/")[-1] if repo else run.name
-    datasets = _datasets(run)
+    exported = run.name == EXPORT_SUBFOLDER and not (run / "config.yaml").is_file()  # exporting an export again
+    name = repo.split("/")[-1] if repo else (run.parent.name if exported else run.name)
+    datasets = training_data(run, card)
     meta: dict[str, Any] = {"license": license or "other", "library_name": library or "xmodal",
                             "tags": ["xmodal", "contrastive", model.cfg.loss, *model.cfg.towers],
                             "pipeline_tag": _PIPELINE.get(library or "", "feature-extraction")}
@@ -78,11 +87,16 @@ def model_card(model: XModalModel, card: dict[str, Any], run: str | os.PathLike,
         meta["model-index"] = index
     towers = ", ".join(f"{m}: {t.kind}" + (f" {t.name}" if t.name and not os.path.isabs(t.name.split(':', 1)[-1])
                                             else "") for m, t in model.cfg.towers.items())
-    load = f'xmodal.load("hf-hub:{repo}")' if repo else f'xmodal.load("{run.name}")'
+    # without a repo the card cannot know where the folder will live: its name, and a comment saying what it stands for
+    load = f'xmodal.load("hf-hub:{repo}")' if repo else \
+        f'xmodal.load("{Path(out).name if out else run.name}")  # the path of this folder'
+    selection = card.get("selection") or {}
+    step = (f"Step {selection['step']} of {selection.get('of', card.get('step', '?'))}, selected by validation "
+            f"{selection.get('metric', 'R@1')}" if selection.get("step") is not None else f"Step {card.get('step', '?')}")
     lines = [f"# {name}", "",
              f"Image and text embeddings in one L2-normalised {model.cfg.embed_dim}-d space, trained with xmodal "
              f"({model.cfg.loss.upper()} loss" + (f", starting from {base_name}" if base_name and src else "") + ").",
-             f"Towers: {towers}. Step {card.get('step', '?')}; training rows: "
+             f"Towers: {towers}. {step}; training rows: "
              f"{card.get('train_rows') or 'not recorded'}.", "",
              "## Use", "", "```python", "import xmodal", "", f"model = {load}",
              'images = model.encode("image", ["photo.jpg"])', 'texts = model.encode("text", ["a photo of a cat"])',
@@ -118,4 +132,6 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not rows:
         return "No evaluation recorded (the run had no evaluation split)."
-    return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in rows])
+    def shown(key: str, value: float) -> str:  # counts (n_queries, n_classes) are whole numbers
+        return f"{int(value)}" if _is_count(key) and float(value).is_integer() else f"{value:.4f}"
+    return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {shown(k, v)} |" for k, v in rows])

@@ -276,7 +276,8 @@ class SearchService:
         query_keys = [key for key in data if key in strings or key.endswith("_base64") or key in path_modalities()]
         unknown = sorted(set(data) - set(query_keys) - {"k", "filter"})
         if unknown:
-            names = _short(", ".join(map(repr, unknown)), 200)
+            names = ", ".join(map(repr, unknown))
+            names = names if len(names) <= 200 else names[:199] + "…"  # never a whole request echoed back
             raise ApiError(400, f"unknown field(s) {names}; expected text or image_base64, "
                                 f"k, filter")
         if not query_keys:

@@ -121,7 +121,9 @@ def evaluate_and_log(run: RunState, split: str = "eval") -> dict:
             acc.log({f"{split}/{k}": v for k, v in results.items()}, step=run.step)
         shown = {k: round(v, 4) for k, v in results.items()
                  if any(s in k for s in ("R@", "top1", "accuracy", "macro_f1", "mae")) or k.endswith("r2")}
-        log.info("%s at step %d: %s", "eval" if split == "eval" else "validation", run.step, shown)
+        chosen = run.selection.best_step if split == "eval" and run.selection is not None else None
+        log.info("%s at step %d%s: %s", "eval" if split == "eval" else "validation", run.step,
+                 f" (the model of step {chosen}, selected)" if chosen not in (None, run.step) else "", shown)
     acc.wait_for_everyone()
     return results
 
