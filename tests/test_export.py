@@ -205,6 +205,10 @@ def test_the_cli_takes_an_exported_folder_and_an_hf_hub_repo_as_run(tmp_path, cl
     assert json.loads((tmp_path / "index-export" / "index.json").read_text())["model"]["run_dir"] == str(
         (out / "xmodal").absolute())
     assert hits["export"] == hits["run"] and hits["hub"] == hits["run"] and len(hits["run"]) == 5
+    from xmodal.retrieval import Retriever  # the Python API takes the same: the run's index, queried via its export
+    want_hits = Retriever(tmp_path / "index-run").search("a red car", "text", k=5)
+    for model in (out, "hf-hub:xmodal-test/toy"):
+        assert Retriever(tmp_path / "index-run", model=model).search("a red car", "text", k=5) == want_hits
 
     # an export keeps no config.yaml: the hubness bank must be named, in one line; a folder with no model, as before
     assert main(["evaluate", "--run", str(out), *evaluate, "--hubness", "csls"]) == 2

@@ -304,7 +304,8 @@ def build_index(model: Any, manifest: Any, modality: str, out_dir: str | os.Path
 class Retriever:
     """Query an index with a model: ``Retriever("indexes/images").search("a red car", "text", k=5)``.
 
-    ``model``: ``None`` (load the run folder recorded in ``index.json``), a run folder path, or a model object.
+    ``model``: ``None`` (load the run folder recorded in ``index.json``), a run folder path (or an export's, or
+    ``hf-hub:ORG/NAME``, as ``xmodal.load`` takes), or a model object.
     Whatever the source, the model's fingerprint (sha256 of its ``model.safetensors`` and its ``embed_dim``) must
     equal the one recorded when the index was built, else :class:`FingerprintMismatchError`. A path is checked and
     loaded lazily (on the first query or ``.model`` access); an object is checked at once.
@@ -329,8 +330,9 @@ class Retriever:
             if not info or not info.get("run_dir"):
                 raise RetrievalError(f"{where} records no run folder for its model; pass the model (model= / --run)")
             self._run_dir = Path(info["run_dir"])
-        elif isinstance(model, (str, os.PathLike)):
-            self._run_dir = Path(model).absolute()
+        elif isinstance(model, (str, os.PathLike)):  # a run folder, an export, hf-hub:ORG/NAME (as xmodal.load)
+            from ..model_files import model_folder
+            self._run_dir = model_folder(model).absolute()
         else:
             fp = model_fingerprint(model, self.modality or "", run_dir=None)
             if info and fp["sha256"] != info.get("sha256") and _same_weights_as_recorded_run(model, info):
@@ -366,7 +368,7 @@ class Retriever:
         if not getattr(self, "_run_checked", False):
             if not run.is_dir():
                 raise FileNotFoundError(f"run folder {run} (recorded in {self._where}) does not exist; pass the "
-                                        f"model's run folder (--run / model=)")
+                                        f"model's run folder (--run / model=), its export or hf-hub:ORG/NAME")
             fp = model_fingerprint(run, self.modality or "")
             _check_fingerprint(self.index.model_info, fp, self._where)
             self._check_dim(fp["embed_dim"])
