@@ -238,3 +238,23 @@ def test_the_cli_takes_an_exported_folder_and_an_hf_hub_repo_as_run(tmp_path, cl
     capsys.readouterr()
     assert main(["evaluate", "--run", str(again), *evaluate, "--plots"]) == 0
     assert not (again / "xmodal" / "plots").exists() and any((tmp_path / "plots").iterdir())
+
+
+def test_the_card_names_the_selected_step_and_loads_by_the_folder_name(tmp_path):
+    from xmodal.config import config_from_dict
+    from xmodal.export.model_card import model_card
+
+    cfg = config_from_dict({"model": {"embed_dim": 16, "towers": {
+        "image": {"kind": "cnn", "image_size": 32, "options": {"channels": [4, 8]}},
+        "text": {"kind": "lstm", "context_length": 8, "options": {"embed_dim": 8, "hidden": 8}}}}})
+    card = {"step": 660, "selection": {"metric": "R@1", "step": 570, "of": 660},
+            "eval": {"text->image/R@1": 0.39, "text->image/n_queries": 695.0}, "datasets": ["openclipart"]}
+    text = model_card(xmodal.XModalModel(cfg.model), card, tmp_path / "run", None, None, None,
+                      out=tmp_path / "my-export")
+    assert "Step 570 of 660, selected by validation R@1" in text
+    assert 'model = xmodal.load("my-export")  # the path of this folder' in text
+    assert "| text->image/n_queries | 695 |" in text and "| text->image/R@1 | 0.3900 |" in text
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["datasets"] == ["openclipart"]  # no config.yaml beside: the names the card recorded
+    assert "Step 660;" in model_card(xmodal.XModalModel(cfg.model), {"step": 660}, tmp_path / "run", None, None,
+                                     None)
