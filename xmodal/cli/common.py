@@ -132,8 +132,8 @@ MODEL_VERBS = ("evaluate", "predict", "evaluate-index", "index", "query", "serve
 
 def _resolve_run(args: argparse.Namespace) -> None:
     """``--run`` takes a run folder, a folder written by ``xmodal export --format hf``, or such a folder on the hub
-    (``hf-hub:ORG/NAME``), as ``xmodal.load`` does; the verb gets the folder that holds the model's files (``args.run``) and the name given
-    (``args.run_given``)."""
+    (``hf-hub:ORG/NAME``), as ``xmodal.load`` does; the verb gets the folder that holds the model's files
+    (``args.run``) and the name given (``args.run_given``)."""
     args.run_given = getattr(args, "run", None)
     if args.verb in MODEL_VERBS and args.run_given is not None:
         from ..model_files import model_folder

@@ -7,8 +7,8 @@ torch side (``ManifestDataset``, ``collate``) loads on first use.
 from .manifest import Manifest, ManifestError, label_text, modality_columns, read_manifest
 from .table import Rows
 
-__all__ = ["read_manifest", "Manifest", "Rows", "ManifestError", "label_text", "MODALITY_COLUMNS", "modality_columns", "ManifestDataset", "collate",
-           "ManifestRowError"]
+__all__ = ["read_manifest", "Manifest", "Rows", "ManifestError", "label_text", "MODALITY_COLUMNS", "modality_columns",
+           "ManifestDataset", "collate", "ManifestRowError"]
 
 
 def __getattr__(name):

@@ -90,9 +90,10 @@ def model_card(model: XModalModel, card: dict[str, Any], run: str | os.PathLike,
     # without a repo the card cannot know where the folder will live: its name, and a comment saying what it stands for
     load = f'xmodal.load("hf-hub:{repo}")' if repo else \
         f'xmodal.load("{Path(out).name if out else run.name}")  # the path of this folder'
-    selection = card.get("selection") or {}
-    step = (f"Step {selection['step']} of {selection.get('of', card.get('step', '?'))}, selected by validation "
-            f"{selection.get('metric', 'R@1')}" if selection.get("step") is not None else f"Step {card.get('step', '?')}")
+    selection, last = card.get("selection") or {}, card.get("step", "?")
+    step = f"Step {last}" if selection.get("step") is None else (
+        f"Step {selection['step']} of {selection.get('of', last)}, selected by validation "
+        f"{selection.get('metric', 'R@1')}")
     lines = [f"# {name}", "",
              f"Image and text embeddings in one L2-normalised {model.cfg.embed_dim}-d space, trained with xmodal "
              f"({model.cfg.loss.upper()} loss" + (f", starting from {base_name}" if base_name and src else "") + ").",

@@ -77,7 +77,10 @@ class ApiError(Exception):
 
 def _short(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters (error messages never echo a whole request back)."""
-    text = repr(value)
+    return _cut(repr(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
@@ -276,8 +279,7 @@ class SearchService:
         query_keys = [key for key in data if key in strings or key.endswith("_base64") or key in path_modalities()]
         unknown = sorted(set(data) - set(query_keys) - {"k", "filter"})
         if unknown:
-            names = ", ".join(map(repr, unknown))
-            names = names if len(names) <= 200 else names[:199] + "…"  # never a whole request echoed back
+            names = _cut(", ".join(map(repr, unknown)), 200)
             raise ApiError(400, f"unknown field(s) {names}; expected text or image_base64, "
                                 f"k, filter")
         if not query_keys:
