@@ -111,14 +111,15 @@ def test_transformers_towers_equal_torch(tmp_path, rows):
 
 def test_a_pair_memory_is_in_the_graphs(tmp_path, rows):
     """A model with a pair memory: each graph returns what the saved run's ``encode`` returns (the memory applied),
-    not the plain embedding — an index xmodal built and queries embedded by the graphs meet in one space."""
+    not the plain embedding — an index xmodal built and queries embedded by the graphs meet in one space. The image
+    side's neighbours are found in whitened features (``whiten``), the text side's not: both paths are traced."""
     import onnx_search
     import xmodal
 
     ckpt = peers.open_clip_checkpoint(tmp_path / "src")
     model = XModalModel(ModelConfig(pretrained=PretrainedConfig(library="open_clip", name=peers.OPEN_CLIP_NAME,
                                                                 weights=str(ckpt)),
-                                    pair_memory=PairMemoryConfig(k=3))).eval()
+                                    pair_memory=PairMemoryConfig(k=3, whiten=["image"]))).eval()
     paths, texts = rows
     inputs = {"image": paths, "text": texts}
     with torch.no_grad():  # the memory: the first 8 rows' pairs (the others are queries it has never seen)

@@ -1,5 +1,7 @@
 """Pair memory (model.pair_memory): the formula against a NumPy hand computation, the memory a run saves against
 the saved towers' own embeddings of its training pairs, partial loading, and the config's checks."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,16 +13,27 @@ from test_engine import tiny
 from xmodal.config import ConfigError, TaskConfig, config_from_dict
 from xmodal.data import read_manifest
 from xmodal.model import Tower, XModalModel
-from xmodal.pair_memory import PairMemory
+from xmodal.pair_memory import PairMemory, whitening
 from xmodal.training.engine import pretrain
 
 
-def _numpy_memory(feats, emb, bank_raw, partners, k, power, weight):
+def _numpy_whitening(x):
+    """``U diag((λ + mean λ) ** -1/2) U^T`` of the rows' covariance, in NumPy."""
+    lam, u = np.linalg.eigh(x.T @ x / len(x))
+    lam = np.maximum(lam, 0)
+    return u @ np.diag(1 / np.sqrt(lam + lam.mean())) @ u.T
+
+
+def _numpy_memory(feats, emb, bank_raw, partners, k, power, weight, whiten=False):
     """The module docstring's formula, written out in float64 NumPy."""
     mean = bank_raw.mean(0)
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-    bank = unit(bank_raw - mean).astype(np.float16).astype(np.float64)  # stored as float16
-    sims = unit(feats - mean) @ bank.T
+    bank, queries = unit(bank_raw - mean), unit(feats - mean)
+    if whiten:
+        w = _numpy_whitening(bank)
+        bank, queries = unit(bank @ w), unit(queries @ w)
+    bank = bank.astype(np.float16).astype(np.float64)  # stored as float16
+    sims = queries @ bank.T
     out = []
     for i in range(len(feats)):
         top = np.argsort(-sims[i], kind="stable")[:k]
@@ -58,6 +71,42 @@ def test_memory_formula_by_hand():
     with torch.no_grad():
         moved = towers["image"].project(raw["image"])
     assert torch.allclose(memory.text_partners, moved, atol=1e-6) and not torch.allclose(moved, images, atol=1e-3)
+
+
+def test_whitening_by_hand():
+    """Rows ±(3, 0), ±(0, 1): covariance diag(4.5, 0.5), mean eigenvalue 2.5, so W = diag(1/√7, 1/√3); rotated
+    rows give the rotated W (ZCA: symmetric), and rows without variance the identity."""
+    x = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    want = torch.diag(torch.tensor([7.0, 3.0]).rsqrt())
+    assert torch.allclose(whitening(x), want, atol=1e-6)
+    c, s = math.cos(0.3), math.sin(0.3)
+    rot = torch.tensor([[c, -s], [s, c]])
+    assert torch.allclose(whitening(x @ rot.T), rot @ want @ rot.T, atol=1e-6)
+    assert torch.equal(whitening(torch.zeros(5, 3)), torch.eye(3))
+
+
+def test_whitened_memory_formula_by_hand():
+    """``whiten``: the image queries' neighbours found in whitened features; the text side as before."""
+    g = torch.Generator().manual_seed(1)
+    towers = torch.nn.ModuleDict({m: Tower(torch.nn.Identity(), d, 8, "linear", freeze=True)
+                                  for m, d in (("image", 12), ("text", 6))})
+    # anisotropic image features: a few directions carry most of the variance, as a classifier's do
+    raw = {"image": torch.randn(60, 12, generator=g) * torch.logspace(1, -1, 12), "text": torch.randn(60, 6, generator=g)}
+    memory = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=5, power=3.0, weight=0.3, whiten=["image"])
+    memory.fill(raw)
+    memory.refresh(towers)
+    assert memory.image_whiten.shape == (12, 12) and not hasattr(memory, "text_whiten")
+    q = torch.randn(9, 12, generator=g) * torch.logspace(1, -1, 12)
+    with torch.no_grad():
+        emb = towers["image"].project(q)
+        got = memory("image", q, emb)
+        texts = towers["text"].project(raw["text"])
+    want = _numpy_memory(q.double().numpy(), emb.double().numpy(), raw["image"].double().numpy(),
+                         texts.double().numpy(), k=5, power=3.0, weight=0.3, whiten=True)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    plain = _numpy_memory(q.double().numpy(), emb.double().numpy(), raw["image"].double().numpy(),
+                          texts.double().numpy(), k=5, power=3.0, weight=0.3)
+    assert np.abs(plain - want).max() > 1e-2  # whitening changed which pairs are near
 
 
 def test_an_input_like_no_pair_keeps_its_embedding():
@@ -114,6 +163,30 @@ def test_a_run_saves_the_memory_of_its_training_pairs(clipart, tmp_path):
         "pair_memory.text_features", "pair_memory.text_mean", "pair_memory.text_partners"}
 
 
+def test_a_run_whitens_the_modalities_it_is_told_to(clipart, tmp_path):
+    run = _memory_run(clipart, tmp_path / "run", whiten=["image"])
+    model = xmodal.load(run)
+    memory = model.pair_memory
+    images = list(read_manifest(clipart, modalities=["image", "text"]).dataset["image"])
+    with torch.no_grad():  # independent truth: NumPy's whitening of the saved image tower's own features
+        raw = model.towers["image"].encoder(torch.stack([model.transform("image")(v) for v in images])).double()
+    unit = F.normalize(raw - raw.mean(0), dim=-1).numpy()
+    w = _numpy_whitening(unit)
+    np.testing.assert_allclose(memory.image_whiten.numpy(), w, rtol=1e-4, atol=1e-4)
+    stored = unit @ w
+    stored /= np.linalg.norm(stored, axis=-1, keepdims=True)
+    np.testing.assert_allclose(memory.image_features.float().numpy(), stored, atol=2e-3)
+    keys = load_file(str(run / "model.safetensors"))
+    assert keys["pair_memory.image_whiten"].shape == (raw.shape[1], raw.shape[1])
+    assert "pair_memory.text_whiten" not in keys
+    # encode finds an image's neighbours in the whitened space: the formula on its plain embedding
+    with torch.no_grad():
+        q_raw = model.towers["image"].encoder(torch.stack([model.transform("image")(v) for v in images[:4]]))
+        want = memory("image", q_raw, model.towers["image"].project(q_raw))
+    assert torch.allclose(model.encode("image", images[:4]), want, atol=1e-5)
+    assert XModalModel.from_pretrained(run, towers=["text"]).pair_memory.whiten == []
+
+
 def test_max_rows_keeps_a_seeded_sample(clipart, tmp_path):
     run = _memory_run(clipart, tmp_path / "run", max_rows=10)
     assert len(xmodal.load(run).pair_memory) == 10
@@ -131,6 +204,7 @@ def test_a_model_without_memory_saves_no_memory(clipart, tmp_path):
     ({"k": 0}, {}, "model.pair_memory.k: expected a whole number >= 1"),
     ({"power": 0}, {}, "model.pair_memory.power: must be positive"),
     ({}, None, "model.pair_memory: pairs need two towers or more"),
+    ({"whiten": ["audio"]}, {}, "model.pair_memory.whiten: ['audio'] not among model.towers (image, text)"),
 ])
 def test_config_checks(memory, tower, message):
     towers = {"image": {"kind": "cnn", "freeze": True, **(tower or {})}, "text": {"kind": "lstm", "freeze": True}}

@@ -137,7 +137,7 @@ class XModalModel(nn.Module):
                                      cache_prefix=not (get_modality(modality).augments and tcfg.augment))
         self.towers = nn.ModuleDict(towers)
         pm = cfg.pair_memory  # filled by training (training/build.py) or by the saved weights
-        self.pair_memory = PairMemory(list(towers), feat_dims, cfg.embed_dim, pm.k, pm.power, pm.weight) \
+        self.pair_memory = PairMemory(list(towers), feat_dims, cfg.embed_dim, pm.k, pm.power, pm.weight, pm.whiten) \
             if pm is not None else None
         siglip = cfg.loss == "siglip"
         init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else (

@@ -15,6 +15,14 @@ unchanged): with the frozen features ``f`` of a query of modality ``m`` and its 
 so a caption is moved towards the images paired with the training captions it resembles, and an image towards the
 captions of the training images it resembles (ASIF's reading: a neighbour's partner is what the query looks for).
 
+``whiten`` modalities find their neighbours after a whitening of those centred, normalised features, fitted on the
+memory's pairs: ``x -> normalise(x W)``, ``W = U diag((λ + mean(λ)) ** -1/2) U^T`` from the eigendecomposition
+``U diag(λ) U^T`` of their covariance (shrunk by the mean eigenvalue, so directions the few pairs barely span are not
+blown up). A classifier's pooled features (an ImageNet CNN's) spend most of their variance on a few directions
+that separate classes, not drawings; whitening evens them out, as image retrieval has long done with CNN features
+(Jégou & Chum, ECCV 2012; Radenović et al., TPAMI 2019). Encoders trained for cosine similarity (sentence-transformers)
+gain nothing from it (docs/results.md, "Levers").
+
 Training steps use the plain embeddings (the loss is unchanged); the memory applies wherever the model embeds for
 retrieval (``encode``: evaluation, model selection, indexes, queries). ``P`` follows the projections while they train
 (recomputed when their weights change) and is saved with the model, so a model that loads only one tower still
@@ -22,24 +30,30 @@ applies it. Needs frozen towers (the stored features are the encoders' outputs) 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class PairMemory(nn.Module):
-    """Buffers, per modality m: ``<m>_features`` (``[N, D_m]`` float16, centred and normalised), ``<m>_mean``
-    (``[D_m]``) and ``<m>_partners`` (``[N, embed_dim]``: ``P_m``). Empty (N = 0) until :meth:`fill` or a loaded state
+    """Buffers, per modality m: ``<m>_features`` (``[N, D_m]`` float16, centred and normalised — and whitened, for a
+    ``whiten`` modality), ``<m>_mean`` (``[D_m]``), ``<m>_partners`` (``[N, embed_dim]``: ``P_m``) and, for a
+    ``whiten`` modality, ``<m>_whiten`` (``[D_m, D_m]``: ``W``). Empty (N = 0) until :meth:`fill` or a loaded state
     dict sets them; an empty memory changes nothing."""
 
     def __init__(self, modalities: list[str], feat_dims: dict[str, int], embed_dim: int, k: int, power: float,
-                 weight: float):
+                 weight: float, whiten: Sequence[str] = ()):
         super().__init__()
         self.modalities, self.k, self.power, self.weight = list(modalities), int(k), float(power), float(weight)
+        self.whiten = [m for m in self.modalities if m in set(whiten)]
         for m in self.modalities:
             self.register_buffer(f"{m}_features", torch.zeros(0, feat_dims[m], dtype=torch.float16))
             self.register_buffer(f"{m}_mean", torch.zeros(feat_dims[m]))
             self.register_buffer(f"{m}_partners", torch.zeros(0, embed_dim))
+        for m in self.whiten:
+            self.register_buffer(f"{m}_whiten", torch.zeros(0, 0))
         self._raw: dict[str, torch.Tensor] = {}  # the pairs' encoder features while training (not saved)
         self._key: tuple | None = None  # the projection weights' versions the partners were computed with
         self._floats: dict[str, tuple] = {}  # float32 copies of the feature buffers, for the queries' products
@@ -60,8 +74,13 @@ class PairMemory(nn.Module):
         self._raw = {m: v.detach().float().cpu() for m, v in raw.items()}
         for m, v in self._raw.items():
             mean = v.mean(0)
+            unit = F.normalize(v - mean, dim=-1)
+            if m in self.whiten:
+                w = whitening(unit)
+                setattr(self, f"{m}_whiten", w)
+                unit = F.normalize(unit @ w, dim=-1)
             setattr(self, f"{m}_mean", mean)
-            setattr(self, f"{m}_features", F.normalize(v - mean, dim=-1).half())
+            setattr(self, f"{m}_features", unit.half())
             setattr(self, f"{m}_partners", torch.zeros(len(v), getattr(self, f"{m}_partners").shape[1]))
         self._key = None
 
@@ -84,7 +103,10 @@ class PairMemory(nn.Module):
         """``emb`` (the plain embeddings of inputs whose encoder features are ``feats``) moved towards the partners
         of their nearest pairs, renormalised."""
         bank = self._float_bank(modality)
-        sims = F.normalize(feats.float() - getattr(self, f"{modality}_mean"), dim=-1) @ bank.T
+        unit = F.normalize(feats.float() - getattr(self, f"{modality}_mean"), dim=-1)
+        if modality in self.whiten and getattr(self, f"{modality}_whiten").numel():
+            unit = F.normalize(unit @ getattr(self, f"{modality}_whiten"), dim=-1)
+        sims = unit @ bank.T
         top, idx = sims.topk(min(self.k, bank.shape[0]), dim=1)
         w = top.clamp(min=0) ** self.power
         w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # no similar pair at all: w = 0, emb unchanged
@@ -115,3 +137,16 @@ class PairMemory(nn.Module):
                 self._raw = {}  # another memory than the one filled here
         self._key = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def whitening(unit: torch.Tensor) -> torch.Tensor:
+    """``W = U diag((λ + mean(λ)) ** -1/2) U^T`` for rows ``unit`` (centred, normalised features), from their
+    covariance ``U diag(λ) U^T``, in float64 (the small eigenvalues). Symmetric (ZCA), float32 ``[D, D]``; the
+    identity when the rows have no variance at all."""
+    x = unit.double()
+    lam, u = torch.linalg.eigh(x.T @ x / max(len(x), 1))
+    lam = lam.clamp(min=0)
+    shrink = lam.mean()
+    if not shrink > 0:
+        return torch.eye(x.shape[1])
+    return ((u * (lam + shrink).rsqrt()) @ u.T).float()

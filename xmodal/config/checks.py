@@ -32,6 +32,9 @@ def check_pair_memory(cfg: Config) -> None:
         raise ConfigError(f"{where}.weight: must be in [0, 1), got {pm.weight}")
     if len(cfg.model.towers) < 2:
         raise ConfigError(f"{where}: pairs need two towers or more, model.towers has {list(cfg.model.towers)}")
+    stray = [m for m in pm.whiten if m not in cfg.model.towers]
+    if stray:
+        raise ConfigError(f"{where}.whiten: {stray} not among model.towers ({', '.join(cfg.model.towers)})")
     for name, tower in cfg.model.towers.items():
         if not tower.freeze:
             raise ConfigError(f"{where}: needs frozen towers (it stores their features), but "

@@ -100,6 +100,9 @@ class PairMemoryConfig:
     power: float = 5.0  # 3 / 0.3 until 2026-12-06: 5 / 0.4 chosen on both corpora's val splits (results.md)
     weight: float = 0.4
     max_rows: int = 20000
+    # modalities whose neighbours are found in whitened features (the memory's pairs fit the whitening); for a
+    # classifier's features such as an ImageNet CNN's — configs/pretrain.yaml whitens `image` (results.md, "Levers")
+    whiten: list[str] = field(default_factory=list)
 
 
 @dataclass
