@@ -119,13 +119,13 @@ def test_an_input_like_no_pair_keeps_its_embedding():
     assert torch.allclose(memory("text", torch.tensor([[2.0, -1.0]]), emb), emb, atol=1e-6)
 
 
-def _memory_run(clipart, out, **model):
-    cfg = tiny(clipart, out, max_steps=6)
+def _memory_run(clipart, out, save_every=None, resume=False, **model):
+    cfg = tiny(clipart, out, max_steps=6, **({"save_every": save_every} if save_every else {}))
     for t in cfg.model.towers.values():
         t.freeze = True
     from xmodal.config import PairMemoryConfig
     cfg.model.pair_memory = PairMemoryConfig(k=4, power=3.0, weight=0.4, **model)
-    return pretrain(cfg)
+    return pretrain(cfg, resume=resume)
 
 
 def test_a_run_saves_the_memory_of_its_training_pairs(clipart, tmp_path):
@@ -269,3 +269,29 @@ def test_a_streamed_run_fills_the_memory_from_samples_of_every_shard(clipart, tm
             other = "text" if m == "image" else "image"
             partner = model.towers[other](torch.stack([model.transform(other)(rows[i][other]) for i in ids]))
             assert torch.allclose(getattr(memory, f"{m}_partners"), partner, atol=1e-5), m
+
+
+def test_a_run_with_a_whitened_memory_resumes_as_if_never_stopped(clipart, tmp_path, monkeypatch):
+    """The memory (whitening included) of a run resumed from its step-3 checkpoint equals the uninterrupted run's."""
+    from test_engine import losses, weights
+    from xmodal.training.engine import MetricsLog
+
+    full = _memory_run(clipart, tmp_path / "full", whiten=["image"], save_every=3)
+    real_write = MetricsLog.write
+
+    def crashing_write(self, record):
+        real_write(self, record)
+        if record.get("step") == 5:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(MetricsLog, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        _memory_run(clipart, tmp_path / "resumed", whiten=["image"], save_every=3)
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    _memory_run(clipart, tmp_path / "resumed", whiten=["image"], save_every=3, resume=True)
+    a, b = losses(full), losses(tmp_path / "resumed")
+    assert max(a) == max(b) == 6 and all(b[s][0] == pytest.approx(a[s][0], abs=1e-5) for s in a)
+    wa, wb = weights(full), weights(tmp_path / "resumed")
+    assert "pair_memory.image_whiten" in wa and set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
