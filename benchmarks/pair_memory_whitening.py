@@ -9,9 +9,9 @@ them on the same features before they are stored. The models and queries are the
 comparison); the test split is never read.
 
     python benchmarks/levers.py --corpus openclipart=data/openclipart/manifest.csv --seeds 0 1 2 \\
-        --out runs/levers --no-hubness --lever "default="                          # (and openmoji): the runs
-    python benchmarks/pair_memory_whitening.py runs/levers/default-openclipart-{0,1,2} \\
-        runs/levers/default-openmoji-{0,1,2} --out runs/levers/whitening.jsonl
+        --out runs/levers --no-hubness --lever "nowh=model.pair_memory.whiten=[]"   # (and openmoji): the runs
+    python benchmarks/pair_memory_whitening.py runs/levers/nowh-openclipart-{0,1,2} \\
+        runs/levers/nowh-openmoji-{0,1,2} --out runs/levers/whitening.jsonl
 
 Prints each setting's mean val R@1 / R@10 per corpus with its ratio to no whitening, best first by the geometric
 mean of all those ratios, and the smallest of them.
@@ -31,7 +31,7 @@ from pair_memory_grid import METRICS, ROOT, Rescored  # noqa: E402  (also puts t
 
 
 def whitening(unit, alpha: float, shrink: float):
-    """``U diag((λ + shrink · mean λ) ** -alpha) U^T`` of the rows' covariance (float64 eigendecomposition)."""
+    """``U diag((λ + shrink · mean λ) ** -alpha) U^T`` of the rows' second-moment matrix (float64)."""
     import torch
     x = unit.double()
     lam, u = torch.linalg.eigh(x.T @ x / len(x))
@@ -42,8 +42,10 @@ def whitening(unit, alpha: float, shrink: float):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders trained with model.pair_memory, not whitened")
-    ap.add_argument("--alpha", type=float, nargs="+", default=[0.25, 0.4, 0.5])
-    ap.add_argument("--shrink", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    ap.add_argument("--alpha", type=float, nargs="+", default=[0.25, 0.4, 0.5],
+                    help="eigenvalue powers α (0.5: plain whitening, what model.pair_memory.whiten does)")
+    ap.add_argument("--shrink", type=float, nargs="+", default=[0.3, 1.0, 3.0],
+                    help="shrinkages ε, in units of the mean eigenvalue (1: what model.pair_memory.whiten does)")
     ap.add_argument("--out", default=None, help="JSON lines: one per run and setting")
     args = ap.parse_args()
 

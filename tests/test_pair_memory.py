@@ -91,7 +91,8 @@ def test_whitened_memory_formula_by_hand():
     towers = torch.nn.ModuleDict({m: Tower(torch.nn.Identity(), d, 8, "linear", freeze=True)
                                   for m, d in (("image", 12), ("text", 6))})
     # anisotropic image features: a few directions carry most of the variance, as a classifier's do
-    raw = {"image": torch.randn(60, 12, generator=g) * torch.logspace(1, -1, 12), "text": torch.randn(60, 6, generator=g)}
+    raw = {"image": torch.randn(60, 12, generator=g) * torch.logspace(1, -1, 12),
+           "text": torch.randn(60, 6, generator=g)}
     memory = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=5, power=3.0, weight=0.3, whiten=["image"])
     memory.fill(raw)
     memory.refresh(towers)
@@ -295,3 +296,27 @@ def test_a_run_with_a_whitened_memory_resumes_as_if_never_stopped(clipart, tmp_p
     assert "pair_memory.image_whiten" in wa and set(wa) == set(wb)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+
+
+def test_a_loaded_memory_whitens_as_it_was_saved():
+    """The saved weights decide: a memory saved whitened is read whitened by a model whose config omits ``whiten``
+    (a fine-tuning config reading a run's memory), and one saved plain is read plain; a new fill follows the config."""
+    g = torch.Generator().manual_seed(2)
+    raw = {"image": torch.randn(30, 12, generator=g) * torch.logspace(1, -1, 12),
+           "text": torch.randn(30, 6, generator=g)}
+    saved = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=4, power=3.0, weight=0.3, whiten=["image"])
+    saved.fill(raw)
+    saved.image_partners, saved.text_partners = (F.normalize(torch.randn(30, 8, generator=g), dim=-1) for _ in "it")
+    q = torch.randn(5, 12, generator=g)
+    emb = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    plain = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=4, power=3.0, weight=0.3)
+    plain.load_state_dict(saved.state_dict())  # strict: image_whiten is taken, not unexpected
+    assert plain.whiten == ["image"] and torch.equal(plain("image", q, emb), saved("image", q, emb))
+    no_w = {k: v for k, v in saved.state_dict().items() if k != "image_whiten"}
+    whitened = PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=4, power=3.0, weight=0.3, whiten=["image"])
+    whitened.load_state_dict(no_w)  # strict: no missing key, the saved features are compared plainly
+    assert whitened.whiten == [] and not hasattr(whitened, "image_whiten")
+    whitened.fill(raw)
+    assert whitened.whiten == ["image"] and whitened.image_whiten.shape == (12, 12)
+    with pytest.raises(ValueError, match="list of modality names"):
+        PairMemory(["image", "text"], {"image": 12, "text": 6}, 8, k=4, power=3.0, weight=0.3, whiten="image")

@@ -17,11 +17,12 @@ captions of the training images it resembles (ASIF's reading: a neighbour's part
 
 ``whiten`` modalities find their neighbours after a whitening of those centred, normalised features, fitted on the
 memory's pairs: ``x -> normalise(x W)``, ``W = U diag((λ + mean(λ)) ** -1/2) U^T`` from the eigendecomposition
-``U diag(λ) U^T`` of their covariance (shrunk by the mean eigenvalue, so directions the few pairs barely span are not
+``U diag(λ) U^T`` of their second-moment matrix (their covariance, but for the small mean that normalising leaves;
+shrunk by the mean eigenvalue, so directions the few pairs barely span are not
 blown up). A classifier's pooled features (an ImageNet CNN's) spend most of their variance on a few directions
 that separate classes, not drawings; whitening evens them out, as image retrieval has long done with CNN features
-(Jégou & Chum, ECCV 2012; Radenović et al., TPAMI 2019). Encoders trained for cosine similarity (sentence-transformers)
-gain nothing from it (docs/results.md, "Levers").
+(Jégou & Chum, ECCV 2012; Radenović et al., TPAMI 2019). Encoders trained for cosine similarity
+(sentence-transformers) gain nothing from it (docs/results.md, "Levers").
 
 Training steps use the plain embeddings (the loss is unchanged); the memory applies wherever the model embeds for
 retrieval (``encode``: evaluation, model selection, indexes, queries). ``P`` follows the projections while they train
@@ -47,13 +48,16 @@ class PairMemory(nn.Module):
                  weight: float, whiten: Sequence[str] = ()):
         super().__init__()
         self.modalities, self.k, self.power, self.weight = list(modalities), int(k), float(power), float(weight)
-        self.whiten = [m for m in self.modalities if m in set(whiten)]
+        if isinstance(whiten, str):  # "image" would read as the modalities i, m, a, g, e
+            raise ValueError(f"pair memory: whiten must be a list of modality names, got the string {whiten!r}")
+        # names the config checked against its towers; a model built with some of them whitens those it has
+        self._configured = [m for m in self.modalities if m in set(whiten)]
         for m in self.modalities:
             self.register_buffer(f"{m}_features", torch.zeros(0, feat_dims[m], dtype=torch.float16))
             self.register_buffer(f"{m}_mean", torch.zeros(feat_dims[m]))
             self.register_buffer(f"{m}_partners", torch.zeros(0, embed_dim))
-        for m in self.whiten:
-            self.register_buffer(f"{m}_whiten", torch.zeros(0, 0))
+        self.whiten: list[str] = []
+        self._set_whiten(self._configured)
         self._raw: dict[str, torch.Tensor] = {}  # the pairs' encoder features while training (not saved)
         self._key: tuple | None = None  # the projection weights' versions the partners were computed with
         self._floats: dict[str, tuple] = {}  # float32 copies of the feature buffers, for the queries' products
@@ -72,6 +76,7 @@ class PairMemory(nn.Module):
             raise ValueError(f"pair memory: expected equal-length features of {self.modalities}, got "
                              f"{ {m: tuple(v.shape) for m, v in raw.items()} }")
         self._raw = {m: v.detach().float().cpu() for m, v in raw.items()}
+        self._set_whiten(self._configured)  # filled here: the config's whitening (a loaded memory: its own)
         for m, v in self._raw.items():
             mean = v.mean(0)
             unit = F.normalize(v - mean, dim=-1)
@@ -126,10 +131,24 @@ class PairMemory(nn.Module):
                 cached = self._floats[modality] = (key, buf.float())
         return cached[1]
 
+    def _set_whiten(self, modalities: Sequence[str]) -> None:
+        """Whiten exactly ``modalities``: a ``<m>_whiten`` buffer (empty until filled or loaded) for each, none for
+        the others."""
+        self.whiten = [m for m in self.modalities if m in set(modalities)]
+        for m in self.modalities:
+            name = f"{m}_whiten"
+            if m in self.whiten and name not in self._buffers:
+                self.register_buffer(name, torch.zeros(0, 0, device=getattr(self, f"{m}_mean").device))
+            elif m not in self.whiten and name in self._buffers:
+                del self._buffers[name]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A saved memory has its own number of pairs: take the saved buffers' shapes before they are copied. While
-        training (a resumed checkpoint, the selected step's weights) the partners are recomputed from the loaded
-        projections."""
+        """A saved memory has its own number of pairs, and its own whitening: take the saved buffers' shapes, and
+        whiten the modalities it whitened (a fine-tuning config need not repeat ``whiten`` to read a run's memory
+        right), before they are copied. While training (a resumed checkpoint, the selected step's weights) the
+        partners are recomputed from the loaded projections."""
+        if any(prefix + f"{m}_features" in state_dict for m in self.modalities):
+            self._set_whiten([m for m in self.modalities if prefix + f"{m}_whiten" in state_dict])
         for name, buf in list(self._buffers.items()):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != buf.shape:
@@ -141,8 +160,8 @@ class PairMemory(nn.Module):
 
 def whitening(unit: torch.Tensor) -> torch.Tensor:
     """``W = U diag((λ + mean(λ)) ** -1/2) U^T`` for rows ``unit`` (centred, normalised features), from their
-    covariance ``U diag(λ) U^T``, in float64 (the small eigenvalues). Symmetric (ZCA), float32 ``[D, D]``; the
-    identity when the rows have no variance at all."""
+    second-moment matrix ``x^T x / N = U diag(λ) U^T``, in float64 (the small eigenvalues). Symmetric (ZCA),
+    float32 ``[D, D]``; the identity when the rows have no variance at all."""
     x = unit.double()
     lam, u = torch.linalg.eigh(x.T @ x / max(len(x), 1))
     lam = lam.clamp(min=0)

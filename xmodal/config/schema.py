@@ -94,8 +94,10 @@ class PretrainedConfig:
 class PairMemoryConfig:
     """Queries borrow the place of their nearest training pairs, found by the frozen towers (xmodal/pair_memory.py):
     each embedding moves ``weight`` of the way towards the mean embedding of the partners (the pair's other
-    modalities) of its ``k`` most similar training pairs (similarity ** ``power`` weights). Needs frozen towers; at most ``max_rows`` pairs (a seeded sample of the
-    training pairs beyond that; from shards, the first samples of every shard), saved with the model (float16 features: N × the towers' feature widths × 2 B)."""
+    modalities) of its ``k`` most similar training pairs (similarity ** ``power`` weights). Needs frozen towers; at
+    most ``max_rows`` pairs (a seeded sample of the training pairs beyond that; from shards, the first samples of
+    every shard), saved with the model (float16 features: N × the towers' feature widths × 2 B; float32 partners:
+    N × embed_dim × 4 B per tower; a whitened tower's D × D float32 matrix)."""
     k: int = 8
     power: float = 5.0  # 3 / 0.3 until 2026-12-06: 5 / 0.4 chosen on both corpora's val splits (results.md)
     weight: float = 0.4
