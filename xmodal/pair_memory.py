@@ -17,9 +17,10 @@ captions of the training images it resembles (ASIF's reading: a neighbour's part
 
 ``whiten`` modalities find their neighbours after a whitening of those centred, normalised features, fitted on the
 memory's pairs: ``x -> normalise(x W)``, ``W = U diag((λ + mean(λ)) ** -1/2) U^T`` from the eigendecomposition
-``U diag(λ) U^T`` of their second-moment matrix (their covariance, but for the small mean that normalising leaves;
-shrunk by the mean eigenvalue, so directions the few pairs barely span are not
-blown up). A classifier's pooled features (an ImageNet CNN's) spend most of their variance on a few directions
+``U diag(λ) U^T`` of their second-moment matrix (their covariance, but for the small mean that normalising leaves),
+the eigenvalues shrunk by their mean so that directions the few pairs barely span are not blown up. Directions the
+pairs do not span at all scale every similarity of a query alike, so they move no neighbour. A classifier's pooled
+features (an ImageNet CNN's) spend most of their variance on a few directions
 that separate classes, not drawings; whitening evens them out, as image retrieval has long done with CNN features
 (Jégou & Chum, ECCV 2012; Radenović et al., TPAMI 2019). Encoders trained for cosine similarity
 (sentence-transformers) gain nothing from it (docs/results.md, "Levers").
