@@ -62,6 +62,23 @@ class Rescored:
         return self.memory(modality, feats[rows], emb[rows])
 
 
+def ranked(rows: list[dict], settings: list, reference, key) -> list[tuple]:
+    """Each setting's mean per corpus and metric over the runs, its ratio to ``reference``'s, the geometric mean and
+    the smallest of those ratios: ``[(geo_mean, min_ratio, setting, {(corpus, metric): (mean, ratio)})]``, best
+    first. ``key(row)`` is a row's setting."""
+    corpora = sorted({r["corpus"] for r in rows})
+
+    def mean(corpus, setting, metric):
+        return statistics.mean(r[metric] for r in rows if r["corpus"] == corpus and key(r) == setting)
+
+    table = []
+    for s in settings:
+        cells = {(c, m): (mean(c, s, m), mean(c, s, m) / mean(c, reference, m)) for c in corpora for m in METRICS}
+        ratios = [r for _, r in cells.values()]
+        table.append((math.exp(statistics.mean(math.log(x) for x in ratios)), min(ratios), s, cells))
+    return sorted(table, key=lambda t: -t[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders trained with model.pair_memory (benchmarks/levers.py's)")
@@ -98,23 +115,15 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def mean(corpus, setting, metric):
-        return statistics.mean(r[metric] for r in rows if r["corpus"] == corpus and
-                               (r["k"], r["power"], r["weight"]) == setting)
-
-    corpora = sorted({r["corpus"] for r in rows})
     reference = (int(ref[0]), ref[1], ref[2])
-    table = []
-    for s in settings:
-        ratios = {(c, m): mean(c, s, m) / mean(c, reference, m) for c in corpora for m in METRICS}
-        table.append((math.exp(statistics.mean(math.log(x) for x in ratios.values())), s, ratios))
-    table.sort(key=lambda t: -t[0])
+    table = ranked(rows, settings, reference, key=lambda r: (r["k"], r["power"], r["weight"]))
+    corpora = sorted({r["corpus"] for r in rows})
     head = " | ".join(f"{c} {m}" for c in corpora for m in METRICS)
     print(f"| k | power | weight | geo-mean ratio | {head} |")
     print("|" + "---:|" * (4 + len(corpora) * len(METRICS)))
-    for g, (k, p, w), ratios in table[:args.top] + [t for t in table[args.top:] if t[1] == reference]:
-        cells = " | ".join(f"{mean(c, (k, p, w), m):.3f} ({ratios[c, m]:.3f})" for c in corpora for m in METRICS)
-        print(f"| {k} | {p:g} | {w:g} | {g:.3f} | {cells} |")
+    for g, _, (k, p, w), cells in table[:args.top] + [t for t in table[args.top:] if t[2] == reference]:
+        print(f"| {k} | {p:g} | {w:g} | {g:.3f} | "
+              + " | ".join(f"{v:.3f} ({r:.3f})" for v, r in cells.values()) + " |")
 
 
 if __name__ == "__main__":

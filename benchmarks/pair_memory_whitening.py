@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pair_memory_grid import METRICS, ROOT, Rescored  # noqa: E402  (also puts the repository on sys.path)
+from pair_memory_grid import METRICS, ROOT, Rescored, ranked  # noqa: E402  (also puts the repository on sys.path)
 
 
 def whitening(unit, alpha: float, shrink: float):
@@ -98,23 +96,13 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def mean(corpus, setting, metric):
-        return statistics.mean(r[metric] for r in rows if r["corpus"] == corpus and
-                               (r["side"], r["alpha"], r["shrink"]) == setting)
-
+    table = ranked(rows, settings, settings[0], key=lambda r: (r["side"], r["alpha"], r["shrink"]))
     corpora = sorted({r["corpus"] for r in rows})
-    table = []
-    for s in settings:
-        ratios = [mean(c, s, m) / mean(c, settings[0], m) for c in corpora for m in METRICS]
-        table.append((math.exp(statistics.mean(math.log(x) for x in ratios)), min(ratios), s))
-    table.sort(key=lambda t: -t[0])
     print(f"| whitened | α | ε | geo-mean | min | {' | '.join(f'{c} {m}' for c in corpora for m in METRICS)} |")
     print("|---|---:|---:|---:|---:|" + "---:|" * (len(corpora) * len(METRICS)))
-    for g, low, s in table:
-        cells = " | ".join(f"{mean(c, s, m):.3f} ({mean(c, s, m) / mean(c, settings[0], m):.3f})"
-                           for c in corpora for m in METRICS)
-        print(f"| {s[0]} | {s[1]:g} | {s[2]:g} | {g:.3f} | {low:.3f} | {cells} |")
-
+    for g, low, s, cells in table:
+        print(f"| {s[0]} | {s[1]:g} | {s[2]:g} | {g:.3f} | {low:.3f} | "
+              + " | ".join(f"{v:.3f} ({r:.3f})" for v, r in cells.values()) + " |")
 
 if __name__ == "__main__":
     main()
