@@ -110,6 +110,24 @@ def test_whitened_memory_formula_by_hand():
     assert np.abs(plain - want).max() > 1e-2  # whitening changed which pairs are near
 
 
+def test_ties_at_the_kth_place_go_to_the_lower_pair_index():
+    """Pairs 1, 2 and 3 have the same caption features (a shared caption); pair 3's partner differs from pairs 1 and
+    2's. With k = 2 a query nearest to that caption takes pairs 1 and 2, whichever order the batch or the library
+    would give: its embedding moves towards their partner alone."""
+    feats = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.6, 0.8, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    memory = PairMemory(["text", "image"], {"text": 3, "image": 2}, 2, k=2, power=1.0, weight=0.5)
+    memory.fill({"text": feats, "image": torch.randn(5, 2)})
+    memory.text_partners = torch.eye(2)[[1, 0, 0, 1, 1]]
+    query, emb = torch.tensor([[0.6, 0.8, 0.1]]), F.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    mean = feats.mean(0)
+    sims = (unit(query - mean) @ unit(unit(feats - mean).half().float()).T)[0]
+    assert sims[1] == sims[2] == sims[3] > 0 and (sims[[0, 4]] < sims[1]).all()  # the tie lies across the 2nd place
+    want = unit(0.5 * emb + 0.5 * torch.tensor([[1.0, 0.0]]))  # pairs 1 and 2's partner, not pair 3's
+    for batch in (query, query.repeat(7, 1)):
+        torch.testing.assert_close(memory("text", batch, emb.expand(len(batch), -1)), want.expand(len(batch), -1))
+
+
 def test_an_input_like_no_pair_keeps_its_embedding():
     memory = PairMemory(["text", "image"], {"text": 2, "image": 3}, 2, k=3, power=2.0, weight=0.5)
     memory.fill({"text": torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]),  # centred: -1, 0, +1 along x

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_TIE_BREAK = 2.0 ** -52
+
+
 class PairMemory(nn.Module):
     """Buffers, per modality m: ``<m>_features`` (``[N, D_m]`` float16, centred and normalised — and whitened, for a
     ``whiten`` modality), ``<m>_mean`` (``[D_m]``), ``<m>_partners`` (``[N, embed_dim]``: ``P_m``) and, for a
@@ -113,7 +116,14 @@ class PairMemory(nn.Module):
         if modality in self.whiten and getattr(self, f"{modality}_whiten").numel():
             unit = F.normalize(unit @ getattr(self, f"{modality}_whiten"), dim=-1)
         sims = unit @ bank.T
-        top, idx = sims.topk(min(self.k, bank.shape[0]), dim=1)
+        # Equal similarities (duplicate drawings, shared captions) go to the lower pair index. torch.topk leaves their
+        # order open, so an exported graph, or another batch, could take other tied pairs at the k-th place. The key
+        # subtracts index × 2^-52 in float64: that splits exact ties and never reorders two different float32
+        # similarities of 0.001 or more while there are fewer than 2^18 pairs.
+        n = bank.shape[0]
+        key = sims.double() - torch.arange(n, device=sims.device, dtype=torch.float64) * _TIE_BREAK
+        idx = key.topk(min(self.k, n), dim=1).indices
+        top = sims.gather(1, idx)
         w = top.clamp(min=0) ** self.power
         w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # no similar pair at all: w = 0, emb unchanged
         partners = getattr(self, f"{modality}_partners")

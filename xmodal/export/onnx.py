@@ -80,6 +80,7 @@ def _export_tower(model: XModalModel, modality: str, path: Path) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"export --format onnx: the {modality} tower (kind {kind}) cannot be exported to ONNX "
                          f"({type(e).__name__}: {first[:300]})") from None
+    _store_exact_halves(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     with torch.no_grad():
@@ -88,6 +89,41 @@ def _export_tower(model: XModalModel, modality: str, path: Path) -> None:
     if got.shape != want.shape or err > ONNX_ATOL:
         raise ValueError(f"export --format onnx: the {modality} tower (kind {kind})'s ONNX graph differs from torch "
                          f"(max |diff| {err:.2e} > {ONNX_ATOL:g} on a batch of 3); not exported")
+
+
+def _store_exact_halves(path: Path, min_elements: int = 1 << 16) -> None:
+    """Rewrite the graph's large float32 constants whose every value is a float16 — the pair memory's features,
+    which the model stores as float16 and the trace captured converted — as float16 with a ``Cast`` back to float32
+    in front of their users: the same numbers reach the same nodes, in half the bytes (5,783 Open Clip Art pairs:
+    29.6 → 14.8 MB in the image graph, 8.9 → 4.4 MB in the text graph)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    inputs = {i.name for i in graph.input}
+    kept, casts = [], []
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and init.name not in inputs and \
+                int(np.prod(init.dims)) >= min_elements:
+            values = numpy_helper.to_array(init)
+            half = values.astype(np.float16)
+            if np.array_equal(half.astype(np.float32), values):
+                kept.append(numpy_helper.from_array(half, f"{init.name}.float16"))
+                casts.append(helper.make_node("Cast", [f"{init.name}.float16"], [init.name],
+                                              to=onnx.TensorProto.FLOAT, name=f"{init.name}.cast"))
+                continue
+        kept.append(init)
+    if not casts:
+        return
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    graph.ClearField("node")
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(path))
 
 
 def _image_spec(model: XModalModel) -> dict[str, Any]:
