@@ -8,7 +8,7 @@ the learnt space while keeping it one L2-normalised ``embed_dim`` space (so inde
 unchanged): with the frozen features ``f`` of a query of modality ``m`` and its projected embedding ``e``,
 
     s_j = cos(f - mean_m, a_mj - mean_m)                      over the memory's pairs j (their modality-m features)
-    w_j = max(s_j, 0) ** power   for the top ``k`` s_j, else 0;   w /= sum(w)
+    w_j = max(s_j, 0) ** power   for the top ``k`` s_j (ties: the lower j), else 0;   w /= sum(w)
     n   = normalise(sum_j w_j P_mj),   P_mj = normalise(sum of pair j's projected embeddings of the OTHER modalities)
     out = normalise((1 - weight) e + weight n)
 
