@@ -104,5 +104,6 @@ def main() -> None:
         print(f"| {s[0]} | {s[1]:g} | {s[2]:g} | {g:.3f} | {low:.3f} | "
               + " | ".join(f"{v:.3f} ({r:.3f})" for v, r in cells.values()) + " |")
 
+
 if __name__ == "__main__":
     main()
