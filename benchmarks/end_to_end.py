@@ -58,8 +58,8 @@ MANIFEST = ROOT / "data" / "openclipart" / "manifest.csv"
 SIDES = ("xmodal", "open_clip")
 TRIAL = "xmodal-trial"  # xmodal with --trial's config values
 
-# The two sizes (open_clip's JSON schema). xmodal-vit-tiny is xmodal's own 9M-parameter config; bench-vit-small is
-# benchmarks/_common.py's wider, deeper one at the same image size.
+# The sizes (open_clip's JSON schema). xmodal-vit-tiny is xmodal's own 9M-parameter config; bench-vit-small is
+# benchmarks/_common.py's wider, deeper one at the same image size; ViT-B-32 is open_clip's.
 MODELS: dict[str, dict] = {
     "xmodal-vit-tiny": {
         "embed_dim": 256,
@@ -70,6 +70,13 @@ MODELS: dict[str, dict] = {
         "embed_dim": 256,
         "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 256, "layers": 6, "head_width": 64},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 6},
+    },
+    # open_clip's own model_configs/ViT-B-32.json (151M parameters; 224 px, 77 tokens): not in the default --models
+    # (a step of 32 takes seconds on 2 cores)
+    "ViT-B-32": {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
     },
 }
 
@@ -109,16 +116,25 @@ def write_inputs(work: Path, steps: int, batch: int, eval_rows: int, seed: int) 
     return paths
 
 
-def write_model(work: Path, name: str) -> Path:
+def model_cfg(name: str, context_length: int | None = None) -> dict:
+    """``MODELS[name]``, its text context set to ``context_length`` where given (77 is open_clip's CLIP configs')."""
+    cfg = json.loads(json.dumps(MODELS[name]))
+    if context_length is not None:
+        cfg["text_cfg"]["context_length"] = context_length
+    return cfg
+
+
+def write_model(work: Path, name: str, context_length: int | None = None) -> Path:
     folder = work / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODELS[name]}), encoding="utf-8")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg(name, context_length)}),
+                                                  encoding="utf-8")
     return folder
 
 
 def xmodal_config(args, paths: dict, model_dir: Path, name: str, out: Path, trial: bool = False) -> Path:
     import yaml  # PyYAML: xmodal's own config reader needs it anyway
-    cfg = MODELS[name]
+    cfg = model_cfg(name, args.context_length)
     tower = f"local-dir:{model_dir}"
     doc = {
         "output_dir": str(out), "seed": args.seed,
@@ -316,6 +332,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-rows", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--context-length", type=int, default=None,
+                   help="the text context of both sides' model (default: each model's, 32; open_clip's CLIP configs: 77)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup-lr-steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -359,7 +377,7 @@ def main(argv=None) -> None:
     rng = random.Random(1234)
     for r in range(args.rounds):
         for name in models:
-            model_dir = write_model(args.work, name)
+            model_dir = write_model(args.work, name, args.context_length)
             for side in rng.sample(sides, len(sides)):
                 out = args.work / "runs" / f"{side}-{name}-r{r}"
                 res = run_once(args, side, paths, model_dir, name, out)

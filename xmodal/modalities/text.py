@@ -155,6 +155,8 @@ def build_open_clip_text(cfg, where: str = "model.towers.text") -> tuple[nn.Modu
         text = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
     except TypeError as e:  # unknown field in options.text_cfg
         raise ValueError(f"{where}.options.text_cfg: {e}") from None
+    if type(text) is _trimming_class().__base__:
+        text.__class__ = _trimming_class()  # same weights, buffers and state-dict keys; forward drops padding columns
 
     source = _openclip.check_pretrained_source(cfg.name, cfg.pretrained, where)
     if source is not None:
@@ -172,6 +174,54 @@ def build_open_clip_text(cfg, where: str = "model.towers.text") -> tuple[nn.Modu
         _openclip.load_strict(text, sd, where, f"the text weights of {cfg.pretrained}")
     feat_dim = int(text.output_dim if text.text_projection is not None else text.width)
     return text, feat_dim
+
+
+@functools.lru_cache(maxsize=1)
+def _trimming_class() -> type:
+    """open_clip's ``TextTransformer`` with a forward that first drops the columns that are padding in
+    every row, where that cannot change the output: a causal mask (or a padding mask) keeps every real token from
+    seeing the later pad positions, and the pooled token (EOT by argmax or eos id, or the first) is a real one.
+    Captions are far shorter than CLIP's 77 positions, so the text tower's cost falls with them; open_clip's own
+    forward always runs all ``context_length`` positions. The loss and the gradients are those of the full forward
+    (pad positions never reach the pooled token, so their weights get no gradient either way) — tests compare the
+    two. Left as open_clip has it: a CLS token (CoCa; it sits after the pads), ``last`` / ``none`` pooling, token
+    outputs, a bi-directional model without a padding mask, open_clip releases without ``_embeds``, and traced or
+    compiled forwards (a data-dependent length would be frozen into the graph or recompile it).
+
+    Made on first use (``import open_clip`` takes seconds) and reachable as ``xmodal.modalities.text.
+    TrimmedTextTransformer`` (the module's ``__getattr__``), so a pickled model finds its class."""
+    from open_clip.transformer import TextTransformer as base
+
+    class TrimmedTextTransformer(base):
+        def _trimmable(self) -> bool:
+            return (self.cls_emb is None and not self.output_tokens and self.pool_type in ("argmax", "eos", "first")
+                    and (self.attn_mask is not None or getattr(self, "use_pad_mask", False))
+                    and hasattr(base, "_embeds") and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                    and not torch.compiler.is_compiling())
+
+        def forward(self, text: torch.Tensor):
+            if self._trimmable() and text.dim() == 2:
+                real = (text != self.pad_id).any(dim=0)  # the columns holding a real token in some row
+                used = int(torch.nonzero(real).max()) + 1 if bool(real.any()) else 1
+                text = text[:, :used]
+            return super().forward(text)
+
+        def _embeds(self, text: torch.Tensor):
+            x, attn_mask = super()._embeds(text)
+            n = x.shape[1]
+            if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape[0] != n:
+                attn_mask = attn_mask[:n, :n]  # open_clip passes its [context, context] causal mask unsliced here
+            return x, attn_mask
+
+    TrimmedTextTransformer.__qualname__ = "TrimmedTextTransformer"
+    TrimmedTextTransformer.__module__ = __name__
+    return TrimmedTextTransformer
+
+
+def __getattr__(name: str):
+    if name == "TrimmedTextTransformer":
+        return _trimming_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _text_state_dict(full: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:
