@@ -23,7 +23,9 @@ Measured per run, from outside the process and from each side's own log:
   wall        from the launch to the process's exit (the model saved).
   peak RSS    ``tree``: the largest sum of RSS over the process and its descendants (DataLoader workers), polled
               every 0.1 s (shared pages of forked workers are counted in each, on both sides alike); ``main``: the
-              main process's own peak (``ru_maxrss`` from ``wait4``; exact, not polled).
+              largest peak of the main process and of each child it reaped (``ru_maxrss`` from ``wait4``: Linux
+              counts reaped children there, so a DataLoader worker forked from a large main process can be the
+              figure); ``main own``: the main process's own peak (``VmHWM``, polled every 0.1 s).
 
 Rounds interleave the sides (a seeded random order per round and model) and each ratio is the median over rounds of
 the per-round xmodal/open_clip ratio, with the min-max spread. A fast-path trial (``--trial KEY=VALUE``, repeatable)
@@ -215,6 +217,19 @@ def _tree_rss(proc) -> int:
     return total
 
 
+def _own_peak_rss(pid: int) -> int:
+    """The process's own peak RSS so far (Linux ``VmHWM``, bytes; 0 where unreadable): unlike ``ru_maxrss`` from
+    ``wait4``, which is the largest of the process and every child it reaped, no DataLoader worker counts here."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def run_once(args, side: str, paths: dict, model_dir: Path, name: str, out: Path) -> dict:
     import psutil
     if out.exists():
@@ -233,13 +248,14 @@ def run_once(args, side: str, paths: dict, model_dir: Path, name: str, out: Path
         proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, cwd=str(out.parent), env=env,
                                 start_new_session=True)
         ps = psutil.Process(proc.pid)
-        ttfs, peak_tree, offset, tick = None, 0, [0], 0
+        ttfs, peak_tree, peak_own, offset, tick = None, 0, 0, [0], 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if tick % 2 == 0:  # every 0.1 s: walking the process tree costs this process CPU the runs would use
                 peak_tree = max(peak_tree, _tree_rss(ps))
+                peak_own = max(peak_own, _own_peak_rss(proc.pid))
             if ttfs is None and _first_step_seen(side, marker, offset):
                 ttfs = time.perf_counter() - t0
             tick += 1
@@ -257,6 +273,7 @@ def run_once(args, side: str, paths: dict, model_dir: Path, name: str, out: Path
     steady = times[args.skip_steps:]
     return {"samples_s": args.batch * len(steady) / sum(steady), "ttfs_s": ttfs, "wall_s": wall,
             "rss_tree_mib": peak_tree / 2 ** 20, "rss_main_mib": usage.ru_maxrss / 1024,
+            "hwm_main_mib": peak_own / 2 ** 20,
             "first_step_s": times[0], "params": count_params(side, out)}
 
 
@@ -292,7 +309,7 @@ def count_params(side: str, out: Path) -> int | None:
 # ------------------------------------------------------------------------------------------------------ report
 
 METRICS = (("samples_s", "samples/s"), ("ttfs_s", "TTFS s"), ("wall_s", "wall s"), ("rss_tree_mib", "RSS tree MiB"),
-           ("rss_main_mib", "RSS main MiB"))
+           ("rss_main_mib", "RSS main MiB"), ("hwm_main_mib", "RSS main own MiB"))
 
 
 SHORT = {"xmodal": "x", "open_clip": "oc", TRIAL: "trial"}
@@ -302,16 +319,18 @@ def summarise(results: dict[str, dict[str, list[dict]]], a: str = "xmodal", b: s
     """Side ``a`` against side ``b``: medians of each, and the median (min-max) of the per-round ratios a / b."""
     lines = []
     pair = f"{SHORT[a]} / {SHORT[b]}"
-    head = ["model", "params"] + [f"{lab} {pair}" for _, lab in METRICS] + [f"{lab} ratio" for _, lab in METRICS]
+    runs = [r for by_side in results.values() for side in (a, b) for r in by_side.get(side, [])]
+    metrics = [m for m in METRICS if all(m[0] in r for r in runs)]  # JSON files written before a metric existed
+    head = ["model", "params"] + [f"{lab} {pair}" for _, lab in metrics] + [f"{lab} ratio" for _, lab in metrics]
     rows = []
     for name, by_side in results.items():
         if a not in by_side or b not in by_side:
             continue
         x, o = by_side[a], by_side[b]
         row = [name, f"{x[0]['params']:,} / {o[0]['params']:,}" if o[0]["params"] else f"{x[0]['params']:,}"]
-        for key, _ in METRICS:
+        for key, _ in metrics:
             row.append(f"{statistics.median(r[key] for r in x):.1f} / {statistics.median(r[key] for r in o):.1f}")
-        for key, _ in METRICS:
+        for key, _ in metrics:
             ratios = [a[key] / b[key] for a, b in zip(x, o)]
             row.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
         rows.append(row)

@@ -2,6 +2,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 import torch
@@ -222,6 +223,33 @@ def test_the_weights_are_hashed_from_the_tensors_loaded_not_read_twice(tmp_path,
     assert one_tower and all(k.startswith("towers.text.") or "towers." not in k for k in one_tower)
     for k, v in one_tower.items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * 4096 - 1, 3 * 4096, 3 * 4096 + 5])
+def test_files_are_hashed_a_window_at_a_time(tmp_path, monkeypatch, size):
+    """digest_file maps at most ``_WINDOW`` bytes at once (mapped pages count in the resident set), and the windows
+    give the checksum of the whole file (xxhash / hashlib over its bytes read plainly)."""
+    import hashlib
+    import mmap
+
+    import xxhash
+
+    from xmodal import integrity
+    monkeypatch.setattr(integrity, "_WINDOW", mmap.ALLOCATIONGRANULARITY)  # 4 KiB on Linux: several windows
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    lengths = []
+    real_mmap = mmap.mmap
+
+    def recording(fileno, length, *a, **k):
+        lengths.append(length)
+        return real_mmap(fileno, length, *a, **k)
+    monkeypatch.setattr(integrity.mmap, "mmap", recording)
+    assert integrity.digest_file(path) == xxhash.xxh3_128(data).hexdigest()
+    assert integrity.digest_file(path, "sha256") == hashlib.sha256(data).hexdigest()
+    assert all(0 < n <= mmap.ALLOCATIONGRANULARITY for n in lengths)
+    assert sum(lengths) == 2 * size
 
 
 def test_load_says_when_the_model_folder_does_not_exist(tmp_path):
