@@ -1,6 +1,7 @@
 """xmodal with open_clip's own text forward (every ``context_length`` position, padding included): the end-to-end
 benchmark's trial side that isolates what dropping the padding columns gives
-(``benchmarks/end_to_end.py --trial 'model.plugins=[benchmarks._untrimmed_text]'``), not a feature.
+(``benchmarks/end_to_end.py --trial 'model.plugins=[benchmarks._untrimmed_text]'``), not a feature. The script puts
+the repository on ``PYTHONPATH``; a direct ``xmodal pretrain`` with this plugin needs ``PYTHONPATH=.`` too.
 
 Loaded as a model plugin (``model.plugins``), imported before the model is built; it wraps
 ``xmodal.training.build.build_model`` so that an open_clip text encoder gets open_clip's ``TextTransformer`` class

@@ -374,9 +374,12 @@ def main(argv=None) -> None:
     if args.from_json:
         joined: dict[str, dict[str, list[dict]]] = {}
         for f in args.from_json:
-            for name, by_side in json.loads(f.read_text())["results"].items():
+            saved = json.loads(f.read_text())
+            context = saved.get("args", {}).get("context_length", "None")  # files of other contexts stay apart
+            for name, by_side in saved["results"].items():
+                label = name if context == "None" else f"{name} (context {context})"
                 for side, runs in by_side.items():
-                    joined.setdefault(name, {}).setdefault(side, []).extend(runs)
+                    joined.setdefault(label, {}).setdefault(side, []).extend(runs)
         report(joined)
         return
     if args.skip_steps >= args.steps:
