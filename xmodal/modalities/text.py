@@ -193,17 +193,19 @@ def _trimming_class() -> type:
     from open_clip.transformer import TextTransformer as base
 
     class TrimmedTextTransformer(base):
+        _can_slice_mask = hasattr(base, "_embeds")  # the hook below; older open_clip releases lack it
+
         def _trimmable(self) -> bool:
-            return (self.cls_emb is None and not self.output_tokens and self.pool_type in ("argmax", "eos", "first")
+            return (self._can_slice_mask and self.cls_emb is None and not self.output_tokens
+                    and self.pool_type in ("argmax", "eos", "first")
                     and (self.attn_mask is not None or getattr(self, "use_pad_mask", False))
-                    and hasattr(base, "_embeds") and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                    and not torch.jit.is_tracing() and not torch.jit.is_scripting()
                     and not torch.compiler.is_compiling())
 
         def forward(self, text: torch.Tensor):
-            if self._trimmable() and text.dim() == 2:
-                real = (text != self.pad_id).any(dim=0)  # the columns holding a real token in some row
-                used = int(torch.nonzero(real).max()) + 1 if bool(real.any()) else 1
-                text = text[:, :used]
+            if text.dim() == 2 and self._trimmable():
+                real = torch.nonzero((text != self.pad_id).any(dim=0))  # columns with a real token in some row
+                text = text[:, : int(real.max()) + 1 if real.numel() else 1]  # one host sync, not two
             return super().forward(text)
 
         def _embeds(self, text: torch.Tensor):
