@@ -251,3 +251,30 @@ def test_audio_member_decodes_as_its_file(tmp_path):
     import torch
     torch.testing.assert_close(item["audio"], transform(str(wav)))
     assert item["text"] == "a tone"
+
+
+def test_stream_resumes_augmented_crops_exactly(shards, clipart):
+    """With an augmenting image transform and ``augment_seed``, the batches after position (epoch 1, batch c) hold
+    the very crops of the uninterrupted epoch's (each sample's draws seeded by (seed, epoch, sample), not by the
+    worker's generator), with 2 workers as with none; another epoch crops the same sample anew."""
+    import torch
+
+    from xmodal.modalities.image import ImageTransform
+
+    listed = shard_list(_spec(shards))
+    layout = Layout(world=1, workers=2, batch=4, seed=3)
+    crop = ImageTransform(24, (0.5,) * 3, (0.5,) * 3, augment=True)
+    decode = SampleDecoder(parse_columns({}, ["image", "text"]), {"image": crop}, augment_seed=3)
+    loader = StreamLoader(ShardStream(ShardCorpus(listed, layout), 0, decode, shuffle_block=6), num_workers=2)
+    loader.set_position(1, 0)
+    full = [(b["id"], b["image"]) for b in loader]
+    for c in (1, 4):
+        loader.set_position(1, c)
+        got = [(b["id"], b["image"]) for b in loader]
+        assert [g[0] for g in got] == [f[0] for f in full[c:]]
+        for (_, a), (_, b) in zip(got, full[c:]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    loader.set_position(0, 0)  # epoch 0: the same samples (in another order), other crops
+    other = {i: x for b in loader for i, x in zip(b["id"], b["image"])}
+    first = dict(zip(*full[0]))
+    assert all(not torch.equal(other[i], x) for i, x in first.items() if i in other)

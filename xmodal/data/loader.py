@@ -9,11 +9,17 @@ Text with one of xmodal's tokenisers (``BPETokenize``, ``HFTokenize``: determini
 once, when the dataset is built, instead of once per row per epoch: items then only index the ids. On the Open Clip
 Art rows this made the image + text loader 1.1-1.3x faster and cut a training step's data wait by about a fifth at
 ``num_workers: 0`` (``benchmarks/data_pipeline.py``).
+
+Random transforms (an image tower's crops and flips, an audio tower's random window) draw from torch's generator.
+Given ``augment_seed``, each row's draws come from a generator seeded by ``(augment_seed, epoch, row)``
+(:func:`row_seed`): the crops are a function of the position in the data, not of which worker loaded the row, how
+far ahead the loader had fetched, or where a run was resumed, so a resumed run draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +30,12 @@ from ..batch import collate  # noqa: F401  (xmodal.data.loader.collate, as befor
 #: ~30 s, in the process that builds the dataset) and the ids take 4 B x context_length per row (int32; 24 MiB at
 #: context 64). Larger datasets tokenise per row, in the loader's workers.
 PRETOKENIZE_MAX_ROWS = 100_000
+
+
+def row_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of ``row``'s random transforms in ``epoch``: numpy's ``SeedSequence`` hash of the three (well
+    mixed, so neighbouring rows and epochs get unrelated streams), as a non-negative 63-bit integer."""
+    return int(np.random.SeedSequence([seed, epoch, row]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _is_tokenizer(transform: Any) -> bool:
@@ -53,11 +65,19 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     ``source`` and ``row_numbers`` (a :class:`~xmodal.data.manifest.Manifest`'s ``source`` and ``row_numbers``):
     errors then name the row as the file does (``data/m.csv: row 12 (id '0042')``) instead of by its index here.
+
+    ``augment_seed``: the per-row transforms run with torch's CPU generator seeded by ``row_seed(augment_seed,
+    epoch, index)`` (and restored after), ``epoch`` being what :meth:`set_epoch` last set (0 at first). The epoch
+    lives in shared memory, so a persistent worker reads the value the main process set before the epoch's first
+    batch was asked for. ``None`` (the default): they draw from the generator as it stands.
     """
 
     def __init__(self, dataset, transforms: Mapping[str, Callable[[Any], Any]], extra_columns: Sequence[str] = (),
-                 pretokenize: bool = True, source: str | None = None, row_numbers: Sequence[int] | None = None):
+                 pretokenize: bool = True, source: str | None = None, row_numbers: Sequence[int] | None = None,
+                 augment_seed: int | None = None):
         self.source = source
+        self.augment_seed = None if augment_seed is None else int(augment_seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.row_numbers = list(row_numbers) if row_numbers else None
         if not transforms:
             raise ValueError("ManifestDataset needs at least one modality transform")
@@ -111,8 +131,20 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next items belong to (it seeds their random transforms, with ``augment_seed``)."""
+        self._epoch.fill_(int(epoch))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
+        if self.augment_seed is None or len(self._tokens) == len(self.transforms):
+            return self._item(index)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: a GPU's (dropout) is left alone
+            torch.default_generator.manual_seed(row_seed(self.augment_seed, int(self._epoch),
+                                                         index + len(self) if index < 0 else index))
+            return self._item(index)
+
+    def _item(self, index: int) -> dict[str, Any]:
         try:
             row = self._rows[index] if self._rows is not None else {}
             if self._rows is None and not -len(self) <= index < len(self):

@@ -18,6 +18,7 @@ one sample (``000123.jpg``, ``000123.txt``, ``000123.json``, ``000123.cls``, ``0
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
@@ -323,13 +324,19 @@ class SampleDecoder:
     ``transforms`` maps each modality column to its tower's transform; other columns come through as text (a
     ``.cls`` or a JSON field). The id is ``KEY.json``'s ``"id"`` when there is one (``xmodal shard`` keeps the
     manifest's ids there), else the key.
+
+    ``augment_seed``: each sample's transforms run with torch's CPU generator seeded by ``(augment_seed, epoch,
+    sample)`` (:func:`xmodal.data.loader.row_seed`; the sample named by its shard's file name and key), so its
+    random crops do not depend on the worker that decodes it or on where a run resumed; ``epoch`` is set by the
+    stream (:class:`~xmodal.data.stream.ShardStream`) in each worker. ``None``: the generator's draws as they come.
     """
 
     def __init__(self, columns: Sequence[Column], transforms: Mapping[str, Callable[[Any], Any]],
-                 features: Mapping[str, Any] | None = None):
+                 features: Mapping[str, Any] | None = None, augment_seed: int | None = None):
         self.columns, self.transforms = list(columns), dict(transforms)
         # column → its frozen tower's StreamFeatures (.stream_features): cached features instead of the member
         self.features = dict(features or {})
+        self.augment_seed, self.epoch = (None if augment_seed is None else int(augment_seed)), 0
 
     def decode(self, raws: Sequence[dict | BadSlot]) -> list[dict | BadSample]:
         """A batch's raw samples, their cached columns looked up in the disk cache first (one look-up a batch)."""
@@ -340,6 +347,18 @@ class SampleDecoder:
         """One raw sample; ``cached``: a cached column's ``(cache key, features or None)``."""
         if isinstance(raw, BadSlot):
             return BadSample(raw.url, f"#{raw.index}", raw.reason)
+        if self.augment_seed is None or not self.transforms:
+            return self._decode(raw, cached)
+        import torch
+
+        from .loader import row_seed
+        name = f"{os.path.basename(str(raw['__url__']))}/{raw['__key__']}".encode()
+        sample = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only, restored after
+            torch.default_generator.manual_seed(row_seed(self.augment_seed, self.epoch, sample))
+            return self._decode(raw, cached)
+
+    def _decode(self, raw: dict, cached: Mapping[str, tuple] | None) -> dict | BadSample:
         key, url = raw["__key__"], raw["__url__"]
         try:
             meta = json.loads(raw["json"]) if "json" in raw else {}

@@ -54,6 +54,7 @@ class ShardStream(IterableDataset):
         done = worker_batches(self.start, k, worker) * layout.batch
         length = worker_batches(self.steps, k, worker) * layout.batch
         segments = worker_segments(self.corpus.shards, layout, self.epoch, self.rank, worker)
+        self.decoder.epoch = self.epoch  # seeds the samples' random transforms (SampleDecoder's augment_seed)
         for cached in self.decoder.features.values():
             cached.index.refresh()  # the frozen features cached when this epoch's workers start
         raws: list = []

@@ -276,8 +276,9 @@ def make_loaders(cfg: Config, accelerator, model: XModalModel, tasks: dict[str, 
     for r in tasks.values():
         transforms = {m: caches.get(m) or model.transform(m, train=True) for m in r.cfg.modalities}
         extra = [r.cfg.target] if r.cfg.kind != "retrieval" else []
+        # augment_seed: each row's crops a function of (seed, epoch, row), so that resume is exact (loader.py)
         rows = ManifestDataset(r.dataset, transforms, extra_columns=extra, source=r.source,
-                               row_numbers=r.row_numbers)
+                               row_numbers=r.row_numbers, augment_seed=cfg.seed)
         r.loader = DataLoader(rows, batch_size=step_batch,
                               shuffle=True, drop_last=True, collate_fn=partial(collate_renamed, cached),
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)

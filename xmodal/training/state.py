@@ -47,6 +47,10 @@ class TaskRun:
                 batches = self.loader
             else:
                 self.loader.set_epoch(self.epoch)
+                # the dataset's epoch seeds its random transforms (loader.py); Accelerate passes the epoch on to it
+                # only where no sharded batch sampler (several processes) stands between
+                if hasattr(self.loader.dataset, "set_epoch"):
+                    self.loader.dataset.set_epoch(self.epoch)
                 batches = accelerator.skip_first_batches(self.loader, self.batch) if self.batch else self.loader
             for batch in batches:
                 if self.monitor is not None:

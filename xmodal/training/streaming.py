@@ -83,7 +83,7 @@ def attach_stream(cfg: Config, accelerator, model, r: TaskRun, metrics: MetricsL
     columns = parse_columns(cfg.data.columns, r.cfg.modalities)
     features = {} if sharded(accelerator) else stream_features(cfg, model, columns)
     decoder = SampleDecoder(columns, {m: model.transform(m, train=m not in features) for m in r.cfg.modalities},
-                            features)
+                            features, augment_seed=cfg.seed)
     stream = ShardStream(corpus, accelerator.process_index, decoder, cfg.data.shuffle_block)
     r.loader = StreamLoader(stream, cfg.data.num_workers)
     ids = Path(cfg.output_dir) / "ids" / f"rank{accelerator.process_index}.jsonl" if cfg.data.record_ids else None

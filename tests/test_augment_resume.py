@@ -1,0 +1,139 @@
+"""Image augmentation is a function of (seed, epoch, row): a resumed run draws the same crops as the run it
+continues, whatever the number of loader workers, and so ends with the same weights."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmodal.config import config_from_dict
+from xmodal.training.engine import MetricsLog, pretrain
+
+
+def augmenting(manifest, out, workers: int, **train):
+    """The tiny towers of test_engine.py (no BatchNorm, no dropout), with the image tower's training augmentation
+    (random resized crop + flip) on."""
+    return config_from_dict({
+        "output_dir": str(out), "seed": 3,
+        "model": {"embed_dim": 32, "towers": {
+            "image": {"kind": "open_clip", "name": "xmodal-vit-tiny", "image_size": 32, "augment": True,
+                      "options": {"vision_cfg": {"width": 64, "layers": 2, "head_width": 32, "patch_size": 8}}},
+            "text": {"kind": "lstm", "context_length": 16, "options": {"embed_dim": 32, "hidden": 32}}}},
+        "data": {"train": str(manifest), "num_workers": workers},
+        "train": {"batch_size": 16, "max_steps": 10, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                  "progress": False, "deterministic": True, **train},
+        "log": {"backend": "none"},
+    })
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(run / "model.safetensors"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_with_augmentation_joins_the_uninterrupted_run(clipart, tmp_path, monkeypatch, workers):
+    # 94 train rows, batch 16: 5 steps an epoch. The crash comes after step 9; the newest checkpoint is step 6, one
+    # batch into the second epoch, and the loader had already fetched the batch after it
+    from xmodal.data.loader import ManifestDataset
+    epochs, real_set_epoch = [], ManifestDataset.set_epoch
+    monkeypatch.setattr(ManifestDataset, "set_epoch", lambda self, e: (epochs.append(e), real_set_epoch(self, e)))
+    full = pretrain(augmenting(clipart, tmp_path / "full", workers, save_every=3))
+    assert sorted(set(epochs)) == [0, 1]  # the dataset hears each epoch (its crops' seed)
+    real_write = MetricsLog.write
+
+    def crashing_write(self, record):
+        real_write(self, record)
+        if record.get("step") == 9:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(MetricsLog, "write", crashing_write)
+    cfg = augmenting(clipart, tmp_path / "resumed", workers, save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    pretrain(cfg, resume=True)
+
+    a, b = losses(full), losses(tmp_path / "resumed")
+    assert max(b) == max(a) == 10
+    for step in range(1, 11):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    wa, wb = weights(full), weights(tmp_path / "resumed")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+
+
+def _dataset(clipart):
+    from xmodal.data.loader import ManifestDataset
+    from xmodal.data.manifest import read_manifest
+    from xmodal.data.table import Rows
+    from xmodal.modalities.image import ImageTransform
+
+    rows = Rows(read_manifest(clipart, split="train").rows.data.slice(0, 16))
+    return ManifestDataset(rows, {"image": ImageTransform(32, (0.5,) * 3, (0.5,) * 3, augment=True)}, augment_seed=7)
+
+
+def _crops(clipart, workers: int, epochs: int) -> list[torch.Tensor]:
+    """Each epoch's augmented 32-px crops of the first 16 train rows, in row order (no shuffle), through a DataLoader
+    with persistent workers, as training builds it."""
+    from functools import partial
+
+    from xmodal.batch import collate
+
+    ds = _dataset(clipart)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=workers, persistent_workers=workers > 0,
+                                         collate_fn=partial(collate))
+    out = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        out.append(torch.cat([b["image"] for b in loader]))
+    return out
+
+
+def test_crops_are_a_function_of_seed_epoch_and_row_not_of_workers(clipart):
+    main = _crops(clipart, 0, 3)
+    torch.manual_seed(123)  # another global generator state: the crops do not depend on it
+    again = _crops(clipart, 0, 3)
+    workers = _crops(clipart, 2, 3)  # persistent workers read each epoch as the main process set it
+    for epoch in range(3):
+        torch.testing.assert_close(again[epoch], main[epoch], atol=0, rtol=0)
+        torch.testing.assert_close(workers[epoch], main[epoch], atol=0, rtol=0)
+    # new crops each epoch, and for (nearly) every row
+    assert not torch.equal(main[0], main[1]) and not torch.equal(main[1], main[2])
+    assert ((main[0] - main[1]).flatten(1).abs().amax(1) > 0).float().mean() > 0.8
+
+    ds = _dataset(clipart)
+    ds.set_epoch(2)
+    before = torch.get_rng_state()
+    item = ds[5]["image"]
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator (dropout's) is left where it was
+    torch.testing.assert_close(item, main[2][5], atol=0, rtol=0)
+    ds.augment_seed = None  # without a seed: the global generator's draws, as before
+    torch.manual_seed(0)
+    a = ds[5]["image"]
+    torch.manual_seed(0)
+    torch.testing.assert_close(ds[5]["image"], a, atol=0, rtol=0)
+    assert not torch.equal(a, item) and not torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_crops_of_one_process(clipart, tmp_path):
+    """With augmentation on, 2 gloo processes of 8 rows each follow the 1-process curve at batch 16 into the second
+    epoch (step 6 on): a row's crops depend on (seed, epoch, row) alone, and each process's dataset hears the epoch
+    (Accelerate does not pass it to a dataset behind a sharded batch sampler)."""
+    from test_engine import launch_two
+    from xmodal.config import save_config
+
+    one = pretrain(augmenting(clipart, tmp_path / "one", 0, max_steps=8))
+    save_config(augmenting(clipart, tmp_path / "two", 0, max_steps=8, batch_size=8, log_every=2),
+                tmp_path / "two.yaml")
+    launch_two(tmp_path / "two.yaml")
+    a, b = losses(one), losses(tmp_path / "two")
+    assert sorted(b) == [2, 4, 6, 8]
+    for step in b:  # a 2-process record is the mean over its window of 2 steps
+        assert b[step] == pytest.approx((a[step - 1] + a[step]) / 2, abs=1e-4), step
