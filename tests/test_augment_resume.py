@@ -68,6 +68,19 @@ def test_resume_with_augmentation_joins_the_uninterrupted_run(clipart, tmp_path,
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
 
 
+def test_row_seed_is_splitmix64():
+    """The mixer is SplitMix64's: a generator seeded 0 outputs E220A839..., 6E789E6A..., 06C45D18..., F88BB8A8...
+    (Vigna's splitmix64.c, the reference seeding of xoshiro), i.e. the mixer at 0, 1, 2, 3 golden-ratio steps."""
+    from xmodal.data.loader import _splitmix64, row_seed
+
+    gamma = 0x9E3779B97F4A7C15
+    assert [_splitmix64((n * gamma) % 2 ** 64) for n in range(4)] == [
+        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]
+    seeds = {row_seed(s, e, r) for s in (0, 1) for e in range(3) for r in range(1000)}
+    assert len(seeds) == 6000 and all(0 <= x < 2 ** 63 for x in seeds)  # distinct, and a valid torch seed
+    assert row_seed(0, 1, 2) != row_seed(0, 2, 1)
+
+
 def _dataset(clipart):
     from xmodal.data.loader import ManifestDataset
     from xmodal.data.manifest import read_manifest

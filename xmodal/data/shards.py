@@ -349,13 +349,10 @@ class SampleDecoder:
             return BadSample(raw.url, f"#{raw.index}", raw.reason)
         if self.augment_seed is None or not self.transforms:
             return self._decode(raw, cached)
-        import torch
-
-        from .loader import row_seed
+        from .loader import row_seed, seeded
         name = f"{os.path.basename(str(raw['__url__']))}/{raw['__key__']}".encode()
         sample = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only, restored after
-            torch.default_generator.manual_seed(row_seed(self.augment_seed, self.epoch, sample))
+        with seeded(row_seed(self.augment_seed, self.epoch, sample)):
             return self._decode(raw, cached)
 
     def _decode(self, raw: dict, cached: Mapping[str, tuple] | None) -> dict | BadSample:
