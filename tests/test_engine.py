@@ -76,6 +76,37 @@ def test_resume_after_crash_joins_the_uninterrupted_run(clipart, tmp_path, monke
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
 
 
+def test_a_crash_before_the_first_checkpoint_leaves_no_records_behind(clipart, tmp_path, monkeypatch):
+    """Killed after step 1, before its first checkpoint (step 2): ``--resume`` starts a fresh run, and metrics.jsonl
+    holds each of its steps once, as an uninterrupted run's does (found by a new-user check: the killed launch's
+    step-1 record stayed, so step 1 appeared twice)."""
+    full = pretrain(tiny(clipart, tmp_path / "full", max_steps=4, save_every=2))
+    real_write = MetricsLog.write
+
+    def crashing_write(self, record):
+        real_write(self, record)
+        if record.get("step") == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    cfg = tiny(clipart, tmp_path / "killed", max_steps=4, save_every=2)
+    monkeypatch.setattr(MetricsLog, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    assert not list((tmp_path / "killed" / "checkpoints").glob("step_*"))
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1]
+    with pytest.raises(FileExistsError, match="already holds a run"):  # without --resume: refused, nothing touched
+        pretrain(cfg)
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1]
+    run = pretrain(cfg, resume=True)
+    records = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [json.loads(ln)["step"] for ln in
+                                            (full / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run) == losses(full)
+
+
 def _to_0d_scalars(ckpt: Path) -> None:
     """Rewrite a checkpoint as xmodal wrote it before learnable scalars became 1-element 1-D (for FSDP2):
     0-d ``logit_scale`` in the weights and 0-d AdamW moments for it."""

@@ -62,6 +62,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         # Records past the checkpoint come from steps this run does again (a crash or a kill after it): dropped, so
         # metrics.jsonl holds each step once. The final evaluation is done again when resuming at the last step.
         run.metrics.drop_after(run.step, drop_eval_at_step=run.step >= run.total)
+    else:  # a fresh run: the records of a launch killed before its first checkpoint are not this run's
+        run.metrics.drop_after(-1)
     if cfg.train.unfreeze_at_step and run.step >= cfg.train.unfreeze_at_step:  # resumed after the unfreezing
         _unfreeze(run.unwrapped)
     start_reporting(run)
