@@ -257,7 +257,7 @@ def test_pretraining_leaves_out_rows_that_cannot_form_a_pair_but_refuses_bad_cel
     run = train(config(tmp_path / "run", manifest))  # was: "row 6 (id 'dig0005'): field 'image': empty path"
     assert json.loads((run / "model.json").read_text())["train_rows"] == {"contrastive": len(pairs)}
     warning, = [line.split(" ", 2)[2] for line in (run / "train.log").read_text().splitlines() if "left out" in line]
-    assert warning == (f"task contrastive: left out 3 of {len(pairs) + 3} rows (split 'train') of {manifest} that do "
+    assert warning == (f"WARNING: task contrastive: left out 3 of {len(pairs) + 3} rows (split 'train') of {manifest} that do "
                        f"not have both image and text (a contrastive pair) (an empty cell means the row lacks that "
                        f"modality): " + ", ".join(f"row {n} (id '{r}')" for r, n in numbers.items()))
     # a cell that is there but bad is still an error naming its row, as before
@@ -346,6 +346,11 @@ def test_resume_with_changed_training_settings_warns_and_continues(finished, tmp
     train(config(run, manifest, max_steps=3, lr=2e-3), resume=True)
     log = (run / "train.log").read_text()
     assert "resuming with changed train.max_steps: 2 → 3; train.lr: 0.001 → 0.002" in log
+    # a warning says so (an INFO line does not): unlabelled, a new user read it as one more INFO line
+    (line,) = [ln for ln in log.splitlines() if "resuming with changed" in ln]
+    assert line.split(" ", 2)[2].startswith("WARNING: resuming with changed")
+    (info,) = [ln for ln in log.splitlines() if "resumed from" in ln]
+    assert info.split(" ", 2)[2].startswith("resumed from")
     assert load_config(run / "config.yaml").train.max_steps == 3
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2, 3]

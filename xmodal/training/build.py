@@ -133,6 +133,16 @@ def _init_from(cfg: Config) -> tuple[ModelConfig, dict | None]:
     return model_cfg, read_weights(weights, run / CARD_NAME, record)()
 
 
+class _LevelFormatter(logging.Formatter):
+    """The time and the message; a warning or an error also names its level (unlabelled, a warning such as
+    "resuming with changed ..." read like any INFO line)."""
+
+    _labelled = logging.Formatter("%(asctime)s %(levelname)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._labelled.format(record) if record.levelno >= logging.WARNING else super().format(record)
+
+
 def open_run_folder(cfg: Config, out_dir: Path, main: bool, ckpt: Path | None = None) -> None:
     """On the main process: the folder, its ``config.yaml``, its run id (``run.json``: a new one for a fresh run,
     else kept, or taken from the checkpoint ``ckpt`` resumed from; what checkpoints and the model record, see
@@ -142,8 +152,10 @@ def open_run_folder(cfg: Config, out_dir: Path, main: bool, ckpt: Path | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     start_run(out_dir, fresh=ckpt is None, recorded=recorded_run(ckpt) if ckpt is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
-                        handlers=[logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")])
+    handlers = [logging.StreamHandler(), logging.FileHandler(out_dir / "train.log")]
+    for h in handlers:
+        h.setFormatter(_LevelFormatter("%(asctime)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, force=True, handlers=handlers)
     # Accelerate logs ~7 INFO lines per checkpoint (each file it writes); xmodal logs one line per save.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
