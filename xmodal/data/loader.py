@@ -104,7 +104,9 @@ class ManifestDataset(torch.utils.data.Dataset):
                  augment_seed: int | None = None):
         self.source = source
         self.augment_seed = None if augment_seed is None else int(augment_seed)
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros((), dtype=torch.int64)
+        if self.augment_seed is not None:  # shared with the workers (one small shared-memory segment)
+            self._epoch.share_memory_()
         self.row_numbers = list(row_numbers) if row_numbers else None
         if not transforms:
             raise ValueError("ManifestDataset needs at least one modality transform")
