@@ -54,7 +54,7 @@ class IntegrityError(ValueError):
 # Files are hashed through a mapping of at most this many bytes at a time (a multiple of every platform's mmap
 # granularity). Mapped pages count in the process's resident set while mapped: hashing a checkpoint's 1.8 GB
 # through one mapping of each file raised a ViT-B-32 run's peak RSS by 1 GB at every save, and windows of 64 MiB
-# still raised a 9M-parameter run's by up to 64 MB (docs/benchmarks.md). Hashing a 1 GB file takes the same time
+# still raised a 9M-parameter run's by up to 64 MiB (docs/benchmarks.md). Hashing a 1 GB file takes the same time
 # (0.14-0.18 s here) through windows of 1, 4 or 64 MiB.
 _WINDOW = 4 << 20
 
