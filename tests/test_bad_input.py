@@ -257,9 +257,9 @@ def test_pretraining_leaves_out_rows_that_cannot_form_a_pair_but_refuses_bad_cel
     run = train(config(tmp_path / "run", manifest))  # was: "row 6 (id 'dig0005'): field 'image': empty path"
     assert json.loads((run / "model.json").read_text())["train_rows"] == {"contrastive": len(pairs)}
     warning, = [line.split(" ", 2)[2] for line in (run / "train.log").read_text().splitlines() if "left out" in line]
-    assert warning == (f"WARNING: task contrastive: left out 3 of {len(pairs) + 3} rows (split 'train') of {manifest} that do "
-                       f"not have both image and text (a contrastive pair) (an empty cell means the row lacks that "
-                       f"modality): " + ", ".join(f"row {n} (id '{r}')" for r, n in numbers.items()))
+    assert warning == (f"WARNING: task contrastive: left out 3 of {len(pairs) + 3} rows (split 'train') of {manifest} "
+                       f"that do not have both image and text (a contrastive pair) (an empty cell means the row lacks "
+                       f"that modality): " + ", ".join(f"row {n} (id '{r}')" for r, n in numbers.items()))
     # a cell that is there but bad is still an error naming its row, as before
     number = edit(manifest, "dig0014", image="missing.png")
     with pytest.raises(ManifestError, match=rf"^{manifest}: row {number} \(id 'dig0014'\): field 'image': file not "
