@@ -164,8 +164,11 @@ def _embed(encoder: torch.nn.Module, transform: Callable, todo: list, batch_size
     """The encoder's eval-mode features of ``todo``, one batch at a time, in order (float32, on the CPU)."""
     from .progress import tqdm  # a plain line every 30 s without a terminal
 
+    # its own generator: making the loader's iterator draws a seed from the global one otherwise, and a run would
+    # then train on another random stream (dropout, heads' initialisation) when its features were embedded than when
+    # they were read from the cache
     loader = DataLoader(_Apply(todo, transform), batch_size=batch_size,
-                        num_workers=pass_workers(num_workers, device))
+                        num_workers=pass_workers(num_workers, device), generator=torch.Generator())
     was_training = encoder.training
     encoder.eval()
     try:
