@@ -150,3 +150,27 @@ def test_two_processes_draw_the_crops_of_one_process(clipart, tmp_path):
     assert sorted(b) == [2, 4, 6, 8]
     for step in b:  # a 2-process record is the mean over its window of 2 steps
         assert b[step] == pytest.approx((a[step - 1] + a[step]) / 2, abs=1e-4), step
+
+
+def test_only_rows_with_a_random_transform_are_seeded(clipart, monkeypatch):
+    """Seeding costs ~20 µs a row in the main process: a dataset of feature look-ups or unaugmented images skips it;
+    an augmenting image transform, or a transform that does not say (a user's), is seeded."""
+    import xmodal.data.loader as loader
+    from xmodal.data.loader import ManifestDataset
+    from xmodal.data.manifest import read_manifest
+    from xmodal.data.table import Rows
+    from xmodal.feature_cache import CachedFeatures
+    from xmodal.modalities.image import ImageTransform
+
+    rows = Rows(read_manifest(clipart, split="train").rows.data.slice(0, 4))
+    seeds = []
+    real = loader.seeded
+    monkeypatch.setattr(loader, "seeded", lambda s: (seeds.append(s), real(s))[1])
+    lookup = CachedFeatures({p: i for i, p in enumerate(rows["image"])}, torch.eye(4))
+    for transform, random in [(lookup, False), (ImageTransform(32, (0.5,) * 3, (0.5,) * 3, augment=False), False),
+                              (ImageTransform(32, (0.5,) * 3, (0.5,) * 3, augment=True), True),
+                              (lambda path: torch.zeros(1), True)]:
+        seeds.clear()
+        ds = ManifestDataset(rows, {"image": transform}, augment_seed=0)
+        ds[1]
+        assert len(seeds) == int(random), transform

@@ -62,6 +62,8 @@ class CachedFeatures:
     """Picklable per-sample transform: a raw value (path, string) → its precomputed encoder features (a tensor,
     or :class:`~xmodal.feature_store.ShardRows` mapped from disk)."""
 
+    random = False  # a look-up: nothing to seed (xmodal.data.loader.ManifestDataset)
+
     def __init__(self, index: dict, features: torch.Tensor | ShardRows):
         self.index, self.features = index, features
 

@@ -94,7 +94,8 @@ class ManifestDataset(torch.utils.data.Dataset):
     errors then name the row as the file does (``data/m.csv: row 12 (id '0042')``) instead of by its index here.
 
     ``augment_seed``: the per-row transforms run with torch's CPU generator seeded by ``row_seed(augment_seed,
-    epoch, index)`` (:func:`seeded`), ``epoch`` being what :meth:`set_epoch` last set (0 at first). The epoch
+    epoch, index)`` (:func:`seeded`) — unless every one says ``random = False`` (a feature look-up, an image
+    transform without augmentation) — ``epoch`` being what :meth:`set_epoch` last set (0 at first). The epoch
     lives in shared memory, so a persistent worker reads the value the main process set before the epoch's first
     batch was asked for. ``None`` (the default): they draw from the generator as it stands.
     """
@@ -128,6 +129,9 @@ class ManifestDataset(torch.utils.data.Dataset):
                     self._tokens[modality] = tokens
         # the columns still read per item (the id only names a row in a per-row transform's error)
         per_row = [m for m in self.transforms if m not in self._tokens]
+        # seeding costs ~20 µs a row in the main process: only where a transform may draw (one without a `random`
+        # attribute is assumed to: a user's, an audio tower's random window)
+        self._random = any(getattr(self.transforms[m], "random", True) for m in per_row)
         rest = [*per_row, *self.extra_columns, *(["id"] if self._has_id and per_row else [])]
         rest = list(dict.fromkeys(rest))
         self._rows = None if not rest else (self.dataset.select_columns(rest) if len(rest) < len(wanted)
@@ -166,7 +170,7 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        if self.augment_seed is None or len(self._tokens) == len(self.transforms):
+        if self.augment_seed is None or not self._random:
             return self._item(index)
         with seeded(row_seed(self.augment_seed, int(self._epoch), index + len(self) if index < 0 else index)):
             return self._item(index)

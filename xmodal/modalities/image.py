@@ -141,6 +141,11 @@ class ImageTransform:
             geometry = [T.Resize(self.size, interpolation=mode), T.CenterCrop(self.size)]
         return T.Compose([*geometry, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
+    @property
+    def random(self) -> bool:
+        """Whether it draws from torch's generator (xmodal.data.loader.ManifestDataset seeds it per row then)."""
+        return self.augment
+
     def __call__(self, x: Any) -> torch.Tensor:
         if self._pipeline is None:
             self._pipeline = self._build()
