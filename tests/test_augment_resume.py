@@ -6,24 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from xmodal.config import config_from_dict
+from test_engine import tiny
 from xmodal.training.engine import MetricsLog, pretrain
 
 
 def augmenting(manifest, out, workers: int, **train):
-    """The tiny towers of test_engine.py (no BatchNorm, no dropout), with the image tower's training augmentation
-    (random resized crop + flip) on."""
-    return config_from_dict({
-        "output_dir": str(out), "seed": 3,
-        "model": {"embed_dim": 32, "towers": {
-            "image": {"kind": "open_clip", "name": "xmodal-vit-tiny", "image_size": 32, "augment": True,
-                      "options": {"vision_cfg": {"width": 64, "layers": 2, "head_width": 32, "patch_size": 8}}},
-            "text": {"kind": "lstm", "context_length": 16, "options": {"embed_dim": 32, "hidden": 32}}}},
-        "data": {"train": str(manifest), "num_workers": workers},
-        "train": {"batch_size": 16, "max_steps": 10, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
-                  "progress": False, "deterministic": True, **train},
-        "log": {"backend": "none"},
-    })
+    """test_engine.py's tiny towers (no BatchNorm, no dropout) with the image tower's training augmentation (random
+    resized crop + flip) on, for 10 steps."""
+    cfg = tiny(manifest, out, **{"max_steps": 10, **train})
+    cfg.model.towers["image"].augment = True
+    cfg.data.num_workers = workers
+    return cfg
 
 
 def losses(run: Path) -> dict[int, float]:
