@@ -274,6 +274,8 @@ def test_stream_resumes_augmented_crops_exactly(shards, clipart):
         assert [g[0] for g in got] == [f[0] for f in full[c:]]
         for (_, a), (_, b) in zip(got, full[c:]):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+    from xmodal.modalities.text import BPETokenize
+    assert not SampleDecoder(parse_columns({}, ["image", "text"]), {"text": BPETokenize(16)}, augment_seed=3)._random
     loader.set_position(0, 0)  # epoch 0: the same samples (in another order), other crops
     other = {i: x for b in loader for i, x in zip(b["id"], b["image"])}
     first = dict(zip(*full[0]))

@@ -337,6 +337,8 @@ class SampleDecoder:
         # column → its frozen tower's StreamFeatures (.stream_features): cached features instead of the member
         self.features = dict(features or {})
         self.augment_seed, self.epoch = (None if augment_seed is None else int(augment_seed)), 0
+        # seeding only where a transform may draw (the `random` attribute, as ManifestDataset reads it)
+        self._random = any(getattr(t, "random", True) for t in self.transforms.values())
 
     def decode(self, raws: Sequence[dict | BadSlot]) -> list[dict | BadSample]:
         """A batch's raw samples, their cached columns looked up in the disk cache first (one look-up a batch)."""
@@ -347,7 +349,7 @@ class SampleDecoder:
         """One raw sample; ``cached``: a cached column's ``(cache key, features or None)``."""
         if isinstance(raw, BadSlot):
             return BadSample(raw.url, f"#{raw.index}", raw.reason)
-        if self.augment_seed is None or not self.transforms:
+        if self.augment_seed is None or not self._random:
             return self._decode(raw, cached)
         from .loader import row_seed, seeded
         name = f"{os.path.basename(str(raw['__url__']))}/{raw['__key__']}".encode()

@@ -44,6 +44,7 @@ class BPETokenize:
     """Picklable: str → int64 ``[context_length]`` CLIP BPE ids (SOT ... EOT, 0-padded; truncated keeping EOT)."""
 
     pad_id = BPE_PAD_ID
+    random = False  # deterministic: nothing to seed (xmodal.data.loader.ManifestDataset)
 
     def __init__(self, context_length: int):
         if context_length < 2:
@@ -78,6 +79,8 @@ def _hf_tokenizer(source: str):
 class HFTokenize:
     """Picklable: str → int64 ``[context_length]`` input ids of ``AutoTokenizer.from_pretrained(source)``,
     truncated and padded to ``context_length`` with the tokenizer's pad id (loaded lazily, once per process)."""
+
+    random = False  # deterministic: nothing to seed
 
     def __init__(self, source: str, context_length: int, where: str = "model.towers.text"):
         self.source = str(source)
